@@ -1,0 +1,9 @@
+"""efiqa_jax: label-free, explainable fundus image quality assessment.
+
+Data flows one way, and each stage lives in one module:
+photograph -> FOV crop (`fundus`) -> vessel map (`vessels`) -> teacher
+(`teacher`) -> pseudo-labels (`pseudo_labels`) -> encoder features ->
+adapter -> map, score, report (`assess`).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,46 @@
+"""The `efiqa` command: one subcommand per module in `efiqa_jax.commands`."""
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from efiqa_jax import __version__
+from efiqa_jax import commands as _commands
+
+
+def _command_modules():
+  mods = []
+  for info in pkgutil.iter_modules(_commands.__path__):
+    if info.name.startswith("_"):
+      continue
+    mods.append(importlib.import_module(f"{_commands.__name__}.{info.name}"))
+  return sorted(mods, key=lambda m: m.NAME)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="efiqa",
+      description=("Label-free, explainable fundus image quality assessment "
+                   "(EFIQA) in JAX."),
+  )
+  parser.add_argument("--version", action="version",
+                      version=f"efiqa-jax {__version__}")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  for mod in _command_modules():
+    p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+    mod.add_arguments(p)
+    p.set_defaults(_run=mod.run)
+  return parser
+
+
+def main(argv=None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if not getattr(args, "_run", None):
+    parser.print_help()
+    return 2
+  return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
