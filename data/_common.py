@@ -180,3 +180,84 @@ def find_dir(root: pathlib.Path, names: Sequence[str],
   if required:
     raise DataLayoutError(f"none of the folders {list(names)} found in {root}")
   return None
+
+
+def read_xlsx(path: pathlib.Path) -> tuple[list[str], list[dict[str, str]]]:
+  """Reads the first worksheet of an .xlsx file (no openpyxl needed).
+
+  Only cell values are read (shared strings, inline strings, numbers); the
+  first row is the header. Numbers keep Excel's text form ("1", "0.5").
+  """
+  import re
+  import xml.etree.ElementTree as ET
+  import zipfile
+  ns = {"m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main"}
+  with zipfile.ZipFile(path) as z:
+    names = z.namelist()
+    shared = []
+    if "xl/sharedStrings.xml" in names:
+      for si in ET.fromstring(z.read("xl/sharedStrings.xml")).findall("m:si", ns):
+        shared.append("".join(t.text or "" for t in si.iter(f"{{{ns['m']}}}t")))
+    sheets = sorted((n for n in names if re.fullmatch(r"xl/worksheets/sheet\d+\.xml", n)),
+                    key=lambda n: int(re.findall(r"\d+", n)[-1]))
+    if not sheets:
+      raise DataLayoutError(f"{path}: no worksheet found")
+    sheet = ET.fromstring(z.read(sheets[0]))
+  table = []
+  for row in sheet.iter(f"{{{ns['m']}}}row"):
+    cells = {}
+    for c in row.findall("m:c", ns):
+      col = re.match(r"[A-Z]+", c.get("r", "")).group(0) if c.get("r") else None
+      kind = c.get("t")
+      if kind == "inlineStr":
+        val = "".join(t.text or "" for t in c.iter(f"{{{ns['m']}}}t"))
+      else:
+        v = c.find("m:v", ns)
+        val = "" if v is None or v.text is None else v.text
+        if kind == "s" and val:
+          val = shared[int(val)]
+      idx = _col_index(col) if col else len(cells)
+      cells[idx] = val.strip()
+    if cells:
+      table.append([cells.get(i, "") for i in range(max(cells) + 1)])
+  if not table:
+    raise DataLayoutError(f"{path}: empty worksheet")
+  header = table[0]
+  rows = [dict(zip(header, r + [""] * (len(header) - len(r)))) for r in table[1:]
+          if any(r)]
+  return header, rows
+
+
+def _col_index(col: str) -> int:
+  n = 0
+  for ch in col:
+    n = n * 26 + (ord(ch) - ord("A") + 1)
+  return n - 1
+
+
+def read_table(path: pathlib.Path) -> tuple[list[str], list[dict[str, str]]]:
+  """CSV or XLSX, by extension."""
+  path = local(path)
+  if path.suffix.lower() == ".xlsx":
+    return read_xlsx(path)
+  if path.suffix.lower() == ".csv":
+    return read_csv(path)
+  raise DataLayoutError(f"{path}: label tables must be .csv or .xlsx")
+
+
+def norm_key(text: str) -> str:
+  """Lower-case alphanumerics only: `Overall Quality` -> `overallquality`."""
+  return "".join(ch for ch in text.lower() if ch.isalnum())
+
+
+def pick_column(path, header: Sequence[str], aliases: Sequence[str],
+                required: bool = True) -> str | None:
+  """The header entry whose normalised form is the first matching alias."""
+  normed = {norm_key(h): h for h in header}
+  for a in aliases:
+    if norm_key(a) in normed:
+      return normed[norm_key(a)]
+  if required:
+    raise DataLayoutError(f"{path}: no column named any of {list(aliases)}; "
+                          f"it has {list(header)}")
+  return None

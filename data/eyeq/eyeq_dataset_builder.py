@@ -109,5 +109,5 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           "image": common.rgb_bytes(path),
           "image/filename": path.name,
           "quality": int(row["quality"]),
-          "dr_grade": int(row["DR_grade"]),
+          "dr_grade": int(float(row["DR_grade"])),
       }
