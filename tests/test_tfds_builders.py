@@ -515,3 +515,28 @@ def test_cli_layout_build_and_read_without_tensorflow(tmp_path):
                        env=env, cwd=tmp_path, capture_output=True, text=True)
   assert res.returncode == 0, res.stderr[-3000:]
   assert res.stdout.strip().splitlines()[-1] == f"1 (2, 3, 3) {idx.tolist()}"
+
+
+def test_eyeq_on_real_eyepacs_photographs(tmp_path, fundus_dir):
+  """Real EyePACS JPEGs (symlinked, never copied) go through byte-for-byte."""
+  import os
+  m = tmp_path / "manual"
+  (m / "test").mkdir(parents=True)
+  (m / "train").mkdir()
+  names = ["116_right.jpg", "6834_left.jpg"]
+  for n in names:
+    os.symlink(fundus_dir / "eyepacs" / n, m / "test" / n)
+  header = ["", "image", "quality", "DR_grade"]
+  # 6834_left is graded Reject in EyeQ's test labels (shared/data README).
+  write_csv(m / "Label_EyeQ_test.csv", header,
+            [[0, "116_right.jpeg", 1, 0], [1, "6834_left.jpeg", 2, 0]])
+  os.symlink(fundus_dir / "eyepacs" / "373_left.jpg", m / "train" / "373_left.jpg")
+  write_csv(m / "Label_EyeQ_train.csv", header, [[0, "373_left.jpeg", 0, 0]])
+  _, name = build(eyeq.Builder, m, tmp_path / "tfds")
+  got = by_file(read(name, tmp_path / "tfds", "test"))
+  raw = by_file(read(name, tmp_path / "tfds", "test", raw_image=True))
+  assert got["6834_left.jpg"]["quality"] == 2
+  for n in names:
+    assert raw[n]["image"] == (fundus_dir / "eyepacs" / n).read_bytes()
+    with Image.open(fundus_dir / "eyepacs" / n) as im:
+      np.testing.assert_array_equal(got[n]["image"], np.asarray(im.convert("RGB")))

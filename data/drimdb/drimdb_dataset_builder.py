@@ -6,6 +6,9 @@ Build (from the repository root):
   tfds build data/drimdb --config=all --manual_dir=/path/to/DRIMDB \
       --file_format=array_record
 
+  Or, without the tfds CLI (which in tensorflow-datasets 4.9.10 needs
+  apache_beam): python -m data.build drimdb --manual_dir=...
+
 Configs:
   good_bad (default): 194 images, label good (0) / bad (1); the Outlier
       folder (which includes non-fundus images) is left out, as in EFIQA.
@@ -89,7 +92,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "label": tfds.features.ClassLabel(names=names),
         }),
         supervised_keys=("image", "label"),
-        homepage="https://www.academictorrents.com/details/99811ba62918f8e73791d21be29dcc372d660305",
+        homepage="https://www.kaggle.com/datasets/subhajournal/drimdb-diabetic-retinopathy-images-database",
         citation=_CITATION,
     )
 

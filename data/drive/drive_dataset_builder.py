@@ -4,6 +4,9 @@ Build (from the repository root):
 
   tfds build data/drive --manual_dir=/path/to/DRIVE --file_format=array_record
 
+  Or, without the tfds CLI (which in tensorflow-datasets 4.9.10 needs
+  apache_beam): python -m data.build drive --manual_dir=...
+
 Splits `train` (20 images, training/) and `test` (20 images, test/).
 Features: `image` (the TIFF converted once to a lossless RGB PNG),
 `vessels` (H, W, 1) uint8 0/1 from the first observer (`1st_manual/`),

@@ -5,6 +5,9 @@ Build (from the repository root), after e.g.
 
   tfds build data/efiqa_synth --manual_dir=/data/synth --file_format=array_record
 
+  Or, without the tfds CLI (which in tensorflow-datasets 4.9.10 needs
+  apache_beam): python -m data.build efiqa_synth --manual_dir=...
+
 Reads the folder layout write_dataset produces:
   <manual_dir>/labels.csv        id,seed,degradations,severity,degraded_fraction,grade
   <manual_dir>/images/<id>.png   RGB image
@@ -104,8 +107,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "grade": tfds.features.ClassLabel(names=GRADE_NAMES),
         }),
         supervised_keys=("image", "grade"),
-        homepage="https://github.com/efiqa-jax",
-        citation="",
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):

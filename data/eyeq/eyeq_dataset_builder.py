@@ -5,6 +5,9 @@ Build (from the repository root):
   tfds build data/eyeq --manual_dir=/path/to/eyeq --file_format=array_record \
       --data_dir=~/tensorflow_datasets
 
+  Or, without the tfds CLI (which in tensorflow-datasets 4.9.10 needs
+  apache_beam): python -m data.build eyeq --manual_dir=...
+
 Read without TensorFlow:
 
   ds = tfds.data_source("eyeq", split="test", data_dir="~/tensorflow_datasets")

@@ -12,6 +12,9 @@ Build (from the repository root):
 
   tfds build data/funpiq --manual_dir=/path/to/funpiq --file_format=array_record
 
+  Or, without the tfds CLI (which in tensorflow-datasets 4.9.10 needs
+  apache_beam): python -m data.build funpiq --manual_dir=...
+
 Masks are read with PIL (`np.array(Image.open(p))` keeps palette indices;
 OpenCV would expand the palette to colours) and stored as single-channel PNGs
 of the indices, so any decoder gets the classes back. A mask saved as RGB
@@ -47,12 +50,11 @@ CLASS_NAMES = ("background", "good", "usable", "bad")
 PALETTE = {0: (0, 0, 0), 1: (106, 153, 78), 2: (232, 168, 56), 3: (193, 69, 69)}
 
 _CITATION = """
-@inproceedings{wang2026funpiq,
-  title={FunPiQ: A Pixel-Level Benchmark for Fundus Image Quality Assessment},
+@misc{wang2026funpiq,
+  title={FunPiQ},
   author={Wang, Pengwei and Morano, Jos{\\'e} and Mares, Virginia and Bogunovi{\\'c}, Hrvoje},
-  booktitle={MICCAI},
   year={2026},
-  note={arXiv:2606.25915}
+  note={MICCAI 2026 (paper 3819); arXiv:2606.25915}
 }
 """
 

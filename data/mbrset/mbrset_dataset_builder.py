@@ -9,6 +9,9 @@ Build (from the repository root):
   tfds build data/mbrset --manual_dir=/path/to/physionet.org/files/mbrset/1.0 \
       --file_format=array_record
 
+  Or, without the tfds CLI (which in tensorflow-datasets 4.9.10 needs
+  apache_beam): python -m data.build mbrset --manual_dir=...
+
 Labels: `quality` 0 = gradable (`final_quality == "yes"`), 1 = ungradable
 ("no"), so label 1 is the low-quality class as in the other binary sets.
 `dr_grade` is `final_icdr` (0-4, -1 where the CSV leaves it empty),
@@ -44,11 +47,11 @@ DR_COLUMN = "final_icdr"
 
 _CITATION = """
 @article{wu2025mbrset,
-  title={mBRSET, a Mobile Brazilian Retinal Dataset},
+  title={mBRSET: A Portable Retina Fundus Photos Benchmark Dataset for Clinical and Demographic Prediction},
   author={Wu, Chenwei and Restrepo, David and Nakayama, Luis Filipe and Ribeiro, Lucas Zago and Shuai, Zitao and Barboza, Nathan Santos and Sousa, Maria Luiza Vieira and Fitterman, Raul Dias and Pereira, Alexandre Durao Alves and Regatieri, Caio Vinicius Saito and Stuchi, Jose Augusto and Malerbi, Fernando Korn and Andrade, Rafael E.},
-  journal={PhysioNet},
+  journal={medRxiv},
   year={2024},
-  doi={10.13026/qxpd-1486}
+  note={Data on PhysioNet, https://physionet.org/content/mbrset/}
 }
 """
 

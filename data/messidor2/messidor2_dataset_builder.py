@@ -11,6 +11,9 @@ Build (from the repository root):
   tfds build data/messidor2 --config=excluded --manual_dir=/path/to/messidor2 \
       --file_format=array_record
 
+  Or, without the tfds CLI (which in tensorflow-datasets 4.9.10 needs
+  apache_beam): python -m data.build messidor2 --manual_dir=...
+
 Configs:
   all (default): every image under IMAGES/ (1,748).
   excluded: every image except those listed in

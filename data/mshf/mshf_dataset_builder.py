@@ -10,6 +10,9 @@ Build (from the repository root):
   tfds build data/mshf --config=all --manual_dir=/path/to/MSHF \
       --file_format=array_record
 
+  Or, without the tfds CLI (which in tensorflow-datasets 4.9.10 needs
+  apache_beam): python -m data.build mshf --manual_dir=...
+
 Configs:
   no_uwf (default): tabletop + portable, 802 images (the EFIQA protocol).
   all: every image, UWF included.
@@ -71,9 +74,8 @@ _CITATION = """
   title={MSHF: A Multi-Source Heterogeneous Fundus (MSHF) Dataset for Image Quality Assessment},
   author={Jin, Kai and Gao, Zhiyuan and Jiang, Xiaoyu and Wang, Yaqi and Ma, Xiaoyu and Li, Yunxiang and Ye, Juan},
   journal={Scientific Data},
-  volume={10},
-  pages={286},
-  year={2023}
+  year={2023},
+  doi={10.1038/s41597-023-02188-x}
 }
 """
 
@@ -117,9 +119,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   ]
   DEFAULT_CONFIG_NAME = "no_uwf"
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  Download MSHF from figshare (doi:10.6084/m9.figshare.c.6425594 linked from
-  the Sci Data paper, doi:10.1038/s41597-023-02188-x) and extract it into
-  the manual dir:
+  Download MSHF from figshare (linked from the Sci Data paper,
+  doi:10.1038/s41597-023-02188-x) and extract it into the manual dir:
     <manual_dir>/<labels>.xlsx or .csv   the quality table (one row per
                                          image; exactly one table file)
     <manual_dir>/**/<images>             any folders, e.g. CFP/, Portable/, UWF/
