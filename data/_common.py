@@ -182,50 +182,67 @@ def find_dir(root: pathlib.Path, names: Sequence[str],
   return None
 
 
-def read_xlsx(path: pathlib.Path) -> tuple[list[str], list[dict[str, str]]]:
-  """Reads the first worksheet of an .xlsx file (no openpyxl needed).
+def read_xlsx(path: pathlib.Path) -> list[tuple[str, list[str], list[dict[str, str]]]]:
+  """Reads every worksheet of an .xlsx file (no openpyxl needed).
 
+  Returns (sheet name, header, rows) per non-empty sheet, in workbook order.
   Only cell values are read (shared strings, inline strings, numbers); the
-  first row is the header. Numbers keep Excel's text form ("1", "0.5").
+  first row of a sheet is its header. Numbers keep Excel's text ("1", "0.5").
   """
   import re
   import xml.etree.ElementTree as ET
   import zipfile
-  ns = {"m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main"}
+  main = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+  rel_ns = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+  ns = {"m": main}
   with zipfile.ZipFile(path) as z:
     names = z.namelist()
     shared = []
     if "xl/sharedStrings.xml" in names:
       for si in ET.fromstring(z.read("xl/sharedStrings.xml")).findall("m:si", ns):
-        shared.append("".join(t.text or "" for t in si.iter(f"{{{ns['m']}}}t")))
-    sheets = sorted((n for n in names if re.fullmatch(r"xl/worksheets/sheet\d+\.xml", n)),
-                    key=lambda n: int(re.findall(r"\d+", n)[-1]))
+        shared.append("".join(t.text or "" for t in si.iter(f"{{{main}}}t")))
+    sheets = []  # (name, member)
+    if "xl/workbook.xml" in names and "xl/_rels/workbook.xml.rels" in names:
+      rels = {r.get("Id"): r.get("Target") for r in
+              ET.fromstring(z.read("xl/_rels/workbook.xml.rels"))}
+      for sh in ET.fromstring(z.read("xl/workbook.xml")).iter(f"{{{main}}}sheet"):
+        target = rels[sh.get(f"{{{rel_ns}}}id")].lstrip("/")
+        sheets.append((sh.get("name"), target if target.startswith("xl/")
+                       else "xl/" + target))
+    else:
+      members = sorted((n for n in names
+                        if re.fullmatch(r"xl/worksheets/sheet\d+\.xml", n)),
+                       key=lambda n: int(re.findall(r"\d+", n)[-1]))
+      sheets = [(pathlib.PurePosixPath(n).stem, n) for n in members]
     if not sheets:
       raise DataLayoutError(f"{path}: no worksheet found")
-    sheet = ET.fromstring(z.read(sheets[0]))
-  table = []
-  for row in sheet.iter(f"{{{ns['m']}}}row"):
-    cells = {}
-    for c in row.findall("m:c", ns):
-      col = re.match(r"[A-Z]+", c.get("r", "")).group(0) if c.get("r") else None
-      kind = c.get("t")
-      if kind == "inlineStr":
-        val = "".join(t.text or "" for t in c.iter(f"{{{ns['m']}}}t"))
-      else:
-        v = c.find("m:v", ns)
-        val = "" if v is None or v.text is None else v.text
-        if kind == "s" and val:
-          val = shared[int(val)]
-      idx = _col_index(col) if col else len(cells)
-      cells[idx] = val.strip()
-    if cells:
-      table.append([cells.get(i, "") for i in range(max(cells) + 1)])
-  if not table:
-    raise DataLayoutError(f"{path}: empty worksheet")
-  header = table[0]
-  rows = [dict(zip(header, r + [""] * (len(header) - len(r)))) for r in table[1:]
-          if any(r)]
-  return header, rows
+    xml = {name: ET.fromstring(z.read(member)) for name, member in sheets}
+  out = []
+  for name, sheet in xml.items():
+    table = []
+    for row in sheet.iter(f"{{{main}}}row"):
+      cells = {}
+      for c in row.findall("m:c", ns):
+        ref = re.match(r"[A-Z]+", c.get("r", ""))
+        kind = c.get("t")
+        if kind == "inlineStr":
+          val = "".join(t.text or "" for t in c.iter(f"{{{main}}}t"))
+        else:
+          v = c.find("m:v", ns)
+          val = "" if v is None or v.text is None else v.text
+          if kind == "s" and val:
+            val = shared[int(val)]
+        cells[_col_index(ref.group(0)) if ref else len(cells)] = val.strip()
+      if any(cells.values()):
+        table.append([cells.get(i, "") for i in range(max(cells) + 1)])
+    if table:
+      header = table[0]
+      rows = [dict(zip(header, r + [""] * (len(header) - len(r))))
+              for r in table[1:]]
+      out.append((name, header, rows))
+  if not out:
+    raise DataLayoutError(f"{path}: every worksheet is empty")
+  return out
 
 
 def _col_index(col: str) -> int:
@@ -235,13 +252,13 @@ def _col_index(col: str) -> int:
   return n - 1
 
 
-def read_table(path: pathlib.Path) -> tuple[list[str], list[dict[str, str]]]:
-  """CSV or XLSX, by extension."""
+def read_tables(path: pathlib.Path) -> list[tuple[str, list[str], list[dict[str, str]]]]:
+  """(name, header, rows) per table: one for a CSV, one per sheet for XLSX."""
   path = local(path)
   if path.suffix.lower() == ".xlsx":
     return read_xlsx(path)
   if path.suffix.lower() == ".csv":
-    return read_csv(path)
+    return [(path.stem, *read_csv(path))]
   raise DataLayoutError(f"{path}: label tables must be .csv or .xlsx")
 
 

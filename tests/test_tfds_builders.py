@@ -140,8 +140,9 @@ def test_drimdb(tmp_path, config, expected):
 
 # ---------------------------------------------------------------- MSHF
 
-def write_xlsx(path, header, rows):
-  """A minimal .xlsx (shared strings + numbers), as Excel writes them."""
+def write_xlsx(path, sheets):
+  """A minimal .xlsx as Excel writes it: workbook + rels, shared strings,
+  numbers; `sheets` maps sheet name -> (header, rows)."""
   import zipfile
   strings = []
   def cell(ref, v):
@@ -149,18 +150,29 @@ def write_xlsx(path, header, rows):
       return f'<c r="{ref}"><v>{v}</v></c>'
     strings.append(v)
     return f'<c r="{ref}" t="s"><v>{len(strings) - 1}</v></c>'
-  xml_rows = []
-  for i, r in enumerate([header] + rows, start=1):
-    cells = "".join(cell(f"{chr(65 + j)}{i}", v) for j, v in enumerate(r))
-    xml_rows.append(f'<row r="{i}">{cells}</row>')
   ns = 'xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"'
-  sheet = f'<worksheet {ns}><sheetData>{"".join(xml_rows)}</sheetData></worksheet>'
-  sst = (f'<sst {ns} count="{len(strings)}">' +
-         "".join(f"<si><t>{s}</t></si>" for s in strings) + "</sst>")
+  rns = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
   path.parent.mkdir(parents=True, exist_ok=True)
   with zipfile.ZipFile(path, "w") as z:
-    z.writestr("xl/worksheets/sheet1.xml", sheet)
-    z.writestr("xl/sharedStrings.xml", sst)
+    entries, rels = [], []
+    # Sheet files numbered in reverse, so only the workbook gives the order.
+    for k, (name, (header, rows)) in enumerate(sheets.items(), start=1):
+      xml_rows = []
+      for i, r in enumerate(([header] + rows) if header else [], start=1):
+        cells = "".join(cell(f"{chr(65 + j)}{i}", v) for j, v in enumerate(r))
+        xml_rows.append(f'<row r="{i}">{cells}</row>')
+      member = f"worksheets/sheet{len(sheets) + 1 - k}.xml"
+      z.writestr("xl/" + member, f'<worksheet {ns}><sheetData>'
+                 f'{"".join(xml_rows)}</sheetData></worksheet>')
+      entries.append(f'<sheet name="{name}" sheetId="{k}" r:id="rId{k}"/>')
+      rels.append(f'<Relationship Id="rId{k}" Target="{member}" Type="{rns}/worksheet"/>')
+    z.writestr("xl/workbook.xml", f'<workbook {ns} xmlns:r="{rns}"><sheets>'
+               f'{"".join(entries)}</sheets></workbook>')
+    z.writestr("xl/_rels/workbook.xml.rels",
+               '<Relationships xmlns="http://schemas.openxmlformats.org/package/'
+               f'2006/relationships">{"".join(rels)}</Relationships>')
+    z.writestr("xl/sharedStrings.xml", f'<sst {ns} count="{len(strings)}">' +
+               "".join(f"<si><t>{s}</t></si>" for s in strings) + "</sst>")
 
 
 def _mshf_tree(m, table):
@@ -180,18 +192,26 @@ def _mshf_tree(m, table):
     write_csv(m / "labels.csv", header + ["Camera"], [
         ["1.jpg", 1, 1, 1, 1, "CFP"], ["7.png", 0, 1, 0, 0, "portable"],
         ["u1.jpg", 1, 1, 1, 1, "UWF"], ["1.jpg", 0, 0, 0, 0, "Portable"]])
-  else:
+  elif table == "xlsx":
     # No camera column: names are paths and the folders give the camera.
-    write_xlsx(m / "MSHF" / "quality.xlsx", header, [
+    write_xlsx(m / "MSHF" / "quality.xlsx", {"Sheet1": (header, [
         ["CFP/1.jpg", 1, 1, 1, 1], ["Portable camera/1.jpg", 0, 0, 0, 0],
-        ["7.png", 0, 1, 0, 0], ["u1.jpg", 1, 1, 1, 1]])
+        ["7.png", 0, 1, 0, 0], ["u1.jpg", 1, 1, 1, 1]])})
+  else:
+    # One sheet per camera (the sheet name picks between the two 1.jpg),
+    # plus an empty sheet.
+    write_xlsx(m / "MSHF" / "quality.xlsx", {
+        "CFP": (header, [["1.jpg", 1, 1, 1, 1]]),
+        "Portable": (header, [["1.jpg", 0, 0, 0, 0], ["7.png", 0, 1, 0, 0]]),
+        "UWF": (header, [["u1.jpg", 1, 1, 1, 1]]),
+        "Sheet4": (None, [])})
   labels = {"CFP/1.jpg": (0, 0), "Portable camera/1.jpg": (1, 1),
             "Portable camera/7.png": (1, 1), "UWF/u1.jpg": (0, 2)}
   return {k: labels[k] + (px[k],) for k in labels}
 
 
 @pytest.mark.parametrize("config", ["no_uwf", "all"])
-@pytest.mark.parametrize("table", ["csv", "xlsx"])
+@pytest.mark.parametrize("table", ["csv", "xlsx", "xlsx_sheets"])
 def test_mshf(tmp_path, config, table):
   m = tmp_path / "manual"
   expected = _mshf_tree(m, table)
@@ -218,6 +238,16 @@ def test_mshf_column_and_value_errors(tmp_path):
   write_csv(m / "labels.csv", ["Image", "Overall quality"], [["1.jpg", "maybe"]])
   with pytest.raises(_common.DataLayoutError, match="maybe"):
     build(mshf.Builder, m, tmp_path / "tfds2")
+
+
+def test_mshf_image_labelled_twice_is_an_error(tmp_path):
+  m = tmp_path / "manual"
+  write_image(m / "CFP" / "1.jpg", 1, "JPEG")
+  header = ["Image", "Overall quality"]
+  write_csv(m / "CFP" / "a.csv", header, [["1.jpg", 1]])
+  write_csv(m / "CFP" / "b.csv", header, [["1.jpg", 0]])
+  with pytest.raises(_common.DataLayoutError, match="labelled 2 times"):
+    build(mshf.Builder, m, tmp_path / "tfds")
 
 
 def test_mshf_camera_mapping():

@@ -21,9 +21,12 @@ Column mapping (explicit, matched after lower-casing and dropping
 non-alphanumerics, first alias present wins):
   image name: IMAGE_COLUMNS
   quality:    QUALITY_COLUMNS, values QUALITY_VALUES (1 = good, 0 = poor)
-  camera:     CAMERA_COLUMNS, values/folder names CAMERA_ALIASES; when the
-              table has no camera column, the camera comes from the folder
-              the image sits in (e.g. `CFP/`, `Portable/`, `UWF/`).
+  camera:     CAMERA_COLUMNS, values/names CAMERA_ALIASES; without a camera
+              column it comes from the sheet name (workbooks with several
+              sheets), else the table's file name, else the folder the image
+              sits in (e.g. `CFP/`, `Portable/`, `UWF/`).
+Every .csv/.xlsx under the manual dir and every non-empty sheet is read; an
+image labelled twice is an error.
 The figshare release was not available while this was written, so these
 aliases cover the names the paper uses; an unmatched column or value stops
 the build with an error that lists what the table holds.
@@ -121,12 +124,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download MSHF from figshare (linked from the Sci Data paper,
   doi:10.1038/s41597-023-02188-x) and extract it into the manual dir:
-    <manual_dir>/<labels>.xlsx or .csv   the quality table (one row per
-                                         image; exactly one table file)
+    <manual_dir>/**/<labels>.xlsx|.csv   the quality table(s): one row per
+                                         image, all sheets read
     <manual_dir>/**/<images>             any folders, e.g. CFP/, Portable/, UWF/
   The table needs an image-name column and an overall-quality column (1 good,
-  0 poor); the camera type comes from a camera column or from the image's
-  folder name. See the module docstring for the accepted column names.
+  0 poor); the camera type comes from a camera column, or the sheet / file
+  name, or the image's folder name. See the module docstring for the accepted column names.
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -144,33 +147,32 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = common.local(dl_manager.manual_dir)
-    tables = sorted(p for p in root.rglob("*")
-                    if p.suffix.lower() in (".csv", ".xlsx") and p.is_file()
-                    and not p.name.startswith((".", "~$")))
-    if len(tables) != 1:
-      raise common.DataLayoutError(
-          f"expected exactly one .csv/.xlsx label table under {root}, found "
-          f"{[str(t) for t in tables]}")
-    return {"train": self._generate_examples(root, tables[0])}
+    files = sorted(p for p in root.rglob("*")
+                   if p.suffix.lower() in (".csv", ".xlsx") and p.is_file()
+                   and not p.name.startswith((".", "~$")))
+    if not files:
+      raise common.DataLayoutError(f"no .csv/.xlsx label table under {root}")
+    return {"train": self._generate_examples(root, files)}
 
-  def _generate_examples(self, root, table):
-    header, rows = common.read_table(table)
-    image_col = common.pick_column(table, header, IMAGE_COLUMNS)
-    quality_col = common.pick_column(table, header, QUALITY_COLUMNS)
-    camera_col = common.pick_column(table, header, CAMERA_COLUMNS, required=False)
-    index = common.index_by_stem(common.list_images(root))
-    problems, records = [], []
+  def _collect(self, root, table, where, header, rows, table_cam, index,
+               problems, records):
+    image_col = common.pick_column(where, header, IMAGE_COLUMNS)
+    quality_col = common.pick_column(where, header, QUALITY_COLUMNS)
+    camera_col = common.pick_column(where, header, CAMERA_COLUMNS, required=False)
     for row in rows:
       name = row[image_col]
+      if not name:
+        problems.append(f"{where}: row without an image name: {row}")
+        continue
       quality = quality_of(row[quality_col])
       if quality is None:
-        problems.append(f"{name}: quality {row[quality_col]!r} not in "
+        problems.append(f"{where}: {name}: quality {row[quality_col]!r} not in "
                         f"{sorted(QUALITY_VALUES)}")
         continue
-      cam = camera_of(row[camera_col]) if camera_col else None
+      cam = camera_of(row[camera_col]) if camera_col else table_cam
       if camera_col and cam is None:
-        problems.append(f"{name}: camera {row[camera_col]!r} not one of "
-                        f"{CAMERA_ALIASES}")
+        problems.append(f"{where}: {name}: camera {row[camera_col]!r} not one "
+                        f"of {CAMERA_ALIASES}")
         continue
       # A name with folders is a path relative to the table (or manual dir).
       direct = [d / name for d in (table.parent, root) if (d / name).is_file()]
@@ -178,19 +180,38 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       if len(hits) > 1 and cam is not None:
         hits = [h for h in hits if camera_from_path(h, root) == cam]
       if len(hits) != 1:
-        problems.append(f"{name}: {len(hits)} matching image files")
+        problems.append(f"{where}: {name}: {len(hits)} matching image files")
         continue
       path = hits[0]
       if cam is None:
         cam = camera_from_path(path, root)
         if cam is None:
-          problems.append(f"{name}: no camera column and folder "
-                          f"{path.parent.relative_to(root)} names no camera")
+          problems.append(f"{where}: {name}: no camera column, and neither the "
+                          f"table nor folder {path.parent.relative_to(root)} "
+                          "names a camera")
           continue
       records.append((path, quality, cam))
+
+  def _generate_examples(self, root, files):
+    index = common.index_by_stem(common.list_images(root))
+    problems, records, seen = [], [], {}
+    for table in files:
+      sheets = common.read_tables(table)
+      for sheet, header, rows in sheets:
+        where = f"{table.name}[{sheet}]" if len(sheets) > 1 else table.name
+        # Camera when the table has no camera column: the sheet's name (in a
+        # workbook with several sheets) or the table file's name.
+        table_cam = (camera_of(sheet) if len(sheets) > 1 else None) or camera_of(
+            table.stem)
+        self._collect(root, table, where, header, rows, table_cam, index,
+                      problems, records)
+    for path, *_ in records:
+      seen[path] = seen.get(path, 0) + 1
+    problems += [f"{p.relative_to(root)} is labelled {n} times"
+                 for p, n in seen.items() if n > 1]
     if problems:
       raise common.DataLayoutError(
-          f"{table}: {len(problems)} row(s) could not be used:\n  " +
+          f"{len(problems)} label row(s) could not be used:\n  " +
           "\n  ".join(problems[:20]))
     for path, quality, cam in records:
       if cam == "uwf" and not self.builder_config.include_uwf:
