@@ -570,3 +570,27 @@ def test_eyeq_on_real_eyepacs_photographs(tmp_path, fundus_dir):
     assert raw[n]["image"] == (fundus_dir / "eyepacs" / n).read_bytes()
     with Image.open(fundus_dir / "eyepacs" / n) as im:
       np.testing.assert_array_equal(got[n]["image"], np.asarray(im.convert("RGB")))
+
+
+def test_build_script(tmp_path, capsys):
+  from data import build as build_script
+  m = tmp_path / "manual"
+  write_image(m / "Good" / "g.jpg", 1, "JPEG")
+  write_image(m / "Bad" / "b.jpg", 2, "JPEG")
+  write_image(m / "Outlier" / "o.jpg", 3, "JPEG")
+  assert build_script.main(["drimdb", "--config=all", f"--manual_dir={m}",
+                            f"--data_dir={tmp_path / 'tfds'}"]) == 0
+  assert "drimdb/all/1.0.0 train: 3 examples" in capsys.readouterr().out
+  labels = sorted(e["label"] for e in read("drimdb/all", tmp_path / "tfds", "train"))
+  assert labels == [0, 1, 2]
+  with pytest.raises(SystemExit):
+    build_script.main(["nosuch", f"--manual_dir={m}"])
+
+
+def test_mbrset_bad_quality_value_is_an_error(tmp_path):
+  m = tmp_path / "manual"
+  write_image(m / "images" / "1.1.jpg", 1, "JPEG")
+  write_csv(m / "labels_mbrset.csv", ["patient", "file", "final_quality"],
+            [[1, "1.1.jpg", ""]])
+  with pytest.raises(_common.DataLayoutError, match="final_quality not yes/no"):
+    build(mbrset.Builder, m, tmp_path / "tfds")
