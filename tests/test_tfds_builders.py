@@ -594,3 +594,11 @@ def test_mbrset_bad_quality_value_is_an_error(tmp_path):
             [[1, "1.1.jpg", ""]])
   with pytest.raises(_common.DataLayoutError, match="final_quality not yes/no"):
     build(mbrset.Builder, m, tmp_path / "tfds")
+
+
+def test_funpiq_aspect_mismatch_is_an_error(tmp_path):
+  m = tmp_path / "manual"
+  write_palette_png(m / "annotations" / "1_left.png", np.zeros((10, 10)))
+  write_image(m / "images" / "eyeq" / "1_left.jpeg", 1, "JPEG", size=(15, 10))
+  with pytest.raises(_common.DataLayoutError, match="different aspect"):
+    build(funpiq.Builder, m, tmp_path / "tfds")
