@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
+import threading
 import warnings
 from typing import Any
 
@@ -123,6 +125,20 @@ def _too_large(w: int, h: int, max_pixels: int | None) -> str | None:
   return None
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open_unlimited(data: bytes) -> Image.Image:
+  """Image.open with Pillow's global pixel limit lifted (our check rules)."""
+  with _PIL_LIMIT_LOCK:
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+      return Image.open(io.BytesIO(data))
+    finally:
+      Image.MAX_IMAGE_PIXELS = saved
+
+
 def _decode_pil(data: bytes, meta: dict[str, Any],
                 max_pixels: int | None) -> Decoded:
   # Pillow's own bomb check reads the global Image.MAX_IMAGE_PIXELS: its
@@ -133,7 +149,17 @@ def _decode_pil(data: bytes, meta: dict[str, Any],
     try:
       im = Image.open(io.BytesIO(data))  # lazy: reads the header only
     except Image.DecompressionBombError as e:
-      return _fail(TOO_LARGE, f"refused by Pillow before decoding: {e}", meta)
+      # Pillow's limit (global, 2 * Image.MAX_IMAGE_PIXELS) fired before ours
+      # could: decide with max_pixels, reopening without Pillow's limit only
+      # when the caller allows more than Pillow does.
+      m = re.search(r"\((\d+) pixels\)", str(e))
+      pixels = int(m.group(1)) if m else None
+      if pixels is None or (max_pixels is not None and pixels > max_pixels):
+        meta["pixels"] = pixels
+        return _fail(TOO_LARGE, f"image has {pixels} pixels, above the limit "
+                     f"of {max_pixels} (max_pixels); refused before decoding",
+                     meta)
+      im = _open_unlimited(data)
     except UnidentifiedImageError:
       return _fail(UNREADABLE, "not a recognised image format "
                    f"({len(data)} bytes, starts with {data[:8]!r})", meta)

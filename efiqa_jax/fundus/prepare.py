@@ -103,8 +103,9 @@ def crop_image(image: np.ndarray, x0: int, y0: int, side: int,
   im = Image.fromarray(np.ascontiguousarray(image))
   im = im.crop((x0, y0, x0 + side, y0 + side))
   if side != size:
-    im = im.resize((size, size), _resample(side, size),
-                   reducing_gap=None)
+    # reducing_gap: an integer box reduce first, then the exact resample;
+    # both area-averaging, several times faster on large photographs.
+    im = im.resize((size, size), _resample(side, size), reducing_gap=2.0)
   return np.asarray(im)
 
 
