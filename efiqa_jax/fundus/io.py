@@ -82,8 +82,8 @@ def _is_dicom(data: bytes, path: str | None) -> bool:
   return bool(path) and path.lower().endswith(DICOM_SUFFIXES)
 
 
-def decode_image(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
-                 ) -> Decoded:
+def decode_image(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 draft_min_side: int | None = None) -> Decoded:
   """Decodes a path or encoded bytes to (H, W, 3) uint8 RGB. Never raises.
 
   Handles JPEG/PNG/TIFF/BMP/GIF/WebP and anything else Pillow reads (first
@@ -95,6 +95,12 @@ def decode_image(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
   The pixel count is checked from the header before any pixel is decoded:
   more than `max_pixels` gives status "too_large" without allocating.
   Statuses: ok, not_found, unreadable, too_large, unsupported.
+
+  draft_min_side: for JPEG, let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT
+  domain, anti-aliased, several times faster) as long as the short side stays
+  >= draft_min_side. The image is then smaller than the file:
+  meta["scale"] (integer) is original pixels per decoded pixel and
+  meta["width"]/meta["height"] stay the full-resolution size.
   """
   meta: dict[str, Any] = {}
   data, failed = _read_source(source, meta)
@@ -108,7 +114,7 @@ def decode_image(source, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     if _is_dicom(data, path):
       from efiqa_jax.fundus import dicom  # pylint: disable=g-import-not-at-top
       return dicom.decode_dicom(data, meta, max_pixels)
-    return _decode_pil(data, meta, max_pixels)
+    return _decode_pil(data, meta, max_pixels, draft_min_side)
   except MemoryError as e:
     return _fail(TOO_LARGE, f"out of memory while decoding: {e}", meta)
   except Exception as e:  # pylint: disable=broad-except
@@ -139,8 +145,8 @@ def _open_unlimited(data: bytes) -> Image.Image:
       Image.MAX_IMAGE_PIXELS = saved
 
 
-def _decode_pil(data: bytes, meta: dict[str, Any],
-                max_pixels: int | None) -> Decoded:
+def _decode_pil(data: bytes, meta: dict[str, Any], max_pixels: int | None,
+                draft_min_side: int | None = None) -> Decoded:
   # Pillow's own bomb check reads the global Image.MAX_IMAGE_PIXELS: its
   # warning is silenced here (our header check below decides), its error is
   # mapped to too_large so the outcome never depends on warning filters.
@@ -173,13 +179,23 @@ def _decode_pil(data: bytes, meta: dict[str, Any],
       return _fail(UNREADABLE, f"image has no pixels ({w}x{h})", meta)
     if meta["n_frames"] > 1:
       im.seek(0)  # animated GIF / multi-page TIFF: the first frame
+    scale = 1
+    if draft_min_side and im.format == "JPEG" and meta["n_frames"] == 1:
+      scale = next((s for s in (8, 4, 2) if min(w, h) // s >= draft_min_side),
+                   1)
+      if scale > 1:
+        im.draft(im.mode, (-(-w // scale), -(-h // scale)))
+        scale = int(round(w / im.size[0]))
     im.load()  # decodes; raises on truncated or corrupt data
     orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
     meta["exif_orientation"] = int(orientation) if orientation else 1
     if meta["exif_orientation"] != 1:
       im = ImageOps.exif_transpose(im)
     rgb = _to_rgb8(im, meta)
-  meta["height"], meta["width"] = rgb.shape[:2]
+  meta["scale"] = scale
+  # Full-resolution size, oriented like the returned image.
+  swap = meta["exif_orientation"] in (5, 6, 7, 8)
+  meta["height"], meta["width"] = (w, h) if swap else (h, w)
   return Decoded(rgb, OK, "", meta)
 
 

@@ -125,12 +125,28 @@ def fov_mask_at(fov: ffov.FOV, x0: int, y0: int, side: int, size: int,
   return m
 
 
+def scale_fov(fov: ffov.FOV, s: int) -> ffov.FOV:
+  """FOV on an s-times reduced grid -> original pixel coordinates."""
+  if s == 1:
+    return fov
+  # Reduced pixel i covers original pixels [i*s, (i+1)*s).
+  return dataclasses.replace(fov, cx=fov.cx * s + (s - 1) / 2.0,
+                             cy=fov.cy * s + (s - 1) / 2.0, r=fov.r * s,
+                             fit_rms=fov.fit_rms * s)
+
+
 def prepare_image(image: np.ndarray, size: int = 512, *, path: str = "",
                   meta: dict[str, Any] | None = None,
-                  fov: ffov.FOV | None = None) -> Prepared:
-  """prepare_fundus on an already decoded (H, W, 3) uint8 image."""
+                  fov: ffov.FOV | None = None, scale: int = 1,
+                  orig_hw: tuple[int, int] | None = None) -> Prepared:
+  """prepare_fundus on an already decoded (H, W, 3) uint8 image.
+
+  scale/orig_hw: the image was decoded `scale` times smaller than the file
+  (JPEG draft); the crop box and FOV are reported in file pixels.
+  """
   h, w = image.shape[:2]
-  base = dict(path=path, orig_h=h, orig_w=w, size=size, meta=meta or {})
+  oh, ow = orig_hw or (h * scale, w * scale)
+  base = dict(path=path, orig_h=oh, orig_w=ow, size=size, meta=meta or {})
   if fov is None:
     fov = ffov.detect_fov(image)
   if not fov.ok:
@@ -140,17 +156,21 @@ def prepare_image(image: np.ndarray, size: int = 512, *, path: str = "",
   mask = fov_mask_at(fov, x0, y0, side, size, h, w)
   out = np.where(mask[..., None], out, 0).astype(np.uint8)
   return Prepared(status="ok", message=fov.message, image=out, fov_mask=mask,
-                  fov=fov, crop_x0=x0, crop_y0=y0, crop_size=side, **base)
+                  fov=scale_fov(fov, scale), crop_x0=x0 * scale,
+                  crop_y0=y0 * scale, crop_size=side * scale, **base)
 
 
 def prepare_fundus(source, size: int = 512, *,
-                   max_pixels: int | None = fio.DEFAULT_MAX_PIXELS
-                   ) -> Prepared:
+                   max_pixels: int | None = fio.DEFAULT_MAX_PIXELS,
+                   fast_decode: bool = True) -> Prepared:
   """Decodes, finds the FOV, crops a square around it. Never raises.
 
   source: path or encoded bytes. Returns Prepared with status "ok" (check
   `.circular`/`.flags`: False/('not_circular',) means full-frame fallback)
   or a failure status with a message.
+  fast_decode: large JPEGs are decoded at 1/2..1/8 scale by libjpeg while
+  the short side stays >= 1.25 * size (the crop is then still downscaled,
+  never upscaled, for typical FOVs); FOV and crop box stay in file pixels.
   """
   if isinstance(source, (bytes, bytearray, memoryview)):
     path = "<bytes>"
@@ -163,13 +183,17 @@ def prepare_fundus(source, size: int = 512, *,
     if size < 16:
       return Prepared(path=path, status="unsupported",
                       message=f"working size {size} is below 16 px")
-    dec = fio.decode_image(source, max_pixels=max_pixels)
+    dec = fio.decode_image(
+        source, max_pixels=max_pixels,
+        draft_min_side=int(np.ceil(1.25 * size)) if fast_decode else None)
     if not dec.ok:
       return Prepared(path=path, status=dec.status, message=dec.message,
                       orig_h=int(dec.meta.get("height", 0) or 0),
                       orig_w=int(dec.meta.get("width", 0) or 0),
                       size=size, meta=dec.meta)
-    return prepare_image(dec.image, size, path=path, meta=dec.meta)
+    return prepare_image(dec.image, size, path=path, meta=dec.meta,
+                         scale=int(dec.meta.get("scale", 1)),
+                         orig_hw=(dec.meta["height"], dec.meta["width"]))
   except MemoryError as e:
     return Prepared(path=path, status=fio.TOO_LARGE,
                     message=f"out of memory: {e}", size=size)
