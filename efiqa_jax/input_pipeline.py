@@ -124,7 +124,15 @@ class InferenceBatches:
     return self.steps
 
   def __iter__(self) -> Iterator[Batch]:
-    return iter(self.dataset)
+    # Close the grain iterator (threads, worker processes) when the loop
+    # ends or is abandoned, instead of leaving it to interpreter shutdown.
+    it = iter(self.dataset)
+    try:
+      yield from it
+    finally:
+      close = getattr(it, "close", None)
+      if close is not None:
+        close()
 
 
 def inference_batches(source, global_batch: int, *, prepare=None,
