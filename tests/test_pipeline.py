@@ -323,3 +323,22 @@ def test_training_errors():
     list(_train(n=3, num_epochs=2))
   with pytest.raises(ValueError, match="empty"):
     _train(n=0)
+
+
+def test_synthetic_source_through_both_pipelines():
+  src = sources.SyntheticSource(10, seed=1, size=SIZE,
+                                generate_fn=fakes.fake_generate)
+  prep = sources.PrepareSynthetic(SIZE)
+  out, idx, valid = _collect(ip.inference_batches(
+      src, 4, prepare=prep, process_index=0, process_count=1))
+  assert valid.sum() == 10 and list(idx[:10]) == list(range(10))
+  last = out[-1]
+  assert last["vessels"].shape == (4, SIZE, SIZE)
+  assert last["degradation"].dtype == np.float32
+  assert not last["vessels"][~last["valid"]].any()
+  for b in out:
+    for i, v, img in zip(b["index"], b["valid"], b["image"]):
+      if v:
+        np.testing.assert_array_equal(img, src[int(i)]["sample"].image)
+  tr = _take(iter(ip.training_batches(src, 4, seed=0, prepare=prep)), 3)
+  assert all(b["ok"].all() and "vessels" in b for b in tr)
