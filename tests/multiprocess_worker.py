@@ -68,6 +68,10 @@ def main():
     report["counts"].append(int(c))
     report["img_ok"].append(bool(ok))
     report["steps_run"] += 1
+    # A per-row output (sharded like the batch) maps back to this host's rows.
+    local = sh.to_host_local(jax.jit(lambda i: i * 10)(g["index"]))
+    report["host_order_ok"] = report.get("host_order_ok", True) and bool(
+        (local == host["index"] * 10).all())
   with open(out_path, "w") as f:
     json.dump(report, f)
   jax.distributed.shutdown()

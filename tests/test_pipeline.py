@@ -166,6 +166,9 @@ def test_global_arrays_and_jit(mesh):
     s, c, err, idx = step(g)
     assert idx.sharding.is_fully_replicated
     assert int(err) == 0
+    # Per-row outputs come back to this host in host-batch order.
+    np.testing.assert_array_equal(sh.to_host_local(g["index"]), host["index"])
+    np.testing.assert_array_equal(sh.to_host_local(g["image"]), host["image"])
     total += int(s)
     count += int(c)
     gathered.append(np.asarray(idx))
@@ -185,10 +188,12 @@ def test_to_global_errors_and_keys(mesh):
     sh.to_global({"x": np.zeros((6, 2))}, dsh)
   rep = sh.to_global({"w": np.ones((3, 3))}, sh.replicated(mesh))
   assert rep["w"].shape == (3, 3) and rep["w"].sharding.is_fully_replicated
-  g2 = sh.to_global({"x": np.zeros((4, 2))},
-                    {"x": NamedSharding(sh.make_mesh(
-                        [("data", 4), ("model", 2)]), P("data"))})
+  x = np.arange(8.0).reshape(4, 2)
+  g2 = sh.to_global({"x": x}, {"x": NamedSharding(sh.make_mesh(
+      [("data", 4), ("model", 2)]), P("data"))})
   assert g2["x"].shape == (4, 2)
+  np.testing.assert_array_equal(sh.to_host_local(g2["x"]), x)
+  np.testing.assert_array_equal(sh.to_host_local(rep["w"]), np.ones((3, 3)))
 
 
 def test_inference_with_worker_process():
