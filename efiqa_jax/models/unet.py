@@ -91,6 +91,7 @@ class UNet(nnx.Module):
     residual: return x + f(x) (needs in_channels == out_channels).
     dtype: compute dtype; parameters stay float32.
   """
+  ARCH = "unet"  # name in efiqa_jax.checkpoints
 
   def __init__(self, in_channels: int = 3, out_channels: int = 3,
                base_channels: int = 64, residual: bool = True,
