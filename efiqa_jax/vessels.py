@@ -27,8 +27,9 @@ units:
    resolution, 3 and 4 px on a 2x-downsampled copy (a two-level pyramid), all
    with short separable kernels.
 4. Scales are combined by max and mapped to [0, 1] with a FIXED logistic,
-   `p = sigmoid((r - 0.02) / 0.005)` (constants in `VesselConfig`, set once
-   on DRIVE so that p = 0.5 sits near the vessel boundary). No per-image
+   `p = sigmoid((r - 0.02) / 0.005)`, shifted so that r = 0 gives p = 0
+   (constants in `VesselConfig`, set once on DRIVE so that p = 0.5 sits near
+   the vessel boundary). No per-image
    min-max: an image without visible vessels gives a map near zero.
 
 All sizes scale with the image side relative to 512 px, so any static (B,H,W)
@@ -58,6 +59,8 @@ class VesselConfig:
   # Hessian scales run at full resolution / at half resolution.
   full_res_sigmas: tuple[float, ...] = (1.0, 1.5, 2.0)
   half_res_sigmas: tuple[float, ...] = (3.0, 4.0)
+  # Smallest sigma in actual pixels (for crops smaller than 512 px).
+  min_sigma: float = 1.0
   # Scale normalisation sigma**gamma of the Hessian eigenvalues; gamma < 2
   # favours thin vessels a little (slightly higher AUROC on DRIVE than 2).
   gamma: float = 1.5
@@ -220,8 +223,10 @@ def _response(images: jax.Array, fov_masks: jax.Array,
   gf = m * g + (1 - m) * bg
   c = (bg - gf) / (bg + cfg.bg_eps)
   c = jnp.maximum(c, -cfg.clip_neg)
-  resp = functools.reduce(
-      jnp.maximum, [_ridge(c, s * scale, cfg) for s in cfg.full_res_sigmas])
+  # Below ~1 px a Hessian sees pixel noise, not vessels: floor the scales
+  # (matters for crops smaller than 512 px).
+  sig = sorted({max(s * scale, cfg.min_sigma) for s in cfg.full_res_sigmas})
+  resp = functools.reduce(jnp.maximum, [_ridge(c, s, cfg) for s in sig])
   if cfg.half_res_sigmas:
     # Pyramid level 1: wide vessels at half resolution (short kernels).
     c2 = _resize(c, max(1, h // 2), max(1, w // 2))
@@ -256,7 +261,11 @@ def vessel_probability(images: jax.Array, fov_masks: jax.Array,
     photograph with weaker vessel contrast gives a weaker map.
   """
   resp, m = _response(images, fov_masks, config)
+  # Logistic shifted so that zero response maps to exactly 0 (not to the
+  # sigmoid's ~2 % floor, which would paint every flat pixel grey).
+  p0 = jax.nn.sigmoid(-config.thresh / config.width)
   p = jax.nn.sigmoid((resp - config.thresh) / config.width)
+  p = jnp.clip((p - p0) / (1 - p0), 0.0, 1.0)
   return (p * m).astype(jnp.float32)
 
 
