@@ -98,7 +98,7 @@ def _failure_row(path, id_, status, message, model_name):
 
 def assess(inputs: Sequence[str] | str, out_dir: str, *,
            model: str = "default", batch_size: int = 8,
-           num_threads: int = 4, overlays: bool = True,
+           num_threads: int = 4, num_workers: int = 0, overlays: bool = True,
            progress: bool = True, quality_model=None) -> AssessResult:
   """Assesses photographs; see the module docstring for the contract."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -127,18 +127,26 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
 
   prog_path = _progress_path(out_dir, pidx, pcount)
   bar = _progress_bar(len(todo), progress and pidx == 0, "assess")
-  with open(prog_path, "a") as prog, concurrent.futures.ThreadPoolExecutor(
-      max(1, num_threads)) as pool:
-    for batch_idx in _chunks(todo, batch_size):
-      prepared = list(pool.map(
-          lambda i: quality_model.prepare(paths[i]), batch_idx))
-      rows = _assess_batch(quality_model, batch_idx, prepared, paths, ids,
-                           out_dir, overlays, pool)
-      for row in rows:
-        prog.write(json.dumps(row) + "\n")
-      prog.flush()
-      os.fsync(prog.fileno())
-      bar.update(len(batch_idx))
+  if todo:
+    # Decoding and FOV cropping run in grain threads (or worker processes)
+    # ahead of the device; this process's slice only, padded to whole
+    # batches, every record exactly once.
+    from efiqa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    batches = input_pipeline.inference_batches(
+        [paths[i] for i in todo], batch_size,
+        prepare=AssessPrepare(quality_model.work_size),
+        process_index=0, process_count=1, num_workers=num_workers,
+        read_threads=num_threads)
+    with open(prog_path, "a") as prog, concurrent.futures.ThreadPoolExecutor(
+        max(1, num_threads)) as pool:
+      for batch in batches:
+        rows = _assess_batch(quality_model, batch, todo, paths, ids, out_dir,
+                             overlays, pool)
+        for row in rows:
+          prog.write(json.dumps(row) + "\n")
+        prog.flush()
+        os.fsync(prog.fileno())
+        bar.update(len(rows))
   bar.close()
 
   if pcount > 1:
@@ -169,55 +177,79 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
                       scores_csv)
 
 
-def _assess_batch(quality_model, batch_idx, prepared, paths, ids, out_dir,
-                  overlays, pool):
-  ok_pos = [k for k, p in enumerate(prepared) if p.status == "ok"]
-  maps = {}
-  if ok_pos:
-    imgs = np.stack([prepared[k].image for k in ok_pos])
-    fovs = np.stack([prepared[k].fov_mask for k in ok_pos])
-    out = quality_model.predict(imgs, fovs)
-    for j, k in enumerate(ok_pos):
-      maps[k] = out[j]
-  rows = []
-  writes = []
-  for k, i in enumerate(batch_idx):
-    p = prepared[k]
-    if p.status != "ok":
-      rows.append(_failure_row(paths[i], ids[i], p.status, p.message,
+class AssessPrepare:
+  """Grain transform: path -> row, plus the `circular` flag of the FOV."""
+
+  def __init__(self, size: int):
+    from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+    self._inner = sources.PrepareFundus(size)
+    self.size = size
+
+  def blank(self, status: str, message: str = "", path: str = "") -> dict:
+    row = self._inner.blank(status, message, path)
+    row["circular"] = np.bool_(False)
+    return row
+
+  def map(self, element):
+    from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
+    circular = []
+
+    def load(src, size, **kw):
+      p = fundus.prepare_fundus(src, size, **kw)
+      circular.append(p.circular)
+      return p
+
+    inner = type(self._inner)(self.size, load_fn=load)
+    row = inner.map(element)
+    row["circular"] = np.bool_(circular[0] if circular else False)
+    return row
+
+
+def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
+                  pool):
+  valid = np.asarray(batch["valid"], bool)
+  ok = np.asarray(batch["ok"], bool) & valid
+  maps = quality_model.predict(batch["image"], batch["fov_mask"]) if ok.any(
+  ) else None
+  rows, writes = [], []
+  for k in np.flatnonzero(valid):
+    i = todo[int(batch["index"][k])]
+    status, message = str(batch["status"][k]), str(batch["message"][k])
+    if not ok[k]:
+      rows.append(_failure_row(paths[i], ids[i], status, message,
                                quality_model.name))
       continue
+    fov_mask = np.asarray(batch["fov_mask"][k], bool)
     qmap = np.asarray(maps[k], np.float32)
-    w = quality_lib.fov_at(p.fov_mask, qmap.shape)
+    w = quality_lib.fov_at(fov_mask, qmap.shape)
     qmap = np.where(w > 0, qmap, 0.0).astype(np.float32)
     q, frac = quality_lib.summarise(qmap, w)
-    circular = bool(getattr(p.fov, "circular", True))
+    circular = bool(batch["circular"][k])
     grade = quality_model.grading.grade(q, circular)
-    msg = p.message or ""
     if not circular:
       note = "no circular field of view: never graded good"
-      msg = f"{msg}; {note}" if msg else note
-    fov = p.fov
-    row = {
-        "image": paths[i], "id": ids[i], "status": "ok", "message": msg,
+      message = f"{message}; {note}" if message else note
+    cx, cy, r = (float(v) for v in batch["fov"][k])
+    x0, y0, side = (int(v) for v in batch["crop"][k][:3])
+    rows.append({
+        "image": paths[i], "id": ids[i], "status": "ok", "message": message,
         "quality": round(q, 6), "grade": grade,
         "degraded_fraction": round(frac, 6),
-        "fov_cx": round(float(fov.cx), 3), "fov_cy": round(float(fov.cy), 3),
-        "fov_r": round(float(fov.r), 3), "crop_x0": int(p.crop_x0),
-        "crop_y0": int(p.crop_y0), "crop_size": int(p.crop_size),
+        "fov_cx": round(cx, 3), "fov_cy": round(cy, 3), "fov_r": round(r, 3),
+        "crop_x0": x0, "crop_y0": y0, "crop_size": side,
         "model": quality_model.name, "version": __version__,
-    }
-    rows.append(row)
-    writes.append(pool.submit(_write_outputs, out_dir, ids[i], qmap, p,
+    })
+    writes.append(pool.submit(_write_outputs, out_dir, ids[i], qmap,
+                              np.asarray(batch["image"][k]), fov_mask,
                               overlays))
   for fut in writes:
     fut.result()
   return rows
 
 
-def _write_outputs(out_dir, id_, qmap, prepared, overlays):
+def _write_outputs(out_dir, id_, qmap, image, fov_mask, overlays):
   if overlays:
-    ov = report_lib.overlay(prepared.image, qmap, prepared.fov_mask)
+    ov = report_lib.overlay(image, qmap, fov_mask)
     report_lib.write_png(os.path.join(out_dir, "overlays", id_ + ".png"), ov)
   # The map goes last: its presence marks the image as finished.
   path = os.path.join(out_dir, "maps", id_ + ".npy")
@@ -234,11 +266,6 @@ def _write_csv(path: str, rows: Iterable[dict]) -> None:
     for r in rows:
       w.writerow({c: r.get(c, "") for c in SCORE_COLUMNS})
   os.replace(tmp, path)
-
-
-def _chunks(seq, n):
-  for s in range(0, len(seq), n):
-    yield seq[s:s + n]
 
 
 class _NullBar:

@@ -109,8 +109,9 @@ def _teacher_maps(graphdef, state, images, fov, *, threshold, teacher_size,
 
   teacher = nnx.merge(graphdef, state)
   v = vessels.vessel_map_for_teacher(images, fov, size=teacher_size)
-  recon = teacher(v)
-  anomaly = jnp.mean(jnp.abs(recon - v), axis=-1)          # |f(x)|
+  # |f(x)|: the residual branch directly when the teacher is x + f(x).
+  f = teacher.body(v) if getattr(teacher, "residual", False) else teacher(v) - v
+  anomaly = jnp.mean(jnp.abs(f.astype(jnp.float32)), axis=-1)
   b = images.shape[0]
   fov_t = jax.image.resize(fov.astype(jnp.float32), (b, teacher_size,
                                                      teacher_size), "linear")
