@@ -166,8 +166,7 @@ def _shadow(rng, x, ctx, s):
     soft = rng.uniform(0.03, 0.12)
     p = _ops.smoothstep(soft, -soft, d + 0.04 * _ops.smooth_noise(rng, ctx.lh, ctx.lw, 6))
   p = ctx.up(p)
-  tint = np.array([1.0, 0.97, 1.0], np.float32)
-  return x * (1.0 - 0.97 * s * p)[..., None] * tint, p, "local"
+  return x * (1.0 - 0.97 * s * p)[..., None], p, "local"
 
 
 def _overexposure(rng, x, ctx, s):

@@ -38,7 +38,8 @@ class SynthSample:
   labels: dict[str, Any]
   clean_image: np.ndarray | None = None   # the photograph before degradation
   lesion_mask: np.ndarray | None = None   # (S, S) bool, where lesions are painted
-  info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)  # degrade() info
+  geometry: anatomy.Geometry | None = None   # FOV, disc and fovea positions
 
 
 def _fundus_colour(rng: np.random.Generator):
@@ -211,10 +212,12 @@ def _render_vessels(rng, g: anatomy.Geometry, img):
 
 
 def _fov(g: anatomy.Geometry):
+  """FOV = pixel centres within r of the centre; alpha anti-aliases the rim."""
   yy, xx = np.ogrid[0:g.size, 0:g.size]
   dist = np.sqrt((xx.astype(np.float32) - g.cx) ** 2 + (yy.astype(np.float32) - g.cy) ** 2)
-  alpha = np.clip(g.r - dist + 0.5, 0.0, 1.0)
-  return alpha, alpha > 0
+  fov = dist <= g.r
+  alpha = np.clip(g.r - dist + 0.5, 0.0, 1.0) * fov
+  return alpha, fov
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
@@ -269,6 +272,7 @@ def generate(seed: int, size: int = 512, *, degrade: bool | None = None,
   clean = to_uint8(img)
   gt &= fov
   lesion_mask &= fov
+  # (the black surround is exactly 0: alpha is 0 wherever fov is False)
 
   info: dict[str, Any] = {}
   if want_degrade:
@@ -291,4 +295,4 @@ def generate(seed: int, size: int = 512, *, degrade: bool | None = None,
   }
   return SynthSample(image=image, vessels=gt.astype(np.uint8), degradation=mask,
                      fov_mask=fov, labels=labels, clean_image=clean,
-                     lesion_mask=lesion_mask, info=info)
+                     lesion_mask=lesion_mask, info=info, geometry=g)
