@@ -60,9 +60,9 @@ def _render_background(rng, g: anatomy.Geometry):
   # Low-resolution grid in full-resolution pixel coordinates.
   c = (np.arange(_LO, dtype=np.float32) + 0.5) * (s / _LO) - 0.5
   lx, ly = np.meshgrid(c, c)
-  low = _ops.smooth_noise(rng, _LO, _LO, 6)
-  mid = _ops.smooth_noise(rng, _LO, _LO, int(rng.uniform(18, 40)))
-  a_mid = rng.uniform(0.02, 0.06) * (0.6 + 0.8 * pig)
+  low = _ops.smooth_noise(rng, _LO, _LO, 5)
+  mid = _ops.smooth_noise(rng, _LO, _LO, int(rng.uniform(40, 64)))
+  a_mid = rng.uniform(0.01, 0.035) * (0.6 + 0.8 * pig)
   rho2 = ((lx - g.cx) ** 2 + (ly - g.cy) ** 2) / (g.r * g.r)
   vig = 1.0 - rng.uniform(0.2, 0.5) * np.minimum(rho2, 1.2) ** rng.uniform(1.0, 2.0)
   dd2 = ((lx - g.disc_x) ** 2 + (ly - g.disc_y) ** 2) / (g.r * g.r)
@@ -70,7 +70,7 @@ def _render_background(rng, g: anatomy.Geometry):
   df2 = ((lx - g.fovea_x) ** 2 + (ly - g.fovea_y) ** 2) / (g.r * g.r)
   mac = rng.uniform(0.12, 0.3) * np.exp(-df2 / (2 * 0.16**2))
   fov_c = rng.uniform(0.1, 0.25) * np.exp(-df2 / (2 * 0.035**2))
-  gain = (1.0 + 0.06 * low + a_mid * mid) * (vig + sheen) * (1.0 - mac - fov_c)
+  gain = (1.0 + 0.04 * low + a_mid * mid) * (vig + sheen) * (1.0 - mac - fov_c)
   # Choroidal vessels show through mostly in red; the macula absorbs blue.
   red = 1.0 + 0.5 * a_mid * mid
   blue = 1.0 - 0.4 * mac
@@ -135,9 +135,10 @@ def _render_lesions(rng, g: anatomy.Geometry, img, kinds: Sequence[str]):
         spread = rng.uniform(0.03, 0.1) * r
         xs.append(ccx + rng.normal(0, spread, m))
         ys.append(ccy + rng.normal(0, spread, m))
-        rs.append(rng.uniform(0.004, 0.016, m) * r)
+        rs.append(rng.lognormal(np.log(0.006), 0.5, m) * r)
       xs, ys, rs = map(np.concatenate, (xs, ys, rs))
-      a = _ops.splat((s, s), xs, ys, rs, "gauss", rng.uniform(0.6, 0.95, xs.size))
+      # Hard exudates: waxy patches with fairly sharp edges.
+      a = _ops.splat((s, s), xs, ys, rs, "disc", rng.uniform(0.5, 0.85, xs.size))
       col = np.array([1.0, 0.92, 0.55], np.float32) * rng.uniform(0.85, 1.0)
     elif kind == "drusen":
       m = rng.integers(10, 60)
@@ -159,15 +160,15 @@ def _render_lesions(rng, g: anatomy.Geometry, img, kinds: Sequence[str]):
         size = rng.uniform(0.008, 0.035) * r
         if rng.random() < 0.4:   # flame: elongated, radial from the disc
           da = math.atan2(hy - g.disc_y, hx - g.disc_x)
-          t = np.linspace(-2.0, 2.0, 9)
-          xs.append(hx + t * size * math.cos(da) + rng.normal(0, 0.2 * size, 9))
-          ys.append(hy + t * size * math.sin(da) + rng.normal(0, 0.2 * size, 9))
-          rs.append(np.full(9, 0.6 * size))
+          t = np.linspace(-2.0, 2.0, 25)
+          xs.append(hx + t * size * math.cos(da) + rng.normal(0, 0.05 * size, 25))
+          ys.append(hy + t * size * math.sin(da) + rng.normal(0, 0.05 * size, 25))
+          rs.append(0.6 * size * np.sqrt(1.05 - (t / 2.0) ** 2))
         else:                    # dot/blot: a small irregular cluster
-          k = rng.integers(1, 5)
-          xs.append(hx + rng.normal(0, 0.5 * size, k))
-          ys.append(hy + rng.normal(0, 0.5 * size, k))
-          rs.append(size * rng.uniform(0.5, 1.0, k))
+          k = rng.integers(1, 7)
+          xs.append(hx + rng.normal(0, 0.35 * size, k))
+          ys.append(hy + rng.normal(0, 0.35 * size, k))
+          rs.append(size * rng.uniform(0.4, 0.9, k))
       xs, ys, rs = map(np.concatenate, (xs, ys, rs))
       a = _ops.splat((s, s), xs, ys, rs, "disc", rng.uniform(0.7, 0.95, xs.size))
       col = np.array([0.42, 0.06, 0.04], np.float32) * rng.uniform(0.7, 1.1)
@@ -192,7 +193,7 @@ def _render_vessels(rng, g: anatomy.Geometry, img):
   xs, ys, ws, ks = anatomy.densify(lines)
   s = g.size
   # Thin vessels have less contrast (partial volume, less blood in the path).
-  contrast = 1.0 - np.exp(-ws / (0.010 * g.r))
+  contrast = 1.0 - np.exp(-ws / (0.013 * g.r))
   dens, gt = _ops.splat_vessels((s, s), xs, ys, 0.5 * ws, contrast, ks)
   # Central light reflex on wider arteries.
   sel = (ks == anatomy.ARTERY) & (ws > 3.0)
