@@ -270,6 +270,8 @@ GEOMETRY = {
                           level=0.15, noise=2.0),
     "handheld": dict(h=720, w=960, cx=420.0, cy=400.0, r=250.0, dim_rim=True,
                      noise=6.0, surround=0.12),
+    # Wider than both sides: only the four corner arcs are rim.
+    "corners_only": dict(h=600, w=800, cx=400.0, cy=300.0, r=455.0),
     "notch": dict(h=480, w=640, cx=320.0, cy=240.0, r=215.0, notch=True),
 }
 
