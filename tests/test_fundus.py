@@ -360,6 +360,7 @@ def test_every_real_photograph_gets_a_circle(fundus_dir):
     res = fundus.prepare_fundus(p, size=128)
     assert res.ok and res.circular, (p.name, res.message)
     assert res.fov.fit_rms < 2.5 and res.fov.coverage_deg >= 150, (p, res.fov)
+    assert res.fov.fundus_likeness > 0.7, (p, res.fov)
   fov = fundus.detect_fov(skimage.data.retina())
   assert fov.circular and abs(fov.r - 695) < 8, fov
 

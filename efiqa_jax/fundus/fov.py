@@ -394,7 +394,7 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
   out_level = float(np.median(v[ring_out])) if ring_out.sum() > 20 else bg
   in_level = float(np.median(v[inside_far])) if inside_far.any() else fg
   dark_out = (in_level - out_level) / max(in_level, 1.0)
-  likeness = _likeness(small, disc, iou, dark_out)
+  likeness = _likeness(small, disc, iou, cov, dark_out)
   extra = dict(fit_rms=fit_rms, n_edge_points=n_pts, coverage_deg=cov,
                region_iou=iou, fundus_likeness=likeness)
 
@@ -423,13 +423,14 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
   return FOV(cx, cy, r, True, OK, "", **extra)
 
 
-def _likeness(small: np.ndarray, disc: np.ndarray, iou: float,
+def _likeness(small: np.ndarray, disc: np.ndarray, iou: float, cov: float,
               dark_out: float) -> float:
-  """Cheap fundus-likeness: circle fit, dark surround, red dominance."""
+  """Cheap fundus-likeness: circle (region and rim), dark surround, red."""
   px = small[::2, ::2][disc[::2, ::2]].astype(np.int16)
   if px.shape[0] == 0:
     return 0.0
   red = float(np.mean((px[:, 0] >= px[:, 1]) & (px[:, 1] >= px[:, 2])))
-  circ = float(np.clip((iou - 0.8) / 0.17, 0.0, 1.0))
+  circ = float(np.clip((iou - 0.8) / 0.17, 0.0, 1.0)
+               * np.clip(cov / 150.0, 0.0, 1.0))
   dark = float(np.clip(dark_out, 0.0, 1.0))
   return round((circ + dark + red) / 3.0, 4)
