@@ -249,6 +249,22 @@ def test_dicom_photometrics_and_first_frame():
   assert res.ok and res.circular
 
 
+def test_dicom_too_large_from_header():
+  data = _dicom(FUNDUS, "RGB")
+  dec = fundus.decode_image(data, max_pixels=320 * 240 - 1)
+  assert dec.status == "too_large" and "320x240" in dec.message
+
+
+def test_odd_sources(tmp_path):
+  res = fundus.prepare_fundus(tmp_path)
+  assert res.status == "unreadable" and "directory" in res.message
+  res = fundus.prepare_fundus(12345)
+  assert res.status == "unsupported" and "neither a path nor bytes" in (
+      res.message)
+  res = fundus.prepare_fundus(encode(FUNDUS, "PNG"), size=8)
+  assert res.status == "unsupported" and "below 16" in res.message
+
+
 def test_dicom_without_pydicom_is_unsupported(monkeypatch):
   data = _dicom(FUNDUS, "RGB")
   monkeypatch.setitem(__import__("sys").modules, "pydicom", None)
