@@ -249,6 +249,22 @@ def test_dicom_photometrics_and_first_frame():
   assert res.ok and res.circular
 
 
+def test_dicom_too_large_from_header():
+  data = _dicom(FUNDUS, "RGB")
+  dec = fundus.decode_image(data, max_pixels=320 * 240 - 1)
+  assert dec.status == "too_large" and "320x240" in dec.message
+
+
+def test_odd_sources(tmp_path):
+  res = fundus.prepare_fundus(tmp_path)
+  assert res.status == "unreadable" and "directory" in res.message
+  res = fundus.prepare_fundus(12345)
+  assert res.status == "unsupported" and "neither a path nor bytes" in (
+      res.message)
+  res = fundus.prepare_fundus(encode(FUNDUS, "PNG"), size=8)
+  assert res.status == "unsupported" and "below 16" in res.message
+
+
 def test_dicom_without_pydicom_is_unsupported(monkeypatch):
   data = _dicom(FUNDUS, "RGB")
   monkeypatch.setitem(__import__("sys").modules, "pydicom", None)
@@ -270,6 +286,8 @@ GEOMETRY = {
                           level=0.15, noise=2.0),
     "handheld": dict(h=720, w=960, cx=420.0, cy=400.0, r=250.0, dim_rim=True,
                      noise=6.0, surround=0.12),
+    # Wider than both sides: only the four corner arcs are rim.
+    "corners_only": dict(h=600, w=800, cx=400.0, cy=300.0, r=455.0),
     "notch": dict(h=480, w=640, cx=320.0, cy=240.0, r=215.0, notch=True),
 }
 
@@ -358,6 +376,7 @@ def test_every_real_photograph_gets_a_circle(fundus_dir):
     res = fundus.prepare_fundus(p, size=128)
     assert res.ok and res.circular, (p.name, res.message)
     assert res.fov.fit_rms < 2.5 and res.fov.coverage_deg >= 150, (p, res.fov)
+    assert res.fov.fundus_likeness > 0.7, (p, res.fov)
   fov = fundus.detect_fov(skimage.data.retina())
   assert fov.circular and abs(fov.r - 695) < 8, fov
 
