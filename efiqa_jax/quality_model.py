@@ -100,33 +100,48 @@ class TeacherQualityModel:
                                                     np.float32)
 
 
-def _teacher_maps(graphdef, state, images, fov, *, threshold, teacher_size,
-                  map_size):
+def teacher_anomaly(teacher, images, fov, *, teacher_size):
+  """Photograph crops -> (|f(x)| averaged over channels, FOV) at teacher size."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from efiqa_jax import vessels  # pylint: disable=g-import-not-at-top
 
-  teacher = nnx.merge(graphdef, state)
   v = vessels.vessel_map_for_teacher(images, fov, size=teacher_size)
   # |f(x)|: the residual branch directly when the teacher is x + f(x).
   f = teacher.body(v) if getattr(teacher, "residual", False) else teacher(v) - v
   anomaly = jnp.mean(jnp.abs(f.astype(jnp.float32)), axis=-1)
   b = images.shape[0]
-  fov_t = jax.image.resize(fov.astype(jnp.float32), (b, teacher_size,
-                                                     teacher_size), "linear")
-  fov_t = (fov_t > 0.5).astype(jnp.float32)
+  fov_t = jax.image.resize(fov.astype(jnp.float32),
+                           (b, teacher_size, teacher_size), "linear")
+  return anomaly, (fov_t > 0.5).astype(jnp.float32)
+
+
+def pool_anomaly(anomaly, fov_t, *, threshold, map_size=MAP_SIZE):
+  """Share of anomalous FOV pixels in a window of one reference cell (1/16 of
+  the side) around each map cell: (B, T, T) -> (B, map_size, map_size)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  b, t = anomaly.shape[0], anomaly.shape[1]
+  if t % map_size:
+    raise ValueError(f"teacher size {t} is not a multiple of {map_size}")
   hard = (anomaly > threshold).astype(jnp.float32) * fov_t
-  # Share of anomalous FOV pixels in a window of one reference cell (1/16 of
-  # the side) around each map cell.
-  f = teacher_size // map_size
-  win = max(1, teacher_size // 16)
+  f = t // map_size
+  k = max(1, (t // 16) // f)
 
   def box(x):
     x = x.reshape(b, map_size, f, map_size, f).sum(axis=(2, 4))
-    k = max(1, win // f)
     return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, k, k), (1, 1, 1),
                                  "SAME")
 
   num, den = box(hard), box(fov_t)
   return jnp.where(den > 0, num / jnp.maximum(den, 1e-6), 0.0)
+
+
+def _teacher_maps(graphdef, state, images, fov, *, threshold, teacher_size,
+                  map_size):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  teacher = nnx.merge(graphdef, state)
+  anomaly, fov_t = teacher_anomaly(teacher, images, fov,
+                                   teacher_size=teacher_size)
+  return pool_anomaly(anomaly, fov_t, threshold=threshold, map_size=map_size)
