@@ -256,6 +256,14 @@ _FUNCS = {"blur": _blur, "motion": _motion, "illumination": _illumination,
           "haze": _haze, "eyelash": _eyelash, "dust": _dust, "noise": _noise}
 
 
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  """Round float [0, 1] to uint8, in place on x (saves full-size temporaries)."""
+  np.clip(x, 0.0, 1.0, out=x)
+  x *= 255.0
+  x += 0.5
+  return x.astype(np.uint8)
+
+
 def jpeg_quality(s: float) -> int:
   return int(np.clip(round(5 + 90 * (1.0 - s) ** 2), 3, 95))
 
@@ -355,7 +363,7 @@ def degrade(image: np.ndarray, fov_mask: np.ndarray, seed_or_rng, *,
     sev[k] = round(v, 4)
 
   ctx = _Ctx(fov)
-  x = image.astype(np.float32) * (1.0 / 255.0)
+  x = np.multiply(image, np.float32(1.0 / 255.0), dtype=np.float32)
   keep = np.ones(fov.shape, np.float32)   # prod (1 - s_k p_k)
   extent = {}
   for k in kinds:
@@ -369,7 +377,8 @@ def degrade(image: np.ndarray, fov_mask: np.ndarray, seed_or_rng, *,
     keep *= 1.0 - s * (1.0 if p is None else p)
   mask = np.where(fov, 1.0 - keep, 0.0).astype(np.float32)
   np.clip(mask, 0.0, 1.0, out=mask)
-  out = np.where(fov[..., None], (np.clip(x, 0, 1) * 255.0 + 0.5).astype(np.uint8), image)
+  out = _to_uint8(x)
+  np.copyto(out, image, where=~fov[..., None])   # outside the FOV: untouched
   jq, jb = None, None
   if "jpeg" in kinds:
     jq = jpeg_quality(sev["jpeg"])

@@ -222,7 +222,11 @@ def _fov(g: anatomy.Geometry):
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
-  return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+  """Round float [0, 1] to uint8 (clobbers img: it is not used afterwards)."""
+  np.clip(img, 0.0, 1.0, out=img)
+  img *= 255.0
+  img += 0.5
+  return img.astype(np.uint8)
 
 
 def _streams(seed: int):
@@ -267,7 +271,9 @@ def generate(seed: int, size: int = 512, *, degrade: bool | None = None,
     lesion_mask = _render_lesions(r_les, g, img, lesion_kinds)
   gt = _render_vessels(r_anat, g, img)
   # Camera sensor grain, present even in clean photographs.
-  img += (0.009 * r_anat.standard_normal((size, size), dtype=np.float32))[..., None]
+  grain = r_anat.standard_normal((size, size), dtype=np.float32)
+  grain *= 0.009
+  img += grain[..., None]
   alpha, fov = _fov(g)
   img *= alpha[..., None]
   clean = to_uint8(img)
