@@ -144,7 +144,8 @@ def grow_vessels(rng: np.random.Generator, g: Geometry):
     taper = 1.0 - rng.uniform(0.006, 0.014)
     sd = 0.05 * tort * (1.0 + 0.5 * b.level)
     # A gentle constant turn makes small vessels arc instead of running straight.
-    curv = rng.normal(0.0, 0.03) * (1.0 + 0.5 * b.level)
+    curv = rng.normal(0.0, 0.012) * (1.0 + 0.5 * b.level)
+    h_start = h
     next_branch = (0.6 if b.level == 0 else 0.2) * r * gaps[0]
     xs, ys, ws = [x], [y], [w]
     arc = 0.0
@@ -157,7 +158,9 @@ def grow_vessels(rng: np.random.Generator, g: Geometry):
         k = 1.6 * (target_r - d) / target_r
         h += 0.22 * _wrap(math.atan2(ty + k * qy / d, tx + k * qx / d) - h)
       else:
-        h0 += curv
+        # ...but never more than ~70 degrees in total: real vessels do not loop.
+        if abs(_wrap(h0 + curv - h_start)) < 1.2:
+          h0 += curv
         h += 0.06 * _wrap(h0 - h)
         if d < 2.2 * faz:   # turn away from the avascular zone
           h += 0.15 * _wrap(math.atan2(qy, qx) - h)
