@@ -11,15 +11,16 @@ pixel is s_k * p_k(x), and that is also the kind's mask: **the mask is the
 local severity**. Several kinds combine as 1 - prod_k (1 - s_k p_k). Masks are
 0 outside the FOV. What p_k is, per kind:
 
-  blur          defocus (gaussian, sigma = 0.035 r s). Global (p = 1) or, with
+  blur          defocus (gaussian, sigma = 0.3 px + 0.025 r s). Global (p = 1) or, with
                 probability 0.4, local: p = a soft blob (the blurred region).
-  motion        linear motion blur (length 0.07 r s, random direction); global.
+  motion        linear motion blur (length 0.12 r s, random direction); global.
   illumination  uneven illumination: a smooth dark ramp across the FOV, gain
                 1 - 0.9 s p, plus amplified sensor noise there; p = darkness
                 profile of the ramp.
   shadow        a dark crescent from one FOV edge (eyelid/iris) or a dark
                 peripheral ring (small pupil); gain 1 - 0.97 s p; p = shadow.
-  overexposure  global over-exposure: gain, clipping and a white wash; p = 1.
+  overexposure  global over-exposure: gain 1 + 2.5 s, clipping and a white wash
+                of weight 0.6 s; p = 1.
   glare         local bright reflex/haze veil (white, bluish or yellow) mixed
                 in with weight 0.9 s p; p = the glare region.
   haze          cataract / media-opacity veil: contrast loss towards a very
@@ -29,7 +30,7 @@ local severity**. Several kinds combine as 1 - prod_k (1 - s_k p_k). Masks are
                 the top or bottom edge); opacity 0.95 s p; p = lash opacity.
   dust          soft dark or bright spots (dust on the optics); opacity
                 0.9 s p; p = spot opacity.
-  noise         signal-dependent gaussian sensor noise, std ~0.12 s; p = 1.
+  noise         signal-dependent gaussian sensor noise, std ~0.2 s; p = 1.
   jpeg          JPEG compression, quality round(5 + 90 (1 - s)^2); p = 1.
                 Always applied last, to the whole frame.
 
@@ -105,7 +106,7 @@ def _mix(x, col, a):
 # Each kind: (rng, x float32 (H,W,3) in [0,1], ctx, s) -> (x, profile, extent)
 
 def _blur(rng, x, ctx, s):
-  sigma = 0.3 + 0.035 * ctx.r * s
+  sigma = 0.3 + 0.025 * ctx.r * s
   blurred = _ops.gaussian(_filled(x, ctx), sigma)
   if rng.random() < 0.4:
     p = ctx.up(_blob(rng, ctx))
@@ -121,9 +122,9 @@ def _filled(x, ctx):
 
 
 def _motion(rng, x, ctx, s):
-  length = 0.07 * ctx.r * s
+  length = 0.12 * ctx.r * s
   th = rng.uniform(0, math.pi)
-  n = int(np.clip(length / 2.0 + 2, 2, 8))
+  n = int(np.clip(length / 2.0 + 2, 2, 10))
   t = np.linspace(-length / 2, length / 2, n)
   dx = np.rint(t * math.cos(th)).astype(int)
   dy = np.rint(t * math.sin(th)).astype(int)
@@ -171,7 +172,7 @@ def _shadow(rng, x, ctx, s):
 
 def _overexposure(rng, x, ctx, s):
   y = np.clip(x * (1.0 + 2.5 * s) + 0.1 * s, 0.0, 1.0)
-  a = 0.35 * s
+  a = 0.6 * s
   return y * (1 - a) + a * np.array([1.0, 0.97, 0.9], np.float32), None, "global"
 
 
@@ -247,7 +248,7 @@ def _dust(rng, x, ctx, s):
 
 
 def _noise(rng, x, ctx, s):
-  std = 0.12 * s * (0.5 + 0.5 * np.sqrt(np.clip(x, 0, 1) / 0.4))
+  std = 0.2 * s * (0.5 + 0.5 * np.sqrt(np.clip(x, 0, 1) / 0.4))
   return x + rng.standard_normal(x.shape, dtype=np.float32) * std, None, "global"
 
 
