@@ -299,7 +299,7 @@ def summarise(mask: np.ndarray, fov: np.ndarray, kinds: Sequence[str],
   return info
 
 
-def _parse_kinds(kinds) -> list[str]:
+def parse_kinds(kinds) -> list[str]:
   if isinstance(kinds, str):
     kinds = [k.strip() for k in kinds.split(",") if k.strip()]
   kinds = list(kinds)
@@ -339,14 +339,14 @@ def degrade(image: np.ndarray, fov_mask: np.ndarray, seed_or_rng, *,
   rng = (seed_or_rng if isinstance(seed_or_rng, np.random.Generator)
          else np.random.default_rng(seed_or_rng))
   if kinds is None:
-    pool_l = _parse_kinds(pool) if pool is not None else list(KINDS)
+    pool_l = parse_kinds(pool) if pool is not None else list(KINDS)
     if not pool_l:
       raise ValueError("empty degradation pool")
     n = int(rng.choice(3, p=_N_KINDS_P)) + 1
     n = min(n, len(pool_l))
     kinds = [pool_l[i] for i in rng.choice(len(pool_l), size=n, replace=False)]
   else:
-    kinds = _parse_kinds(kinds)
+    kinds = parse_kinds(kinds)
   kinds = [k for k in _ORDER if k in kinds]
   sev: dict[str, float] = {}
   for k in kinds:
