@@ -12,7 +12,7 @@ Vessels are grown as polylines by a steered random walk:
   * side branches spawn at width-dependent intervals with Murray-like width
     ratios; branches entering the foveal avascular zone stop there;
   * widths taper along the vessel; arteries are thinner and lighter than veins.
-The polylines are densified to 0.6 px and rendered with `_ops.splat` (exact
+The polylines are densified (0.8 px, 0.25 x width on wide vessels) and rendered with `_ops.splat` (exact
 sub-pixel distance to each sample), so crossings and branch points have no
 holes in either the image or the ground-truth mask.
 """
@@ -196,7 +196,7 @@ def grow_vessels(rng: np.random.Generator, g: Geometry):
   return lines
 
 
-def densify(lines, spacing: float = 0.6):
+def densify(lines, spacing: float = 0.8):
   """Resample every polyline: returns xs, ys, widths, kinds.
 
   Samples are `spacing` px apart on thin vessels and 0.25 x width on wide ones
