@@ -79,6 +79,11 @@ def test_vessels_nontrivial_and_rooted_at_disc(seed):
   share = np.isin(lab, rooted).sum() / s.vessels.sum()
   # Branches leave and re-enter the circular FOV only rarely.
   assert share > 0.9, share
+  # Thin vessels rasterise without gaps: no tiny fragments away from the rim.
+  sizes = np.bincount(lab.ravel())
+  rim = ndi.binary_dilation(~s.fov_mask, iterations=3)
+  for i in np.flatnonzero(sizes[1:] < 5) + 1:
+    assert rim[lab == i].any(), f"fragment of {sizes[i]} px inside the FOV"
   # The fovea is vessel-free.
   near_fovea = (xx - g.fovea_x) ** 2 + (yy - g.fovea_y) ** 2 <= (0.05 * g.r) ** 2
   assert not s.vessels[near_fovea].any()
