@@ -82,7 +82,7 @@ class _Ctx:
     return np.sqrt((self.lx - self.cx) ** 2 + (self.ly - self.cy) ** 2) / self.r
 
 
-def _blob(rng, ctx: _Ctx, rmin=0.25, rmax=0.6) -> np.ndarray:
+def _blob(rng, ctx: _Ctx, rmin=0.25, rmax=0.6, soft=(0.15, 0.5)) -> np.ndarray:
   """A soft, irregular elliptical region inside the FOV (low-res profile)."""
   ang = rng.uniform(0, 2 * math.pi)
   dist = rng.uniform(0.0, 0.75) * ctx.r
@@ -94,8 +94,7 @@ def _blob(rng, ctx: _Ctx, rmin=0.25, rmax=0.6) -> np.ndarray:
   v = (-dx * math.sin(th) + dy * math.cos(th)) / rb
   d = np.sqrt(u * u + v * v)
   d = d + 0.15 * _ops.smooth_noise(rng, ctx.lh, ctx.lw, 8)
-  soft = rng.uniform(0.15, 0.5)
-  return _ops.smoothstep(1.0, 1.0 - soft, d)
+  return _ops.smoothstep(1.0, 1.0 - rng.uniform(*soft), d)
 
 
 def _mix(x, col, a):
@@ -178,13 +177,13 @@ def _overexposure(rng, x, ctx, s):
 
 def _glare(rng, x, ctx, s):
   if rng.random() < 0.6:   # peripheral reflex arc
-    p = _blob(rng, ctx, 0.2, 0.5)
+    p = _blob(rng, ctx, 0.2, 0.5, (0.5, 0.95))
     ang = rng.uniform(0, 2 * math.pi)
     rim = _ops.smoothstep(0.4, 1.0, ((ctx.lx - ctx.cx) * math.cos(ang) +
                                      (ctx.ly - ctx.cy) * math.sin(ang)) / ctx.r)
     p = np.maximum(p * 0.6, rim * rng.uniform(0.6, 1.0))
   else:
-    p = _blob(rng, ctx, 0.15, 0.45)
+    p = _blob(rng, ctx, 0.15, 0.45, (0.5, 0.95))   # glare has no sharp edge
   p = ctx.up(p)
   col = [(1.0, 0.97, 0.92), (0.85, 0.92, 1.0), (1.0, 0.85, 0.5)][rng.integers(3)]
   return _mix(x, col, 0.9 * s * p), p, "local"
