@@ -245,7 +245,7 @@ def generate(seed: int, size: int = 512, *, degrade: bool | None = None,
   """One synthetic fundus photograph, fully determined by the arguments.
 
   degrade / lesions: True, False or None (random, with probability
-  1 - clean_fraction / lesion_fraction). kinds / severity / pool are passed to
+  1 - clean_fraction / lesion_fraction; explicit `kinds` imply degrade). kinds / severity / pool are passed to
   `degradations.degrade` (None: 1-3 random kinds from pool, random severities).
   """
   if size < 64:
@@ -255,8 +255,13 @@ def generate(seed: int, size: int = 512, *, degrade: bool | None = None,
   if not 0.0 <= lesion_fraction <= 1.0:
     raise ValueError(f"lesion_fraction must be in [0, 1], got {lesion_fraction}")
   r_anat, r_les, r_deg, r_dec = _streams(seed)
-  want_degrade = (r_dec.random() >= clean_fraction) if degrade is None else bool(degrade)
-  want_lesions = (r_dec.random() < lesion_fraction) if lesions is None else bool(lesions)
+  u_clean = r_dec.random()   # always drawn, so options never shift later draws
+  if degrade is None:
+    want_degrade = kinds is not None or u_clean >= clean_fraction
+  else:
+    want_degrade = bool(degrade)
+  u_les = r_dec.random()
+  want_lesions = (u_les < lesion_fraction) if lesions is None else bool(lesions)
   les_pick = r_dec.random(len(LESION_KINDS))
 
   g = anatomy.sample_geometry(r_anat, size)
