@@ -142,7 +142,7 @@ def grow_vessels(rng: np.random.Generator, g: Geometry):
     ratios = rng.uniform(0.45, 0.8, size=64)
     gi = 0
     taper = 1.0 - rng.uniform(0.006, 0.014)
-    sd = 0.05 * tort * (1.0 + 0.5 * b.level)
+    sd = 0.05 * tort * (1.0 + 0.8 * b.level)
     # A gentle constant turn makes small vessels arc instead of running straight.
     curv = rng.normal(0.0, 0.012) * (1.0 + 0.5 * b.level)
     h_start = h
