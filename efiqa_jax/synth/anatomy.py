@@ -13,7 +13,7 @@ Vessels are grown as polylines by a steered random walk:
     ratios; branches on the macular side of an arcade (and theirs) converge on
     the fovea and stop at the avascular zone, other branches turn away from it;
   * widths taper along the vessel; arteries are thinner and lighter than veins.
-The polylines are densified (0.8 px, 0.25 x width on wide vessels) and rendered with `_ops.splat` (exact
+The polylines are densified (0.8 px, 0.25 x width on wide vessels) and rendered with `_ops.splat_vessels` (exact
 sub-pixel distance to each sample), so crossings and branch points have no
 holes in either the image or the ground-truth mask.
 """
@@ -23,8 +23,6 @@ import dataclasses
 import math
 
 import numpy as np
-
-from efiqa_jax.synth import _ops
 
 ARTERY, VEIN = 0, 1
 

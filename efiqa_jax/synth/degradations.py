@@ -44,6 +44,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage as ndi
 
 from efiqa_jax.synth import _ops
 
@@ -220,7 +221,6 @@ def _strokes_lowres(rng, ctx, n, from_edge: bool):
   xs, ys, rs = map(np.concatenate, (xs, ys, rs))
   a = _ops.splat((ctx.lh, ctx.lw), (xs + 0.5) * sc - 0.5, (ys + 0.5) * sc - 0.5,
                  np.maximum(rs * sc, 0.6), "disc")
-  from scipy import ndimage as ndi
   a = ndi.gaussian_filter(a, rng.uniform(0.01, 0.04) * ctx.r * sc)
   return np.clip(a / max(a.max(), 1e-6) * 1.3, 0, 1)
 
