@@ -201,7 +201,7 @@ def _haze(rng, x, ctx, s):
   return y + (veil - y) * (0.85 * s * p)[..., None], p, "global"
 
 
-def _strokes_lowres(rng, ctx, n, from_edge: bool):
+def _strokes_lowres(rng, ctx, n):
   """Curved strokes (eyelashes) as a low-res opacity map in [0, 1]."""
   xs, ys, rs = [], [], []
   sc = ctx.scale
@@ -226,7 +226,7 @@ def _strokes_lowres(rng, ctx, n, from_edge: bool):
 
 
 def _eyelash(rng, x, ctx, s):
-  p = ctx.up(_strokes_lowres(rng, ctx, int(rng.integers(3, 10)), True))
+  p = ctx.up(_strokes_lowres(rng, ctx, int(rng.integers(3, 10))))
   col = (0.02, 0.02, 0.02) if rng.random() < 0.6 else (0.85, 0.8, 0.75)
   return _mix(x, col, 0.95 * s * p), p, "local"
 
