@@ -99,8 +99,11 @@ def _blob(rng, ctx: _Ctx, rmin=0.25, rmax=0.6, soft=(0.15, 0.5)) -> np.ndarray:
 
 
 def _mix(x, col, a):
-  a = a[..., None]
-  return x * (1.0 - a) + np.asarray(col, np.float32) * a
+  """x * (1 - a) + col * a, with in-place updates (fewer full-size temporaries)."""
+  d = np.asarray(col, np.float32) - x
+  d *= a[..., None]
+  d += x
+  return d
 
 
 # Each kind: (rng, x float32 (H,W,3) in [0,1], ctx, s) -> (x, profile, extent)
@@ -247,8 +250,15 @@ def _dust(rng, x, ctx, s):
 
 
 def _noise(rng, x, ctx, s):
-  std = 0.2 * s * (0.5 + 0.5 * np.sqrt(np.clip(x, 0, 1) / 0.4))
-  return x + rng.standard_normal(x.shape, dtype=np.float32) * std, None, "global"
+  # std = 0.2 s (0.5 + 0.5 sqrt(x / 0.4)): shot noise grows with the signal.
+  std = np.maximum(x, 0.0)
+  std *= 1.0 / 0.4
+  np.sqrt(std, out=std)
+  std *= 0.1 * s
+  std += 0.1 * s
+  std *= rng.standard_normal(x.shape, dtype=np.float32)
+  std += x
+  return std, None, "global"
 
 
 _FUNCS = {"blur": _blur, "motion": _motion, "illumination": _illumination,
