@@ -155,6 +155,20 @@ def test_decode_scales_16_bit_and_composites_alpha_on_black():
   want = np.rint(ramp / 257.0).astype(np.uint8)
   assert np.abs(dec.image[..., 0].astype(int) - want).max() <= 1
   assert dec.image[..., 0].min() == 0 and dec.image[..., 0].max() == 255
+  # 12-bit data in a 16-bit container: scaled by 4095, not 65535 ...
+  twelve = (ramp >> 4).astype(np.uint16)
+  data = encode(twelve, "PNG")
+  dec = fundus.decode_image(data)
+  assert dec.meta["significant_bits"] == 12
+  assert dec.image.max() == 255 and dec.image.min() == 0
+  # ... unless the PNG sBIT chunk says all 16 bits are significant.
+  sbit = b"sBIT\x10"
+  chunk = (struct.pack(">I", 1) + sbit
+           + struct.pack(">I", zlib.crc32(sbit) & 0xFFFFFFFF))
+  with_sbit = data[:33] + chunk + data[33:]  # right after IHDR
+  dec = fundus.decode_image(with_sbit)
+  assert dec.ok and dec.meta["significant_bits"] == 16
+  assert dec.image.max() == round(4095 / 257)
   # 16-bit RGB PNG (written by hand: Pillow writes only 8-bit RGB).
   px = np.zeros((40, 40, 3), ">u2")
   px[...] = (60000, 30000, 257)
