@@ -10,8 +10,12 @@ Coarse to fine, all on the CPU in a few milliseconds:
 3. at full resolution, radial brightness profiles across the fitted rim give
    sub-pixel rim points (outermost strong drop); a least-squares refit with
    MAD outlier rejection (camera notches, glare, dark rims) gives the circle.
-The circle is accepted only if it explains the bright region (IoU) and the
+The circle is accepted only if the bright region lies inside it (and
+covers most of it unless the rim was seen over a wide arc), the rim points
+hug it (RMS) over >= 60 degrees (or corner arcs in 3+ quadrants), and the
 outside is dark; otherwise the full frame is used with `circular=False`.
+When the dark surround is only a few corners a second background estimate
+is tried.
 
 Coordinates: pixel (row i, col j) has its centre at (y=i, x=j).
 """
@@ -20,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 OK = "ok"
@@ -310,12 +313,13 @@ def _detect_fov(image: np.ndarray) -> FOV:
   bg_dark = float(np.percentile(v, 1))
   if bg_dark < bg_otsu - 3.0:
     bgs.append(bg_dark)
-  result = None
+  results = []
   for bg in bgs:
-    result = _attempt(image, small, v, k, bg, fg)
-    if result.circular or result.status == NO_FOV:
-      return result
-  return result
+    results.append(_attempt(image, small, v, k, bg, fg))
+    if results[-1].circular:
+      return results[-1]
+  # No circle: a full-frame fallback beats no_fov (the image has content).
+  return next((f for f in results if f.status == FULL_FRAME), results[0])
 
 
 def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
