@@ -319,6 +319,20 @@ def test_synthetic_fov_geometry(name):
   assert abs(fov.r - ref["r"]) <= 1.5, fov
 
 
+@pytest.mark.parametrize("glow", [0.16, 0.2])
+def test_ambiguous_rim_gives_right_circle_or_none(glow):
+  # One side of the rim is as dark as the glow around it: either the circle
+  # is right or none is claimed; a confidently wrong circle is the failure.
+  img = synth_fundus(720, 960, 420, 400, 250, dim_rim=True, noise=6.0,
+                     surround=glow, seed=1)
+  fov = fundus.detect_fov(img)
+  if fov.circular:
+    err = max(abs(fov.cx - 420), abs(fov.cy - 400), abs(fov.r - 250))
+    assert err <= 3.0, fov
+  else:
+    assert fov.status == "full_frame" and "no circular FOV" in fov.message
+
+
 def test_cut_fov_crop_is_padded_and_mask_stays_in_image():
   img = synth_fundus(600, 800, 400, 300, 380, seed=2)
   res = fundus.prepare_image(img, 256)

@@ -457,8 +457,9 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
     reasons.append(f"outside of the circle is not dark (contrast "
                    f"{dark_out:.2f})")
   # A FOV wider than both sides of the frame shows only corner arcs: short,
-  # but in three or four quadrants and tightly on one circle.
-  corners = cov >= 20.0 and quads >= 3 and fit_rms <= 1.5
+  # but in all four quadrants, tightly on one circle, hardly any dissent.
+  corners = (cov >= 20.0 and quads == 4 and fit_rms <= 1.0
+             and inlier_frac >= 0.8)
   if cov < 60.0 and not corners:
     reasons.append(f"rim seen over only {cov:.0f} degrees")
   if not (-0.25 * w <= cx <= 1.25 * w and -0.25 * h <= cy <= 1.25 * h):
