@@ -342,7 +342,8 @@ def test_cut_fov_crop_is_padded_and_mask_stays_in_image():
   assert abs(res.crop_y0 + 80) <= 1 and abs(res.crop_x0 - 20) <= 1
   # The padded bands above and below the image are not FOV.
   band = int(np.ceil(80 * 256 / 760))
-  assert not res.fov_mask[:band - 1].any() and not res.fov_mask[-band + 1:].any()
+  assert not res.fov_mask[:band - 1].any()
+  assert not res.fov_mask[-band + 1:].any()
   assert res.fov_mask[128].sum() > 250
 
 
