@@ -79,6 +79,11 @@ def test_vessels_nontrivial_and_rooted_at_disc(seed):
   share = np.isin(lab, rooted).sum() / s.vessels.sum()
   # Branches leave and re-enter the circular FOV only rarely.
   assert share > 0.9, share
+  # Thin vessels rasterise without gaps: no tiny fragments away from the rim.
+  sizes = np.bincount(lab.ravel())
+  rim = ndi.binary_dilation(~s.fov_mask, iterations=3)
+  for i in np.flatnonzero(sizes[1:] < 5) + 1:
+    assert rim[lab == i].any(), f"fragment of {sizes[i]} px inside the FOV"
   # The fovea is vessel-free.
   near_fovea = (xx - g.fovea_x) ** 2 + (yy - g.fovea_y) ** 2 <= (0.05 * g.r) ** 2
   assert not s.vessels[near_fovea].any()
@@ -206,7 +211,9 @@ def test_cli_is_byte_identical_and_labels_consistent(tmp_path):
   assert 1 <= n_clean <= 10   # default clean fraction 0.3
 
 
-def test_cli_options(tmp_path):
+def test_cli_options(tmp_path, capsys):
+  from efiqa_jax.commands import synth as synth_cmd
+  assert synth_cmd.KINDS_HELP.split(",") == list(KINDS)
   out = tmp_path / "o"
   assert cli.main(["synth", "--n", "6", "--out", str(out), "--seed", "3", "--size", "128",
                    "--clean-fraction", "0", "--no-lesions", "--kinds", "blur,shadow",
@@ -218,8 +225,12 @@ def test_cli_options(tmp_path):
              for r in rows)
   with pytest.raises(SystemExit):
     cli.main(["synth", "--n", "1", "--out", str(tmp_path / "x"), "--clean-fraction", "2"])
-  with pytest.raises(ValueError, match="unknown degradation"):
-    cli.main(["synth", "--n", "1", "--out", str(tmp_path / "y"), "--kinds", "fog"])
+  assert cli.main(["synth", "--n", "1", "--out", str(tmp_path / "y"), "--kinds", "fog",
+                   "--quiet"]) == 2
+  assert "unknown degradation" in capsys.readouterr().err
+  assert not (tmp_path / "y").exists()   # validated before writing anything
+  assert cli.main(["synth", "--n", "1", "--out", str(out), "--quiet"]) == 2   # exists
+  assert "overwrite" in capsys.readouterr().err
 
 
 def _check_real(img, fov):

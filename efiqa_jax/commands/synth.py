@@ -13,8 +13,13 @@ def _fraction(s: str) -> float:
   return v
 
 
+# Spelled out (and checked against efiqa_jax.synth.KINDS in the tests) so that
+# `efiqa --help` does not import numpy/scipy.
+KINDS_HELP = ("blur,motion,illumination,shadow,overexposure,glare,haze,eyelash,"
+              "dust,noise,jpeg")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  from efiqa_jax.synth.degradations import KINDS
   p.add_argument("--n", type=int, required=True, help="number of images")
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--seed", type=int, default=0,
@@ -27,18 +32,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-lesions", action="store_true", help="never draw lesions")
   p.add_argument("--kinds", default=None,
                  help=("comma-separated degradation kinds that degraded images draw "
-                       f"1-3 from (default all: {','.join(KINDS)})"))
+                       f"1-3 from (default all: {KINDS_HELP})"))
   p.add_argument("--overwrite", action="store_true",
                  help="write into a folder that already has a labels.csv")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
+  import sys
   from efiqa_jax.synth import write_dataset
-  path = write_dataset(args.out, args.n, args.seed, args.size,
-                       clean_fraction=args.clean_fraction,
-                       lesion_fraction=args.lesion_fraction,
-                       lesions=not args.no_lesions, kinds=args.kinds,
-                       overwrite=args.overwrite, progress=not args.quiet)
+  try:
+    path = write_dataset(args.out, args.n, args.seed, args.size,
+                         clean_fraction=args.clean_fraction,
+                         lesion_fraction=args.lesion_fraction,
+                         lesions=not args.no_lesions, kinds=args.kinds,
+                         overwrite=args.overwrite, progress=not args.quiet)
+  except (ValueError, FileExistsError) as e:   # bad options: one clear line
+    print(f"efiqa synth: error: {e}", file=sys.stderr)
+    return 2
   print(path)
   return 0

@@ -10,8 +10,12 @@ Coarse to fine, all on the CPU in a few milliseconds:
 3. at full resolution, radial brightness profiles across the fitted rim give
    sub-pixel rim points (outermost strong drop); a least-squares refit with
    MAD outlier rejection (camera notches, glare, dark rims) gives the circle.
-The circle is accepted only if it explains the bright region (IoU) and the
+The circle is accepted only if the bright region lies inside it (and
+covers most of it unless the rim was seen over a wide arc), the rim points
+hug it (RMS) over >= 60 degrees (or corner arcs in 3+ quadrants), and the
 outside is dark; otherwise the full frame is used with `circular=False`.
+When the dark surround is only a few corners a second background estimate
+is tried.
 
 Coordinates: pixel (row i, col j) has its centre at (y=i, x=j).
 """
@@ -20,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 OK = "ok"
@@ -31,6 +34,7 @@ TOO_SMALL = "too_small"
 MIN_SIDE = 32  # smaller images carry no gradable detail
 DETECT_SIDE = 320  # long side of the coarse copy
 BLACK_LEVEL = 10.0  # 99th percentile brightness below this: blank image
+REFINE_WINDOWS = (0.10, 0.03)  # half-widths of the radial search, x r
 
 
 @dataclasses.dataclass
@@ -55,6 +59,7 @@ class FOV:
   n_edge_points: int = 0
   coverage_deg: float = 0.0  # angular span of the rim that was seen
   region_iou: float = 0.0  # coarse bright region vs fitted disc
+  inlier_frac: float = 0.0  # rim candidates on the circle / all candidates
 
   @property
   def ok(self) -> bool:
@@ -101,10 +106,11 @@ def fit_circle(x: np.ndarray, y: np.ndarray,
 
 
 def robust_fit_circle(x, y, *, iters: int = 6, k: float = 3.0,
-                      min_tol: float = 0.5):
+                      min_tol: float = 0.5, max_tol: float = np.inf):
   """Iterative least squares with MAD outlier rejection.
 
-  Returns (cx, cy, r, inlier mask).
+  Points farther than clip(k * MAD, min_tol, max_tol) from the circle are
+  dropped and the circle refitted. Returns (cx, cy, r, inlier mask).
   """
   x = np.asarray(x, np.float64)
   y = np.asarray(y, np.float64)
@@ -113,7 +119,7 @@ def robust_fit_circle(x, y, *, iters: int = 6, k: float = 3.0,
   for _ in range(iters):
     res = np.hypot(x - cx, y - cy) - r
     mad = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep])))
-    new = np.abs(res) <= max(k * mad, min_tol)
+    new = np.abs(res) <= min(max(k * mad, min_tol), max_tol)
     if new.sum() < 5:
       break
     if np.array_equal(new, keep):
@@ -121,8 +127,8 @@ def robust_fit_circle(x, y, *, iters: int = 6, k: float = 3.0,
     keep = new
     cx, cy, r = fit_circle(x[keep], y[keep])
   res = np.hypot(x - cx, y - cy) - r
-  keep = np.abs(res) <= max(
-      k * 1.4826 * np.median(np.abs(res[keep])), min_tol)
+  keep = np.abs(res) <= min(
+      max(k * 1.4826 * np.median(np.abs(res[keep])), min_tol), max_tol)
   return cx, cy, r, keep
 
 
@@ -213,45 +219,64 @@ def _sample_bilinear(img: np.ndarray, x: np.ndarray, y: np.ndarray
 
 def _radial_edges(image: np.ndarray, cx: float, cy: float, r: float,
                   half_window: float, min_contrast: float,
-                  n_rays: int = 180):
-  """Rim points along rays across the coarse circle, at full resolution.
+                  n_rays: int = 180, n_samples: int = 96):
+  """Rim points along rays across the current circle, at full resolution.
 
-  On each ray the rim is the outermost strong brightness drop (a local
-  minimum of the derivative reaching 35% of the steepest one), refined to
-  sub-pixel by a parabola. The outermost, not the steepest: a dim, badly lit
-  periphery outside a bright centre is still FOV; gradients ignore the
-  brightness level inside (vignetting) and outside (glow around handheld
-  FOVs). Rays leaving the image (cut FOVs) or whose drop is below
-  min_contrast are dropped. Returns edge x, y and ray angle arrays.
+  A rim candidate on a ray is a strong brightness drop (a local minimum of
+  the derivative reaching 35% of the ray's steepest) of at least
+  min_contrast, after which the profile never climbs back above the
+  half-way level: vessels and lesions inside the FOV are followed by bright
+  fundus again, the true rim only by dark surround (or smooth glow around
+  handheld FOVs). The outermost candidate wins, refined to sub-pixel by a
+  parabola. A ray that leaves the image is padded with its last sample, so
+  a FOV cut by the frame (still bright at the border) yields no candidate.
+  Returns edge x, y and ray angle arrays.
   """
   h, w = image.shape[:2]
-  step = 0.5
+  # Sub-pixel steps for the narrow pass; a wide search window is sampled
+  # more coarsely so its cost stays bounded (n_samples per ray).
+  step = max(0.5, 2.0 * half_window / n_samples)
   s = np.arange(-half_window, half_window + step / 2, step)
-  theta = np.linspace(0, 2 * np.pi, n_rays, endpoint=False)
-  ct, st = np.cos(theta), np.sin(theta)
-  rad = np.broadcast_to(r + s[None, :], (n_rays, s.size))
-  xs = cx + ct[:, None] * rad
-  ys = cy + st[:, None] * rad
-  inside = ((xs >= 0) & (xs <= w - 1) & (ys >= 0) & (ys <= h - 1)).all(1)
-  if not inside.any() or s.size < 8:
+  if s.size < 16:
     return np.zeros(0), np.zeros(0), np.zeros(0)
-  xs, ys, rad, theta = xs[inside], ys[inside], rad[inside], theta[inside]
-  prof = _sample_bilinear(image, xs, ys).max(axis=-1)  # (R, S)
+  theta = np.linspace(0, 2 * np.pi, n_rays, endpoint=False)
+  rad = np.broadcast_to(r + s[None, :], (n_rays, s.size))
+  xs = cx + np.cos(theta)[:, None] * rad
+  ys = cy + np.sin(theta)[:, None] * rad
+  lead = np.cumprod((xs >= 0) & (xs <= w - 1) & (ys >= 0) & (ys <= h - 1),
+                    axis=1).astype(bool)  # the leading in-image samples
+  use = lead[:, 0]
+  if not use.any():
+    return np.zeros(0), np.zeros(0), np.zeros(0)
+  xs, ys, rad, theta, lead = xs[use], ys[use], rad[use], theta[use], lead[use]
+  prof = _sample_bilinear(image, np.clip(xs, 0, w - 1),
+                          np.clip(ys, 0, h - 1)).max(axis=-1)  # (R, S)
+  rr = np.arange(prof.shape[0])
+  n_valid = lead.sum(axis=1)
+  prof = np.where(lead, prof, prof[rr, n_valid - 1][:, None])
   prof = ndimage.uniform_filter1d(prof, 5, axis=1, mode="nearest")
   n_s = prof.shape[1]
   g = np.gradient(prof, axis=1)
-  rr = np.arange(prof.shape[0])
+  idx = np.arange(n_s)
+  before = prof[:, np.maximum(idx - 6, 0)]
+  after = prof[:, np.minimum(idx + 6, n_s - 1)]
+  drop = before - after
+  # Highest value from 2 px past each sample to the end of the ray.
+  sufmax = np.maximum.accumulate(prof[:, ::-1], axis=1)[:, ::-1]
+  later = sufmax[:, np.minimum(idx + 4, n_s - 1)]
+  gmin = g.min(axis=1, keepdims=True)
+  cand = np.zeros_like(prof, dtype=bool)
   gc = g[:, 2:-2]
-  gmin = gc.min(axis=1, keepdims=True)
-  strong = (gc < g[:, 1:-3]) & (gc <= g[:, 3:-1]) & (gc <= 0.35 * gmin)
-  i = n_s - 3 - np.argmax(strong[:, ::-1], axis=1)  # outermost strong drop
+  cand[:, 2:-2] = (gc < g[:, 1:-3]) & (gc <= g[:, 3:-1]) & (gc <= 0.35 * gmin)
+  cand &= (drop >= min_contrast) & (later <= after + 0.5 * drop)
+  found = cand.any(axis=1)
+  i = np.clip(n_s - 1 - np.argmax(cand[:, ::-1], axis=1), 2, n_s - 3)
   gm, g0, gp = g[rr, i - 1], g[rr, i], g[rr, i + 1]
   den = gm - 2 * g0 + gp
   safe = np.abs(den) > 1e-9
   off = np.clip(np.where(safe, 0.5 * (gm - gp) / np.where(safe, den, 1.0),
                          0.0), -1.0, 1.0)
-  drop = prof[rr, np.maximum(i - 6, 0)] - prof[rr, np.minimum(i + 6, n_s - 1)]
-  rows = np.nonzero(strong.any(axis=1) & (drop >= min_contrast))[0]
+  rows = np.nonzero(found)[0]
   re = rad[rows, i[rows]] + off[rows] * step
   th = theta[rows]
   return cx + np.cos(th) * re, cy + np.sin(th) * re, th
@@ -310,12 +335,13 @@ def _detect_fov(image: np.ndarray) -> FOV:
   bg_dark = float(np.percentile(v, 1))
   if bg_dark < bg_otsu - 3.0:
     bgs.append(bg_dark)
-  result = None
+  results = []
   for bg in bgs:
-    result = _attempt(image, small, v, k, bg, fg)
-    if result.circular or result.status == NO_FOV:
-      return result
-  return result
+    results.append(_attempt(image, small, v, k, bg, fg))
+    if results[-1].circular:
+      return results[-1]
+  # No circle: a full-frame fallback beats no_fov (the image has content).
+  return next((f for f in results if f.status == FULL_FRAME), results[0])
 
 
 def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
@@ -363,20 +389,36 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
     return _full_frame(h, w, f"coarse circle fit implausible (r={r:.1f}); "
                        "using the full frame")
 
-  # Full-resolution refinement on radial profiles.
-  half = max(3.0 * k, 0.03 * r)
+  # Full-resolution refinement on radial profiles: first a wide window (the
+  # coarse region misses dim, vignetted rims, so the coarse circle can be
+  # off by several percent), then a narrow one around the refit.
   min_contrast = max(0.12 * (fg - bg), 3.0)
-  xs, ys, th = _radial_edges(image, cx, cy, r, half, min_contrast)
-  fit_rms, n_pts, cov, quads = float("nan"), int(xs.size), 0.0, 0
-  if xs.size >= 12:
-    cx2, cy2, r2, keep = robust_fit_circle(xs, ys, min_tol=0.75)
-    if keep.sum() >= 12:
-      cx, cy, r = cx2, cy2, r2
-      res = np.hypot(xs[keep] - cx, ys[keep] - cy) - r
-      fit_rms = float(np.sqrt(np.mean(res * res)))
-      n_pts = int(keep.sum())
-      cov = _coverage_deg(th[keep])
-      quads = np.unique((np.mod(th[keep], 2 * np.pi) // (np.pi / 2))).size
+  fit_rms, n_pts, cov, quads = float("nan"), 0, 0.0, 0
+  inlier_frac = 0.0
+  for frac in REFINE_WINDOWS:
+    xs, ys, th = _radial_edges(image, cx, cy, r, max(3.0 * k, frac * r),
+                               min_contrast, n_rays=120 if frac > 0.05 else 180)
+    n_pts = int(xs.size)
+    if xs.size < 12:
+      break
+    # Consensus first: scattered points on dim, noisy rims must not drag
+    # a least-squares fit; then a capped MAD refit on the consensus.
+    tol = max(1.5, 0.004 * r)
+    _, _, _, inl = ransac_circle(xs, ys, tol=tol, n_trials=128)
+    if inl.sum() < 12:
+      break
+    cx2, cy2, r2, _ = robust_fit_circle(xs[inl], ys[inl], min_tol=0.75,
+                                        max_tol=tol)
+    keep = np.abs(np.hypot(xs - cx2, ys - cy2) - r2) <= tol
+    if keep.sum() < 12:
+      break
+    cx, cy, r = cx2, cy2, r2
+    res = np.hypot(xs[keep] - cx, ys[keep] - cy) - r
+    fit_rms = float(np.sqrt(np.mean(res * res)))
+    n_pts = int(keep.sum())
+    inlier_frac = n_pts / xs.size
+    cov = _coverage_deg(th[keep])
+    quads = np.unique((np.mod(th[keep], 2 * np.pi) // (np.pi / 2))).size
 
   # Verification on the coarse grid.
   scx, scy, sr = (cx - k // 2) / k, (cy - k // 2) / k, r / k
@@ -396,7 +438,8 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
   dark_out = (in_level - out_level) / max(in_level, 1.0)
   likeness = _likeness(small, disc, iou, cov, dark_out)
   extra = dict(fit_rms=fit_rms, n_edge_points=n_pts, coverage_deg=cov,
-               region_iou=iou, fundus_likeness=likeness)
+               region_iou=iou, fundus_likeness=likeness,
+               inlier_frac=inlier_frac)
 
   reasons = []
   # A rim seen over a wide arc vouches for the circle even when a dark
@@ -404,15 +447,21 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
   if precision < 0.95 or (recall < 0.8 and cov < 150.0):
     reasons.append(f"bright region does not match a circle (inside "
                    f"{precision:.3f}, covered {recall:.3f})")
-  if np.isfinite(fit_rms) and fit_rms > max(3.0, 0.015 * r):
+  if np.isfinite(fit_rms) and fit_rms > max(2.0, 0.005 * r):
     reasons.append(f"rim points scatter around the circle (RMS "
                    f"{fit_rms:.1f} px)")
+  # Most rim candidates off the circle: a few arcs agree by chance while the
+  # rest of the rim says otherwise (dim rim under glow, non-fundus edges).
+  if n_pts and (inlier_frac < 0.45 or (inlier_frac < 0.65 and cov < 150.0)):
+    reasons.append(f"only {100 * inlier_frac:.0f}% of the rim points lie on "
+                   "the circle")
   if dark_out < 0.6:
     reasons.append(f"outside of the circle is not dark (contrast "
                    f"{dark_out:.2f})")
   # A FOV wider than both sides of the frame shows only corner arcs: short,
-  # but in three or four quadrants and tightly on one circle.
-  corners = cov >= 20.0 and quads >= 3 and fit_rms <= 1.5
+  # but in all four quadrants, tightly on one circle, hardly any dissent.
+  corners = (cov >= 20.0 and quads == 4 and fit_rms <= 1.0
+             and inlier_frac >= 0.8)
   if cov < 60.0 and not corners:
     reasons.append(f"rim seen over only {cov:.0f} degrees")
   if not (-0.25 * w <= cx <= 1.25 * w and -0.25 * h <= cy <= 1.25 * h):

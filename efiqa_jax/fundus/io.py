@@ -191,7 +191,7 @@ def _decode_pil(data: bytes, meta: dict[str, Any], max_pixels: int | None,
     meta["exif_orientation"] = int(orientation) if orientation else 1
     if meta["exif_orientation"] != 1:
       im = ImageOps.exif_transpose(im)
-    rgb = _to_rgb8(im, meta)
+    rgb = _to_rgb8(im, meta, data)
   meta["scale"] = scale
   # Full-resolution size, oriented like the returned image.
   swap = meta["exif_orientation"] in (5, 6, 7, 8)
@@ -200,11 +200,12 @@ def _decode_pil(data: bytes, meta: dict[str, Any], max_pixels: int | None,
 
 
 def _scale_to_uint8(a: np.ndarray, bits: int | None = None) -> np.ndarray:
-  """Scales integer or float samples to uint8 over their full range.
+  """Scales integer or float samples to uint8 without clipping.
 
-  Integers use the range of their bit depth (16-bit -> /257) so that
-  exposure is kept: an under-exposed 16-bit photograph stays dark, which is
-  what quality assessment must see. Floats in [0, 1] map to [0, 255].
+  Integers use the fixed range of their bit depth (16 bits -> /257, 12 bits
+  -> /4095.0 * 255), never a per-image min/max stretch, so exposure is kept:
+  an under-exposed photograph stays dark, which is what quality assessment
+  must see. Floats in [0, 1] map to [0, 255]; other floats by their max.
   """
   if a.dtype == np.uint8:
     return a
@@ -224,12 +225,47 @@ def _scale_to_uint8(a: np.ndarray, bits: int | None = None) -> np.ndarray:
   return np.clip((a * 255 + full // 2) // full, 0, 255).astype(np.uint8)
 
 
-def _to_rgb8(im: Image.Image, meta: dict[str, Any]) -> np.ndarray:
+def _png_sbit(data: bytes) -> int | None:
+  """Significant bits from a PNG sBIT chunk (Pillow does not read it)."""
+  if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+    return None
+  pos = 8
+  while pos + 8 <= len(data):
+    n = int.from_bytes(data[pos:pos + 4], "big")
+    tag = data[pos + 4:pos + 8]
+    if tag == b"sBIT" and n >= 1:
+      return max(data[pos + 8:pos + 8 + n])
+    if tag in (b"IDAT", b"IEND"):
+      return None
+    pos += 12 + n
+  return None
+
+
+def _significant_bits(a: np.ndarray, sbit: int | None) -> int:
+  """Bits that carry data in a 16-bit grey image.
+
+  The PNG sBIT chunk when present; otherwise the smallest common sensor
+  depth (8, 10, 12, 14, 16) holding the maximum, so that 12-bit data in a
+  16-bit container is not shown 16 times too dark. Within that depth the
+  scaling is fixed, so exposure differences between photographs remain.
+  """
+  if sbit:
+    return int(min(max(sbit, 1), 16))
+  hi = int(a.max()) if a.size else 0
+  return next(b for b in (8, 10, 12, 14, 16) if hi < (1 << b))
+
+
+def _to_rgb8(im: Image.Image, meta: dict[str, Any],
+             data: bytes = b"") -> np.ndarray:
   mode = im.mode
   if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
     meta["bit_depth"] = 16 if mode.startswith("I;16") else 32
     a = np.asarray(im)
-    bits = 16 if mode.startswith("I;16") else None
+    bits = None
+    if mode != "F" and (mode.startswith("I;16") or (
+        a.size and 0 <= int(a.min()) and int(a.max()) <= 65535)):
+      bits = _significant_bits(a, _png_sbit(data))
+      meta["significant_bits"] = bits
     g = _scale_to_uint8(a, bits)
     return np.repeat(g[..., None], 3, axis=-1)
   meta.setdefault("bit_depth", 1 if mode == "1" else 8)

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from efiqa_jax.synth import degradations
 from efiqa_jax.synth import generator
 
 LABEL_COLUMNS = ("id", "image", "seed", "eye", "degradations", "severities",
@@ -60,13 +61,18 @@ def write_dataset(out_dir: str | os.PathLike, n: int, seed: int, size: int = 512
   labels_path = out / "labels.csv"
   if labels_path.exists() and not overwrite:
     raise FileExistsError(f"{labels_path} exists; pass overwrite=True (--overwrite)")
-  for sub in ("images", "vessels", "degradation"):
-    (out / sub).mkdir(parents=True, exist_ok=True)
+  # Validate everything before touching the disk.
+  if size < 64:
+    raise ValueError(f"size must be >= 64, got {size}")
+  for name, v in (("clean_fraction", clean_fraction), ("lesion_fraction", lesion_fraction)):
+    if not 0.0 <= v <= 1.0:
+      raise ValueError(f"{name} must be in [0, 1], got {v}")
   if kinds is not None:
-    from efiqa_jax.synth import degradations
-    kinds = degradations._parse_kinds(kinds)
+    kinds = degradations.parse_kinds(kinds)
     if not kinds:
       raise ValueError("kinds is empty")
+  for sub in ("images", "vessels", "degradation"):
+    (out / sub).mkdir(parents=True, exist_ok=True)
   rows = []
   it = range(n)
   if progress:

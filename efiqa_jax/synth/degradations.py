@@ -11,15 +11,16 @@ pixel is s_k * p_k(x), and that is also the kind's mask: **the mask is the
 local severity**. Several kinds combine as 1 - prod_k (1 - s_k p_k). Masks are
 0 outside the FOV. What p_k is, per kind:
 
-  blur          defocus (gaussian, sigma = 0.035 r s). Global (p = 1) or, with
+  blur          defocus (gaussian, sigma = 0.3 px + 0.025 r s). Global (p = 1) or, with
                 probability 0.4, local: p = a soft blob (the blurred region).
-  motion        linear motion blur (length 0.07 r s, random direction); global.
+  motion        linear motion blur (length 0.12 r s, random direction); global.
   illumination  uneven illumination: a smooth dark ramp across the FOV, gain
                 1 - 0.9 s p, plus amplified sensor noise there; p = darkness
                 profile of the ramp.
   shadow        a dark crescent from one FOV edge (eyelid/iris) or a dark
                 peripheral ring (small pupil); gain 1 - 0.97 s p; p = shadow.
-  overexposure  global over-exposure: gain, clipping and a white wash; p = 1.
+  overexposure  global over-exposure: gain 1 + 2.5 s, clipping and a white wash
+                of weight 0.6 s; p = 1.
   glare         local bright reflex/haze veil (white, bluish or yellow) mixed
                 in with weight 0.9 s p; p = the glare region.
   haze          cataract / media-opacity veil: contrast loss towards a very
@@ -29,7 +30,7 @@ local severity**. Several kinds combine as 1 - prod_k (1 - s_k p_k). Masks are
                 the top or bottom edge); opacity 0.95 s p; p = lash opacity.
   dust          soft dark or bright spots (dust on the optics); opacity
                 0.9 s p; p = spot opacity.
-  noise         signal-dependent gaussian sensor noise, std ~0.12 s; p = 1.
+  noise         signal-dependent gaussian sensor noise, std ~0.2 s; p = 1.
   jpeg          JPEG compression, quality round(5 + 90 (1 - s)^2); p = 1.
                 Always applied last, to the whole frame.
 
@@ -43,6 +44,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage as ndi
 
 from efiqa_jax.synth import _ops
 
@@ -81,7 +83,7 @@ class _Ctx:
     return np.sqrt((self.lx - self.cx) ** 2 + (self.ly - self.cy) ** 2) / self.r
 
 
-def _blob(rng, ctx: _Ctx, rmin=0.25, rmax=0.6) -> np.ndarray:
+def _blob(rng, ctx: _Ctx, rmin=0.25, rmax=0.6, soft=(0.15, 0.5)) -> np.ndarray:
   """A soft, irregular elliptical region inside the FOV (low-res profile)."""
   ang = rng.uniform(0, 2 * math.pi)
   dist = rng.uniform(0.0, 0.75) * ctx.r
@@ -93,19 +95,21 @@ def _blob(rng, ctx: _Ctx, rmin=0.25, rmax=0.6) -> np.ndarray:
   v = (-dx * math.sin(th) + dy * math.cos(th)) / rb
   d = np.sqrt(u * u + v * v)
   d = d + 0.15 * _ops.smooth_noise(rng, ctx.lh, ctx.lw, 8)
-  soft = rng.uniform(0.15, 0.5)
-  return _ops.smoothstep(1.0, 1.0 - soft, d)
+  return _ops.smoothstep(1.0, 1.0 - rng.uniform(*soft), d)
 
 
 def _mix(x, col, a):
-  a = a[..., None]
-  return x * (1.0 - a) + np.asarray(col, np.float32) * a
+  """x * (1 - a) + col * a, with in-place updates (fewer full-size temporaries)."""
+  d = np.asarray(col, np.float32) - x
+  d *= a[..., None]
+  d += x
+  return d
 
 
 # Each kind: (rng, x float32 (H,W,3) in [0,1], ctx, s) -> (x, profile, extent)
 
 def _blur(rng, x, ctx, s):
-  sigma = 0.3 + 0.035 * ctx.r * s
+  sigma = 0.3 + 0.025 * ctx.r * s
   blurred = _ops.gaussian(_filled(x, ctx), sigma)
   if rng.random() < 0.4:
     p = ctx.up(_blob(rng, ctx))
@@ -121,9 +125,9 @@ def _filled(x, ctx):
 
 
 def _motion(rng, x, ctx, s):
-  length = 0.07 * ctx.r * s
+  length = 0.12 * ctx.r * s
   th = rng.uniform(0, math.pi)
-  n = int(np.clip(length / 2.0 + 2, 2, 8))
+  n = int(np.clip(length / 2.0 + 2, 2, 10))
   t = np.linspace(-length / 2, length / 2, n)
   dx = np.rint(t * math.cos(th)).astype(int)
   dy = np.rint(t * math.sin(th)).astype(int)
@@ -171,19 +175,19 @@ def _shadow(rng, x, ctx, s):
 
 def _overexposure(rng, x, ctx, s):
   y = np.clip(x * (1.0 + 2.5 * s) + 0.1 * s, 0.0, 1.0)
-  a = 0.35 * s
+  a = 0.6 * s
   return y * (1 - a) + a * np.array([1.0, 0.97, 0.9], np.float32), None, "global"
 
 
 def _glare(rng, x, ctx, s):
   if rng.random() < 0.6:   # peripheral reflex arc
-    p = _blob(rng, ctx, 0.2, 0.5)
+    p = _blob(rng, ctx, 0.2, 0.5, (0.5, 0.95))
     ang = rng.uniform(0, 2 * math.pi)
     rim = _ops.smoothstep(0.4, 1.0, ((ctx.lx - ctx.cx) * math.cos(ang) +
                                      (ctx.ly - ctx.cy) * math.sin(ang)) / ctx.r)
     p = np.maximum(p * 0.6, rim * rng.uniform(0.6, 1.0))
   else:
-    p = _blob(rng, ctx, 0.15, 0.45)
+    p = _blob(rng, ctx, 0.15, 0.45, (0.5, 0.95))   # glare has no sharp edge
   p = ctx.up(p)
   col = [(1.0, 0.97, 0.92), (0.85, 0.92, 1.0), (1.0, 0.85, 0.5)][rng.integers(3)]
   return _mix(x, col, 0.9 * s * p), p, "local"
@@ -200,7 +204,7 @@ def _haze(rng, x, ctx, s):
   return y + (veil - y) * (0.85 * s * p)[..., None], p, "global"
 
 
-def _strokes_lowres(rng, ctx, n, from_edge: bool):
+def _strokes_lowres(rng, ctx, n):
   """Curved strokes (eyelashes) as a low-res opacity map in [0, 1]."""
   xs, ys, rs = [], [], []
   sc = ctx.scale
@@ -220,13 +224,12 @@ def _strokes_lowres(rng, ctx, n, from_edge: bool):
   xs, ys, rs = map(np.concatenate, (xs, ys, rs))
   a = _ops.splat((ctx.lh, ctx.lw), (xs + 0.5) * sc - 0.5, (ys + 0.5) * sc - 0.5,
                  np.maximum(rs * sc, 0.6), "disc")
-  from scipy import ndimage as ndi
   a = ndi.gaussian_filter(a, rng.uniform(0.01, 0.04) * ctx.r * sc)
   return np.clip(a / max(a.max(), 1e-6) * 1.3, 0, 1)
 
 
 def _eyelash(rng, x, ctx, s):
-  p = ctx.up(_strokes_lowres(rng, ctx, int(rng.integers(3, 10)), True))
+  p = ctx.up(_strokes_lowres(rng, ctx, int(rng.integers(3, 10))))
   col = (0.02, 0.02, 0.02) if rng.random() < 0.6 else (0.85, 0.8, 0.75)
   return _mix(x, col, 0.95 * s * p), p, "local"
 
@@ -247,13 +250,28 @@ def _dust(rng, x, ctx, s):
 
 
 def _noise(rng, x, ctx, s):
-  std = 0.12 * s * (0.5 + 0.5 * np.sqrt(np.clip(x, 0, 1) / 0.4))
-  return x + rng.standard_normal(x.shape, dtype=np.float32) * std, None, "global"
+  # std = 0.2 s (0.5 + 0.5 sqrt(x / 0.4)): shot noise grows with the signal.
+  std = np.maximum(x, 0.0)
+  std *= 1.0 / 0.4
+  np.sqrt(std, out=std)
+  std *= 0.1 * s
+  std += 0.1 * s
+  std *= rng.standard_normal(x.shape, dtype=np.float32)
+  std += x
+  return std, None, "global"
 
 
 _FUNCS = {"blur": _blur, "motion": _motion, "illumination": _illumination,
           "shadow": _shadow, "overexposure": _overexposure, "glare": _glare,
           "haze": _haze, "eyelash": _eyelash, "dust": _dust, "noise": _noise}
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  """Round float [0, 1] to uint8, in place on x (saves full-size temporaries)."""
+  np.clip(x, 0.0, 1.0, out=x)
+  x *= 255.0
+  x += 0.5
+  return x.astype(np.uint8)
 
 
 def jpeg_quality(s: float) -> int:
@@ -290,7 +308,7 @@ def summarise(mask: np.ndarray, fov: np.ndarray, kinds: Sequence[str],
   return info
 
 
-def _parse_kinds(kinds) -> list[str]:
+def parse_kinds(kinds) -> list[str]:
   if isinstance(kinds, str):
     kinds = [k.strip() for k in kinds.split(",") if k.strip()]
   kinds = list(kinds)
@@ -330,14 +348,14 @@ def degrade(image: np.ndarray, fov_mask: np.ndarray, seed_or_rng, *,
   rng = (seed_or_rng if isinstance(seed_or_rng, np.random.Generator)
          else np.random.default_rng(seed_or_rng))
   if kinds is None:
-    pool_l = _parse_kinds(pool) if pool is not None else list(KINDS)
+    pool_l = parse_kinds(pool) if pool is not None else list(KINDS)
     if not pool_l:
       raise ValueError("empty degradation pool")
     n = int(rng.choice(3, p=_N_KINDS_P)) + 1
     n = min(n, len(pool_l))
     kinds = [pool_l[i] for i in rng.choice(len(pool_l), size=n, replace=False)]
   else:
-    kinds = _parse_kinds(kinds)
+    kinds = parse_kinds(kinds)
   kinds = [k for k in _ORDER if k in kinds]
   sev: dict[str, float] = {}
   for k in kinds:
@@ -355,7 +373,7 @@ def degrade(image: np.ndarray, fov_mask: np.ndarray, seed_or_rng, *,
     sev[k] = round(v, 4)
 
   ctx = _Ctx(fov)
-  x = image.astype(np.float32) * (1.0 / 255.0)
+  x = np.multiply(image, np.float32(1.0 / 255.0), dtype=np.float32)
   keep = np.ones(fov.shape, np.float32)   # prod (1 - s_k p_k)
   extent = {}
   for k in kinds:
@@ -369,7 +387,8 @@ def degrade(image: np.ndarray, fov_mask: np.ndarray, seed_or_rng, *,
     keep *= 1.0 - s * (1.0 if p is None else p)
   mask = np.where(fov, 1.0 - keep, 0.0).astype(np.float32)
   np.clip(mask, 0.0, 1.0, out=mask)
-  out = np.where(fov[..., None], (np.clip(x, 0, 1) * 255.0 + 0.5).astype(np.uint8), image)
+  out = _to_uint8(x)
+  np.copyto(out, image, where=~fov[..., None])   # outside the FOV: untouched
   jq, jb = None, None
   if "jpeg" in kinds:
     jq = jpeg_quality(sev["jpeg"])

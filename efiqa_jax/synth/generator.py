@@ -103,8 +103,9 @@ def _render_disc(rng, g: anatomy.Geometry, img):
   dd = np.sqrt(((xx - g.disc_x) / g.disc_rx) ** 2 + ((yy - g.disc_y) / g.disc_ry) ** 2)
   dd = dd / wob
   alpha = _ops.smoothstep(1.08, 0.85, dd)
-  glow = 0.25 * np.exp(-np.maximum(dd - 1.0, 0) * 3.0) * (dd > 0.9)
-  rim = np.array([1.0, 0.78, 0.48], np.float32) * rng.uniform(0.9, 1.05, 3)
+  glow = 0.15 * np.exp(-np.maximum(dd - 1.0, 0) * 3.0) * (dd > 0.9)
+  # Neuroretinal rim: orange-pink; the cup (below) is pale yellow-white.
+  rim = np.array([1.0, 0.64, 0.40], np.float32) * rng.uniform(0.92, 1.05, 3)
   rim *= rng.uniform(0.85, 1.05)
   sub[:] = sub * (1 - alpha[..., None]) + rim * alpha[..., None]
   sub += glow[..., None] * sub * np.array([0.5, 0.6, 0.5], np.float32)
@@ -112,8 +113,8 @@ def _render_disc(rng, g: anatomy.Geometry, img):
   cux = g.disc_x - g.side * 0.15 * g.disc_rx
   cr = g.cup_ratio
   dc = np.sqrt(((xx - cux) / (cr * g.disc_rx)) ** 2 + ((yy - g.disc_y) / (cr * g.disc_ry)) ** 2)
-  ca = _ops.smoothstep(1.3, 0.6, dc) * rng.uniform(0.6, 1.0)
-  cup = np.array([1.0, 0.92, 0.75], np.float32)
+  ca = _ops.smoothstep(1.4, 0.5, dc) * rng.uniform(0.7, 1.0)
+  cup = np.array([1.0, 0.93, 0.72], np.float32)
   sub[:] = sub * (1 - ca[..., None]) + cup * ca[..., None]
 
 
@@ -222,7 +223,11 @@ def _fov(g: anatomy.Geometry):
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
-  return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+  """Round float [0, 1] to uint8 (clobbers img: it is not used afterwards)."""
+  np.clip(img, 0.0, 1.0, out=img)
+  img *= 255.0
+  img += 0.5
+  return img.astype(np.uint8)
 
 
 def _streams(seed: int):
@@ -241,7 +246,7 @@ def generate(seed: int, size: int = 512, *, degrade: bool | None = None,
   """One synthetic fundus photograph, fully determined by the arguments.
 
   degrade / lesions: True, False or None (random, with probability
-  1 - clean_fraction / lesion_fraction). kinds / severity / pool are passed to
+  1 - clean_fraction / lesion_fraction; explicit `kinds` imply degrade). kinds / severity / pool are passed to
   `degradations.degrade` (None: 1-3 random kinds from pool, random severities).
   """
   if size < 64:
@@ -251,8 +256,13 @@ def generate(seed: int, size: int = 512, *, degrade: bool | None = None,
   if not 0.0 <= lesion_fraction <= 1.0:
     raise ValueError(f"lesion_fraction must be in [0, 1], got {lesion_fraction}")
   r_anat, r_les, r_deg, r_dec = _streams(seed)
-  want_degrade = (r_dec.random() >= clean_fraction) if degrade is None else bool(degrade)
-  want_lesions = (r_dec.random() < lesion_fraction) if lesions is None else bool(lesions)
+  u_clean = r_dec.random()   # always drawn, so options never shift later draws
+  if degrade is None:
+    want_degrade = kinds is not None or u_clean >= clean_fraction
+  else:
+    want_degrade = bool(degrade)
+  u_les = r_dec.random()
+  want_lesions = (u_les < lesion_fraction) if lesions is None else bool(lesions)
   les_pick = r_dec.random(len(LESION_KINDS))
 
   g = anatomy.sample_geometry(r_anat, size)
@@ -267,7 +277,9 @@ def generate(seed: int, size: int = 512, *, degrade: bool | None = None,
     lesion_mask = _render_lesions(r_les, g, img, lesion_kinds)
   gt = _render_vessels(r_anat, g, img)
   # Camera sensor grain, present even in clean photographs.
-  img += (0.009 * r_anat.standard_normal((size, size), dtype=np.float32))[..., None]
+  grain = r_anat.standard_normal((size, size), dtype=np.float32)
+  grain *= 0.012
+  img += grain[..., None]
   alpha, fov = _fov(g)
   img *= alpha[..., None]
   clean = to_uint8(img)
@@ -287,7 +299,7 @@ def generate(seed: int, size: int = 512, *, degrade: bool | None = None,
       "seed": int(seed),
       "eye": g.eye,
       "degradations": ";".join(info["kinds"]),
-      "severities": ";".join(f"{info['severities'][k]:.3f}" for k in info["kinds"]),
+      "severities": ";".join(f"{info['severities'][k]:.4f}" for k in info["kinds"]),
       "severity": info["severity"],
       "degraded_fraction": info["degraded_fraction"],
       "mean_degradation": info["mean_degradation"],
