@@ -114,3 +114,18 @@ def test_r2v2_inputs_shapes_and_mask():
 def test_rrwnet_module_checks():
   with pytest.raises(ValueError, match="out_channels=3"):
     nnx.eval_shape(lambda: rr.RRWNet(3, 2, 8, rngs=nnx.Rngs(0)))
+
+
+def test_r2v2_segment_end_to_end(ref, tmp_path):
+  src = tmp_path / "bv.pth"
+  torch.save(ref.state_dict(), src)
+  model, _ = port_rr.port_rrwnet(src, tmp_path / "o", iterations=2)
+  img, _ = _fake_fundus(48, 64)
+  p = rr.r2v2_segment(model, img, width=None)
+  assert p.shape == (48, 64, 3) and p.dtype == np.float32
+  assert 0 <= p.min() and p.max() <= 1 and p.max() > 0
+  prep = rr.r2v2_inputs(img, width=None)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(prep["x"][None]).permute(0, 3, 1, 2))[-1]
+  want = rr.r2v2_postprocess(want.permute(0, 2, 3, 1).numpy()[0], prep)
+  assert float(np.abs(p - want).max()) <= TOL

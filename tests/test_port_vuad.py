@@ -126,7 +126,7 @@ def test_cli_reports_strict_error(ref_sd, tmp_path, capsys):
   torch.save(sd, src)
   assert cli.main(["port", "vuad", str(src), "--out",
                    str(tmp_path / "o")]) == 1
-  assert "outconv.weight" in capsys.readouterr().out
+  assert "outconv.weight" in capsys.readouterr().err
   assert not (tmp_path / "o").exists()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Callable
 
 NAME = "port"
@@ -73,7 +74,7 @@ def run(args) -> int:
   try:
     model, meta = convert(args)
   except (PortError, FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"efiqa port {args._convert}: error: {e}")
+    print(f"efiqa port {args._convert}: error: {e}", file=sys.stderr)
     return 1
   print(json.dumps({"out": args.out, "architecture": type(model).ARCH,
                     "kwargs": model.config(),
