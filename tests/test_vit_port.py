@@ -461,3 +461,17 @@ def test_strict_wrong_shape(dinov2_snapshot, tmp_path):
 def test_wrong_family_layout(dinov2_snapshot):
   with pytest.raises(PortError, match="not a dinov3 checkpoint"):
     port_vit.convert("dinov3", dinov2_snapshot)
+
+
+def test_cli_port(tmp_path, capsys):
+  from efiqa_jax import cli
+  src = _save_hf(_dinov3(9), tmp_path / "hf")
+  out = tmp_path / "ours"
+  assert cli.main(["port", "dinov3", str(src), "--out", str(out)]) == 0
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed["architecture"] == "vit"
+  assert checkpoints.read_meta(out)["source"]["family"] == "dinov3"
+  # Errors come back as exit status 1 with the difference listed.
+  rc = cli.main(["port", "dinov2", str(src), "--out", str(tmp_path / "x")])
+  assert rc == 1
+  assert "not a dinov2 checkpoint" in capsys.readouterr().out

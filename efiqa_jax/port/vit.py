@@ -549,21 +549,44 @@ def port(family: str, src: str | os.PathLike, out: str | os.PathLike, *,
   return model, meta
 
 
-def _converter(family: str) -> Callable[..., Any]:
-  def run(src, out, **kw):
-    return port(family, src, out, **kw)
-  run.__name__ = f"port_{family.replace('-', '_')}"
-  run.__doc__ = f"`efiqa port {family} SRC --out DST`."
+_HELP = {
+    "dinov3": "DINOv3 ViT: HF snapshot folder or original .pth",
+    "dinov2": "DINOv2 ViT (no registers): HF snapshot folder or hub/timm .pth",
+    "dinov2reg": "DINOv2 ViT with 4 registers: HF snapshot or hub/timm .pth",
+    "retfound": "RETFound-MAE .pth (timm layout, MAE decoder ignored)",
+    "timm-vit": "plain timm/augreg ViT state dict (.pth / .safetensors)",
+}
+
+
+def add_cli_arguments(p) -> None:
+  """Options shared by the `efiqa port {dinov3,...}` subcommands."""
+  from efiqa_jax.models import vit
+  p.add_argument("--preset", choices=sorted(vit.PRESETS), default=None,
+                 help="check the checkpoint against a named architecture and "
+                      "take heads/eps/interpolation from it")
+  p.add_argument("--num-heads", type=int, default=None,
+                 help="attention heads when there is no config.json "
+                      "(default: width // 64)")
+  p.add_argument("--interp", choices=vit.INTERP, default=None,
+                 help="position-table resampling for other input sizes "
+                      "(default: what the source family's reference does)")
+  p.add_argument("--ln-eps", type=float, default=None,
+                 help="LayerNorm epsilon override")
+
+
+def cli_run(family: str):
+  """`run(args) -> (model, meta)` for the `efiqa port` registry."""
+  def run(args):
+    overrides = {k: v for k, v in (("num_heads", args.num_heads),
+                                   ("interp", args.interp),
+                                   ("ln_eps", args.ln_eps)) if v is not None}
+    return port(family, args.src, args.out, overrides=overrides,
+                preset=args.preset, overwrite=args.overwrite)
   return run
 
 
-CONVERTERS = {f: _converter(f) for f in FAMILIES}
-
-
-def register(registry: dict) -> dict:
-  """Add the ViT converters to a `{family: fn(src, out, **kw)}` registry."""
-  for k, v in CONVERTERS.items():
-    if k in registry and registry[k] is not v:
-      raise ValueError(f"converter {k!r} already registered")
-    registry[k] = v
-  return registry
+def register(register_converter: Callable[..., Any]) -> None:
+  """Register every family with `efiqa_jax.commands.port.register_converter`
+  (kind, help, add_arguments, run)."""
+  for fam in FAMILIES:
+    register_converter(fam, _HELP[fam], add_cli_arguments, cli_run(fam))
