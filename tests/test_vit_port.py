@@ -157,15 +157,19 @@ def _dinov3_to_original(sd, d):
         o[b + f"{n}.{p}"] = sd[a + f"{n}.{p}"]
     o[b + "ls1.gamma"] = sd[a + "layer_scale1.lambda1"]
     o[b + "ls2.gamma"] = sd[a + "layer_scale2.lambda1"]
-    for src, dst in (("up_proj", "fc1"), ("down_proj", "fc2")):
+    pairs = ((("gate_proj", "w1"), ("up_proj", "w2"), ("down_proj", "w3"))
+             if a + "mlp.gate_proj.weight" in sd else
+             (("up_proj", "fc1"), ("down_proj", "fc2")))
+    for src, dst in pairs:
       for p in ("weight", "bias"):
         o[b + f"mlp.{dst}.{p}"] = sd[a + f"mlp.{src}.{p}"]
     i += 1
   return o
 
 
-def test_dinov3_original_pth(tmp_path, record):
-  ref = _dinov3(2)
+@pytest.mark.parametrize("gated", [False, True], ids=["mlp", "swiglu"])
+def test_dinov3_original_pth(tmp_path, record, gated):
+  ref = _dinov3(2, gated)
   src = _save_hf(ref, tmp_path / "hf")
   pth = _save_pth(_dinov3_to_original(_on_disk(src), D), tmp_path / "d3.pth")
   out = tmp_path / "ours"
@@ -175,7 +179,8 @@ def test_dinov3_original_pth(tmp_path, record):
   assert "rope_embed.periods" in ign and "mask_token" in ign
   assert "local_cls_norm.weight" in ign
   assert "blocks.0.attn.qkv.bias_mask" in ign
-  _compare(ref, out, SIZES[:2], record, "dinov3 original .pth")
+  _compare(ref, out, SIZES[:1] if gated else SIZES[:2], record,
+           f"dinov3 original .pth {'swiglu' if gated else 'mlp'}")
 
 
 def test_dinov3_wrong_heads_caught_by_rope_periods(tmp_path):
@@ -265,11 +270,20 @@ def test_dinov2_hub_pth_chunked(tmp_path, record, registers):
   hub = {("backbone." + k.replace("blocks.", f"blocks.0.", 1)
           if k.startswith("blocks.") else "backbone." + k): v
          for k, v in hub.items()}
-  pth = _save_pth(hub, tmp_path / "hub.pth")
+  if registers:  # RETFound_dinov2-style training checkpoint
+    hub["dino_head.mlp.0.weight"] = np.zeros((4, D), np.float32)
+    torch.save({"teacher": {k: torch.from_numpy(v) for k, v in hub.items()},
+                "iteration": torch.tensor(3)}, str(tmp_path / "hub.pth"))
+    pth = tmp_path / "hub.pth"
+  else:
+    pth = _save_pth(hub, tmp_path / "hub.pth")
   fam = "dinov2reg" if registers else "dinov2"
   model, meta = port_vit.convert(fam, pth, overrides={"num_heads": HEADS})
   assert meta["source"]["stripped_prefix"] == "backbone."
   assert meta["source"]["unchunked_blocks"]
+  if registers:
+    assert meta["source"]["ignored_teacher_heads"] == [
+        "dino_head.mlp.0.weight"]
   # Hub defaults: non-reg +0.1 offset, reg antialias.
   assert model.cfg["interp"] == ("bicubic_aa" if registers
                                  else "bicubic_offset")

@@ -90,10 +90,61 @@ def read_source(src: str | os.PathLike
               "sha256": {n: common.sha256_file(src / n)
                          for n in files + (["config.json"] if cfg else [])}}
     return sd, cfg, record
-  sd, notes = common.load_state_dict(src)
-  record = {"path": str(src.absolute()), "format": "state dict file",
+  if not src.is_file():
+    raise FileNotFoundError(f"checkpoint not found: {src}")
+  if src.suffix == ".safetensors":
+    sd, notes = common.load_state_dict(src)
+    fmt = "safetensors state dict"
+  else:
+    sd, notes, fmt = _load_pth(src)
+  record = {"path": str(src.absolute()), "format": fmt,
             "sha256": common.sha256_file(src), **notes}
   return sd, None, record
+
+
+def _load_pth(path) -> tuple[dict, dict, str]:
+  """torch.load(weights_only=True) once; unwrap {'model'|'state_dict'|...}
+  like common.load_state_dict, and DINOv2 training checkpoints
+  ({'teacher': {'backbone.*', heads}}, e.g. RETFound_dinov2): the backbone
+  tensors are kept, the heads listed in the notes as ignored."""
+  import torch
+  obj = torch.load(str(path), map_location="cpu", weights_only=True)
+  if not isinstance(obj, dict):
+    raise PortError(f"{path}: expected a state dict, got "
+                    f"{type(obj).__name__}")
+  notes: dict[str, Any] = {}
+  fmt = "torch state dict"
+  if isinstance(obj.get("teacher"), dict):
+    t = obj["teacher"]
+    notes = {"unwrapped": "teacher",
+             "ignored_top_level_keys": sorted(str(k) for k in obj
+                                              if k != "teacher"),
+             "ignored_teacher_heads": sorted(
+                 k for k in t if not k.startswith("backbone."))}
+    obj = {k: v for k, v in t.items() if k.startswith("backbone.")}
+    if not obj:
+      raise PortError(f"{path}: 'teacher' holds no backbone.* tensors; "
+                      f"keys: {sorted(t)[:12]}")
+    fmt = "DINOv2 training checkpoint (teacher)"
+  elif not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    wrapped = [k for k in common._WRAPPER_KEYS
+               if isinstance(obj.get(k), dict)]
+    if not wrapped:
+      raise PortError(f"{path}: not a flat state dict and none of "
+                      f"{common._WRAPPER_KEYS + ('teacher',)} holds one; "
+                      f"top-level keys: {sorted(map(str, obj))[:20]}")
+    notes = {"unwrapped": wrapped[0], "ignored_top_level_keys": sorted(
+        str(k) for k in obj if k != wrapped[0])}
+    obj = obj[wrapped[0]]
+  bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+  if bad:
+    raise PortError(f"{path}: non-tensor entries in the state dict: "
+                    f"{sorted(map(str, bad))[:10]}")
+  sd = {str(k): common._to_numpy(v) for k, v in obj.items()}
+  if sd and all(k.startswith("module.") for k in sd):
+    sd = {k[len("module."):]: v for k, v in sd.items()}
+    notes["stripped_prefix"] = "module."
+  return sd, notes, fmt
 
 
 def _strip_prefixes(sd: dict[str, np.ndarray], notes: dict):
