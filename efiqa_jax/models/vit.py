@@ -15,6 +15,9 @@ Exact spec: shared/reference/vit-porting.md. The points that matter for parity:
     models: scale_factor (n+0.1)/M), `bicubic_aa` (antialias on: HF
     Dinov2WithRegisters, hub reg models, timm), `fixed` (error unless native).
 
+On GPU, run float32 parity work under `jax.default_matmul_precision("float32")`
+(JAX uses TF32 for float32 matmuls/convs there by default).
+
 `VisionTransformer(...)(x)` takes NHWC float images (already normalised) and
 returns `last_hidden_state` (B, 1 + R + gh*gw, D); `patch_grid` reshapes the
 patch tokens to (B, gh, gw, D).
