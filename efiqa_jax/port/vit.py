@@ -532,21 +532,20 @@ def convert(family: str, src: str | os.PathLike, *,
   if family == "dinov2" and kw["num_registers"]:
     raise PortError(f"{src}: has {kw['num_registers']} register tokens; use "
                     "`dinov2reg`")
-  cfg = dict(vit.vit_config(preset)) if preset else {}
-  # Tensor-derived shapes win over the preset; the preset/overrides supply
-  # what tensors cannot say (heads, eps, interpolation).
+  # Shapes, position scheme and resampling variant come from the layout; a
+  # preset supplies only what tensors cannot say (heads, eps, RoPE base)
+  # unless config.json said it, and must agree with the tensors.
+  cfg = dict(kw)
   shape_keys = ("patch_size", "hidden_size", "depth", "mlp_hidden", "ffn",
                 "num_registers", "layerscale", "qkv_bias", "pos_grid",
-                "pos_cls")
-  for k, v in kw.items():
-    if preset and k not in shape_keys and k in cfg and not (
-        cfg_json and k in ("num_heads", "ln_eps", "rope_base")):
-      continue
-    cfg[k] = v
+                "pos_cls", "pos")
   if preset:
-    bad = [f"{k}: preset {vit.PRESETS[preset][k]!r} != checkpoint {kw[k]!r}"
-           for k in shape_keys if k in kw and k in vit.PRESETS[preset]
-           and vit.PRESETS[preset][k] != kw[k]]
+    pre = vit.vit_config(preset)
+    for k in ("num_heads", "ln_eps", "rope_base"):
+      if k in pre and not (cfg_json and k in kw):
+        cfg[k] = pre[k]
+    bad = [f"{k}: preset {pre[k]!r} != checkpoint {kw[k]!r}"
+           for k in shape_keys if k in kw and k in pre and pre[k] != kw[k]]
     if bad:
       raise PortError(f"{src} does not match preset {preset!r}", shape=bad)
   cfg.update(overrides or {})
