@@ -3,7 +3,6 @@ disk (HF snapshot, original `.pth`, timm layout), ported with
 efiqa_jax.port.vit, reloaded with efiqa_jax.checkpoints, compared on
 last_hidden_state. Needs the `port` extra (torch + transformers)."""
 import json
-import pathlib
 
 import numpy as np
 import pytest

@@ -201,7 +201,9 @@ def rope_tables(gh: int, gw: int, head_dim: int,
   ang = (np.float32(2 * math.pi) * coords[:, :, None].astype(np.float32)
          * inv_freq[None, None, :]).astype(np.float32)
   ang = np.tile(ang.reshape(gh * gw, -1), (1, 2))
-  return np.cos(ang), np.sin(ang)
+  cos, sin = np.cos(ang), np.sin(ang)
+  cos.flags.writeable = sin.flags.writeable = False  # cached: shared
+  return cos, sin
 
 
 def _rotate_half(x):

@@ -234,7 +234,7 @@ def _block_rules(i: int, d: int, hidden: int, ffn: str, qkv_bias: str,
 
 
 def _stem_rules(cfg: dict, names: dict[str, str]) -> list[Rule]:
-  d, p = cfg["hidden_size"], cfg["patch_size"]
+  d = cfg["hidden_size"]
   r = [Rule(("patch_embed", "kernel"), (names["patch"] + ".weight",),
             common.conv_kernel),
        Rule(("patch_embed", "bias"), (names["patch"] + ".bias",)),
@@ -245,7 +245,6 @@ def _stem_rules(cfg: dict, names: dict[str, str]) -> list[Rule]:
     r.append(Rule(("register_tokens",), (names["reg"],)))
   if cfg["pos"] in ("learned", "sincos"):
     r.append(Rule(("pos_embed",), (names["pos"],)))
-  del p
   return r
 
 
