@@ -487,7 +487,7 @@ def test_cli_port(tmp_path, capsys):
   # Errors come back as exit status 1 with the difference listed.
   rc = cli.main(["port", "dinov2", str(src), "--out", str(tmp_path / "x")])
   assert rc == 1
-  assert "not a dinov2 checkpoint" in capsys.readouterr().out
+  assert "not a dinov2 checkpoint" in capsys.readouterr().err
 
 
 def test_real_photographs_patch_tokens(tmp_path, fundus_dir):
