@@ -81,7 +81,7 @@ class VesselConfig:
   # Background: masked Gaussian of this sigma (fraction of the image side),
   # computed twice, the second time ignoring pixels whose contrast exceeds
   # bg_clip (vessels, optic disc), so that the disc does not leave a halo.
-  background_sigma: float = 1 / 25
+  background_sigma: float = 1 / 64
   bg_clip: float = 0.08
   # Bright structures are clipped at this negative contrast before the
   # Hessian: the optic-disc rim is then a small step, not a strong ridge.
