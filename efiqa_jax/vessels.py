@@ -37,9 +37,13 @@ works; each new shape compiles once.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import math
+import os
+import pathlib
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -292,3 +296,125 @@ def vessel_map_for_teacher(images: jax.Array, fov_masks: jax.Array,
                         method="linear", antialias=True) > 0.5
   pr = jnp.clip(pr, 0.0, 1.0) * mr
   return jnp.repeat(pr[..., None], 3, axis=-1)
+
+
+MANIFEST_FIELDS = ("image", "id", "status", "message")
+
+
+def _unique_ids(paths: Sequence[str]) -> list[str]:
+  """efiqa_jax.sources.unique_ids when present (the shared convention)."""
+  try:
+    from efiqa_jax.sources import unique_ids  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    # Fallback until efiqa_jax.sources is merged: file stem, "_2", "_3", ...
+    # on collision (same rule as the shared interface).
+    seen: dict[str, int] = {}
+    ids = []
+    for p in paths:
+      stem = pathlib.Path(p).stem or "image"
+      n = seen.get(stem, 0) + 1
+      seen[stem] = n
+      ids.append(stem if n == 1 else f"{stem}_{n}")
+    return ids
+  return list(unique_ids(paths))
+
+
+def segment_paths(paths: Sequence[str], out_dir: str | os.PathLike,
+                  size: int = 512, batch_size: int = 8, *,
+                  prepare: Callable[..., Any] | None = None,
+                  config: VesselConfig = DEFAULT_CONFIG,
+                  log: Callable[[str], None] | None = None) -> pathlib.Path:
+  """Segments photographs into out_dir/<id>.png plus out_dir/manifest.csv.
+
+  Each input is FOV-cropped by efiqa_jax.fundus.prepare_fundus at `size`;
+  its PNG is the uint8 (0..255) vessel probability at that crop resolution.
+  Batches are padded to `batch_size` so that one compiled shape serves the
+  whole run. manifest.csv has one row per input, in input order, failures
+  included (status = prepare_fundus's status, or "error" for a failure while
+  segmenting or writing).
+
+  Args:
+    paths: image files (already expanded, e.g. by sources.list_inputs).
+    out_dir: output folder (created).
+    size: crop side in pixels.
+    batch_size: images per jitted call.
+    prepare: the cropper, `prepare(path, size) -> Prepared`; defaults to
+      efiqa_jax.fundus.prepare_fundus.
+    config: segmenter constants.
+    log: optional progress callback.
+
+  Returns:
+    Path of manifest.csv.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if prepare is None:
+    try:
+      from efiqa_jax.fundus import prepare_fundus as prepare  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise RuntimeError("segment_paths needs efiqa_jax.fundus "
+                         "(prepare_fundus) or an explicit prepare=") from e
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  paths = [str(p) for p in paths]
+  ids = _unique_ids(paths)
+  rows: list[dict[str, str]] = [
+      {"image": p, "id": i, "status": "", "message": ""}
+      for p, i in zip(paths, ids)]
+  pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+  def flush():
+    if not pending:
+      return
+    n = len(pending)
+    imgs = np.zeros((batch_size, size, size, 3), np.uint8)
+    masks = np.zeros((batch_size, size, size), bool)
+    for k, (_, im, m) in enumerate(pending):
+      imgs[k], masks[k] = im, m
+    try:
+      probs = np.asarray(vessel_probability(imgs, masks, config))
+    except Exception as e:  # pylint: disable=broad-except
+      for idx, _, _ in pending:
+        rows[idx].update(status="error", message=f"segmentation failed: {e}")
+      pending.clear()
+      return
+    for k in range(n):
+      idx = pending[k][0]
+      try:
+        u8 = np.round(np.clip(probs[k], 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(u8).save(out / f"{rows[idx]['id']}.png")
+        rows[idx].update(status="ok", message="")
+      except Exception as e:  # pylint: disable=broad-except
+        rows[idx].update(status="error", message=f"write failed: {e}")
+    pending.clear()
+
+  for idx, path in enumerate(paths):
+    try:
+      prep = prepare(path, size)
+    except Exception as e:  # pylint: disable=broad-except
+      # prepare_fundus never raises; a custom preparer might.
+      rows[idx].update(status="error", message=f"prepare failed: {e}")
+      continue
+    if prep.status != "ok" or prep.image is None or prep.fov_mask is None:
+      rows[idx].update(status=prep.status if prep.status != "ok" else "error",
+                       message=prep.message or "no image returned")
+      continue
+    if prep.image.shape != (size, size, 3):
+      rows[idx].update(status="error",
+                       message=f"crop has shape {prep.image.shape}")
+      continue
+    pending.append((idx, prep.image, prep.fov_mask))
+    if len(pending) == batch_size:
+      flush()
+      if log:
+        log(f"{idx + 1}/{len(paths)} images")
+  flush()
+
+  manifest = out / "manifest.csv"
+  with open(manifest, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+  return manifest

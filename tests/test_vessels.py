@@ -199,3 +199,78 @@ def test_bad_shapes_raise():
   with pytest.raises(ValueError, match="images"):
     vessels.vessel_probability(np.zeros((32, 32, 3), np.uint8),
                                np.ones((32, 32), bool))
+
+
+class _Prep:
+  """Minimal stand-in for fundus.Prepared (status, message, image, mask)."""
+
+  def __init__(self, status, message="", image=None, fov_mask=None):
+    self.status, self.message = status, message
+    self.image, self.fov_mask = image, fov_mask
+
+
+def _test_preparer(path, size):
+  """Square FOV crop with a threshold mask (what prepare_fundus provides)."""
+  import os
+  if not os.path.exists(path):
+    return _Prep("not_found", f"{path} does not exist")
+  try:
+    img = np.asarray(Image.open(path).convert("RGB"))
+  except Exception as e:  # noqa: BLE001
+    return _Prep("unreadable", str(e))
+  fov = ndimage.binary_fill_holes(img.astype(int).sum(-1) > 30)
+  im, m = square_crop([img, fov.astype(np.uint8) * 255], fov, size)
+  m = m > 127
+  return _Prep("ok", "", im * m[..., None], m)
+
+
+def test_segment_paths_writes_maps_and_full_manifest(tmp_path):
+  import csv
+  paths = []
+  for seed in (0, 1, 2):
+    im, _, _ = standin_fundus(seed, size=128)
+    p = tmp_path / "in" / f"s{seed % 2}" / "eye.png"  # colliding stems
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.exists():
+      p = p.with_name("eye2.png")
+    Image.fromarray(im).save(p)
+    paths.append(str(p))
+  bad = tmp_path / "in" / "broken.png"
+  bad.write_bytes(b"not an image")
+  paths.insert(1, str(bad))
+  paths.append(str(tmp_path / "missing.jpg"))
+  out = tmp_path / "out"
+  manifest = vessels.segment_paths(paths, out, size=128, batch_size=2,
+                                   prepare=_test_preparer)
+  with open(manifest, newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["image"] for r in rows] == paths, "a row per input, in order"
+  status = [r["status"] for r in rows]
+  assert status == ["ok", "unreadable", "ok", "ok", "not_found"], status
+  ids = [r["id"] for r in rows]
+  assert len(set(ids)) == len(ids), f"ids not unique: {ids}"
+  for r in rows:
+    png = out / f"{r['id']}.png"
+    assert png.exists() == (r["status"] == "ok"), r
+    if r["status"] == "ok":
+      a = np.asarray(Image.open(png))
+      assert a.shape == (128, 128) and a.dtype == np.uint8 and a.max() > 127
+    else:
+      assert r["message"], r
+
+
+def test_vessels_cli_end_to_end(tmp_path, fundus_dir):
+  pytest.importorskip("efiqa_jax.fundus")
+  import csv
+  from efiqa_jax import cli
+  img = fundus_dir / "drive" / "01_image.png"
+  missing = tmp_path / "nope.png"
+  rc = cli.main(["vessels", str(img), str(missing), "--out",
+                 str(tmp_path / "o"), "--size", "256", "--batch-size", "2"])
+  assert rc == 0
+  with open(tmp_path / "o" / "manifest.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["status"] for r in rows][0] == "ok" and len(rows) == 2, rows
+  assert rows[1]["status"] != "ok" and rows[1]["message"], rows
+  a = np.asarray(Image.open(tmp_path / "o" / "01_image.png"))
+  assert a.shape == (256, 256) and (a > 127).mean() > 0.03
