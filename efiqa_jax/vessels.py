@@ -23,7 +23,10 @@ units:
    (Frangi-like): the large eigenvalue of -H (positive across a bright
    ridge), scale-normalised by sigma**1.5, minus small penalties on the
    gradient magnitude (one-sided edges: optic-disc rim, bright lesions) and on
-   the other eigenvalue (blobs). Scales sigma = 1, 1.5, 2 px run at full
+   the other eigenvalue (blobs). In a band just inside the FOV edge only
+   curvature along the rim tangent counts: vessels leaving the FOV are
+   radial and keep their response, a dark vignetting band parallel to the rim
+   (which would otherwise draw a bright ring) loses it. Scales sigma = 1, 1.5, 2 px run at full
    resolution, 3 and 4 px on a 2x-downsampled copy (a two-level pyramid), all
    with short separable kernels.
 4. Scales are combined by max and mapped to [0, 1] with a FIXED logistic,
@@ -92,6 +95,10 @@ class VesselConfig:
   clip_neg: float = 0.05
   # FOV erosion, fraction of the image side (the vignetted rim).
   erode_fraction: float = 0.015
+  # Width (sigma, fraction of the side) of the band inside the eroded FOV
+  # edge where ridges parallel to the edge are suppressed; 0 disables.
+  rim_sigma: float = 1 / 96
+  rim_gain: float = 3.0
 
 
 DEFAULT_CONFIG = VesselConfig()
@@ -181,7 +188,26 @@ def _masked_blur_lowres(x: jax.Array, m: jax.Array, sigma: float,
   return _resize(out, h, w)
 
 
-def _ridge(c: jax.Array, sigma: float, cfg: VesselConfig) -> jax.Array:
+def _rim_field(m: jax.Array, sigma: float,
+               gain: float) -> tuple[jax.Array, ...]:
+  """Unit normal (ux, uy) of the FOV boundary and a rim weight in [0, 1].
+
+  The weight is 1 from the eroded FOV edge to where the blurred mask reaches
+  1 - 1/gain, and fades to 0 about 2 sigma inside; the normal is the gradient direction of the blurred mask.
+  """
+  _, h, w = m.shape
+  f = 4 if min(h, w) >= 64 else 1
+  mb = _resize(_blur(_resize(m, max(1, h // f), max(1, w // f)),
+                     max(sigma / f, 0.5)), h, w)
+  gy = jnp.gradient(mb, axis=1)
+  gx = jnp.gradient(mb, axis=2)
+  norm = jnp.sqrt(gx**2 + gy**2) + 1e-12
+  weight = jnp.clip(gain * (1.0 - mb), 0.0, 1.0) * m
+  return gx / norm, gy / norm, weight
+
+
+def _ridge(c: jax.Array, sigma: float, cfg: VesselConfig,
+           rim: tuple[jax.Array, ...] | None = None) -> jax.Array:
   """Scale-normalised bright-ridge strength of c at one Gaussian scale."""
   g, g1, g2 = _gauss_kernels(sigma)
   cr = _conv1d(c, g, 1)  # smoothed across rows; derivatives along columns
@@ -196,6 +222,14 @@ def _ridge(c: jax.Array, sigma: float, cfg: VesselConfig) -> jax.Array:
   disc = jnp.sqrt(0.25 * (dxx - dyy) ** 2 + dxy**2)
   lam_big = half_tr + disc
   lam_small = half_tr - disc
+  if rim is not None:
+    # Near the FOV edge, keep only curvature ACROSS the boundary normal,
+    # i.e. along the rim tangent t: a vessel leaving the FOV (radial) keeps
+    # its response, a dark vignetting band parallel to the rim loses it.
+    ux, uy, wr = rim
+    tx, ty = -uy, ux
+    lam_tan = -(tx * tx * dxx + 2 * tx * ty * dxy + ty * ty * dyy)
+    lam_big = (1 - wr) * lam_big + wr * jnp.minimum(lam_tan, lam_big)
   norm = sigma**cfg.gamma
   grad = jnp.sqrt(dx**2 + dy**2) * sigma
   r = (norm * lam_big - cfg.grad_weight * grad
@@ -232,13 +266,16 @@ def _response(images: jax.Array, fov_masks: jax.Array,
   # Below ~1 px a Hessian sees pixel noise, not vessels: floor the scales
   # (matters for crops smaller than 512 px).
   sig = sorted({max(s * scale, cfg.min_sigma) for s in cfg.full_res_sigmas})
-  resp = functools.reduce(jnp.maximum, [_ridge(c, s, cfg) for s in sig])
+  rim = _rim_field(m, cfg.rim_sigma * side, cfg.rim_gain) if cfg.rim_sigma > 0 else None
+  resp = functools.reduce(jnp.maximum, [_ridge(c, s, cfg, rim) for s in sig])
   if cfg.half_res_sigmas:
     # Pyramid level 1: wide vessels at half resolution (short kernels).
-    c2 = _resize(c, max(1, h // 2), max(1, w // 2))
+    h2, w2 = max(1, h // 2), max(1, w // 2)
+    c2 = _resize(c, h2, w2)
+    rim2 = None if rim is None else tuple(_resize(a, h2, w2) for a in rim)
     resp2 = functools.reduce(
         jnp.maximum,
-        [_ridge(c2, s * scale / 2, cfg) for s in cfg.half_res_sigmas])
+        [_ridge(c2, s * scale / 2, cfg, rim2) for s in cfg.half_res_sigmas])
     resp = jnp.maximum(resp, _resize(resp2, h, w))
   if cfg.smooth_sigma > 0:
     # Ridge responses peak on the centre line; a light blur spreads them over
@@ -248,28 +285,12 @@ def _response(images: jax.Array, fov_masks: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def vessel_response(images: jax.Array, fov_masks: jax.Array,
-                    config: VesselConfig = DEFAULT_CONFIG) -> jax.Array:
-  """Raw ridge response (contrast units, >= 0), zero outside the FOV."""
+def _response_jit(images, fov_masks, *, config):
   return _response(images, fov_masks, config)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def vessel_probability(images: jax.Array, fov_masks: jax.Array,
-                       config: VesselConfig = DEFAULT_CONFIG) -> jax.Array:
-  """Vessel probability map, label-free (no weights).
-
-  Args:
-    images: (B,H,W,3) RGB FOV crops (efiqa_jax.fundus.prepare_fundus), uint8
-      in [0,255] or float in [0,1].
-    fov_masks: (B,H,W) bool field-of-view masks.
-    config: segmenter constants (static; the default is the calibrated one).
-
-  Returns:
-    (B,H,W) float32 in [0,1]; zero outside the (slightly eroded) FOV. The
-    scale is absolute (a fixed logistic of a contrast-unit response), so a
-    photograph with weaker vessel contrast gives a weaker map.
-  """
+def _probability(images: jax.Array, fov_masks: jax.Array,
+                 config: VesselConfig) -> jax.Array:
   resp, m = _response(images, fov_masks, config)
   # Logistic shifted so that zero response maps to exactly 0 (not to the
   # sigmoid's ~2 % floor, which would paint every flat pixel grey).
@@ -279,23 +300,58 @@ def vessel_probability(images: jax.Array, fov_masks: jax.Array,
   return (p * m).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("size", "config"))
-def vessel_map_for_teacher(images: jax.Array, fov_masks: jax.Array,
-                           size: int = TEACHER_SIZE,
-                           config: VesselConfig = DEFAULT_CONFIG) -> jax.Array:
-  """Vessel maps in the teacher's input convention.
+_probability_jit = jax.jit(_probability, static_argnames=("config",))
 
-  Returns (B,size,size,3) float32 in [0,1]: the probability map resized
-  (antialiased) to size x size, replicated to 3 channels (the reference VUAD
-  reads RGB vessel maps), zero outside the resized FOV.
-  """
-  p = vessel_probability(images, fov_masks, config)
+
+@functools.partial(jax.jit, static_argnames=("size", "config"))
+def _teacher_jit(images, fov_masks, *, size, config):
+  p = _probability(images, fov_masks, config)
   b = p.shape[0]
   pr = jax.image.resize(p, (b, size, size), method="linear", antialias=True)
   mr = jax.image.resize(fov_masks.astype(jnp.float32), (b, size, size),
                         method="linear", antialias=True) > 0.5
   pr = jnp.clip(pr, 0.0, 1.0) * mr
   return jnp.repeat(pr[..., None], 3, axis=-1)
+
+
+# The public functions below are thin wrappers that always pass `config` by
+# keyword, so every call with the same shapes hits one jit cache entry.
+
+
+def vessel_response(images: jax.Array, fov_masks: jax.Array,
+                    config: VesselConfig = DEFAULT_CONFIG) -> jax.Array:
+  """Raw ridge response (contrast units, >= 0), zero outside the FOV."""
+  return _response_jit(images, fov_masks, config=config)
+
+
+def vessel_probability(images: jax.Array, fov_masks: jax.Array,
+                       config: VesselConfig = DEFAULT_CONFIG) -> jax.Array:
+  """Vessel probability map, label-free (no weights); jitted.
+
+  Args:
+    images: (B,H,W,3) RGB FOV crops (efiqa_jax.fundus.prepare_fundus), uint8
+      in [0,255] or float in [0,1]. Any B; each new shape compiles once.
+    fov_masks: (B,H,W) bool field-of-view masks.
+    config: segmenter constants (static; the default is the calibrated one).
+
+  Returns:
+    (B,H,W) float32 in [0,1]; zero outside the (slightly eroded) FOV. The
+    scale is absolute (a fixed logistic of a contrast-unit response), so a
+    photograph with weaker vessel contrast gives a weaker map.
+  """
+  return _probability_jit(images, fov_masks, config=config)
+
+
+def vessel_map_for_teacher(images: jax.Array, fov_masks: jax.Array,
+                           size: int = TEACHER_SIZE,
+                           config: VesselConfig = DEFAULT_CONFIG) -> jax.Array:
+  """Vessel maps in the teacher's input convention; jitted.
+
+  Returns (B,size,size,3) float32 in [0,1]: the probability map resized
+  (antialiased) to size x size, replicated to 3 channels (the reference VUAD
+  reads RGB vessel maps), zero outside the resized FOV.
+  """
+  return _teacher_jit(images, fov_masks, size=int(size), config=config)
 
 
 MANIFEST_FIELDS = ("image", "id", "status", "message")
@@ -374,7 +430,7 @@ def segment_paths(paths: Sequence[str], out_dir: str | os.PathLike,
     for k, (_, im, m) in enumerate(pending):
       imgs[k], masks[k] = im, m
     try:
-      probs = np.asarray(vessel_probability(imgs, masks, config))
+      probs = np.asarray(vessel_probability(imgs, masks, config=config))
     except Exception as e:  # pylint: disable=broad-except
       for idx, _, _ in pending:
         rows[idx].update(status="error", message=f"segmentation failed: {e}")
