@@ -10,7 +10,8 @@ units:
    image side so that the dark vignetted rim does not light up. Outside the
    eroded FOV the image is replaced by its local background, so the FOV edge
    is not a step.
-2. Background `bg`: a wide masked Gaussian (sigma = 1/25 of the side; run at
+2. Background `bg`: a masked Gaussian (sigma = 1/64 of the side, 8 px at 512;
+   run at
    1/4 resolution via normalised convolution), computed twice, the second
    time without pixels that deviate strongly (vessels, optic disc). The
    signal is the *Weber contrast* `c = (bg - g) / (bg + eps)`: vessels are
@@ -26,9 +27,9 @@ units:
    the other eigenvalue (blobs). In a band just inside the FOV edge only
    curvature along the rim tangent counts: vessels leaving the FOV are
    radial and keep their response, a dark vignetting band parallel to the rim
-   (which would otherwise draw a bright ring) loses it. Scales sigma = 1, 1.5, 2 px run at full
-   resolution, 3 and 4 px on a 2x-downsampled copy (a two-level pyramid), all
-   with short separable kernels.
+   (which would otherwise draw a bright ring) loses it. Scales sigma = 1 and
+   1.5 px run at full resolution, 2, 3 and 4 px on a 2x-downsampled copy (a
+   two-level pyramid), all with short separable kernels.
 4. Scales are combined by max and mapped to [0, 1] with a FIXED logistic,
    `p = sigmoid((r - 0.018) / 0.0045)`, shifted so that r = 0 gives p = 0
    (constants in `VesselConfig`, set once on DRIVE so that p = 0.5 sits near
@@ -64,8 +65,8 @@ class VesselConfig:
   vessel boundary) and are FIXED across images on purpose.
   """
   # Hessian scales run at full resolution / at half resolution.
-  full_res_sigmas: tuple[float, ...] = (1.0, 1.5, 2.0)
-  half_res_sigmas: tuple[float, ...] = (3.0, 4.0)
+  full_res_sigmas: tuple[float, ...] = (1.0, 1.5)
+  half_res_sigmas: tuple[float, ...] = (2.0, 3.0, 4.0)
   # Blur of the combined response (sigma in pixels at 512 px).
   smooth_sigma: float = 1.0
   # Smallest sigma in actual pixels (for crops smaller than 512 px).
