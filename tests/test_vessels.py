@@ -297,3 +297,17 @@ def test_vignetted_rim_does_not_light_up():
   on, off = p[band].mean(), p_off[band].mean()
   assert on < 0.03 and on < 0.5 * off, (
       f"mean p in the rim band {on:.4f} (without rim suppression {off:.4f})")
+
+
+def test_sensor_noise_weakens_map(drive_batch):
+  """Noise must not turn into 'vessels' (the noise floor); it is a
+  degradation, so the map gets weaker, not fuller."""
+  ims, ms, _, p = drive_batch
+  rng = np.random.default_rng(0)
+  im, m = ims[0], ms[0]
+  noisy = (im + rng.normal(0, 12, im.shape) * m[..., None]).clip(0, 255)
+  # Same (6,512,512) shape as the fixture: no new compile.
+  batch = np.stack([noisy.astype(np.uint8)] + [ims[k] for k in range(1, 6)])
+  pn = np.asarray(vessels.vessel_probability(batch, ms))
+  orig, noised = p[0][m].mean(), pn[0][m].mean()
+  assert noised < orig, f"DRIVE 01 mean p clean {orig:.4f}, noisy {noised:.4f}"
