@@ -227,14 +227,24 @@ def decode_record(data: bytes) -> tuple[str, int, np.ndarray]:
 
 def iter_arrayrecord(out_dir: str | os.PathLike
                      ) -> Iterator[tuple[str, int, np.ndarray]]:
-  """(id, input index, features) of every record of every finished shard."""
+  """(id, input index, features) of every image, once.
+
+  Only records that the journal attributes to their shard are yielded: an
+  image recomputed after a kill (its first shard renamed but not yet
+  journaled) can sit in two shards, and the journal says which one counts."""
   from array_record.python.array_record_module import ArrayRecordReader
-  for path in sorted(glob_lib.glob(os.path.join(os.fspath(out_dir),
+  out_dir = os.fspath(out_dir)
+  journal = _read_journal(out_dir)
+  for path in sorted(glob_lib.glob(os.path.join(out_dir,
                                                 "features-*.array_record"))):
+    name = os.path.basename(path)
     reader = ArrayRecordReader(path)
     try:
       for i in range(reader.num_records()):
-        yield decode_record(reader.read([i])[0])
+        id_, index, feats = decode_record(reader.read([i])[0])
+        r = journal.get(id_)
+        if r is not None and r.get("status") == "ok" and r.get("file") == name:
+          yield id_, index, feats
     finally:
       reader.close()
 
@@ -328,6 +338,7 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
                      param_sharding: Sequence[Any] | None = None,
                      shard_size: int = 4096, read_threads: int = 4,
                      num_workers: int = 0,
+                     matmul_precision: str | None = None,
                      max_steps: int | None = None,
                      progress: bool = False) -> ExtractResult:
   """Patch features of every input with the encoder checkpoint `encoder`.
@@ -348,6 +359,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
       'data'. The batch is split over 'data' only.
     param_sharding: rules "(regex, spec)" for parameters over the mesh
       (ViT-7B); unmatched parameters are replicated.
+    matmul_precision: jax matmul precision; default "float32" for float32
+      compute (no TF32 on GPU), "default" for bfloat16.
     max_steps: stop after this many steps (tests simulate a kill with it).
   Returns ExtractResult. The manifest is rebuilt (process 0) at the end.
   """
@@ -404,6 +417,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
       "dtype": dtype, "save_dtype": save_dtype, "format": fmt, "grid": grid,
       "token_order": "patch tokens after the final norm, row-major (gh, gw, D)",
       "batch_size": gbatch, "mesh": dict(mesh.shape),
+      "matmul_precision": matmul_precision or (
+          "float32" if dtype == "float32" else "default"),
       "param_sharding": [list(r) for r in parse_param_rules(param_sharding)],
       "versions": _versions(),
   }
@@ -430,6 +445,10 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
       done.add(i)
     elif fmt == "arrayrecord" and os.path.isfile(f):
       done.add(i)
+  if pi == 0:  # temporaries of a killed run (nobody writes before the barrier)
+    for f in (glob_lib.glob(os.path.join(out_dir, "*.npy.tmp-*"))
+              + glob_lib.glob(os.path.join(out_dir, "*.array_record.tmp"))):
+      os.remove(f)
   # Every process must see the same `done` before anyone writes.
   multihost_utils.sync_global_devices("efiqa_extract_scan")
   if pi == 0:
@@ -459,6 +478,10 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
         return m.patch_features(x).astype(jnp.dtype(save_dtype))
 
       step = jax.jit(fwd, out_shardings=dsh)
+      # float32 means float32: GPUs would otherwise use TF32 matmuls (the
+      # PyTorch references do not), costing ~1e-3 of parity.
+      prec = matmul_precision or ("float32" if dtype == "float32"
+                                  else "default")
       prep = PrepareEncoderInput(size, work_size=work_size, crop=crop)
       batches = ip.inference_batches(
           [paths[i] for i in todo], gbatch, prepare=prep, sharding=dsh,
@@ -471,7 +494,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
         if max_steps is not None and k >= max_steps:
           break
         g = sh.to_global(host, dsh, keys=["pixels"])
-        feats = sh.to_host_local(step(state, g["pixels"]))
+        with jax.default_matmul_precision(prec):
+          feats = sh.to_host_local(step(state, g["pixels"]))
         for j in range(len(host["valid"])):
           if not host["valid"][j]:
             continue
