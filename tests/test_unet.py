@@ -107,3 +107,25 @@ def test_bad_input_errors(small):
     fwd(_x((1, 32, 32, 1)))
   with pytest.raises(ValueError, match="in_channels == out_channels"):
     UNet(6, 3, rngs=nnx.Rngs(0))
+
+
+def test_checkpoint_roundtrip_and_strict_sidecar(small, tmp_path):
+  import json
+  from efiqa_jax import checkpoints
+  out = checkpoints.save_model(tmp_path / "m", small, {"note": "test"})
+  m, meta = checkpoints.load_unet_checkpoint(out, dtype=jnp.bfloat16)
+  assert meta["note"] == "test" and meta["kwargs"]["base_channels"] == 4
+  assert m.dtype == jnp.bfloat16
+  for a, b in zip(jax.tree.leaves(nnx.state(m, nnx.Param)),
+                  jax.tree.leaves(nnx.state(small, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(FileExistsError):
+    checkpoints.save_model(out, small)
+  with pytest.raises(ValueError, match="expected 'rrwnet'"):
+    checkpoints.load_model(out, architecture="rrwnet")
+  side = out / "efiqa.json"
+  cfg = json.loads(side.read_text())
+  cfg["kwargs"]["base_channels"] = 8
+  side.write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match="shape mismatches"):
+    checkpoints.load_model(out)
