@@ -69,7 +69,7 @@ def run_benchmark(inputs, *, model: str = "default", kinds=None,
     inputs = [inputs]
   qm = quality_model or qm_lib.load_quality_model(model)
   paths = sources.list_inputs(list(inputs))
-  kinds = list(kinds) if kinds else list(synth.DEGRADATION_KINDS)
+  kinds = list(kinds) if kinds else list(synth.KINDS)
   vfn = jax.jit(vessels.vessel_probability)
 
   pix_y, pix_s, pix_b, pix_w = [], [], [], []

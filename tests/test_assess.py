@@ -10,7 +10,7 @@ import pytest
 from efiqa_jax import assess as assess_lib
 from efiqa_jax import cli
 
-from assess_fixtures import tiny_teacher, write_inputs
+from tests.assess_fixtures import tiny_teacher, write_inputs
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,72 @@
+"""efiqa pseudo-label and efiqa benchmark end to end with a tiny teacher."""
+import csv
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from efiqa_jax import cli
+from efiqa_jax import pseudo_labels as pl
+
+from tests.assess_fixtures import fundus_like, tiny_teacher
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+  return tiny_teacher(tmp_path_factory.mktemp("t") / "teacher")
+
+
+def test_pseudo_label_vessel_maps_and_photos(teacher, tmp_path):
+  vm = tmp_path / "maps"
+  (vm / "a").mkdir(parents=True)
+  (vm / "b").mkdir()
+  rng = np.random.default_rng(0)
+  for sub in ("a", "b"):  # the same stem twice: ids must stay unique
+    Image.fromarray((rng.random((100, 100)) * 255).astype(np.uint8)).save(
+        vm / sub / "x.png")
+  (vm / "a" / "broken.png").write_text("nope")
+  out = tmp_path / "out"
+  code = cli.main(["pseudo-label", str(vm), "--teacher", teacher, "--out",
+                   str(out), "--grid", "4", "--quiet"])
+  assert code == 3  # one input failed, still every row written
+  rows = list(csv.DictReader(open(out / "manifest.csv")))
+  assert [r["status"] for r in rows] == ["unreadable", "ok", "ok"]
+  ids = [r["id"] for r in rows]
+  assert len(set(ids)) == 3
+  for r in rows[1:]:
+    a = np.load(out / "anomaly" / (r["id"] + ".npy"))
+    assert a.shape == (64, 64) and a.dtype == np.float32
+    lab = np.asarray(Image.open(out / "labels" / (r["id"] + ".png")))
+    assert lab.shape == (4, 4)
+    np.testing.assert_array_equal(
+        lab, pl.patch_labels(a, pl.LabelSpec(grid=4)))
+
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  Image.fromarray(fundus_like(seed=4)).save(photos / "p.png")
+  out2 = tmp_path / "out2"
+  code = cli.main(["pseudo-label", str(photos), "--teacher", teacher,
+                   "--out", str(out2), "--from-photos", "--mode", "soft",
+                   "--quiet"])
+  assert code == 0
+  assert np.load(out2 / "anomaly" / "p.npy").shape == (64, 64)
+  assert np.asarray(Image.open(out2 / "labels" / "p.png")).shape == (16, 16)
+
+
+def test_benchmark_reports_model_and_baseline(teacher, tmp_path, capsys):
+  from skimage import data
+  Image.fromarray(data.retina()).resize((320, 320)).save(tmp_path / "r.png")
+  js = tmp_path / "bench.json"
+  code = cli.main(["benchmark", str(tmp_path / "r.png"), "--model", teacher,
+                   "--kinds", "blur,shadow", "--severities", "0.9",
+                   "--json", str(js), "--quiet"])
+  assert code == 0
+  out = capsys.readouterr().out
+  assert "map AUROC" in out and "vessel-density baseline" in out
+  import json
+  res = json.load(open(js))
+  assert res["n_photos"] == 1 and res["n_variants"] == 2
+  assert set(res["per_kind"]) == {"blur", "shadow"}
+  for k in ("map_auroc", "baseline_map_auroc", "image_auroc"):
+    assert 0.0 <= res[k] <= 1.0
