@@ -1,0 +1,184 @@
+"""Model checkpoints: an orbax parameter tree plus an `efiqa.json` sidecar.
+
+Layout of a model directory (written by `save_model`, read by `load_model`):
+
+  DIR/efiqa.json   {"format": "efiqa-model", "version": 1,
+                    "architecture": "unet" | "rrwnet" | ...,
+                    "kwargs": constructor kwargs (JSON),
+                    ...caller's meta: source path + sha256, preprocessing...}
+  DIR/params/      orbax StandardCheckpointer tree of the nnx.Param values
+                   (nested dict, float32 numpy on disk)
+
+The module is rebuilt abstractly from the sidecar (no random init) and filled
+strictly: every stored array must match a parameter by path and shape, and
+every parameter must be stored. The teacher trainer, `efiqa port` and
+`efiqa assess` share this format.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pathlib
+from typing import Any, Callable
+
+FORMAT = "efiqa-model"
+VERSION = 1
+SIDECAR = "efiqa.json"
+PARAMS = "params"
+
+# architecture name -> "module:attribute" of a factory taking (**kwargs, rngs=).
+# Later issues add entries with `register_architecture`.
+_ARCHITECTURES: dict[str, str | Callable[..., Any]] = {
+    "unet": "efiqa_jax.models.unet:UNet",
+    "rrwnet": "efiqa_jax.models.rrwnet:RRWNet",
+}
+
+
+def register_architecture(name: str, factory: str | Callable[..., Any]):
+  """Register `factory(**kwargs, rngs=nnx.Rngs)` under `name`."""
+  _ARCHITECTURES[name] = factory
+
+
+def architecture_factory(name: str) -> Callable[..., Any]:
+  if name not in _ARCHITECTURES:
+    raise ValueError(f"unknown architecture {name!r}; known: "
+                     f"{sorted(_ARCHITECTURES)}")
+  f = _ARCHITECTURES[name]
+  if isinstance(f, str):
+    mod, attr = f.split(":")
+    f = getattr(importlib.import_module(mod), attr)
+  return f
+
+
+def architecture_of(model) -> tuple[str, dict]:
+  """(name, kwargs) for a model exposing `ARCH` and `config()`."""
+  name = getattr(model, "ARCH", None)
+  if name is None or not hasattr(model, "config"):
+    raise TypeError(f"{type(model).__name__} has no ARCH/config(); cannot be "
+                    "saved as a self-describing model")
+  return name, model.config()
+
+
+def build_abstract(name: str, kwargs: dict):
+  """The module with ShapeDtypeStruct parameters (nothing is initialised)."""
+  from flax import nnx
+  factory = architecture_factory(name)
+  return nnx.eval_shape(lambda: factory(**kwargs, rngs=nnx.Rngs(0)))
+
+
+def _flat(tree, prefix=()) -> dict[tuple, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def save_model(path: str | os.PathLike, model, meta: dict | None = None, *,
+               overwrite: bool = False) -> pathlib.Path:
+  """Write `model`'s parameters and the JSON sidecar to directory `path`."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  path = pathlib.Path(path).absolute()
+  if path.exists() and any(path.iterdir()) and not overwrite:
+    raise FileExistsError(f"{path} exists and is not empty (overwrite=False)")
+  name, kwargs = architecture_of(model)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  # Plain host float arrays: the file does not depend on the saving devices.
+  import jax
+  params = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
+  path.mkdir(parents=True, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path / PARAMS, params, force=True)
+  ckptr.wait_until_finished()
+  sidecar = {"format": FORMAT, "version": VERSION, "architecture": name,
+             "kwargs": kwargs}
+  for k, v in (meta or {}).items():
+    if k in sidecar:
+      raise ValueError(f"meta key {k!r} is reserved")
+    sidecar[k] = v
+  tmp = path / (SIDECAR + ".tmp")
+  tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+  tmp.replace(path / SIDECAR)
+  return path
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+  path = pathlib.Path(path)
+  f = path / SIDECAR
+  if not f.is_file():
+    raise FileNotFoundError(f"{path} is not an efiqa model directory (no "
+                            f"{SIDECAR})")
+  meta = json.loads(f.read_text())
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{f}: format {meta.get('format')!r} != {FORMAT!r}")
+  if meta.get("version") != VERSION:
+    raise ValueError(f"{f}: unsupported version {meta.get('version')!r}")
+  return meta
+
+
+def load_model(path: str | os.PathLike, *, dtype: Any = None,
+               architecture: str | None = None):
+  """Rebuild the module described by `path/efiqa.json` and load its params.
+
+  Args:
+    dtype: override the compute dtype stored in the sidecar (e.g. bfloat16).
+    architecture: if given, the stored architecture must equal it.
+  Returns:
+    (model, meta) with meta the sidecar dict.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  path = pathlib.Path(path).absolute()
+  meta = read_meta(path)
+  name = meta["architecture"]
+  if architecture is not None and name != architecture:
+    raise ValueError(f"{path} holds a {name!r} model, expected "
+                     f"{architecture!r}")
+  kwargs = dict(meta["kwargs"])
+  if dtype is not None:
+    kwargs["dtype"] = jnp.dtype(dtype).name
+  if "dtype" in kwargs:
+    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+  model = build_abstract(name, kwargs)
+  want = _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  restored = ocp.StandardCheckpointer().restore(path / PARAMS)
+  got = _flat(restored)
+  missing = sorted("/".join(map(str, k)) for k in want.keys() - got.keys())
+  extra = sorted("/".join(map(str, k)) for k in got.keys() - want.keys())
+  bad = sorted(f"{'/'.join(map(str, k))}: stored {tuple(got[k].shape)} != "
+               f"model {tuple(want[k].shape)}"
+               for k in want.keys() & got.keys()
+               if tuple(got[k].shape) != tuple(want[k].shape))
+  if missing or extra or bad:
+    raise ValueError(f"{path}: parameters do not match the {name} "
+                     f"architecture; missing={missing} extra={extra} "
+                     f"shape mismatches={bad}")
+  values = {k: jnp.asarray(np.asarray(got[k]), dtype=want[k].dtype)
+            for k in want}
+  state = nnx.state(model, nnx.Param)
+  nested: dict = {}
+  for k, v in values.items():
+    d = nested
+    for part in k[:-1]:
+      d = d.setdefault(part, {})
+    d[k[-1]] = v
+  nnx.replace_by_pure_dict(state, nested)
+  nnx.update(model, state)
+  jax.tree.map(lambda a: a.block_until_ready(),
+               nnx.state(model, nnx.Param))
+  return model, meta
+
+
+def load_unet_checkpoint(path: str | os.PathLike, *, dtype: Any = None):
+  """`load_model` restricted to the U-Net (VUAD teacher)."""
+  return load_model(path, dtype=dtype, architecture="unet")

@@ -1,0 +1,81 @@
+"""`efiqa port SOURCE_KIND SRC --out DIR`: convert PyTorch weights.
+
+Each converter is one entry in CONVERTERS: (help, add_arguments, run). Add a
+new source family (e.g. dinov3) by registering another entry.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Callable
+
+NAME = "port"
+HELP = "Convert PyTorch weights (VUAD, RRWNet/R2-V2, ...) into efiqa models."
+
+
+def _vuad_args(p: argparse.ArgumentParser):
+  p.add_argument("--plain", action="store_true",
+                 help="plain U-Net f(x) instead of unet_res x + f(x)")
+
+
+def _vuad_run(args) -> tuple:
+  from efiqa_jax.port.vuad import port_vuad
+  return port_vuad(args.src, args.out, residual=not args.plain,
+                   overwrite=args.overwrite)
+
+
+def _rrwnet_args(p: argparse.ArgumentParser):
+  p.add_argument("--config", default=None,
+                 help="R2-V2 *_config.json (in/out/base channels, "
+                      "num_iterations)")
+  p.add_argument("--iterations", type=int, default=None,
+                 help="refinement iterations without --config (default 5)")
+  p.add_argument("--model-type", choices=("bv", "av", "rrwnet"), default=None,
+                 help="default: bv for 6 input channels, else av")
+
+
+def _rrwnet_run(args) -> tuple:
+  from efiqa_jax.port.rrwnet import port_rrwnet
+  return port_rrwnet(args.src, args.out, config=args.config,
+                     iterations=args.iterations, model_type=args.model_type,
+                     overwrite=args.overwrite)
+
+
+# kind -> (help, add_arguments(parser), run(args) -> (model, meta))
+CONVERTERS: dict[str, tuple[str, Callable, Callable]] = {
+    "vuad": ("VUAD unet_res .pth (penway/EFIQA) -> U-Net", _vuad_args,
+             _vuad_run),
+    "rrwnet": ("RRWNet / R2-V2 bv|av .pth (+ config JSON) -> RRWNet",
+               _rrwnet_args, _rrwnet_run),
+}
+
+
+def register_converter(kind: str, help: str, add_arguments: Callable,
+                       run: Callable):
+  CONVERTERS[kind] = (help, add_arguments, run)
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+  sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+  for kind, (hlp, add, _) in CONVERTERS.items():
+    p = sub.add_parser(kind, help=hlp, description=hlp)
+    p.add_argument("src", help="source weights (.pth / .safetensors)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty output directory")
+    add(p)
+    p.set_defaults(_convert=kind)
+
+
+def run(args) -> int:
+  from efiqa_jax.port.common import PortError
+  _, _, convert = CONVERTERS[args._convert]
+  try:
+    model, meta = convert(args)
+  except (PortError, FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f"efiqa port {args._convert}: error: {e}")
+    return 1
+  print(json.dumps({"out": args.out, "architecture": type(model).ARCH,
+                    "kwargs": model.config(),
+                    "sha256": meta["source"]["sha256"]}))
+  return 0

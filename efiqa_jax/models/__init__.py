@@ -1,0 +1,1 @@
+"""Flax NNX models: the (residual) U-Net shared by VUAD and RRWNet."""

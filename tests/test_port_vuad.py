@@ -1,0 +1,141 @@
+"""VUAD unet_res port: parity with the torch reference and strict errors."""
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from efiqa_jax import checkpoints, cli  # noqa: E402
+from efiqa_jax.port import common, vuad  # noqa: E402
+from tests.torch_reference import RefUNetRes  # noqa: E402
+
+pytestmark = pytest.mark.port
+BASE = 8
+TOL = 1e-4  # measured max |diff| ~6e-8 at base 8, 64x64, float32
+
+
+@pytest.fixture(scope="module")
+def ref():
+  torch.manual_seed(0)
+  return RefUNetRes(3, 3, BASE).eval()
+
+
+@pytest.fixture(scope="module")
+def ref_sd(ref):
+  return {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+
+
+def _torch(ref, x, res=False):
+  with torch.no_grad():
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    y = ref.forward_res(t) if res else ref(t)
+  return y.permute(0, 2, 3, 1).numpy()
+
+
+def test_state_dict_has_duplicated_keys(ref):
+  sd = ref.state_dict()
+  assert "conv1.conv1.weight" in sd and "conv1.conv_block.0.weight" in sd
+  assert "upconv1.conv.weight" in sd and "upconv1.conv_block.0.weight" in sd
+  assert sd["conv3.conv2.bias"].data_ptr() == \
+      sd["conv3.conv_block.2.bias"].data_ptr()
+  # 9 blocks x 2 convs x 2 tensors x 2 copies + 4 upconvs x 2 x 2 + outconv 2
+  assert len(sd) == 72 + 16 + 2
+
+
+def test_cli_port_parity_and_sidecar(ref, tmp_path):
+  src = tmp_path / "model_epoch_100.pth"
+  torch.save(ref.state_dict(), src)
+  out = tmp_path / "vuad"
+  assert cli.main(["port", "vuad", str(src), "--out", str(out)]) == 0
+  model, meta = checkpoints.load_unet_checkpoint(out)
+  assert meta["architecture"] == "unet"
+  assert meta["kwargs"] == dict(in_channels=3, out_channels=3,
+                                base_channels=BASE, residual=True,
+                                dtype="float32")
+  assert meta["source"]["sha256"] == common.sha256_file(src)
+  assert meta["source"]["tensors"] == 90
+  assert json.loads((out / "efiqa.json").read_text()) == meta
+  x = np.random.RandomState(0).rand(2, 64, 64, 3).astype(np.float32)
+  y, f = nnx.jit(lambda m, x: (m(x), m.body(x)))(model, jnp.asarray(x))
+  err_y = float(np.abs(np.asarray(y) - _torch(ref, x)).max())
+  err_f = float(np.abs(np.asarray(f) - _torch(ref, x, res=True)).max())
+  print(f"VUAD parity max|diff|: output {err_y:.2e}, residual {err_f:.2e}")
+  assert err_y <= TOL and err_f <= TOL
+  # The output is not trivially the input: the check above has teeth.
+  assert float(np.abs(_torch(ref, x, res=True)).max()) > 1e-2
+  # Refuses to overwrite; a second port with --overwrite works.
+  assert cli.main(["port", "vuad", str(src), "--out", str(out)]) == 1
+  assert cli.main(["port", "vuad", str(src), "--out", str(out),
+                   "--overwrite"]) == 0
+
+
+def test_safetensors_source(ref, ref_sd, tmp_path):
+  from safetensors.numpy import save_file
+  src = tmp_path / "w.safetensors"
+  save_file(ref_sd, str(src))
+  model, _ = vuad.port_vuad(src, tmp_path / "out")
+  x = np.random.RandomState(1).rand(1, 32, 32, 3).astype(np.float32)
+  y = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x))
+  assert float(np.abs(np.asarray(y) - _torch(ref, x)).max()) <= TOL
+
+
+def _port(sd):
+  return vuad.port_unet_state_dict(sd)
+
+
+def test_missing_key(ref_sd):
+  sd = dict(ref_sd)
+  del sd["conv4.conv_block.2.weight"]
+  with pytest.raises(common.PortError, match="conv4.conv_block.2.weight") as e:
+    _port(sd)
+  assert e.value.absent == ["conv4.conv_block.2.weight"]
+  assert not e.value.extra
+
+
+def test_extra_key(ref_sd):
+  sd = dict(ref_sd, **{"head.weight": np.zeros((3,), np.float32)})
+  with pytest.raises(common.PortError, match="unexpected") as e:
+    _port(sd)
+  assert e.value.extra == ["head.weight"]
+
+
+def test_wrong_shape(ref_sd):
+  sd = dict(ref_sd)
+  sd["outconv.bias"] = np.zeros((4,), np.float32)
+  with pytest.raises(common.PortError, match="shape mismatches") as e:
+    _port(sd)
+  assert len(e.value.shape) == 1 and "outconv/bias" in e.value.shape[0]
+
+
+def test_unequal_duplicate_pair(ref_sd):
+  sd = dict(ref_sd)
+  sd["upconv2.conv_block.0.bias"] = sd["upconv2.conv.bias"] + 1e-3
+  with pytest.raises(common.PortError, match="differ") as e:
+    _port(sd)
+  assert e.value.unequal == ["upconv2.conv.bias != upconv2.conv_block.0.bias"]
+
+
+def test_cli_reports_strict_error(ref_sd, tmp_path, capsys):
+  sd = {k: torch.from_numpy(v) for k, v in ref_sd.items()
+        if k != "outconv.weight"}
+  src = tmp_path / "broken.pth"
+  torch.save(sd, src)
+  assert cli.main(["port", "vuad", str(src), "--out",
+                   str(tmp_path / "o")]) == 1
+  assert "outconv.weight" in capsys.readouterr().out
+  assert not (tmp_path / "o").exists()
+
+
+def test_wrapped_state_dict_and_nonweights_refused(ref, tmp_path):
+  src = tmp_path / "wrapped.pth"
+  torch.save({"state_dict": ref.state_dict(), "epoch": 3}, src)
+  sd, notes = common.load_state_dict(src)
+  assert notes["unwrapped"] == "state_dict" and len(sd) == 90
+  bad = tmp_path / "obj.pth"
+  torch.save({"epoch": 3}, bad)
+  with pytest.raises(common.PortError, match="not a flat state dict"):
+    common.load_state_dict(bad)
