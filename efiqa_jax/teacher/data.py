@@ -194,6 +194,7 @@ def load_vessel_maps(dc, cache_dir: str | None = None
     logging.warning("skipped %d of %d inputs (see data_skipped.csv): %s",
                     len(skipped), len(skipped) + len(maps), skipped[:3])
     if cache_dir:
+      os.makedirs(cache_dir, exist_ok=True)
       with open(os.path.join(cache_dir, "data_skipped.csv"), "w",
                 newline="") as f:
         w = csv.DictWriter(f, fieldnames=["path", "status", "message"])

@@ -5,7 +5,8 @@ drawn uniformly from {k_min..k_max}, a masking ratio gamma ~ U[min_ratio,
 max_ratio], a coarse KxK grid keeps each cell where `uniform > gamma` (so gamma
 is the masked fraction), and the coarse grid is upsampled to HxW with the same
 nearest-neighbour index rule as torch `F.interpolate(mode='nearest')`:
-src = min(floor(dst * (K / H)), K - 1), computed in float32 like torch.
+src = min(floor(dst * (K / H)), K - 1), computed in float32 like torch
+(as a host-side lookup table indexed by the traced K).
 
 Shapes are static: the coarse grid is always drawn at (k_max, k_max) and only
 its first K rows/columns are ever indexed, so K can vary per sample without
@@ -13,8 +14,11 @@ recompiling.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def min_ratio_schedule(epoch, *, init_min: float = 0.8, final_min: float = 0.0,
@@ -33,15 +37,27 @@ def min_ratio_schedule(epoch, *, init_min: float = 0.8, final_min: float = 0.0,
   return init_min + (final_min - init_min) * alpha
 
 
-def nearest_indices(k: jax.Array, size: int) -> jax.Array:
+@functools.lru_cache(maxsize=64)
+def _nearest_table(k_max: int, size: int) -> np.ndarray:
+  """(k_max + 1, size) source indices, computed on the host in float32 exactly
+  like torch (`(float)in / out`, then `floor(dst * scale)`), so that XLA's
+  algebraic rewrites (x / c -> x * (1 / c)) cannot shift a boundary pixel."""
+  table = np.zeros((k_max + 1, size), np.int32)
+  dst = np.arange(size, dtype=np.float32)
+  for k in range(1, k_max + 1):
+    scale = np.float32(k) / np.float32(size)
+    src = np.floor(dst * scale).astype(np.int64)
+    table[k] = np.minimum(src, k - 1)
+  return table
+
+
+def nearest_indices(k: jax.Array, size: int, k_max: int = 32) -> jax.Array:
   """Source index of every output pixel for nearest upsampling of K -> size.
 
-  k: (B,) int32. Returns (B, size) int32, torch `mode='nearest'` semantics.
+  k: (B,) int32 in [1, k_max]. Returns (B, size) int32 with torch
+  `F.interpolate(mode='nearest')` semantics.
   """
-  scale = k.astype(jnp.float32) / jnp.float32(size)  # (B,)
-  dst = jnp.arange(size, dtype=jnp.float32)
-  src = jnp.floor(dst[None, :] * scale[:, None]).astype(jnp.int32)
-  return jnp.minimum(src, k[:, None] - 1)
+  return jnp.asarray(_nearest_table(int(k_max), int(size)))[k]
 
 
 def sample_grid_mask(rng: jax.Array, batch: int, height: int, width: int, *,
@@ -56,8 +72,8 @@ def sample_grid_mask(rng: jax.Array, batch: int, height: int, width: int, *,
   gamma = min_ratio + (max_ratio - min_ratio) * gamma
   coarse = jax.random.uniform(ru, (batch, k_max, k_max), jnp.float32)
   keep_coarse = coarse > gamma[:, None, None]
-  rows = nearest_indices(k, height)  # (B,H)
-  cols = nearest_indices(k, width)  # (B,W)
+  rows = nearest_indices(k, height, k_max)  # (B,H)
+  cols = nearest_indices(k, width, k_max)  # (B,W)
   b = jnp.arange(batch)[:, None, None]
   keep = keep_coarse[b, rows[:, :, None], cols[:, None, :]]
   return keep.astype(jnp.float32), k, gamma
