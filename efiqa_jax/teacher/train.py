@@ -142,11 +142,19 @@ def opt_shardings(abstract_opt, p_shardings, abstract_params, mesh):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW (torch defaults) with its numbers held in the optimizer state.
+
+  inject_hyperparams keeps lr/betas/eps/decay out of the compiled step (one
+  compilation serves any lr; the lr is checkpointed with the moments).
+  """
   parts = []
   if config.grad_clip_norm and config.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  parts.append(optax.adamw(config.lr, b1=config.b1, b2=config.b2,
-                           eps=config.eps, weight_decay=config.weight_decay))
+    parts.append(optax.inject_hyperparams(optax.clip_by_global_norm)(
+        max_norm=float(config.grad_clip_norm)))
+  parts.append(optax.inject_hyperparams(optax.adamw)(
+      learning_rate=float(config.lr), b1=float(config.b1),
+      b2=float(config.b2), eps=float(config.eps),
+      weight_decay=float(config.weight_decay)))
   return optax.chain(*parts)
 
 
@@ -162,7 +170,7 @@ def _mask_batch(key, x, min_ratio, mcfg):
                                  k_min=mcfg["k_min"], k_max=mcfg["k_max"])
 
 
-def train_step(state, vmap_u8, min_ratio, *, graphdef, rest, tx, base_key,
+def train_step(state, rest, vmap_u8, min_ratio, base_key, *, graphdef, tx,
                mcfg, channels):
   """One AdamW step. state = {'params', 'opt_state', 'step'}."""
   step = state["step"]
@@ -178,15 +186,15 @@ def train_step(state, vmap_u8, min_ratio, *, graphdef, rest, tx, base_key,
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
-                 param_norm=optax.global_norm(params),
+  metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
+                 param_norm=optax.tree.norm(params),
                  mask_ratio=1.0 - jnp.mean(info["keep"]),
                  gamma=jnp.mean(info["gamma"]),
                  grid_k=jnp.mean(info["k"].astype(jnp.float32)))
   return dict(params=params, opt_state=opt_state, step=step + 1), metrics
 
 
-def panel_fn(params, vmap_u8, min_ratio, step, *, graphdef, rest, base_key,
+def panel_fn(params, rest, vmap_u8, min_ratio, step, base_key, *, graphdef,
              mcfg, channels):
   """Masked input, output, target, |f(x)| for the step's own mask draw."""
   key = jax.random.fold_in(base_key, step)
@@ -268,6 +276,23 @@ def _compile_once(fn, out_shardings, *args):
       compiler_options=_FAST_COMPILE)
 
 
+# Jitted functions per (model graph, mesh, shardings, masking, optimizer
+# structure): a second run in the same process (resume, notebook re-run,
+# tests) reuses the compilation instead of paying for it again.
+_JIT_CACHE: dict = {}
+
+
+def _cached(key, make):
+  if key not in _JIT_CACHE:
+    _JIT_CACHE[key] = make()
+  return _JIT_CACHE[key]
+
+
+def _spec_key(shardings) -> tuple:
+  return tuple((path_str(p), str(s.spec)) for p, s in
+               jax.tree_util.tree_flatten_with_path(shardings)[0])
+
+
 def _raise_nonfinite(step: int, loss: float, epoch: int, mngr):
   last = mngr.latest_step() if mngr is not None else None
   raise NonFiniteLossError(
@@ -333,7 +358,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _, p, r = nnx.split(m, nnx.Param, ...)
     return p, r
 
-  params, rest = _compile_once(init_fn, (p_sh, rest_sh))()
+  mesh_key = (tuple(mesh.devices.flat), mesh.axis_names)
+  params, rest = _cached(
+      ("init", graphdef, int(config.seed), mesh_key, _spec_key(p_sh)),
+      lambda: _compile_once(init_fn, (p_sh, rest_sh)))()
   abs_opt = jax.eval_shape(tx.init, abs_params)
   o_sh = opt_shardings(abs_opt, p_sh, abs_params, mesh)
   opt_state = _compile_once(tx.init, o_sh, params)(params)
@@ -370,19 +398,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       f.write(config.to_json_best_effort(indent=2))
 
   # ---- jitted functions
-  base_key = jax.random.key(int(config.seed))
+  base_key = jax.device_put(jax.random.key(int(config.seed)), repl)
   mcfg = dict(k_min=int(config.mask.k_min), k_max=int(config.mask.k_max),
               max_ratio=float(config.mask.max_ratio))
   channels = int(config.model.in_channels)
-  step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, rest=rest, tx=tx,
-                        base_key=base_key, mcfg=mcfg, channels=channels),
-      in_shardings=(state_sh, batch_sh, repl),
-      out_shardings=(state_sh, repl), donate_argnums=(0,))
-  panels = jax.jit(
-      functools.partial(panel_fn, graphdef=graphdef, rest=rest,
-                        base_key=base_key, mcfg=mcfg, channels=channels),
-      in_shardings=(p_sh, batch_sh, repl, repl), out_shardings=repl)
+  jit_key = (graphdef, mesh_key, _spec_key(p_sh), _spec_key(o_sh),
+             jax.tree.structure(abs_opt), tuple(sorted(mcfg.items())),
+             channels)
+  step_fn = _cached(("step",) + jit_key, lambda: jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tx=tx, mcfg=mcfg,
+                        channels=channels),
+      in_shardings=(state_sh, rest_sh, batch_sh, repl, repl),
+      out_shardings=(state_sh, repl), donate_argnums=(0,)))
+  panels = _cached(("panels",) + jit_key, lambda: jax.jit(
+      functools.partial(panel_fn, graphdef=graphdef, mcfg=mcfg,
+                        channels=channels),
+      in_shardings=(p_sh, rest_sh, batch_sh, repl, repl, repl),
+      out_shardings=repl))
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=pi > 0, asynchronous=False)
@@ -408,7 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       gbatch = sharding_lib.to_global(host, batch_sh, keys=["vmap"])
       mr = jnp.float32(min_ratio)
       prev_state_step = step
-      state, metrics = step_fn(state, gbatch["vmap"], mr)
+      state, metrics = step_fn(state, rest, gbatch["vmap"], mr, base_key)
       # Lagged non-finite check keeps the host one step ahead of the device.
       if pending is not None:
         _check_finite(pending, n, gbs, mngr)
@@ -429,8 +461,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         window = []
       if config.image_every and done % config.image_every == 0:
         k = min(int(config.num_panel_images), records.lbs)
-        out = jax.device_get(panels(state["params"], gbatch["vmap"], mr,
-                                    jnp.int32(step)))
+        out = jax.device_get(panels(state["params"], rest, gbatch["vmap"], mr,
+                                    jnp.int32(step), base_key))
         writer.write_images(done, {
             name: np.clip(np.asarray(v[:k]), 0.0, 1.0) if name != "anomaly"
             else np.clip(np.asarray(v[:k]) / max(float(np.max(v[:k])), 1e-6),
