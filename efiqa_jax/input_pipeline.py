@@ -53,16 +53,24 @@ def stack_rows(rows: Sequence[dict[str, Any]]) -> Batch:
 
 
 def worker_init(worker_index: int, worker_count: int) -> None:
-  """Runs in each grain worker process: keep workers off the accelerator."""
+  """Runs in each grain worker process: keep workers off the accelerator.
+
+  Environment variables only (read when JAX/TF first initialise in the
+  worker); importing TensorFlow here just to hide GPUs would cost seconds
+  per worker.
+  """
   del worker_index, worker_count
   os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["CUDA_VISIBLE_DEVICES"] = ""
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
-  except Exception:  # pylint: disable=broad-except
-    pass  # TF absent or already initialised: nothing to hide.
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside an absl app (pytest,
+  notebooks, our argparse CLI) nobody parsed them, so use the defaults."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 def _as_source(source_or_paths) -> Any:
@@ -79,6 +87,7 @@ def _finish(ds: grain.MapDataset, local_batch: int, *, drop_remainder: bool,
       num_threads=max(1, read_threads),
       prefetch_buffer_size=max(1, read_threads) * 2))
   if num_workers > 0:
+    _ensure_absl_flags_parsed()
     it = it.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=num_workers,
                                      per_worker_buffer_size=worker_buffer_size),
@@ -115,7 +124,15 @@ class InferenceBatches:
     return self.steps
 
   def __iter__(self) -> Iterator[Batch]:
-    return iter(self.dataset)
+    # Close the grain iterator (threads, worker processes) when the loop
+    # ends or is abandoned, instead of leaving it to interpreter shutdown.
+    it = iter(self.dataset)
+    try:
+      yield from it
+    finally:
+      close = getattr(it, "close", None)
+      if close is not None:
+        close()
 
 
 def inference_batches(source, global_batch: int, *, prepare=None,

@@ -173,3 +173,22 @@ def to_global(host_batch: Mapping[str, np.ndarray],
             f"{local_shards} batch shards on this process")
     out[k] = jax.make_array_from_process_local_data(sh, x)
   return out
+
+
+def to_host_local(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in host order.
+
+  The inverse of `to_global` for one array: row j of the result belongs to
+  row j of the host batch this process fed (so per-image outputs can be
+  written next to the host batch's paths without gathering). Fully
+  replicated arrays come back whole.
+  """
+  if x.sharding.is_fully_replicated:
+    return np.asarray(x.addressable_shards[0].data)
+  pieces = {}
+  for s in x.addressable_shards:
+    sl = s.index[0] if s.index else slice(None)
+    start = sl.start or 0
+    if start not in pieces:  # replicas on other mesh axes hold the same rows
+      pieces[start] = np.asarray(s.data)
+  return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)

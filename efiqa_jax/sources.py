@@ -232,6 +232,22 @@ class TFDSSource(grain.sources.RandomAccessDataSource):
     self._ds = tfds.data_source(
         name, split=split, data_dir=data_dir, download=False,
         decoders={image_key: tfds.decode.SkipDecoding()})
+    # Workers reopen from the prepared folder, so the builder class need not
+    # be importable there (it may live in a notebook or a test).
+    self._builder_dir = os.fspath(self._ds.dataset_info.data_dir)
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state["_ds"]
+    return state
+
+  def __setstate__(self, state):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.__dict__.update(state)
+    builder = tfds.builder_from_directory(self._builder_dir)
+    self._ds = builder.as_data_source(
+        split=self._split,
+        decoders={self._image_key: tfds.decode.SkipDecoding()})
 
   def __len__(self) -> int:
     return len(self._ds)
