@@ -38,8 +38,11 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"  # 'synthetic' | 'folder'
   c.data.path = ""  # for source='folder': folder, glob or CSV with `path`
-  # synthetic: 'ground_truth' | 'label_free'; folder: 'precomputed' | 'label_free'
-  c.data.vessels = "ground_truth"
+  # synthetic: 'label_free' | 'ground_truth'; folder: 'precomputed' | 'label_free'.
+  # 'label_free' segments the clean synthetic photographs with
+  # efiqa_jax.vessels, i.e. the same segmenter `efiqa pseudo-label` applies at
+  # inference, so the teacher learns that segmenter's idea of a good map.
+  c.data.vessels = "label_free"
   c.data.load_size = 512  # maps are stored/augmented at this size, then resized
   c.data.gray_threshold = 50  # reference: gray <= 50 set to 0
   c.data.num_threads = 4
@@ -93,8 +96,9 @@ def get_config(arg=None):
     c.data.num_threads = 0
     c.data.prefetch = 0
     c.data.synthetic.n = 16
-    c.data.synthetic.size = 64
-    c.augment.fov_min_diameter_px = 28.0  # 224 px at 512 scaled to 64
+    c.data.synthetic.size = 256  # thin vessels survive the downsampling
+    c.data.vessels = "ground_truth"  # no segmenter compile at tiny size
+    c.augment.fov_min_diameter_px = 112.0  # 224 px at 512 scaled to 256
     c.augment.fov_start, c.augment.fov_end = 1, 3
     c.mask.transition_start, c.mask.transition_end = 1, 3
     c.log_every = 2

@@ -215,6 +215,27 @@ def test_load_maps_threshold_and_bad_files(maps_dir, tmp_path):
     data_lib.load_vessel_maps(cfg.data, None)
 
 
+def test_synthetic_maps_both_vessel_modes():
+  cfg = config_util.load_config("configs/teacher.py:tiny",
+                                ["--config.data.synthetic.n=3"])
+  gt, diam, desc = data_lib.load_vessel_maps(cfg.data, None)
+  assert gt.shape == (3, 64, 64) and gt.dtype == np.uint8
+  assert "synthetic" in desc["description"]
+  # cropped to the FOV circle: the map side is the FOV diameter
+  assert (diam > 200).all() and (diam < 280).all()
+  assert 0.05 < (gt > 0).mean() < 0.4
+  assert (gt[:, aug_lib.circle_mask(64) == 0] == 0).mean() > 0.97
+  cfg.data.vessels = "label_free"
+  cfg.data.synthetic.size = 128
+  lf, _, _ = data_lib.load_vessel_maps(cfg.data, None)
+  assert lf.shape == (3, 64, 64) and 0.03 < (lf > 0).mean() < 0.5
+  # label-free maps agree with the ground truth where vessels are strong
+  cfg.data.vessels = "ground_truth"
+  gt2, _, _ = data_lib.load_vessel_maps(cfg.data, None)
+  inter = ((lf > 0) & (gt2 > 0)).sum() / max((gt2 > 0).sum(), 1)
+  assert inter > 0.5, inter
+
+
 def test_records_strided_processes_cover_global_batches():
   maps = np.zeros((10, 16, 16), np.uint8)
   diam = np.full(10, 16.0)
@@ -251,7 +272,7 @@ def _cfg(maps_dir, *extra):
   return config_util.load_config("configs/teacher.py:tiny", [
       "--config.data.source=folder", "--config.data.vessels=precomputed",
       f"--config.data.path={maps_dir}", "--config.progress_bar=False",
-      *extra])
+      "--config.augment.fov_min_diameter_px=28", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +314,7 @@ def test_resume_is_bit_exact(full_run, maps_dir, tmp_path):
                  "--config.data.source=folder",
                  "--config.data.vessels=precomputed",
                  f"--config.data.path={maps_dir}",
+                 "--config.augment.fov_min_diameter_px=28",
                  "--config.progress_bar=False", "--workdir", wd])
   assert rc == 0
   from efiqa_jax import checkpoints

@@ -27,6 +27,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -83,12 +84,37 @@ def to_uint8_map(v: np.ndarray, load_size: int, gray_threshold: int,
 
 
 def _label_free(images: np.ndarray, fov_masks: np.ndarray) -> np.ndarray:
-  """(B,H,W,3) uint8 + (B,H,W) bool -> (B,H,W) float32 via efiqa_jax.vessels."""
+  """(B,H,W,3) uint8 + (B,H,W) bool -> (B,H,W) float32 in [0,1].
+
+  `efiqa_jax.vessels.vessel_map_for_teacher` (label-free, no weights), kept
+  at the input resolution; we resize to data.load_size ourselves.
+  """
   from efiqa_jax import vessels  # pylint: disable=g-import-not-at-top
-  fn = getattr(vessels, "vessel_map_for_teacher", None)
-  if fn is None:
-    fn = vessels.vessel_probability
-  return np.asarray(fn(images, fov_masks), np.float32)
+  h = images.shape[1]
+  out = np.asarray(vessels.vessel_map_for_teacher(images, fov_masks, size=h),
+                   np.float32)
+  return out[..., 0] if out.ndim == 4 else out
+
+
+def crop_to_fov(v: np.ndarray, fov_mask: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+  """Square crop of side 2r around the FOV circle (centroid, r from area),
+  zero-padded where it leaves the frame: the prepare_fundus convention, so
+  RandomFOV's R_orig (half the map side) is the real FOV radius."""
+  ys, xs = np.nonzero(fov_mask)
+  if len(ys) == 0:
+    raise ValueError("empty FOV mask")
+  cy, cx = ys.mean(), xs.mean()
+  r = math.sqrt(len(ys) / math.pi)
+  side = max(int(round(2 * r)), 1)
+  y0, x0 = int(round(cy - side / 2)), int(round(cx - side / 2))
+  out = np.zeros((side, side), v.dtype)
+  m = np.zeros((side, side), bool)
+  sy0, sx0 = max(y0, 0), max(x0, 0)
+  sy1, sx1 = min(y0 + side, v.shape[0]), min(x0 + side, v.shape[1])
+  out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = v[sy0:sy1, sx0:sx1]
+  m[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = fov_mask[sy0:sy1, sx0:sx1]
+  return out, m, float(side)
 
 
 def _blur(v: np.ndarray, sigma: float) -> np.ndarray:
@@ -102,20 +128,25 @@ def _blur(v: np.ndarray, sigma: float) -> np.ndarray:
 def _synthetic_maps(dc) -> tuple[np.ndarray, np.ndarray, list[dict]]:
   from efiqa_jax import synth  # pylint: disable=g-import-not-at-top
   sc = dc.synthetic
+  if dc.vessels not in ("ground_truth", "label_free"):
+    raise ValueError(f"data.vessels={dc.vessels!r} is not valid with "
+                     "data.source='synthetic' (use 'ground_truth' or "
+                     "'label_free')")
   maps, diam = [], []
-  for i in range(sc.n):
-    s = synth.generate(int(sc.seed) + i, int(sc.size), degrade=False)
+  chunk = 8  # label-free segmentation runs batched
+  for c0 in range(0, int(sc.n), chunk):
+    samples = [synth.generate(int(sc.seed) + i, int(sc.size), degrade=False)
+               for i in range(c0, min(c0 + chunk, int(sc.n)))]
     if dc.vessels == "ground_truth":
       sigma = float(sc.blur_sigma) * sc.size / 512.0
-      v = _blur(s.vessels.astype(np.float32), sigma)
-    elif dc.vessels == "label_free":
-      v = _label_free(s.image[None], s.fov_mask[None])[0]
+      vs = [_blur(s.vessels.astype(np.float32), sigma) for s in samples]
     else:
-      raise ValueError(f"data.vessels={dc.vessels!r} is not valid with "
-                       "data.source='synthetic' (use 'ground_truth' or "
-                       "'label_free')")
-    maps.append(to_uint8_map(v, dc.load_size, dc.gray_threshold, s.fov_mask))
-    diam.append(float(sc.size))
+      vs = list(_label_free(np.stack([s.image for s in samples]),
+                            np.stack([s.fov_mask for s in samples])))
+    for s, v in zip(samples, vs):
+      v, m, side = crop_to_fov(np.asarray(v, np.float32), s.fov_mask)
+      maps.append(to_uint8_map(v, dc.load_size, dc.gray_threshold, m))
+      diam.append(side)
   return np.stack(maps), np.asarray(diam, np.float32), []
 
 
