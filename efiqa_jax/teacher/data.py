@@ -236,7 +236,7 @@ def load_vessel_maps(dc, cache_dir: str | None = None
               gray_threshold=int(dc.gray_threshold), data_key=key)
   if cache:
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = cache + ".tmp.npz"
+    tmp = cache + f".tmp{os.getpid()}.npz"  # several hosts may share workdir
     np.savez(tmp, maps=maps, diam=diam, desc=json.dumps(desc))
     os.replace(tmp, cache)
   return maps, diam, desc

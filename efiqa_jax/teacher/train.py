@@ -393,8 +393,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       raise RuntimeError(f"checkpoint {start} holds step "
                          f"{int(jax.device_get(state['step']))}")
     logging.info("resumed from %s at step %d", ckpt_dir, start)
+  cfg_file = os.path.join(workdir, "config.json")
+  if start and os.path.exists(cfg_file):
+    with open(cfg_file) as f:
+      old_cfg = _flat(json.load(f))
+    new_cfg = _flat(json.loads(config.to_json_best_effort()))
+    diff = sorted(k for k in old_cfg.keys() | new_cfg.keys()
+                  if old_cfg.get(k) != new_cfg.get(k))
+    if diff:
+      logging.warning("resuming with a config that differs from the one in "
+                      "%s in %s (optimizer numbers come from the checkpoint)",
+                      cfg_file, diff)
   if pi == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(cfg_file, "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
   # ---- jitted functions
@@ -488,11 +499,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     save(final_step)
   mngr.wait_until_finished()
   host_params = jax.device_get(state["params"])
-  export_dir = None
-  if pi == 0:
-    export_dir = export_model(config, workdir, graphdef, host_params,
-                              jax.device_get(rest), desc, final_step,
-                              total_steps, history)
+  # Every process calls it: orbax's save synchronises all processes (the
+  # numpy tree is written by the primary one).
+  export_dir = export_model(config, workdir, graphdef, host_params,
+                            jax.device_get(rest), desc, final_step,
+                            total_steps, history)
   writer.close()
   mngr.close()
   return TrainResult(workdir, final_step, total_steps, history, host_params,
