@@ -267,10 +267,12 @@ class TrainRecords:
     return np.random.default_rng([self.seed, 0x5EED, epoch]).permutation(self.n)
 
   def global_index(self, local_index: int) -> int:
-    # Strided like efiqa_jax.sharding.process_slice: process p holds global
-    # positions p, p+P, ... of each global batch.
+    # Contiguous: process p holds positions [p*lbs, (p+1)*lbs) of each global
+    # batch, so `to_global` (which stacks processes in order) rebuilds the
+    # batch in position order and row i gets the same mask draw whatever the
+    # number of processes.
     step, within = divmod(int(local_index), self.lbs)
-    return step * self.gbs + within * self.pc + self.pi
+    return step * self.gbs + self.pi * self.lbs + within
 
   def __call__(self, local_index: int) -> dict[str, Any]:
     g = self.global_index(local_index)

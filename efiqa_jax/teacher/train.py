@@ -366,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   o_sh = opt_shardings(abs_opt, p_sh, abs_params, mesh)
   opt_state = _compile_once(tx.init, o_sh, params)(params)
   state = dict(params=params, opt_state=opt_state,
-               step=jax.device_put(jnp.int32(0), repl))
+               step=_scalar(np.int32(0), repl))
   state_sh = dict(params=p_sh, opt_state=o_sh, step=repl)
   nparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params))
   logging.info("U-Net %s: %d parameters", model_kwargs(config), nparams)
@@ -409,7 +409,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       f.write(config.to_json_best_effort(indent=2))
 
   # ---- jitted functions
-  base_key = jax.device_put(jax.random.key(int(config.seed)), repl)
+  # Built inside jit: a global replicated key on every process.
+  base_key = jax.jit(lambda: jax.random.key(int(config.seed)),
+                     out_shardings=repl)()
   mcfg = dict(k_min=int(config.mask.k_min), k_max=int(config.mask.k_max),
               max_ratio=float(config.mask.max_ratio))
   channels = int(config.model.in_channels)
@@ -438,6 +440,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state=ocp.args.StandardSave(state),
         data_iter=input_pipeline.iterator_checkpoint_args(it)))
 
+  if pc > 1 and start < total_steps:
+    # Compile before the first collective, then line the processes up: gloo
+    # gives up on a collective after 30 s, and one process may still be
+    # importing TensorBoard or compiling while the other already steps.
+    lbs = sharding_lib.local_batch_size(gbs, batch_sh, pc)
+    s_in = int(config.image_size)
+    abs_batch = jax.ShapeDtypeStruct((gbs, s_in, s_in), jnp.uint8,
+                                     sharding=batch_sh)
+    abs_f = jax.ShapeDtypeStruct((), jnp.float32, sharding=repl)
+    step_fn.lower(state, rest, abs_batch, abs_f, base_key).compile()
+    if config.image_every:
+      panels.lower(state["params"], rest, abs_batch, abs_f,
+                   jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
+                   base_key).compile()
+    del lbs
+    ocp.multihost.sync_global_processes("efiqa_teacher_train_start")
+
   history, window, pending = [], [], None
   bar = tqdm.tqdm(total=total_steps, initial=start, desc="train-teacher",
                   disable=not config.progress_bar or pi > 0, leave=False)
@@ -449,7 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       epoch = step * gbs // n
       min_ratio, fov_p = _schedule_values(config, epoch)
       gbatch = sharding_lib.to_global(host, batch_sh, keys=["vmap"])
-      mr = jnp.float32(min_ratio)
+      mr = _scalar(np.float32(min_ratio), repl)
       prev_state_step = step
       state, metrics = step_fn(state, rest, gbatch["vmap"], mr, base_key)
       # Lagged non-finite check keeps the host one step ahead of the device.
@@ -473,7 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if config.image_every and done % config.image_every == 0:
         k = min(int(config.num_panel_images), records.lbs)
         out = jax.device_get(panels(state["params"], rest, gbatch["vmap"], mr,
-                                    jnp.int32(step), base_key))
+                                    _scalar(np.int32(step), repl), base_key))
         writer.write_images(done, {
             name: np.clip(np.asarray(v[:k]), 0.0, 1.0) if name != "anomaly"
             else np.clip(np.asarray(v[:k]) / max(float(np.max(v[:k])), 1e-6),
@@ -498,7 +517,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if mngr.latest_step() != final_step:
     save(final_step)
   mngr.wait_until_finished()
-  host_params = jax.device_get(state["params"])
+  host_params = jax.tree.map(_to_host, state["params"])
   # Every process calls it: orbax's save synchronises all processes (the
   # numpy tree is written by the primary one).
   export_dir = export_model(config, workdir, graphdef, host_params,
@@ -508,6 +527,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mngr.close()
   return TrainResult(workdir, final_step, total_steps, history, host_params,
                      graphdef, export_dir, desc)
+
+
+def _scalar(value: np.ndarray, repl) -> jax.Array:
+  """A replicated global scalar (same value on every process)."""
+  return sharding_lib.to_global({"v": np.asarray(value)}, repl)["v"]
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _check_finite(pending, n, gbs, mngr):
