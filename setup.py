@@ -25,6 +25,10 @@ CORE = [
     "grain==0.2.18",
     "tensorflow-datasets==4.9.10",
     "array-record==0.8.6",
+    # tensorflow-datasets 4.9.10 imports importlib_resources when a builder
+    # lives in a package (DatasetBuilder.code_path) but only declares it for
+    # Python < 3.9; without it every data/ builder fails to prepare.
+    "importlib-resources==7.1.0",
     # clu's TensorBoard writer and the TFDS builders need TensorFlow; the
     # CPU wheel is enough (TF never touches the accelerator here).
     "tensorflow-cpu==2.21.0",

@@ -32,6 +32,7 @@ PARAMS = "params"
 _ARCHITECTURES: dict[str, str | Callable[..., Any]] = {
     "unet": "efiqa_jax.models.unet:UNet",
     "rrwnet": "efiqa_jax.models.rrwnet:RRWNet",
+    "vit": "efiqa_jax.models.vit:VisionTransformer",
 }
 
 

@@ -319,6 +319,20 @@ def test_synthetic_fov_geometry(name):
   assert abs(fov.r - ref["r"]) <= 1.5, fov
 
 
+@pytest.mark.parametrize("glow", [0.16, 0.2])
+def test_ambiguous_rim_gives_right_circle_or_none(glow):
+  # One side of the rim is as dark as the glow around it: either the circle
+  # is right or none is claimed; a confidently wrong circle is the failure.
+  img = synth_fundus(720, 960, 420, 400, 250, dim_rim=True, noise=6.0,
+                     surround=glow, seed=1)
+  fov = fundus.detect_fov(img)
+  if fov.circular:
+    err = max(abs(fov.cx - 420), abs(fov.cy - 400), abs(fov.r - 250))
+    assert err <= 3.0, fov
+  else:
+    assert fov.status == "full_frame" and "no circular FOV" in fov.message
+
+
 def test_cut_fov_crop_is_padded_and_mask_stays_in_image():
   img = synth_fundus(600, 800, 400, 300, 380, seed=2)
   res = fundus.prepare_image(img, 256)
@@ -328,7 +342,8 @@ def test_cut_fov_crop_is_padded_and_mask_stays_in_image():
   assert abs(res.crop_y0 + 80) <= 1 and abs(res.crop_x0 - 20) <= 1
   # The padded bands above and below the image are not FOV.
   band = int(np.ceil(80 * 256 / 760))
-  assert not res.fov_mask[:band - 1].any() and not res.fov_mask[-band + 1:].any()
+  assert not res.fov_mask[:band - 1].any()
+  assert not res.fov_mask[-band + 1:].any()
   assert res.fov_mask[128].sum() > 250
 
 
@@ -387,10 +402,15 @@ def test_every_real_photograph_gets_a_circle(fundus_dir):
   photos = _photos(fundus_dir)
   assert len(photos) >= 10
   for p in photos:
+    full = fundus.detect_fov(fundus.decode_image(p).image)
+    assert full.circular, (p.name, full.message)
+    assert full.fit_rms < 2.5 and full.coverage_deg >= 150, (p.name, full)
+    assert full.fundus_likeness > 0.7, (p.name, full)
+    # size=128 decodes these JPEGs at 1/4 scale: same circle, file pixels.
     res = fundus.prepare_fundus(p, size=128)
     assert res.ok and res.circular, (p.name, res.message)
-    assert res.fov.fit_rms < 2.5 and res.fov.coverage_deg >= 150, (p, res.fov)
-    assert res.fov.fundus_likeness > 0.7, (p, res.fov)
+    tol = 2.0 + 0.01 * full.r
+    assert abs(res.fov.cx - full.cx) < tol and abs(res.fov.r - full.r) < tol
   fov = fundus.detect_fov(skimage.data.retina())
   assert fov.circular and abs(fov.r - 695) < 8, fov
 

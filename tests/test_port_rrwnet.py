@@ -114,3 +114,43 @@ def test_r2v2_inputs_shapes_and_mask():
 def test_rrwnet_module_checks():
   with pytest.raises(ValueError, match="out_channels=3"):
     nnx.eval_shape(lambda: rr.RRWNet(3, 2, 8, rngs=nnx.Rngs(0)))
+
+
+def test_r2v2_segment_end_to_end(ref, tmp_path):
+  src = tmp_path / "bv.pth"
+  torch.save(ref.state_dict(), src)
+  model, _ = port_rr.port_rrwnet(src, tmp_path / "o", iterations=2)
+  img, _ = _fake_fundus(48, 64)
+  p = rr.r2v2_segment(model, img, width=None)
+  assert p.shape == (48, 64, 3) and p.dtype == np.float32
+  assert 0 <= p.min() and p.max() <= 1 and p.max() > 0
+  prep = rr.r2v2_inputs(img, width=None)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(prep["x"][None]).permute(0, 3, 1, 2))[-1]
+  want = rr.r2v2_postprocess(want.permute(0, 2, 3, 1).numpy()[0], prep)
+  assert float(np.abs(p - want).max()) <= TOL
+
+
+def test_r2v2_inputs_on_real_drive_image(fundus_dir):
+  from PIL import Image
+  img = np.asarray(Image.open(fundus_dir / "drive" / "01_image.png")
+                   .convert("RGB"))
+  fov = np.asarray(Image.open(fundus_dir / "drive" / "01_fov_mask.png")
+                   .convert("L")) > 127
+  ves = np.asarray(Image.open(fundus_dir / "drive" /
+                              "01_vessels_av_reference.png").convert("RGB"))
+  prep = rr.r2v2_inputs(img, fov, model_type="bv", width=None)
+  (t, _), (l, _) = prep["padding"]
+  h, w = prep["size"]
+  pre = prep["x"][t:t + h, l:l + w, :3]
+  m = prep["mask"][t:t + h, l:l + w] > 0
+  raw = prep["x"][t:t + h, l:l + w, 3:]
+  np.testing.assert_allclose(raw, img / 255.0, atol=1e-6)
+  # Eroded FOV: inside the given mask, a bit smaller.
+  assert m.sum() < fov.sum() and not (m & ~fov).any()
+  # Vessels are dark in the enhanced image: contrast with the background.
+  vessel = (ves[..., 2] > 127) & m
+  back = (ves[..., 2] < 20) & m
+  g = pre[..., 1]
+  assert g[vessel].mean() + 0.1 < g[back].mean(), (g[vessel].mean(),
+                                                    g[back].mean())

@@ -126,7 +126,7 @@ def test_cli_reports_strict_error(ref_sd, tmp_path, capsys):
   torch.save(sd, src)
   assert cli.main(["port", "vuad", str(src), "--out",
                    str(tmp_path / "o")]) == 1
-  assert "outconv.weight" in capsys.readouterr().out
+  assert "outconv.weight" in capsys.readouterr().err
   assert not (tmp_path / "o").exists()
 
 
@@ -139,3 +139,11 @@ def test_wrapped_state_dict_and_nonweights_refused(ref, tmp_path):
   torch.save({"epoch": 3}, bad)
   with pytest.raises(common.PortError, match="not a flat state dict"):
     common.load_state_dict(bad)
+
+
+def test_param_count_equals_torch_reference():
+  from efiqa_jax.models.unet import UNet, num_params
+  t = RefUNetRes(3, 3, 64)
+  n_torch = sum(p.numel() for p in t.parameters())  # duplicates counted once
+  m = nnx.eval_shape(lambda: UNet(3, 3, 64, rngs=nnx.Rngs(0)))
+  assert num_params(m) == n_torch == 31_031_875

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Callable
 
 NAME = "port"
@@ -55,11 +56,22 @@ def register_converter(kind: str, help: str, add_arguments: Callable,
   CONVERTERS[kind] = (help, add_arguments, run)
 
 
+def _register_families():
+  # ViT foundation encoders (dinov3, dinov2, dinov2reg, retfound, timm-vit);
+  # efiqa_jax.port.vit imports only numpy at module level.
+  from efiqa_jax.port import vit as vit_port
+  vit_port.register(register_converter)
+
+
+_register_families()
+
+
 def add_arguments(parser: argparse.ArgumentParser):
   sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
   for kind, (hlp, add, _) in CONVERTERS.items():
     p = sub.add_parser(kind, help=hlp, description=hlp)
-    p.add_argument("src", help="source weights (.pth / .safetensors)")
+    p.add_argument("src", help="source weights (.pth / .safetensors, or a "
+                   "Hugging Face snapshot folder)")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty output directory")
@@ -73,7 +85,7 @@ def run(args) -> int:
   try:
     model, meta = convert(args)
   except (PortError, FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"efiqa port {args._convert}: error: {e}")
+    print(f"efiqa port {args._convert}: error: {e}", file=sys.stderr)
     return 1
   print(json.dumps({"out": args.out, "architecture": type(model).ARCH,
                     "kwargs": model.config(),

@@ -8,6 +8,11 @@ import numpy as np
 
 from efiqa_jax.fundus import io as fio
 
+# Shared with the Pillow path in io.py (same statuses and messages).
+_fail = fio._fail  # pylint: disable=protected-access
+_too_large = fio._too_large  # pylint: disable=protected-access
+_scale_to_uint8 = fio._scale_to_uint8  # pylint: disable=protected-access
+
 
 def decode_dicom(data: bytes, meta: dict[str, Any],
                  max_pixels: int | None) -> fio.Decoded:
@@ -15,27 +20,28 @@ def decode_dicom(data: bytes, meta: dict[str, Any],
   meta["format"] = "DICOM"
   try:
     import pydicom  # pylint: disable=g-import-not-at-top
+    import pydicom.pixels  # pylint: disable=g-import-not-at-top
   except ImportError:
-    return fio._fail(  # pylint: disable=protected-access
+    return _fail(
         fio.UNSUPPORTED, "DICOM input needs pydicom: pip install "
         "'efiqa-jax[dicom]'", meta)
   try:
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
   except Exception as e:  # pylint: disable=broad-except
-    return fio._fail(fio.UNREADABLE,  # pylint: disable=protected-access
-                     f"cannot parse DICOM: {type(e).__name__}: {e}", meta)
+    return _fail(fio.UNREADABLE,
+                 f"cannot parse DICOM: {type(e).__name__}: {e}", meta)
   if "PixelData" not in ds:
-    return fio._fail(fio.UNSUPPORTED,  # pylint: disable=protected-access
-                     "DICOM file has no pixel data", meta)
+    return _fail(fio.UNSUPPORTED,
+                 "DICOM file has no pixel data", meta)
   rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
   photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
   bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
   frames = int(ds.get("NumberOfFrames", 1) or 1)
   meta.update(width=cols, height=rows, mode=photometric, n_frames=frames,
               bit_depth=bits_stored)
-  msg = fio._too_large(cols, rows, max_pixels)  # pylint: disable=protected-access
+  msg = _too_large(cols, rows, max_pixels)
   if msg:
-    return fio._fail(fio.TOO_LARGE, msg, meta)  # pylint: disable=protected-access
+    return _fail(fio.TOO_LARGE, msg, meta)
   try:
     # index=0: decode only the first frame; YBR_* arrives as RGB (pydicom 3).
     ds.pixel_array_options(index=0)
@@ -43,12 +49,11 @@ def decode_dicom(data: bytes, meta: dict[str, Any],
   except Exception as e:  # pylint: disable=broad-except
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID",
                      "unknown")
-    return fio._fail(fio.UNSUPPORTED,  # pylint: disable=protected-access
-                     f"cannot decode DICOM pixel data (transfer syntax "
+    return _fail(fio.UNSUPPORTED,
+                 f"cannot decode DICOM pixel data (transfer syntax "
                      f"{syntax}): {type(e).__name__}: {e}", meta)
   if photometric == "PALETTE COLOR":
-    from pydicom.pixels import apply_color_lut  # pylint: disable=g-import-not-at-top
-    a = apply_color_lut(a, ds)
+    a = pydicom.pixels.apply_color_lut(a, ds)
     bits_stored = 16 if a.dtype != np.uint8 else 8
   if a.ndim == 2:
     g = _scale(a, bits_stored)
@@ -58,8 +63,8 @@ def decode_dicom(data: bytes, meta: dict[str, Any],
   elif a.ndim == 3 and a.shape[-1] in (3, 4):
     rgb = _scale(a[..., :3], bits_stored)
   else:
-    return fio._fail(fio.UNSUPPORTED,  # pylint: disable=protected-access
-                     f"unexpected DICOM pixel array shape {a.shape} "
+    return _fail(fio.UNSUPPORTED,
+                 f"unexpected DICOM pixel array shape {a.shape} "
                      f"({photometric})", meta)
   rgb = np.ascontiguousarray(rgb)
   meta["height"], meta["width"] = rgb.shape[:2]
@@ -72,4 +77,4 @@ def _scale(a: np.ndarray, bits: int) -> np.ndarray:
   if np.issubdtype(a.dtype, np.signedinteger):
     a = a - a.min() if a.size and a.min() < 0 else a
   bits = max(1, min(int(bits), 16 if a.dtype.itemsize <= 2 else 32))
-  return fio._scale_to_uint8(a, bits)  # pylint: disable=protected-access
+  return _scale_to_uint8(a, bits)

@@ -33,8 +33,8 @@ TOO_SMALL = "too_small"
 
 MIN_SIDE = 32  # smaller images carry no gradable detail
 DETECT_SIDE = 320  # long side of the coarse copy
-BLACK_LEVEL = 10.0
-REFINE_WINDOWS = (0.10, 0.03)  # half-widths of the radial search, x r  # 99th percentile brightness below this: blank image
+BLACK_LEVEL = 10.0  # 99th percentile brightness below this: blank image
+REFINE_WINDOWS = (0.10, 0.03)  # half-widths of the radial search, x r
 
 
 @dataclasses.dataclass
@@ -219,7 +219,7 @@ def _sample_bilinear(img: np.ndarray, x: np.ndarray, y: np.ndarray
 
 def _radial_edges(image: np.ndarray, cx: float, cy: float, r: float,
                   half_window: float, min_contrast: float,
-                  n_rays: int = 180):
+                  n_rays: int = 180, n_samples: int = 96):
   """Rim points along rays across the current circle, at full resolution.
 
   A rim candidate on a ray is a strong brightness drop (a local minimum of
@@ -233,7 +233,9 @@ def _radial_edges(image: np.ndarray, cx: float, cy: float, r: float,
   Returns edge x, y and ray angle arrays.
   """
   h, w = image.shape[:2]
-  step = 0.5
+  # Sub-pixel steps for the narrow pass; a wide search window is sampled
+  # more coarsely so its cost stays bounded (n_samples per ray).
+  step = max(0.5, 2.0 * half_window / n_samples)
   s = np.arange(-half_window, half_window + step / 2, step)
   if s.size < 16:
     return np.zeros(0), np.zeros(0), np.zeros(0)
@@ -395,7 +397,7 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
   inlier_frac = 0.0
   for frac in REFINE_WINDOWS:
     xs, ys, th = _radial_edges(image, cx, cy, r, max(3.0 * k, frac * r),
-                               min_contrast)
+                               min_contrast, n_rays=120 if frac > 0.05 else 180)
     n_pts = int(xs.size)
     if xs.size < 12:
       break
@@ -450,15 +452,16 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
                    f"{fit_rms:.1f} px)")
   # Most rim candidates off the circle: a few arcs agree by chance while the
   # rest of the rim says otherwise (dim rim under glow, non-fundus edges).
-  if n_pts and inlier_frac < 0.55:
+  if n_pts and (inlier_frac < 0.45 or (inlier_frac < 0.65 and cov < 150.0)):
     reasons.append(f"only {100 * inlier_frac:.0f}% of the rim points lie on "
                    "the circle")
   if dark_out < 0.6:
     reasons.append(f"outside of the circle is not dark (contrast "
                    f"{dark_out:.2f})")
   # A FOV wider than both sides of the frame shows only corner arcs: short,
-  # but in three or four quadrants and tightly on one circle.
-  corners = cov >= 20.0 and quads >= 3 and fit_rms <= 1.5
+  # but in all four quadrants, tightly on one circle, hardly any dissent.
+  corners = (cov >= 20.0 and quads == 4 and fit_rms <= 1.0
+             and inlier_frac >= 0.8)
   if cov < 60.0 and not corners:
     reasons.append(f"rim seen over only {cov:.0f} degrees")
   if not (-0.25 * w <= cx <= 1.25 * w and -0.25 * h <= cy <= 1.25 * h):

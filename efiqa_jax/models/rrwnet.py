@@ -226,3 +226,26 @@ def r2v2_postprocess(logits: np.ndarray, prep: dict) -> np.ndarray:
     p = resize(p, tuple(prep["orig_size"]) + (3,), order=1,
                anti_aliasing=False, preserve_range=True)
   return p.astype(np.float32)
+
+
+def r2v2_segment(model: RRWNet, image: np.ndarray,
+                 mask: np.ndarray | None = None, *, model_type: str | None = None,
+                 width: int | None = R2V2_WIDTH) -> np.ndarray:
+  """R2-V2 inference on one RGB uint8 image (no test-time augmentation, the
+  upstream default): (H, W, 3) float32 probabilities [artery, vein, vessel].
+
+  model_type defaults to "bv" for a 6-channel model, else "av".
+  """
+  if model_type is None:
+    model_type = "bv" if model.in_channels == 6 else "av"
+  prep = r2v2_inputs(image, mask, model_type=model_type, width=width)
+  if prep["x"].shape[-1] != model.in_channels:
+    raise ValueError(f"{model_type} input has {prep['x'].shape[-1]} channels,"
+                     f" the model takes {model.in_channels}")
+  logits = _forward(model, jnp.asarray(prep["x"][None]))
+  return r2v2_postprocess(np.asarray(logits[0]), prep)
+
+
+@nnx.jit
+def _forward(model: RRWNet, x: jax.Array) -> jax.Array:
+  return model(x)

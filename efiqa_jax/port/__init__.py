@@ -13,5 +13,9 @@ parameter is filled and every tensor consumed). One module per source family:
           `*_config.json`) -> efiqa_jax.models.rrwnet.RRWNet (same duplicated
           layout under `first_u.` / `second_u.`).
 
+  vit     DINOv3 / DINOv2 (+registers) / RETFound-MAE / timm ViTs (HF
+          snapshot folders, original or timm `.pth`) ->
+          efiqa_jax.models.vit.VisionTransformer; see efiqa_jax/port/vit.py.
+
 Converters register in `efiqa_jax.commands.port.CONVERTERS` for `efiqa port`.
 """

@@ -10,9 +10,10 @@ Vessels are grown as polylines by a steered random walk:
     that steer around the fovea (tangent to a circle centred on it), and
     supero/infero-nasal vessels that keep their initial heading;
   * side branches spawn at width-dependent intervals with Murray-like width
-    ratios; branches entering the foveal avascular zone stop there;
+    ratios; branches on the macular side of an arcade (and theirs) converge on
+    the fovea and stop at the avascular zone, other branches turn away from it;
   * widths taper along the vessel; arteries are thinner and lighter than veins.
-The polylines are densified (0.8 px, 0.25 x width on wide vessels) and rendered with `_ops.splat` (exact
+The polylines are densified (0.8 px, 0.25 x width on wide vessels) and rendered with `_ops.splat_vessels` (exact
 sub-pixel distance to each sample), so crossings and branch points have no
 holes in either the image or the ground-truth mask.
 """
@@ -22,8 +23,6 @@ import dataclasses
 import math
 
 import numpy as np
-
-from efiqa_jax.synth import _ops
 
 ARTERY, VEIN = 0, 1
 
@@ -89,6 +88,7 @@ class _Branch:
   arcade: int        # 0 free; +-1 arcade around the fovea with that turn sign
   target_r: float
   sweep: float = 0.0  # arc length (px) after which an arcade goes straight
+  macular: bool = False  # heads for the fovea and stops at the avascular zone
 
 
 def grow_vessels(rng: np.random.Generator, g: Geometry):
@@ -142,7 +142,7 @@ def grow_vessels(rng: np.random.Generator, g: Geometry):
     ratios = rng.uniform(0.45, 0.8, size=64)
     gi = 0
     taper = 1.0 - rng.uniform(0.006, 0.014)
-    sd = 0.05 * tort * (1.0 + 0.5 * b.level)
+    sd = 0.05 * tort * (1.0 + 0.8 * b.level)
     # A gentle constant turn makes small vessels arc instead of running straight.
     curv = rng.normal(0.0, 0.012) * (1.0 + 0.5 * b.level)
     h_start = h
@@ -161,8 +161,10 @@ def grow_vessels(rng: np.random.Generator, g: Geometry):
         # ...but never more than ~70 degrees in total: real vessels do not loop.
         if abs(_wrap(h0 + curv - h_start)) < 1.2:
           h0 += curv
+        if b.macular:   # macular branches converge on the fovea
+          h0 += 0.05 * _wrap(math.atan2(-qy, -qx) - h0)
         h += 0.06 * _wrap(h0 - h)
-        if d < 2.2 * faz:   # turn away from the avascular zone
+        if d < 2.2 * faz and not b.macular:   # turn away from the avascular zone
           h += 0.15 * _wrap(math.atan2(qy, qx) - h)
       h += sd * noise[i]
       x += step * math.cos(h)
@@ -172,10 +174,12 @@ def grow_vessels(rng: np.random.Generator, g: Geometry):
       xs.append(x)
       ys.append(y)
       ws.append(w)
-      if w < wmin or d < faz or (x - g.cx) ** 2 + (y - g.cy) ** 2 > lim2:
+      if (w < wmin or d < (1.4 * faz if b.macular else faz)
+          or (x - g.cx) ** 2 + (y - g.cy) ** 2 > lim2):
         break
       if arc >= next_branch and b.level < 3 and gi < 63:
         ratio = ratios[gi]
+        inward = False
         if b.arcade:
           # Inward (macular) branches are thin; outward ones are big.
           inward = sides[gi] < 0.45
@@ -187,7 +191,7 @@ def grow_vessels(rng: np.random.Generator, g: Geometry):
         wc = w * ratio
         if wc >= wmin:
           stack.append(_Branch(x, y, h + turn * angles[gi], wc, b.kind,
-                               b.level + 1, 0, 0.0))
+                               b.level + 1, 0, 0.0, macular=inward or b.macular))
           w *= 1.0 - 0.25 * ratio ** 2
         gi += 1
         next_branch = arc + gaps[gi] * (0.12 * r + 6.0 * w)

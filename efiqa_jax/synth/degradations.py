@@ -44,6 +44,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage as ndi
 
 from efiqa_jax.synth import _ops
 
@@ -98,8 +99,11 @@ def _blob(rng, ctx: _Ctx, rmin=0.25, rmax=0.6, soft=(0.15, 0.5)) -> np.ndarray:
 
 
 def _mix(x, col, a):
-  a = a[..., None]
-  return x * (1.0 - a) + np.asarray(col, np.float32) * a
+  """x * (1 - a) + col * a, with in-place updates (fewer full-size temporaries)."""
+  d = np.asarray(col, np.float32) - x
+  d *= a[..., None]
+  d += x
+  return d
 
 
 # Each kind: (rng, x float32 (H,W,3) in [0,1], ctx, s) -> (x, profile, extent)
@@ -200,7 +204,7 @@ def _haze(rng, x, ctx, s):
   return y + (veil - y) * (0.85 * s * p)[..., None], p, "global"
 
 
-def _strokes_lowres(rng, ctx, n, from_edge: bool):
+def _strokes_lowres(rng, ctx, n):
   """Curved strokes (eyelashes) as a low-res opacity map in [0, 1]."""
   xs, ys, rs = [], [], []
   sc = ctx.scale
@@ -220,13 +224,12 @@ def _strokes_lowres(rng, ctx, n, from_edge: bool):
   xs, ys, rs = map(np.concatenate, (xs, ys, rs))
   a = _ops.splat((ctx.lh, ctx.lw), (xs + 0.5) * sc - 0.5, (ys + 0.5) * sc - 0.5,
                  np.maximum(rs * sc, 0.6), "disc")
-  from scipy import ndimage as ndi
   a = ndi.gaussian_filter(a, rng.uniform(0.01, 0.04) * ctx.r * sc)
   return np.clip(a / max(a.max(), 1e-6) * 1.3, 0, 1)
 
 
 def _eyelash(rng, x, ctx, s):
-  p = ctx.up(_strokes_lowres(rng, ctx, int(rng.integers(3, 10)), True))
+  p = ctx.up(_strokes_lowres(rng, ctx, int(rng.integers(3, 10))))
   col = (0.02, 0.02, 0.02) if rng.random() < 0.6 else (0.85, 0.8, 0.75)
   return _mix(x, col, 0.95 * s * p), p, "local"
 
@@ -247,8 +250,15 @@ def _dust(rng, x, ctx, s):
 
 
 def _noise(rng, x, ctx, s):
-  std = 0.2 * s * (0.5 + 0.5 * np.sqrt(np.clip(x, 0, 1) / 0.4))
-  return x + rng.standard_normal(x.shape, dtype=np.float32) * std, None, "global"
+  # std = 0.2 s (0.5 + 0.5 sqrt(x / 0.4)): shot noise grows with the signal.
+  std = np.maximum(x, 0.0)
+  std *= 1.0 / 0.4
+  np.sqrt(std, out=std)
+  std *= 0.1 * s
+  std += 0.1 * s
+  std *= rng.standard_normal(x.shape, dtype=np.float32)
+  std += x
+  return std, None, "global"
 
 
 _FUNCS = {"blur": _blur, "motion": _motion, "illumination": _illumination,

@@ -103,8 +103,9 @@ def _render_disc(rng, g: anatomy.Geometry, img):
   dd = np.sqrt(((xx - g.disc_x) / g.disc_rx) ** 2 + ((yy - g.disc_y) / g.disc_ry) ** 2)
   dd = dd / wob
   alpha = _ops.smoothstep(1.08, 0.85, dd)
-  glow = 0.25 * np.exp(-np.maximum(dd - 1.0, 0) * 3.0) * (dd > 0.9)
-  rim = np.array([1.0, 0.78, 0.48], np.float32) * rng.uniform(0.9, 1.05, 3)
+  glow = 0.15 * np.exp(-np.maximum(dd - 1.0, 0) * 3.0) * (dd > 0.9)
+  # Neuroretinal rim: orange-pink; the cup (below) is pale yellow-white.
+  rim = np.array([1.0, 0.64, 0.40], np.float32) * rng.uniform(0.92, 1.05, 3)
   rim *= rng.uniform(0.85, 1.05)
   sub[:] = sub * (1 - alpha[..., None]) + rim * alpha[..., None]
   sub += glow[..., None] * sub * np.array([0.5, 0.6, 0.5], np.float32)
@@ -112,8 +113,8 @@ def _render_disc(rng, g: anatomy.Geometry, img):
   cux = g.disc_x - g.side * 0.15 * g.disc_rx
   cr = g.cup_ratio
   dc = np.sqrt(((xx - cux) / (cr * g.disc_rx)) ** 2 + ((yy - g.disc_y) / (cr * g.disc_ry)) ** 2)
-  ca = _ops.smoothstep(1.3, 0.6, dc) * rng.uniform(0.6, 1.0)
-  cup = np.array([1.0, 0.92, 0.75], np.float32)
+  ca = _ops.smoothstep(1.4, 0.5, dc) * rng.uniform(0.7, 1.0)
+  cup = np.array([1.0, 0.93, 0.72], np.float32)
   sub[:] = sub * (1 - ca[..., None]) + cup * ca[..., None]
 
 
@@ -277,7 +278,7 @@ def generate(seed: int, size: int = 512, *, degrade: bool | None = None,
   gt = _render_vessels(r_anat, g, img)
   # Camera sensor grain, present even in clean photographs.
   grain = r_anat.standard_normal((size, size), dtype=np.float32)
-  grain *= 0.009
+  grain *= 0.012
   img += grain[..., None]
   alpha, fov = _fov(g)
   img *= alpha[..., None]

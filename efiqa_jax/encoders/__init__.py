@@ -1,0 +1,1 @@
+"""Foundation-encoder helpers: input preprocessing (`preprocess`)."""
