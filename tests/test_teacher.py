@@ -379,6 +379,8 @@ def test_cli_rejects_unknown_override(maps_dir, tmp_path):
               "--config.not_a_key=1", "--workdir", str(tmp_path)])
   with pytest.raises(SystemExit):
     cli.main(["train-teacher", "--bogus", "--workdir", str(tmp_path)])
+  with pytest.raises(SystemExit):  # a command without config overrides
+    cli.main(["synth", "--config.lr=1", "--help"])
 
 
 # ------------------------------------------------------------- multi-host

@@ -9,6 +9,7 @@ def add_arguments(parser):
                       help="config file[:variant], e.g. configs/teacher.py:tiny")
   parser.add_argument("--workdir", required=True,
                       help="checkpoints, TensorBoard logs and the export go here")
+  parser.set_defaults(config_overrides_ok=True)
   parser.epilog = ("Override any config field with --config.KEY=VALUE, e.g. "
                    "--config.data.source=folder --config.data.path=maps/")
 
