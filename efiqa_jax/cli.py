@@ -35,7 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  # `--config.KEY=VALUE` overrides (ml_collections style) are collected for
+  # commands that opt in with `parser.set_defaults(config_overrides_ok=True)`
+  # (an ml_collections --config file); anything else unknown is an error.
+  args, extra = parser.parse_known_args(argv)
+  overrides = [a for a in extra if a.startswith("--config.")]
+  unknown = [a for a in extra if not a.startswith("--config.")]
+  if unknown or (overrides and not getattr(args, "config_overrides_ok",
+                                           False)):
+    parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+  args.config_overrides = overrides
   if not getattr(args, "_run", None):
     parser.print_help()
     return 2

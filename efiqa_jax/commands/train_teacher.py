@@ -1,0 +1,36 @@
+"""`efiqa train-teacher`: train the VUAD teacher (masked vessel-map inpainting)."""
+NAME = "train-teacher"
+HELP = ("Train the VUAD teacher U-Net by masked inpainting of vessel maps "
+        "(resumes automatically from WORKDIR; exports to WORKDIR/export).")
+
+
+def add_arguments(parser):
+  parser.add_argument("--config", default="configs/teacher.py",
+                      help="config file[:variant], e.g. configs/teacher.py:tiny")
+  parser.add_argument("--workdir", required=True,
+                      help="checkpoints, TensorBoard logs and the export go here")
+  parser.set_defaults(config_overrides_ok=True)
+  parser.epilog = ("Override any config field with --config.KEY=VALUE, e.g. "
+                   "--config.data.source=folder --config.data.path=maps/")
+
+
+def run(args) -> int:
+  import logging  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+  from efiqa_jax.teacher import train  # pylint: disable=g-import-not-at-top
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  try:  # Multi-host when launched under a coordinator; no-op on one host.
+    jax.distributed.initialize()
+  except (ValueError, RuntimeError):
+    pass
+  config = config_util.load_config(args.config, args.config_overrides)
+  try:
+    res = train.train_and_evaluate(config, args.workdir)
+  except train.NonFiniteLossError as e:
+    print(f"error: {e}")
+    return 1
+  print(f"trained {res.step}/{res.total_steps} steps; "
+        f"final loss {res.history[-1][1] if res.history else float('nan'):.5g}; "
+        f"model exported to {res.export_dir}")
+  return 0

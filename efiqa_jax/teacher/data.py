@@ -1,0 +1,299 @@
+"""Vessel maps for VUAD training and the grain pipeline that feeds them.
+
+Sources (config `data`):
+  source='synthetic'  maps from `efiqa_jax.synth.generate(seed, size,
+                      degrade=False)`: vessels='ground_truth' blurs the
+                      ground-truth vessel mask slightly; vessels='label_free'
+                      segments the clean synthetic photograph.
+  source='folder'     `data.path` (folder / glob / CSV, see sources.list_inputs):
+                      vessels='precomputed' reads vessel-map images (PNG, gray
+                      or RGB); vessels='label_free' reads photographs and
+                      segments them with `efiqa_jax.vessels`.
+All maps are stored once as uint8 (N, L, L) at `data.load_size` with the
+reference convention (gray <= 50 set to 0) and cached in the workdir so a
+resumed run trains on the very same maps.
+
+The pipeline is a grain MapDataset over the host-local records of a fixed
+sequence of global batches: global record g = step * global_batch + i, epoch
+g // N, shuffled by a per-epoch permutation of seed; each record is augmented
+with an rng seeded from (seed, g). Its DatasetIterator state is what the
+trainer checkpoints next to the model.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from efiqa_jax.teacher import augment as aug_lib
+
+_IMG_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm",
+            ".webp")
+
+
+def _list_files(path: str) -> list[str]:
+  try:  # The shared lister (pipeline helper) when present.
+    from efiqa_jax.sources import list_inputs  # pylint: disable=g-import-not-at-top
+    return list(list_inputs([path]))
+  except ImportError:
+    pass
+  if os.path.isdir(path):
+    out = []
+    for root, _, files in os.walk(path):
+      out += [os.path.join(root, f) for f in files
+              if f.lower().endswith(_IMG_EXT)]
+    return sorted(out)
+  if path.lower().endswith(".csv"):
+    with open(path, newline="") as f:
+      return [r["path"] for r in csv.DictReader(f)]
+  return sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
+
+
+def to_uint8_map(v: np.ndarray, load_size: int, gray_threshold: int,
+                 fov_mask: np.ndarray | None = None) -> np.ndarray:
+  """float [0,1] or uint8 (H,W[,C]) map -> square uint8 (L,L), thresholded."""
+  if v.ndim == 3:
+    v = v.mean(-1) if v.dtype != np.uint8 else np.asarray(
+        Image.fromarray(v).convert("L"))
+  if v.dtype != np.uint8:
+    v = np.clip(np.round(np.asarray(v, np.float32) * 255.0), 0, 255).astype(
+        np.uint8)
+  if fov_mask is not None:
+    v = np.where(fov_mask, v, 0).astype(np.uint8)
+  h, w = v.shape
+  if h != w:  # Pad (centred, black) to a square; never crop anatomy away.
+    s = max(h, w)
+    sq = np.zeros((s, s), np.uint8)
+    sq[(s - h) // 2:(s - h) // 2 + h, (s - w) // 2:(s - w) // 2 + w] = v
+    v = sq
+  if v.shape[0] != load_size:
+    v = np.asarray(Image.fromarray(v).resize((load_size, load_size),
+                                             Image.BILINEAR))
+  v = v.copy()
+  v[v <= gray_threshold] = 0
+  return v
+
+
+def _label_free(images: np.ndarray, fov_masks: np.ndarray) -> np.ndarray:
+  """(B,H,W,3) uint8 + (B,H,W) bool -> (B,H,W) float32 in [0,1].
+
+  `efiqa_jax.vessels.vessel_map_for_teacher` (label-free, no weights), kept
+  at the input resolution; we resize to data.load_size ourselves.
+  """
+  from efiqa_jax import vessels  # pylint: disable=g-import-not-at-top
+  h = images.shape[1]
+  out = np.asarray(vessels.vessel_map_for_teacher(images, fov_masks, size=h),
+                   np.float32)
+  return out[..., 0] if out.ndim == 4 else out
+
+
+def crop_to_fov(v: np.ndarray, fov_mask: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+  """Square crop of side 2r around the FOV circle (centroid, r from area),
+  zero-padded where it leaves the frame: the prepare_fundus convention, so
+  RandomFOV's R_orig (half the map side) is the real FOV radius."""
+  ys, xs = np.nonzero(fov_mask)
+  if len(ys) == 0:
+    raise ValueError("empty FOV mask")
+  cy, cx = ys.mean(), xs.mean()
+  r = math.sqrt(len(ys) / math.pi)
+  side = max(int(round(2 * r)), 1)
+  y0, x0 = int(round(cy - side / 2)), int(round(cx - side / 2))
+  out = np.zeros((side, side), v.dtype)
+  m = np.zeros((side, side), bool)
+  sy0, sx0 = max(y0, 0), max(x0, 0)
+  sy1, sx1 = min(y0 + side, v.shape[0]), min(x0 + side, v.shape[1])
+  out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = v[sy0:sy1, sx0:sx1]
+  m[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = fov_mask[sy0:sy1, sx0:sx1]
+  return out, m, float(side)
+
+
+def _blur(v: np.ndarray, sigma: float) -> np.ndarray:
+  if sigma <= 0:
+    return v.astype(np.float32)
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  b = ndimage.gaussian_filter(v.astype(np.float32), sigma)
+  return b / max(float(b.max()), 1e-6) * float(v.max() > 0)
+
+
+def _synthetic_maps(dc) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+  from efiqa_jax import synth  # pylint: disable=g-import-not-at-top
+  sc = dc.synthetic
+  if dc.vessels not in ("ground_truth", "label_free"):
+    raise ValueError(f"data.vessels={dc.vessels!r} is not valid with "
+                     "data.source='synthetic' (use 'ground_truth' or "
+                     "'label_free')")
+  maps, diam = [], []
+  chunk = 8  # label-free segmentation runs batched
+  for c0 in range(0, int(sc.n), chunk):
+    samples = [synth.generate(int(sc.seed) + i, int(sc.size), degrade=False)
+               for i in range(c0, min(c0 + chunk, int(sc.n)))]
+    if dc.vessels == "ground_truth":
+      sigma = float(sc.blur_sigma) * sc.size / 512.0
+      vs = [_blur(s.vessels.astype(np.float32), sigma) for s in samples]
+    else:
+      vs = list(_label_free(np.stack([s.image for s in samples]),
+                            np.stack([s.fov_mask for s in samples])))
+    for s, v in zip(samples, vs):
+      v, m, side = crop_to_fov(np.asarray(v, np.float32), s.fov_mask)
+      maps.append(to_uint8_map(v, dc.load_size, dc.gray_threshold, m))
+      diam.append(side)
+  return np.stack(maps), np.asarray(diam, np.float32), []
+
+
+def _folder_maps(dc) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+  if not dc.path:
+    raise ValueError("data.source='folder' needs data.path (a folder, glob or "
+                     "CSV with a `path` column)")
+  files = _list_files(dc.path)
+  if not files:
+    raise ValueError(f"no image files found under data.path={dc.path!r}")
+  maps, diam, skipped = [], [], []
+  if dc.vessels == "precomputed":
+    for f in files:
+      try:
+        with Image.open(f) as im:
+          g = np.asarray(im.convert("L"))
+      except Exception as e:  # pylint: disable=broad-except
+        skipped.append(dict(path=f, status="unreadable", message=str(e)))
+        continue
+      if min(g.shape) < 16:
+        skipped.append(dict(path=f, status="too_small",
+                            message=f"shape {g.shape}"))
+        continue
+      maps.append(to_uint8_map(g, dc.load_size, dc.gray_threshold))
+      diam.append(float(max(g.shape)))
+  elif dc.vessels == "label_free":
+    from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
+    for f in files:
+      p = fundus.prepare_fundus(f, size=dc.load_size)
+      if p.status != "ok":
+        skipped.append(dict(path=f, status=p.status, message=p.message))
+        continue
+      v = _label_free(p.image[None], p.fov_mask[None])[0]
+      maps.append(to_uint8_map(v, dc.load_size, dc.gray_threshold, p.fov_mask))
+      diam.append(float(p.crop_size))
+  else:
+    raise ValueError(f"data.vessels={dc.vessels!r} is not valid with "
+                     "data.source='folder' (use 'precomputed' or 'label_free')")
+  if not maps:
+    raise ValueError(f"none of the {len(files)} inputs under {dc.path!r} was "
+                     f"usable; first problems: {skipped[:3]}")
+  return np.stack(maps), np.asarray(diam, np.float32), skipped
+
+
+def data_key(dc) -> str:
+  blob = json.dumps(dc.to_dict(), sort_keys=True, default=str)
+  if dc.source == "folder" and dc.path:
+    files = _list_files(dc.path)
+    blob += json.dumps([(f, os.path.getsize(f), os.path.getmtime(f))
+                        for f in files if os.path.exists(f)])
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_vessel_maps(dc, cache_dir: str | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Returns (maps (N,L,L) uint8, original diameters (N,), description)."""
+  key = data_key(dc)
+  cache = os.path.join(cache_dir, f"vessel_maps_{key}.npz") if cache_dir else None
+  if cache and os.path.exists(cache):
+    z = np.load(cache, allow_pickle=False)
+    desc = json.loads(str(z["desc"]))
+    return z["maps"], z["diam"], desc
+  if dc.source == "synthetic":
+    maps, diam, skipped = _synthetic_maps(dc)
+    what = (f"{len(maps)} clean synthetic fundus images (efiqa_jax.synth, "
+            f"seeds {dc.synthetic.seed}..{dc.synthetic.seed + dc.synthetic.n - 1}"
+            f", size {dc.synthetic.size}), vessels={dc.vessels}")
+  elif dc.source == "folder":
+    maps, diam, skipped = _folder_maps(dc)
+    what = (f"{len(maps)} {'vessel maps' if dc.vessels == 'precomputed' else 'photographs segmented label-free'}"
+            f" from {dc.path}")
+  else:
+    raise ValueError(f"unknown data.source={dc.source!r} "
+                     "(use 'synthetic' or 'folder')")
+  if skipped:
+    logging.warning("skipped %d of %d inputs (see data_skipped.csv): %s",
+                    len(skipped), len(skipped) + len(maps), skipped[:3])
+    if cache_dir:
+      os.makedirs(cache_dir, exist_ok=True)
+      with open(os.path.join(cache_dir, "data_skipped.csv"), "w",
+                newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "status", "message"])
+        w.writeheader()
+        w.writerows(skipped)
+  desc = dict(description=what, num_maps=int(len(maps)),
+              num_skipped=len(skipped), load_size=int(dc.load_size),
+              gray_threshold=int(dc.gray_threshold), data_key=key)
+  if cache:
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = cache + f".tmp{os.getpid()}.npz"  # several hosts may share workdir
+    np.savez(tmp, maps=maps, diam=diam, desc=json.dumps(desc))
+    os.replace(tmp, cache)
+  return maps, diam, desc
+
+
+class TrainRecords:
+  """Random-access host-local records of the whole run (picklable callable)."""
+
+  def __init__(self, maps: np.ndarray, diam: np.ndarray, *, seed: int,
+               global_batch: int, process_index: int, process_count: int,
+               aug_cfg: aug_lib.AugmentConfig, fov_p_max: float,
+               fov_start: float, fov_end: float):
+    if global_batch % process_count:
+      raise ValueError(f"global batch {global_batch} is not divisible by "
+                       f"{process_count} processes")
+    self.maps, self.diam = maps, diam
+    self.n = len(maps)
+    self.seed = int(seed)
+    self.gbs = int(global_batch)
+    self.lbs = self.gbs // process_count
+    self.pi = int(process_index)
+    self.pc = int(process_count)
+    self.aug_cfg = aug_cfg
+    self.fov = (fov_p_max, fov_start, fov_end)
+
+  @functools.lru_cache(maxsize=4)
+  def _perm(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, 0x5EED, epoch]).permutation(self.n)
+
+  def global_index(self, local_index: int) -> int:
+    # Contiguous: process p holds positions [p*lbs, (p+1)*lbs) of each global
+    # batch, so `to_global` (which stacks processes in order) rebuilds the
+    # batch in position order and row i gets the same mask draw whatever the
+    # number of processes.
+    step, within = divmod(int(local_index), self.lbs)
+    return step * self.gbs + self.pi * self.lbs + within
+
+  def __call__(self, local_index: int) -> dict[str, Any]:
+    g = self.global_index(local_index)
+    epoch, pos = divmod(g, self.n)
+    src = int(self._perm(epoch)[pos])
+    rng = np.random.default_rng([self.seed, g])
+    p = aug_lib.fov_probability(epoch, p_max=self.fov[0], start=self.fov[1],
+                                end=self.fov[2])
+    out, info = aug_lib.augment(self.maps[src], rng, fov_p=p,
+                                orig_diameter=float(self.diam[src]),
+                                cfg=self.aug_cfg)
+    return dict(vmap=out, index=np.int64(g), source=np.int32(src),
+                fov_crop=np.bool_(info["fov_crop"]))
+
+
+def make_train_iterator(records: TrainRecords, total_steps: int, *,
+                        num_threads: int = 0, prefetch: int = 0):
+  """Checkpointable grain iterator over host-local batches of the whole run."""
+  import grain  # pylint: disable=g-import-not-at-top
+  ds = grain.MapDataset.range(total_steps * records.lbs).map(records)
+  ds = ds.batch(records.lbs, drop_remainder=True)
+  opts = grain.ReadOptions(num_threads=num_threads,
+                           prefetch_buffer_size=prefetch)
+  return iter(ds.to_iter_dataset(opts))
