@@ -11,13 +11,14 @@ def add_arguments(p):
                  help="e.g. efiqa_jax/assets/teacher_default")
   p.add_argument("--calib-n", type=int, default=96,
                  help="synthetic images used for calibration")
-  p.add_argument("overrides", nargs="*", help="--config.key=value ...")
+  p.set_defaults(config_overrides_ok=True)
+  p.epilog = "Override config fields with --config.KEY=VALUE."
 
 
 def run(args) -> int:
   from efiqa_jax import default_model  # pylint: disable=g-import-not-at-top
   meta = default_model.build_default_model(
-      args.config, args.workdir, args.out, overrides=args.overrides,
+      args.config, args.workdir, args.out, overrides=args.config_overrides,
       calib_n=args.calib_n)
   print(f"wrote {args.out}: threshold {meta['anomaly_threshold']}, grading "
         f"{meta['grading']}, map AUROC "
