@@ -11,7 +11,7 @@ schedules compressed to the shorter run (same shape: [0.8, 1] widening to
 [0, 1] between 20 % and 80 % of training). Everything else follows
 configs/teacher.py (the paper's settings).
 
-Expected: about 2500 steps, ~40 min on 2 CPU cores; calibration reports a
+Expected: 2500 steps, ~10-30 min on 2 CPU cores; calibration reports a
 synthetic map AUROC in the sidecar's `calibration`.
 """
 import os

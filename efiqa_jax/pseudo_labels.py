@@ -168,9 +168,10 @@ def write_pseudo_labels(inputs, teacher: str, out_dir: str, *,
     return jnp.mean(jnp.abs(m(x) - x), axis=-1)
 
   if from_photos:
-    from efiqa_jax import fundus, vessels  # pylint: disable=g-import-not-at-top
-    vessel_fn = jax.jit(functools.partial(vessels.vessel_map_for_teacher,
-                                          size=size))
+    from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
+    from efiqa_jax import quality_model  # pylint: disable=g-import-not-at-top
+    vessel_fn = jax.jit(functools.partial(quality_model.teacher_input,
+                                          teacher_size=size))
 
   for sub in ("anomaly", "labels"):
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)

@@ -100,13 +100,31 @@ class TeacherQualityModel:
                                                     np.float32)
 
 
+GRAY_THRESHOLD = 50  # the reference: vessel-map grey <= 50 is set to 0
+
+
+def teacher_input(images, fov, *, teacher_size, gray_threshold=GRAY_THRESHOLD):
+  """Photograph crops -> the teacher's input, as the teacher was trained.
+
+  Label-free vessel map at the teacher's size, on the 8-bit grid with grey <=
+  50 set to 0 (the reference's inference convention, which the trainer also
+  applies). The cut-off matters: it turns the faint residue of vessels a
+  degraded photograph still shows into the empty regions the teacher learned
+  to fill in.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import vessels  # pylint: disable=g-import-not-at-top
+  v = vessels.vessel_map_for_teacher(images, fov, size=teacher_size)
+  q = jnp.round(v * 255.0)
+  return jnp.where(q <= gray_threshold, 0.0, q / 255.0)
+
+
 def teacher_anomaly(teacher, images, fov, *, teacher_size):
   """Photograph crops -> (|f(x)| averaged over channels, FOV) at teacher size."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import vessels  # pylint: disable=g-import-not-at-top
 
-  v = vessels.vessel_map_for_teacher(images, fov, size=teacher_size)
+  v = teacher_input(images, fov, teacher_size=teacher_size)
   # |f(x)|: the residual branch directly when the teacher is x + f(x).
   f = teacher.body(v) if getattr(teacher, "residual", False) else teacher(v) - v
   anomaly = jnp.mean(jnp.abs(f.astype(jnp.float32)), axis=-1)
