@@ -53,4 +53,30 @@ def write_inputs(folder):
   Image.fromarray(fundus_like(seed=3)).save(buf, "JPEG")
   with open(p("i_truncated.jpg"), "wb") as f:
     f.write(buf.getvalue()[: len(buf.getvalue()) // 3])
+  base = fundus_like(seed=5)
+  # 16-bit grey PNG (12-bit data), plain grey, RGBA, CMYK, EXIF-rotated.
+  g16 = (base[..., 0].astype(np.uint16) * 16)
+  Image.fromarray(g16).save(p("j_grey16.png"))
+  Image.fromarray(base[..., 0]).save(p("k_grey.png"))
+  Image.fromarray(np.dstack([base, np.full(base.shape[:2], 255, np.uint8)]),
+                  "RGBA").save(p("l_rgba.png"))
+  Image.fromarray(base).convert("CMYK").save(p("m_cmyk.jpg"))
+  exif = Image.Exif()
+  exif[0x0112] = 6  # rotate 90 degrees on display
+  Image.fromarray(base).save(p("n_exif.jpg"), exif=exif)
+  with open(p("o_bomb.png"), "wb") as f:
+    f.write(_png_header(40000, 40000))
   return sorted(os.path.join(folder, n) for n in os.listdir(folder))
+
+
+def _png_header(w, h):
+  """A PNG whose header announces w x h RGB pixels (no real pixel data)."""
+  import struct
+  import zlib
+
+  def chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data +
+            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+  ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
+          chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))

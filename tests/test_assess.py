@@ -43,6 +43,7 @@ def test_contract_on_mixed_inputs(setup):
   expect_fail = {"d_empty.jpg": "unreadable", "e_text.png": "unreadable",
                  "f_tiny.png": "too_small", "g_black.png": "no_fov",
                  "i_truncated.jpg": "unreadable",
+                 "o_bomb.png": "too_large",
                  "z_missing.png": "not_found"}
   for name, status in expect_fail.items():
     assert by[name]["status"] == status, (name, by[name])
@@ -50,7 +51,8 @@ def test_contract_on_mixed_inputs(setup):
     assert not os.path.exists(os.path.join(out, "maps", by[name]["id"] +
                                            ".npy"))
   for name in ("a_fundus.png", "b_retina.jpg", "c_fundus.jpg",
-               "h_astronaut.png"):
+               "h_astronaut.png", "j_grey16.png", "k_grey.png", "l_rgba.png",
+               "m_cmyk.jpg", "n_exif.jpg"):
     r = by[name]
     assert r["status"] == "ok", r
     q = float(r["quality"])
@@ -61,6 +63,8 @@ def test_contract_on_mixed_inputs(setup):
     assert m.min() >= 0.0 and m.max() <= 1.0
     assert os.path.exists(os.path.join(out, "overlays", r["id"] + ".png"))
     assert int(r["crop_size"]) > 0 and float(r["fov_r"]) > 0
+  # EXIF orientation applied: the crop box refers to the displayed image.
+  assert float(by["n_exif.jpg"]["fov_r"]) > 0
   # Map is zero outside the FOV (corners of the crop square).
   m = np.load(os.path.join(out, "maps", by["a_fundus.png"]["id"] + ".npy"))
   assert m[0, 0] == 0 and m[-1, -1] == 0
@@ -107,3 +111,42 @@ def test_unknown_model_is_a_usage_error(setup, capsys):
                    str(root / "nope"), "--quiet"])
   assert code == assess_lib.EXIT_USAGE
   assert "unknown model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume(setup):
+  import signal
+  import subprocess
+  import sys
+  import time
+  root, teacher, paths = setup
+  ref_dir = str(root / "ref_kill")
+  assess_lib.assess(paths, ref_dir, model=teacher, batch_size=2,
+                    progress=False)
+  ref = open(os.path.join(ref_dir, "scores.csv")).read()
+  out = str(root / "killed")
+  cmd = [sys.executable, "-m", "efiqa_jax", "assess", *paths, "--out", out,
+         "--model", teacher, "--batch-size", "2", "--quiet"]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(os.path.dirname(os.path.dirname(assess_lib.__file__)))] +
+      os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  prog = os.path.join(out, "progress.jsonl")
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.exists(prog) and len(open(prog).read().splitlines()) >= 2:
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert not os.path.exists(os.path.join(out, "scores.csv"))
+  res = assess_lib.assess(paths, out, model=teacher, batch_size=2,
+                          progress=False)
+  assert res.skipped_done >= 2
+  assert open(os.path.join(out, "scores.csv")).read() == ref
