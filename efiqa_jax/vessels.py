@@ -408,20 +408,7 @@ MANIFEST_FIELDS = ("image", "id", "status", "message")
 
 
 def _unique_ids(paths: Sequence[str]) -> list[str]:
-  """efiqa_jax.sources.unique_ids when present (the shared convention)."""
-  try:
-    from efiqa_jax.sources import unique_ids  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    # Fallback until efiqa_jax.sources is merged: file stem, "_2", "_3", ...
-    # on collision (same rule as the shared interface).
-    seen: dict[str, int] = {}
-    ids = []
-    for p in paths:
-      stem = pathlib.Path(p).stem or "image"
-      n = seen.get(stem, 0) + 1
-      seen[stem] = n
-      ids.append(stem if n == 1 else f"{stem}_{n}")
-    return ids
+  from efiqa_jax.sources import unique_ids  # pylint: disable=g-import-not-at-top
   return list(unique_ids(paths))
 
 

@@ -11,7 +11,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from efiqa_jax import input_pipeline as ip
 from efiqa_jax import sharding as sh
 from efiqa_jax import sources
-import pipeline_fakes as fakes
+from tests import pipeline_fakes as fakes
 
 SIZE = 8
 

@@ -1,5 +1,4 @@
 """Input listing, ids, grain sources and the never-raising record transform."""
-import importlib.util
 import io
 import os
 import pickle
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 
 from efiqa_jax import sources
-import pipeline_fakes as fakes
+from tests import pipeline_fakes as fakes
 
 
 def _touch(path, data=b"x"):
@@ -118,8 +117,6 @@ def test_synthetic_source_with_stand_in():
   assert set(pad) == set(row) and not pad["valid"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("efiqa_jax.synth") is None,
-                    reason="efiqa_jax.synth not merged yet")
 def test_synthetic_source_real_generator():
   src = sources.SyntheticSource(2, seed=0, size=64)
   row = sources.ReadRecord(src, sources.PrepareSynthetic(64)).map(1)
@@ -221,8 +218,6 @@ def test_ok_with_wrong_shape_becomes_error_row():
   assert row["valid"] and not row["ok"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("efiqa_jax.fundus") is None,
-                    reason="efiqa_jax.fundus not merged yet")
 def test_prepare_fundus_real(fundus_dir, tmp_path):
   imgs = sources.list_inputs([str(fundus_dir)])[:1]
   paths = imgs + [str(tmp_path / "missing.png")]

@@ -21,11 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   import csv  # pylint: disable=g-import-not-at-top
   from efiqa_jax import vessels  # pylint: disable=g-import-not-at-top
-  try:
-    from efiqa_jax.sources import list_inputs  # pylint: disable=g-import-not-at-top
-    paths = list_inputs(args.inputs)
-  except ImportError:
-    paths = list(args.inputs)  # until efiqa_jax.sources is merged
+  from efiqa_jax.sources import list_inputs  # pylint: disable=g-import-not-at-top
+  paths = list_inputs(args.inputs)
   if not paths:
     print("efiqa vessels: no input images found")
     return 1

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import glob
 import hashlib
 import json
 import logging
@@ -36,26 +35,10 @@ from PIL import Image
 
 from efiqa_jax.teacher import augment as aug_lib
 
-_IMG_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm",
-            ".webp")
-
 
 def _list_files(path: str) -> list[str]:
-  try:  # The shared lister (pipeline helper) when present.
-    from efiqa_jax.sources import list_inputs  # pylint: disable=g-import-not-at-top
-    return list(list_inputs([path]))
-  except ImportError:
-    pass
-  if os.path.isdir(path):
-    out = []
-    for root, _, files in os.walk(path):
-      out += [os.path.join(root, f) for f in files
-              if f.lower().endswith(_IMG_EXT)]
-    return sorted(out)
-  if path.lower().endswith(".csv"):
-    with open(path, newline="") as f:
-      return [r["path"] for r in csv.DictReader(f)]
-  return sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
+  from efiqa_jax.sources import list_inputs  # pylint: disable=g-import-not-at-top
+  return list(list_inputs([path]))
 
 
 def to_uint8_map(v: np.ndarray, load_size: int, gray_threshold: int,
