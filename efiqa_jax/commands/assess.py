@@ -1,0 +1,35 @@
+"""efiqa assess: quality map, score and grade for every photograph."""
+NAME = "assess"
+HELP = ("Assess fundus photographs: a quality map, a score and a grade per "
+        "image (scores.csv, maps/, overlays/, report.html).")
+
+
+def add_arguments(p):
+  p.add_argument("inputs", nargs="+",
+                 help="image files, folders (recursive), globs, or a CSV with "
+                 "a 'path' column")
+  p.add_argument("--out", required=True, help="output folder (re-running "
+                 "into it skips finished images)")
+  p.add_argument("--model", default="default",
+                 help="'default' (bundled teacher) or a model directory")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--threads", type=int, default=4,
+                 help="decode/FOV threads")
+  p.add_argument("--no-overlays", action="store_true")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+  import sys  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import assess  # pylint: disable=g-import-not-at-top
+  try:
+    res = assess.assess(args.inputs, args.out, model=args.model,
+                        batch_size=args.batch_size, num_threads=args.threads,
+                        overlays=not args.no_overlays,
+                        progress=not args.quiet)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"efiqa assess: error: {e}", file=sys.stderr)
+    return assess.EXIT_USAGE
+  print(f"{res.total} images: {res.ok} assessed, {res.failed} failed"
+        f" ({res.skipped_done} already done); {res.scores_csv}")
+  return res.exit_code

@@ -1,0 +1,34 @@
+"""efiqa pseudo-label: teacher anomaly maps and patch pseudo-labels."""
+NAME = "pseudo-label"
+HELP = ("Teacher anomaly maps (|f(x)|) and patch pseudo-labels for vessel maps "
+        "or, with --from-photos, photographs.")
+
+
+def add_arguments(p):
+  p.add_argument("inputs", nargs="+", help="vessel maps (or photographs with "
+                 "--from-photos): files, folders, globs or a CSV")
+  p.add_argument("--teacher", required=True, help="teacher model directory")
+  p.add_argument("--out", required=True)
+  p.add_argument("--from-photos", action="store_true",
+                 help="inputs are photographs: compute label-free vessel "
+                 "maps first")
+  p.add_argument("--threshold", type=float, default=0.02)
+  p.add_argument("--grid", type=int, default=16,
+                 help="cells per side: 16 for 256/16, 14 for 224/16")
+  p.add_argument("--relax", type=float, default=0.9,
+                 help="share of a cell that must be anomalous")
+  p.add_argument("--mode", choices=("hard", "soft"), default="hard")
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--quiet", action="store_true")
+
+
+def run(args) -> int:
+  from efiqa_jax import pseudo_labels  # pylint: disable=g-import-not-at-top
+  spec = pseudo_labels.LabelSpec(threshold=args.threshold, grid=args.grid,
+                                 relax=args.relax, mode=args.mode)
+  res = pseudo_labels.write_pseudo_labels(
+      args.inputs, args.teacher, args.out, from_photos=args.from_photos,
+      spec=spec, batch_size=args.batch_size, progress=not args.quiet)
+  print(f"{res['total']} inputs: {res['ok']} labelled, {res['failed']} failed;"
+        f" {args.out}/manifest.csv")
+  return 0 if res["failed"] == 0 else 3

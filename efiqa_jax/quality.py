@@ -1,0 +1,57 @@
+"""From a degradation map to image-level numbers: quality, grade, fraction.
+
+The default pooling (documented in the README):
+  quality           = 1 - mean of the map over the field of view
+  degraded_fraction = share of the field of view where the map >= 0.5
+  grade             = good    if quality >= GOOD_MIN and the FOV is circular
+                      usable  if quality >= USABLE_MIN
+                      reject  otherwise
+A photograph without a circular field of view (a non-fundus photograph, or a
+rectangular crop) is never graded `good`: quality judged on anatomy we could not
+locate is not trusted. `efiqa calibrate` (issue 5) replaces these defaults with a
+fitted pooling.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+GOOD_MIN = 0.80
+USABLE_MIN = 0.55
+DEGRADED_CELL = 0.5
+GRADES = ("good", "usable", "reject")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grading:
+  good_min: float = GOOD_MIN
+  usable_min: float = USABLE_MIN
+
+  def grade(self, quality: float, circular: bool = True) -> str:
+    if quality >= self.good_min and circular:
+      return "good"
+    if quality >= self.usable_min:
+      return "usable"
+    return "reject"
+
+
+def fov_at(fov_mask: np.ndarray, shape) -> np.ndarray:
+  """Fraction of each map cell inside the FOV (area resampling of the mask)."""
+  fm = np.asarray(fov_mask, np.float32)
+  h, w = fm.shape
+  mh, mw = shape
+  if h % mh == 0 and w % mw == 0:
+    return fm.reshape(mh, h // mh, mw, w // mw).mean(axis=(1, 3))
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return np.asarray(Image.fromarray(fm, mode="F").resize((mw, mh), Image.BOX))
+
+
+def summarise(qmap: np.ndarray, fov_weight: np.ndarray) -> tuple[float, float]:
+  """(quality, degraded_fraction) of a map given per-cell FOV weights."""
+  wsum = float(fov_weight.sum())
+  if wsum <= 0:
+    return 0.0, 1.0
+  mean = float((qmap * fov_weight).sum() / wsum)
+  frac = float(((qmap >= DEGRADED_CELL) * fov_weight).sum() / wsum)
+  return 1.0 - mean, frac

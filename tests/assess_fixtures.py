@@ -1,0 +1,56 @@
+"""Shared fixtures for the assess tests: a tiny teacher and mixed inputs."""
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def tiny_teacher(path, *, base=4, image_size=64, work_size=128, seed=0):
+  from flax import nnx
+  from efiqa_jax import checkpoints
+  from efiqa_jax.models.unet import UNet
+  model = UNet(3, 3, base_channels=base, residual=True, rngs=nnx.Rngs(seed))
+  checkpoints.save_model(path, model, {
+      "name": "tiny-test-teacher", "image_size": image_size,
+      "work_size": work_size, "anomaly_threshold": 0.02})
+  return str(path)
+
+
+def fundus_like(size=300, seed=0, offset=(0, 0)):
+  """A bright orange disc with dark lines on black: enough to find a FOV."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :int(size * 1.3)]
+  cx, cy = xx.shape[1] / 2 + offset[0], size / 2 + offset[1]
+  r = size * 0.45
+  d = np.hypot(xx - cx, yy - cy)
+  img = np.zeros(xx.shape + (3,), np.float32)
+  inside = d < r
+  img[inside] = (190, 90, 40)
+  for k in range(6):
+    ang = rng.uniform(0, np.pi)
+    line = np.abs((xx - cx) * np.sin(ang) - (yy - cy) * np.cos(ang)) < 2
+    img[line & inside] *= 0.6
+  img += rng.normal(0, 3, img.shape)
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_inputs(folder):
+  """Good-looking, bad and non-fundus inputs; returns the ordered paths."""
+  from skimage import data
+  os.makedirs(folder, exist_ok=True)
+  p = lambda n: os.path.join(folder, n)
+  Image.fromarray(fundus_like(seed=1)).save(p("a_fundus.png"))
+  Image.fromarray(data.retina()).resize((400, 400)).save(p("b_retina.jpg"))
+  Image.fromarray(fundus_like(seed=2, offset=(20, 0))).save(p("c_fundus.jpg"))
+  open(p("d_empty.jpg"), "wb").close()
+  with open(p("e_text.png"), "w") as f:
+    f.write("not an image")
+  Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(p("f_tiny.png"))
+  Image.fromarray(np.zeros((200, 260, 3), np.uint8)).save(p("g_black.png"))
+  Image.fromarray(data.astronaut()).save(p("h_astronaut.png"))
+  buf = io.BytesIO()
+  Image.fromarray(fundus_like(seed=3)).save(buf, "JPEG")
+  with open(p("i_truncated.jpg"), "wb") as f:
+    f.write(buf.getvalue()[: len(buf.getvalue()) // 3])
+  return sorted(os.path.join(folder, n) for n in os.listdir(folder))

@@ -1,0 +1,59 @@
+import itertools
+
+import numpy as np
+
+from efiqa_jax import metrics, quality, report
+
+
+def _auroc_bruteforce(y, s):
+  pos = [b for a, b in zip(y, s) if a]
+  neg = [b for a, b in zip(y, s) if not a]
+  tot = 0.0
+  for p, n in itertools.product(pos, neg):
+    tot += 1.0 if p > n else 0.5 if p == n else 0.0
+  return tot / (len(pos) * len(neg))
+
+
+def test_auroc_matches_pairwise_definition_with_ties():
+  rng = np.random.default_rng(0)
+  y = rng.random(60) > 0.6
+  s = np.round(rng.random(60) * 5) / 5  # many ties
+  assert abs(metrics.auroc(y, s) - _auroc_bruteforce(y, s)) < 1e-12
+  assert metrics.auroc([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.2]) == 1.0
+  assert np.isnan(metrics.auroc([1, 1], [0.1, 0.2]))
+
+
+def test_weighted_auroc_equals_repetition():
+  y = np.array([1, 0, 1, 0, 1])
+  s = np.array([0.3, 0.2, 0.1, 0.4, 0.5])
+  w = np.array([2, 1, 1, 3, 1])
+  rep_y = np.repeat(y, w)
+  rep_s = np.repeat(s, w)
+  assert abs(metrics.auroc(y, s, w) - _auroc_bruteforce(rep_y, rep_s)) < 1e-12
+
+
+def test_summarise_and_grades():
+  qmap = np.zeros((4, 4), np.float32)
+  qmap[0, :] = 1.0
+  w = np.ones((4, 4), np.float32)
+  q, frac = quality.summarise(qmap, w)
+  assert abs(q - 0.75) < 1e-6 and abs(frac - 0.25) < 1e-6
+  g = quality.Grading(good_min=0.8, usable_min=0.5)
+  assert g.grade(0.9) == "good"
+  assert g.grade(0.9, circular=False) == "usable"
+  assert g.grade(0.6) == "usable" and g.grade(0.4) == "reject"
+  # Outside the FOV counts for nothing.
+  w[0, :] = 0
+  q, frac = quality.summarise(qmap, w)
+  assert q == 1.0 and frac == 0.0
+
+
+def test_overlay_keeps_clean_regions_and_marks_degraded_ones():
+  img = np.full((64, 64, 3), 100, np.uint8)
+  m = np.zeros((8, 8), np.float32)
+  m[:4] = 1.0
+  fov = np.ones((64, 64), bool)
+  out = report.overlay(img, m, fov)
+  assert out.shape == img.shape and out.dtype == np.uint8
+  assert np.abs(out[40:60, 10:50].astype(int) - 100).max() == 0
+  assert np.abs(out[5:20, 10:50].astype(int) - 100).mean() > 30
