@@ -25,6 +25,14 @@ MAP_SIZE = 64
 
 
 def load_quality_model(name_or_path: str = "default", **kwargs):
+  """'default'/'teacher', a teacher directory, or 'student' (with
+  encoder=DIR, adapter=DIR, optional calibration=FILE)."""
+  if name_or_path == "student":
+    return StudentQualityModel.from_checkpoints(**kwargs)
+  for k in ("encoder", "adapter", "calibration"):
+    if kwargs.get(k) is not None:
+      raise ValueError(f"--{k} is only for --model student")
+    kwargs.pop(k, None)
   if name_or_path in ("default", "teacher"):
     path = DEFAULT_MODEL_DIR
     if not os.path.isdir(path):
@@ -145,3 +153,123 @@ def _teacher_maps(graphdef, state, images, fov, *, threshold, teacher_size,
   anomaly, fov_t = teacher_anomaly(teacher, images, fov,
                                    teacher_size=teacher_size)
   return pool_anomaly(anomaly, fov_t, threshold=threshold, map_size=map_size)
+
+
+class StudentQualityModel:
+  """Frozen ViT encoder + adapter (EFIQA stage 2): degradation logits per
+  patch token.
+
+  Input chain (the one `efiqa extract` uses, `features.PrepareEncoderInput`):
+  FOV crop square (crop_x0, crop_y0, crop_size; zero outside the image and
+  the FOV) at work_size -> EFIQA preprocessing (PIL bicubic to `size`, /255,
+  ImageNet mean/std) -> encoder patch tokens (gh, gw, D) -> adapter logits.
+  map = sigmoid(logits) on the adapter's grid, 0 on cells outside the FOV.
+  """
+
+  def __init__(self, encoder, adapter, *, name: str = "student",
+               size: int | None = None, work_size: int = 512,
+               batch_size: int = 8, grading=None, meta: dict | None = None):
+    import jax  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+
+    self.meta = dict(meta or {})
+    self.name = name
+    feats = self.meta.get("adapter", {}).get("features", {})
+    self.size = int(size or feats.get("size") or 224)
+    self.work_size = int(work_size)
+    p = encoder.cfg["patch_size"]
+    if self.size % p:
+      raise ValueError(f"size {self.size} is not a multiple of the encoder "
+                       f"patch size {p}")
+    if adapter.in_dim != encoder.cfg["hidden_size"]:
+      raise ValueError(f"adapter expects D={adapter.in_dim}, the encoder "
+                       f"gives {encoder.cfg['hidden_size']}")
+    self.grid = adapter.output_grid(self.size // p, self.size // p)
+    self.grading = grading or quality_lib.Grading()
+    devices = jax.local_devices()
+    n_dev = len(devices)
+    self.batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    self._data = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("data"))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._enc = nnx.split(encoder)
+    self._ada = nnx.split(adapter)
+    self._enc = (self._enc[0], jax.device_put(self._enc[1], rep))
+    self._ada = (self._ada[0], jax.device_put(self._ada[1], rep))
+    # Graphdefs closed over (the ViT's config dict makes them unhashable).
+    gd_e, gd_a = self._enc[0], self._ada[0]
+    self._fn = jax.jit(lambda es, as_, x: _student_logits(gd_e, es, gd_a,
+                                                          as_, x))
+
+  @classmethod
+  def from_checkpoints(cls, encoder: str | None = None,
+                       adapter: str | None = None,
+                       calibration: str | None = None, *,
+                       dtype: str | None = None, **kwargs):
+    from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    from efiqa_jax.models import adapters  # pylint: disable=g-import-not-at-top
+    if not encoder or not adapter:
+      raise ValueError("--model student needs --encoder DIR and --adapter DIR")
+    enc, enc_meta = checkpoints.load_model(encoder, dtype=dtype)
+    if getattr(enc, "ARCH", None) != "vit":
+      raise ValueError(f"{encoder} is not a ViT encoder")
+    ada, ada_meta = checkpoints.load_model(adapter)
+    if not adapters.is_adapter_architecture(ada_meta["architecture"]):
+      raise ValueError(f"{adapter} holds a {ada_meta['architecture']!r} "
+                       "model, not an adapter")
+    meta = {"encoder": enc_meta, "adapter": ada_meta}
+    grading = kwargs.pop("grading", None)
+    if calibration:
+      import json  # pylint: disable=g-import-not-at-top
+      with open(calibration) as f:
+        cal = json.load(f)
+      meta["calibration"] = cal
+      if "grading" in cal:
+        grading = quality_lib.Grading(**cal["grading"])
+    return cls(enc, ada, grading=grading, meta=meta, **kwargs)
+
+  def prepare(self, path):
+    from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
+    return fundus.prepare_fundus(path, size=self.work_size)
+
+  def encoder_input(self, images: np.ndarray) -> np.ndarray:
+    from efiqa_jax.encoders import preprocess as pp  # pylint: disable=g-import-not-at-top
+    return np.stack([pp.preprocess(np.asarray(im), self.size, "efiqa")
+                     for im in images]).astype(np.float32)
+
+  def predict_logits(self, images: np.ndarray, fov: np.ndarray | None = None
+                     ) -> np.ndarray:
+    """uint8 FOV crops (B, S, S, 3) -> raw adapter logits (B, gh, gw)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    del fov  # the crop is already zero outside the FOV
+    out = []
+    for s in range(0, images.shape[0], self.batch_size):
+      x = self.encoder_input(images[s:s + self.batch_size])
+      k = x.shape[0]
+      if k < self.batch_size:
+        x = np.concatenate([x, np.zeros((self.batch_size - k,) + x.shape[1:],
+                                        x.dtype)])
+      x = jax.device_put(x, self._data)
+      logits = self._fn(self._enc[1], self._ada[1], x)
+      out.append(np.asarray(logits)[:k])
+    return (np.concatenate(out) if out else
+            np.zeros((0,) + tuple(self.grid), np.float32))
+
+  def maps_from_logits(self, logits: np.ndarray, fov: np.ndarray
+                       ) -> np.ndarray:
+    maps = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+    for i in range(maps.shape[0]):
+      maps[i][quality_lib.fov_at(fov[i], maps.shape[1:]) <= 0] = 0.0
+    return maps.astype(np.float32)
+
+  def predict(self, images: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    return self.maps_from_logits(self.predict_logits(images, fov), fov)
+
+
+def _student_logits(enc_graphdef, enc_state, ada_graphdef, ada_state, x):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  enc = nnx.merge(enc_graphdef, enc_state)
+  ada = nnx.merge(ada_graphdef, ada_state)
+  return ada(enc.patch_features(x).astype(jnp.float32))
