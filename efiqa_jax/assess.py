@@ -237,7 +237,9 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
     qmap = np.asarray(maps[k], np.float32)
     w = quality_lib.fov_at(fov_mask, qmap.shape)
     qmap = np.where(w > 0, qmap, 0.0).astype(np.float32)
-    q, frac = quality_lib.summarise(qmap, w)
+    # A calibrated model pools its own way (efiqa calibrate).
+    q, frac = getattr(quality_model, "summarise", quality_lib.summarise)(
+        qmap, w)
     circular = bool(batch["circular"][k])
     grade = quality_model.grading.grade(q, circular)
     if not circular:

@@ -168,11 +168,13 @@ class StudentQualityModel:
 
   def __init__(self, encoder, adapter, *, name: str = "student",
                size: int | None = None, work_size: int = 512,
-               batch_size: int = 8, grading=None, meta: dict | None = None):
+               batch_size: int = 8, grading=None, meta: dict | None = None,
+               pooling=None):
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
 
     self.meta = dict(meta or {})
+    self.pooling = pooling  # calibrate.WeightedPooling or None (default)
     self.name = name
     feats = self.meta.get("adapter", {}).get("features", {})
     self.size = int(size or feats.get("size") or 224)
@@ -220,14 +222,26 @@ class StudentQualityModel:
                        "model, not an adapter")
     meta = {"encoder": enc_meta, "adapter": ada_meta}
     grading = kwargs.pop("grading", None)
+    pooling = None
     if calibration:
-      import json  # pylint: disable=g-import-not-at-top
-      with open(calibration) as f:
-        cal = json.load(f)
+      from efiqa_jax import calibrate  # pylint: disable=g-import-not-at-top
+      cal = calibrate.load_calibration(calibration)
       meta["calibration"] = cal
+      pooling = calibrate.pooling_from(cal)
       if "grading" in cal:
         grading = quality_lib.Grading(**cal["grading"])
-    return cls(enc, ada, grading=grading, meta=meta, **kwargs)
+    model = cls(enc, ada, grading=grading, meta=meta, pooling=pooling,
+                **kwargs)
+    if pooling is not None and pooling.weights.shape != tuple(model.grid):
+      raise ValueError(f"calibration weights {pooling.weights.shape} do not "
+                       f"match the student's map grid {tuple(model.grid)}")
+    return model
+
+  def summarise(self, qmap, fov_weight):
+    """(quality, degraded_fraction): calibrated pooling or the default."""
+    if self.pooling is None:
+      return quality_lib.summarise(qmap, fov_weight)
+    return self.pooling.summarise(qmap, fov_weight)
 
   def prepare(self, path):
     from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
