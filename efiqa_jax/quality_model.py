@@ -167,7 +167,7 @@ class StudentQualityModel:
   """
 
   def __init__(self, encoder, adapter, *, name: str = "student",
-               size: int | None = None, work_size: int = 512,
+               size: int | None = None, work_size: int | None = None,
                batch_size: int = 8, grading=None, meta: dict | None = None,
                pooling=None):
     import jax  # pylint: disable=g-import-not-at-top
@@ -178,7 +178,8 @@ class StudentQualityModel:
     self.name = name
     feats = self.meta.get("adapter", {}).get("features", {})
     self.size = int(size or feats.get("size") or 224)
-    self.work_size = int(work_size)
+    # Default: the chain the adapter was trained on (its features' metadata).
+    self.work_size = int(work_size or feats.get("work_size") or 512)
     p = encoder.cfg["patch_size"]
     if self.size % p:
       raise ValueError(f"size {self.size} is not a multiple of the encoder "
