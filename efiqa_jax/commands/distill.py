@@ -16,6 +16,7 @@ def add_arguments(p):
   p.add_argument("--set", dest="overrides", action="append", default=[],
                  metavar="config.key=value", help="config override")
   p.add_argument("--quiet", action="store_true")
+  p.set_defaults(config_overrides_ok=True)
 
 
 def run(args) -> int:
@@ -23,7 +24,9 @@ def run(args) -> int:
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   from efiqa_jax.student import distill  # pylint: disable=g-import-not-at-top
   try:
-    cfg = config_util.load_config(args.config, args.overrides)
+    cfg = config_util.load_config(
+        args.config, list(args.overrides) + list(
+            getattr(args, "config_overrides", None) or []))
     res = distill.distill(args.inputs, args.teacher, args.encoder,
                           args.workdir, cfg, batch_size=args.batch_size,
                           progress=not args.quiet)

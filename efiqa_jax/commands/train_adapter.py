@@ -11,6 +11,8 @@ def add_arguments(p):
   p.add_argument("overrides", nargs="*",
                  help="config.key=value ... (or, after `--`, "
                  "--config.key=value)")
+  # main's cli collects --config.KEY=VALUE for commands that opt in.
+  p.set_defaults(config_overrides_ok=True)
 
 
 def run(args) -> int:
@@ -19,7 +21,8 @@ def run(args) -> int:
   from efiqa_jax.student import train  # pylint: disable=g-import-not-at-top
   try:
     cfg = config_util.load_config(args.config,
-                                  list(args.overrides))
+                                  list(args.overrides) + list(
+        getattr(args, "config_overrides", None) or []))
     res = train.train_and_evaluate(cfg, args.workdir)
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa train-adapter: error: {e}", file=sys.stderr)
