@@ -243,11 +243,12 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
       params, opt_state, loss, valid = step_fn(params, opt_state, enc_state,
                                                batch, jnp.int32(step))
       step += 1
-      if float(valid) > 0:
-        upd = Avg.from_model_output(loss=loss)
-        avg = upd if avg is None else avg.merge(upd)
+      # Accumulated on device (no host sync per step); skipped nnPU batches
+      # are masked out of the average.
+      upd = Avg.from_model_output(loss=loss[None], mask=(valid > 0)[None])
+      avg = upd if avg is None else avg.merge(upd)
       if step % int(config.log_every) == 0 or step == stop:
-        if avg is not None:
+        if avg is not None and float(avg.count) > 0:
           last_loss = float(avg.compute())
           mf.write(json.dumps({"step": step, "epoch": step / spe,
                                "loss": last_loss}) + "\n")
@@ -258,7 +259,8 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                 force=(step == total))
       if bar is not None:
         bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}")
+        if step % int(config.log_every) == 0:
+          bar.set_postfix(loss=f"{last_loss:.4f}")
   if bar is not None:
     bar.close()
   mngr.wait_until_finished()
