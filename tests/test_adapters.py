@@ -49,7 +49,7 @@ def test_modern_head_param_count_and_grid():
   assert _n_params(m) == 5_390_849
   rates = [m.stages[str(s)][str(j)].drop_path_rate
            for s, d in enumerate((2, 2, 1)) for j in range(d)]
-  np.testing.assert_allclose(rates, [0.1 / 3] * 2 + [0.2 / 3] * 2 + [0.1])
+  np.testing.assert_allclose(rates, [0.033] * 2 + [0.066] * 2 + [0.1])
   assert m.output_grid(64, 64) == (16, 16)
   with pytest.raises(ValueError):
     m.output_grid(14, 14)
@@ -134,3 +134,10 @@ def test_nnpu_skips_batches_without_p_or_u():
   # 0/255 labels: > 0.5 is positive.
   _, valid = losses.nnpu(z, jnp.array([255.0, 0.0]))
   assert float(valid) == 1.0
+
+
+def test_nnpu_pos_weight():
+  z, y = jnp.array([2.0, -1.0]), jnp.array([1.0, 0.0])
+  want = 3 * 0.05 * sp(-2) + max(0.0, sp(-1) - 0.05 * sp(2))
+  loss, _ = losses.nnpu(z, y, pi=0.05, pos_weight=3.0)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-6)

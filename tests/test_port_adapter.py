@@ -90,3 +90,88 @@ def test_strict(tmp_path, capsys):
   np.save(tmp_path / "W.npy", np.zeros(D))
   with pytest.raises(ValueError, match="--bias"):
     port_adapter.port_adapter(tmp_path / "W.npy", tmp_path / "o")
+
+
+def _torch_head(torch, d, mid, ratio):
+  """EFIQA-CP's head written from efiqa-method.md §4.2 (NCHW, torch)."""
+  nn = torch.nn
+
+  class CLN(nn.Module):
+    def __init__(self, c):
+      super().__init__()
+      self.norm = nn.LayerNorm(c, eps=1e-6)
+
+    def forward(self, x):
+      return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+  class Block(nn.Module):
+    def __init__(self, c):
+      super().__init__()
+      self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+      self.norm = CLN(c)
+      self.pw1 = nn.Conv2d(c, int(c * ratio), 1)
+      self.pw2 = nn.Conv2d(int(c * ratio), c, 1)
+      self.gamma = nn.Parameter(torch.ones(1, c, 1, 1))
+
+    def forward(self, x):
+      h = self.pw2(nn.functional.gelu(self.pw1(self.norm(self.dw(x)))))
+      return x + self.gamma * h
+
+  class Down(nn.Module):
+    def __init__(self, c):
+      super().__init__()
+      self.norm = CLN(c)
+      self.conv = nn.Conv2d(c, c, 2, stride=2)
+
+    def forward(self, x):
+      return self.conv(self.norm(x))
+
+  class Head(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.stem = nn.Sequential(CLN(d), nn.Conv2d(d, mid, 1))
+      self.stage1 = nn.Sequential(Block(mid), Block(mid))
+      self.down1 = Down(mid)
+      self.stage2 = nn.Sequential(Block(mid), Block(mid))
+      self.down2 = Down(mid)
+      self.stage3 = Block(mid)
+      self.head = nn.Sequential(CLN(mid), nn.Conv2d(mid, 1, 1))
+
+    def forward(self, x):
+      x = self.down1(self.stage1(self.stem(x)))
+      return self.head(self.stage3(self.down2(self.stage2(x))))
+
+  class Wrap(nn.Module):  # SpaceAdmiralCNN: self.model = head
+    def __init__(self):
+      super().__init__()
+      self.model = Head()
+
+  return Wrap()
+
+
+def test_sa_cnn_matches_torch(tmp_path):
+  torch = pytest.importorskip("torch")
+  torch.manual_seed(0)
+  ref = _torch_head(torch, 12, 8, 1.0).eval()
+  with torch.no_grad():  # non-trivial norms, layer scale, biases
+    for name, p in ref.named_parameters():
+      if name.endswith("gamma") or "norm.weight" in name:
+        p.copy_(1 + 0.3 * torch.randn(p.shape))
+      elif name.endswith("bias"):
+        p.copy_(0.3 * torch.randn(p.shape))
+  torch.save(ref.state_dict(), tmp_path / "sa_cnn.pth")
+  assert cli.main(["port", "sa_cnn", str(tmp_path / "sa_cnn.pth"), "--out",
+                   str(tmp_path / "o")]) == 0
+  m, meta = checkpoints.load_model(tmp_path / "o")
+  assert meta["architecture"] == "modern_head_64to16"
+  z = np.random.default_rng(0).normal(size=(2, 16, 16, 12)).astype(np.float32)
+  with torch.no_grad():
+    want = ref.model(torch.from_numpy(z.transpose(0, 3, 1, 2))).numpy()[:, 0]
+  got = np.asarray(m(z))
+  assert got.shape == (2, 4, 4)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  sd = ref.state_dict()
+  del sd["model.stage3.gamma"]
+  torch.save(sd, tmp_path / "bad.pth")
+  with pytest.raises(PortError, match="stage3.gamma"):
+    port_adapter.port_sa_cnn(tmp_path / "bad.pth", tmp_path / "o2")

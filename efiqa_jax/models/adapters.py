@@ -13,6 +13,7 @@ low-quality), as in the reference `badish`.
                       depthwise -> LN -> 1x1 (mlp_ratio) -> GELU -> 1x1 ->
                       layer-scale (init 1) -> drop-path -> residual; drop-path
                       rate scaled per stage (0.033/0.066/0.1 for 0.1).
+                      Ported from FunPiQ `sa_cnn` by `efiqa port sa_cnn`.
                       64x64 tokens -> 16x16 logits (any grid divisible by 4).
 
 Every adapter exposes ARCH + config() (efiqa_jax.checkpoints format) and
@@ -146,8 +147,10 @@ class ModernHead64to16(nnx.Module):
     n = len(self.depths)
     stages, downs = {}, {}
     for s, depth in enumerate(self.depths):
-      # Drop-path rate grows with the stage: drop_path * (s + 1) / n.
-      rate = self.drop_path * (s + 1) / n
+      # Drop-path rate grows with the stage; the reference scales it by
+      # 0.33 / 0.66 / 1 for three stages (else (s + 1) / n).
+      scale = (0.33, 0.66, 1.0)[s] if n == 3 else (s + 1) / n
+      rate = self.drop_path * scale
       # String keys: checkpoint paths are the same in memory and on disk.
       stages[str(s)] = nnx.Dict({
           str(j): ConvNeXtBlock(c, self.mlp_ratio, rate, dtype=dtype,

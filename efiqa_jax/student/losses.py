@@ -9,8 +9,9 @@ bce_pos_weight: torch BCEWithLogits(pos_weight=w), averaged over the mask:
 
 nnpu (EFIQA-CP, `loss/nnpu.py`, efiqa-method.md §4.2): P = labelled bad
 (y > 0.5), U = everything else, pooled over the whole batch:
-  L = pi * mean_P softplus(-z) + max(beta, mean_U softplus(z)
-                                       - pi * mean_P softplus(z))
+  L = w * pi * mean_P softplus(-z) + max(beta, mean_U softplus(z)
+                                           - pi * mean_P softplus(z))
+(w = pos_weight, 1 in EFIQA-CP).
 A batch without P or without U pixels is skipped by the reference; here its
 loss is 0 (so its gradient is 0) and `valid` is 0 so metrics can skip it.
 """
@@ -29,7 +30,8 @@ def bce_pos_weight(logits, targets, pos_weight: float = 1.0, mask=None):
   return jnp.sum(per * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def nnpu(logits, targets, pi: float = 0.05, beta: float = 0.0, mask=None):
+def nnpu(logits, targets, pi: float = 0.05, beta: float = 0.0, mask=None,
+         pos_weight: float = 1.0):
   """(loss, valid) with valid in {0., 1.} (0 = batch lacks P or U)."""
   z = logits.astype(jnp.float32)
   m = jnp.ones_like(z) if mask is None else jnp.broadcast_to(
@@ -41,7 +43,8 @@ def nnpu(logits, targets, pi: float = 0.05, beta: float = 0.0, mask=None):
   rp_plus = jnp.sum(p * jax.nn.softplus(-z)) / jnp.maximum(n_p, 1.0)
   rp_minus = jnp.sum(p * jax.nn.softplus(z)) / jnp.maximum(n_p, 1.0)
   ru_minus = jnp.sum(u * jax.nn.softplus(z)) / jnp.maximum(n_u, 1.0)
-  loss = pi * rp_plus + jnp.maximum(beta, ru_minus - pi * rp_minus)
+  loss = pos_weight * pi * rp_plus + jnp.maximum(beta,
+                                                 ru_minus - pi * rp_minus)
   return jnp.where(valid, loss, 0.0), valid.astype(jnp.float32)
 
 
@@ -52,5 +55,5 @@ def distill_loss(name: str, logits, targets, mask=None, *,
     return (bce_pos_weight(logits, targets, pos_weight, mask),
             jnp.float32(1.0))
   if name == "nnpu":
-    return nnpu(logits, targets, pi, beta, mask)
+    return nnpu(logits, targets, pi, beta, mask, pos_weight)
   raise ValueError(f"unknown loss {name!r}; known: bce, nnpu")
