@@ -40,6 +40,7 @@ def get_config(arg=None):
   c.epochs = 20
   c.seed = 504
   c.augment_flip = False         # image batching only
+  c.label_resize = "error"       # label grid != output grid: error | nearest
   c.mesh = (("data", -1),)
   c.checkpoint_every = 200       # steps
   c.keep_checkpoints = 2

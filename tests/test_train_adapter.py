@@ -190,3 +190,17 @@ def test_cli(fdata, tmp_path, capsys):
   assert cli.main(["train-adapter", "--config",
                    os.path.join(REPO, "configs/adapter.py:tiny"),
                    "--workdir", wd, "config.labels_dir=/nonexistent"]) == 2
+
+
+def test_label_resize_nearest_like_torch(fdata, tmp_path):
+  torch = pytest.importorskip("torch")
+  from efiqa_jax.student import data as data_lib
+  y = (np.random.default_rng(0).random((16, 16)) > 0.5).astype(np.float32)
+  want = torch.nn.functional.interpolate(
+      torch.from_numpy(y)[None, None], size=(14, 14), mode="nearest")[0, 0]
+  np.testing.assert_array_equal(data_lib.resize_nearest(y, (14, 14)),
+                                want.numpy())
+  fd, ld, _ = fdata  # 4x4 labels, the CP head outputs 1x1 on 4x4 tokens
+  c = _cfg("configs/adapter_cp.py:tiny", features_dir=fd, labels_dir=ld,
+           label_resize="nearest", epochs=1)
+  assert train.train_and_evaluate(c, str(tmp_path / "wd")).step == 2

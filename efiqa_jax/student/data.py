@@ -56,6 +56,15 @@ def read_label(path: str) -> np.ndarray:
   return (a > 0).astype(np.float32)
 
 
+def resize_nearest(y: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+  """torch F.interpolate(mode='nearest'): source index floor(i * in / out)
+  (what the reference trainer does when label and output grids differ)."""
+  h, w = y.shape
+  ri = np.floor(np.arange(shape[0]) * (h / shape[0])).astype(int)
+  ci = np.floor(np.arange(shape[1]) * (w / shape[1])).astype(int)
+  return y[np.minimum(ri, h - 1)][:, np.minimum(ci, w - 1)]
+
+
 def feature_files(features_dir: str) -> tuple[dict[str, str], list, dict]:
   """(id -> .npy path, not-ok manifest rows, metadata) of `efiqa extract`
   output. ArrayRecord output is not read here (extract with --format npy)."""

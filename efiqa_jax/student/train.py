@@ -110,10 +110,13 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   ys = []
   for i in ids:
     y = data_lib.read_label(labels[i])
+    if y.shape != (oh, ow) and config.get("label_resize", "error") == "nearest":
+      y = data_lib.resize_nearest(y, (oh, ow))
     if y.shape != (oh, ow):
       raise ValueError(f"label {labels[i]} is {y.shape[0]}x{y.shape[1]} but "
                        f"the adapter outputs {oh}x{ow} for {gh}x{gw} tokens "
-                       "(pseudo-label --grid must match)")
+                       "(pseudo-label --grid must match, or set "
+                       "config.label_resize=nearest)")
     ys.append(y)
 
   batching = config.batching
