@@ -241,7 +241,14 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                              threads=int(config.data_threads))
   step = start
   with jax.set_mesh(mesh), open(metrics_path, "a") as mf:
+    pc, pi = jax.process_count(), jax.process_index()
+    if bsz % pc:
+      raise ValueError(f"batch_size {bsz} is not divisible by the {pc} "
+                       "processes")
     for host in it:
+      if pc > 1:  # every process builds the global batch; feeds its rows
+        lo, hi = bsz * pi // pc, bsz * (pi + 1) // pc
+        host = {k: v[lo:hi] for k, v in host.items()}
       batch = sh.to_global(host, dsh, keys)
       params, opt_state, loss, valid = step_fn(params, opt_state, enc_state,
                                                batch, jnp.int32(step))
