@@ -27,25 +27,25 @@ def test_distill_chain(tmp_path, capsys):
       rngs=nnx.Rngs(0)))
   imgs = tmp_path / "imgs"
   imgs.mkdir()
-  for s in range(8):
-    Image.fromarray(synth.generate(s, 128).image).save(imgs / f"s{s}.png")
+  for s in range(4):
+    Image.fromarray(synth.generate(s, 96).image).save(imgs / f"s{s}.png")
   (imgs / "broken.png").write_bytes(b"not an image")
   wd = tmp_path / "wd"
   args = ["distill", str(imgs), "--teacher", str(tmp_path / "teacher"),
           "--encoder", str(tmp_path / "enc"), "--workdir", str(wd),
           "--config", os.path.join(REPO, "configs/adapter.py:tiny"),
-          "--set", "config.size=64", "--set", "config.work_size=128",
-          "--set", "config.batch_size=64", "--quiet"]
+          "--set", "config.size=64", "--set", "config.work_size=96",
+          "--set", "config.batch_size=32", "--quiet"]
   assert cli.main(args) == 0
   assert "adapter:" in capsys.readouterr().out
   labels = sorted(os.listdir(wd / "pseudo" / "labels"))
-  assert labels == [f"s{s}.png" for s in range(8)]
+  assert labels == [f"s{s}.png" for s in range(4)]
   assert np.asarray(Image.open(wd / "pseudo" / "labels" / "s0.png")).shape == (
       4, 4)
   rep = json.load(open(wd / "train" / "data.json"))
-  assert rep["matched"] == 8 and rep["token_grid"] == [4, 4, 16]
+  assert rep["matched"] == 4 and rep["token_grid"] == [4, 4, 16]
   assert [x[0] for x in rep["not_ok"]] == ["broken"]
-  # 8 images x 16 patches / 64 = 2 steps per epoch, 2 epochs.
+  # 4 images x 16 patches / 32 = 2 steps per epoch, 2 epochs.
   assert rep["total_steps"] == 4
   # Re-running finds everything done.
   assert cli.main(args) == 0

@@ -200,7 +200,18 @@ def test_label_resize_nearest_like_torch(fdata, tmp_path):
       torch.from_numpy(y)[None, None], size=(14, 14), mode="nearest")[0, 0]
   np.testing.assert_array_equal(data_lib.resize_nearest(y, (14, 14)),
                                 want.numpy())
-  fd, ld, _ = fdata  # 4x4 labels, the CP head outputs 1x1 on 4x4 tokens
-  c = _cfg("configs/adapter_cp.py:tiny", features_dir=fd, labels_dir=ld,
-           label_resize="nearest", epochs=1)
-  assert train.train_and_evaluate(c, str(tmp_path / "wd")).step == 2
+  fd, ld, _ = fdata
+  big = tmp_path / "labels8"  # 8x8 labels for 4x4 tokens
+  big.mkdir()
+  for f in os.listdir(os.path.join(ld, "labels")):
+    a = np.asarray(Image.open(os.path.join(ld, "labels", f)))
+    Image.fromarray(np.kron(a, np.ones((2, 2), np.uint8))).save(big / f)
+  kw = dict(features_dir=fd, labels_dir=str(big), epochs=1,
+            batching="image", batch_size=8)
+  with pytest.raises(ValueError, match="label_resize"):
+    train.train_and_evaluate(_cfg("configs/adapter.py:tiny", **kw),
+                             str(tmp_path / "wd0"))
+  res = train.train_and_evaluate(
+      _cfg("configs/adapter.py:tiny", label_resize="nearest", **kw),
+      str(tmp_path / "wd"))
+  assert res.step == 2
