@@ -130,12 +130,16 @@ def test_end_to_end_encoder_frozen(tmp_path, dtype):
     Image.fromarray(a).save(imgs / f"p{i}.png")
     Image.fromarray((rng.random((4, 4)) < 0.3).astype(np.uint8) * 255).save(
         ld / f"p{i}.png")
+  (imgs / "broken.png").write_bytes(b"not a png")  # listed, not fatal
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(ld / "broken.png")
   c = _cfg("configs/adapter.py:tiny", mode="end_to_end", images=str(imgs),
            labels_dir=str(tmp_path / "pl"), encoder=enc, size=64,
            work_size=64, batching="image", batch_size=8, epochs=2,
            encoder_dtype=dtype, augment_flip=True)
   res = train.train_and_evaluate(c, str(tmp_path / "wd"))
   assert res.step == 2 and np.isfinite(res.final_loss)
+  rep = json.load(open(tmp_path / "wd" / "data.json"))
+  assert rep["items"] == 8 and [x[0] for x in rep["not_ok"]] == ["broken"]
   before, _ = checkpoints.load_model(enc)
   want = nnx.to_pure_dict(nnx.state(before, nnx.Param))
   jax.tree.map(np.testing.assert_array_equal, res.encoder_state, want)

@@ -162,27 +162,49 @@ def _flip(x, y, seed, step):
 
 class PixelBatch:
   """step -> {pixels (B, S, S, 3) float32 normalised, y, mask} for the end-to-
-  end mode; each photograph is prepared once (FOV crop + EFIQA
-  preprocessing, `features.PrepareEncoderInput`) and cached."""
+  end mode (FOV crop + EFIQA preprocessing, `features.PrepareEncoderInput`).
+
+  `check()` prepares every photograph once up front, returns the ones that
+  fail (so training never dies on a bad file mid-run) and keeps the prepared
+  pixels in memory up to `cache_bytes`; the rest are prepared again when
+  their batch comes."""
 
   def __init__(self, paths: Sequence[str], labels: Sequence[np.ndarray],
                batch: int, seed: int, size: int, work_size: int,
-               flip: bool = False):
+               flip: bool = False, cache_bytes: float = 4e9):
     from efiqa_jax import features as feats_lib
-    self.paths, self.labels = list(paths), labels
+    self.paths, self.labels = list(paths), list(labels)
     self.batch, self.seed, self.flip = batch, seed, flip
     self._prep = feats_lib.PrepareEncoderInput(size, work_size=work_size)
     self._cache: dict[int, np.ndarray] = {}
     self.size = size
+    self.cache_bytes = cache_bytes
+
+  def check(self) -> list[tuple[int, str]]:
+    """Prepare all; drop failures; -> [(original index, status message)]."""
+    keep, failed, used = [], [], 0
+    cache = {}
+    for i, p in enumerate(self.paths):
+      row = self._prep.map({"path": p})
+      if not bool(row["ok"]):
+        failed.append((i, f"{row['status']}: {row['message']}"))
+        continue
+      if used + row["pixels"].nbytes <= self.cache_bytes:
+        cache[len(keep)] = row["pixels"]
+        used += row["pixels"].nbytes
+      keep.append(i)
+    self.paths = [self.paths[i] for i in keep]
+    self.labels = [self.labels[i] for i in keep]
+    self._cache = cache
+    return failed
 
   def pixels(self, i: int) -> np.ndarray:
-    if i not in self._cache:
-      row = self._prep.map({"path": self.paths[i]})
-      if not bool(row["ok"]):
-        raise ValueError(f"{self.paths[i]}: {row['status']} "
-                         f"{row['message']}")
-      self._cache[i] = row["pixels"]
-    return self._cache[i]
+    if i in self._cache:
+      return self._cache[i]
+    row = self._prep.map({"path": self.paths[i]})
+    if not bool(row["ok"]):
+      raise ValueError(f"{self.paths[i]}: {row['status']} {row['message']}")
+    return row["pixels"]
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     idx, mask = epoch_indices(len(self.paths), self.batch, self.seed, step)

@@ -136,9 +136,17 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
       make_batch = data_lib.ImageFeatureBatch([items[i] for i in ids], ys,
                                               bsz, int(config.seed), flip)
     else:
-      make_batch = data_lib.PixelBatch([items[i] for i in ids], ys, bsz,
-                                       int(config.seed), config.size,
-                                       config.work_size, flip)
+      make_batch = data_lib.PixelBatch(
+          [items[i] for i in ids], ys, bsz, int(config.seed), config.size,
+          config.work_size, flip,
+          cache_bytes=float(config.get("pixel_cache_gb", 4.0)) * 1e9)
+      failed = make_batch.check()
+      rep.not_ok.extend((ids[i], msg) for i, msg in failed)
+      bad = {ids[i] for i, _ in failed}
+      ys = [y for i, y in zip(ids, ys) if i not in bad]
+      ids = [i for i in ids if i not in bad]
+      if not ids:
+        raise ValueError("no photograph could be prepared (see data.json)")
     n_items = len(ids)
   else:
     raise ValueError(f"batching must be 'patch' (features mode) or 'image', "
