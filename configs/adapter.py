@@ -42,6 +42,7 @@ def get_config(arg=None):
   c.augment_flip = False         # image batching only
   c.label_resize = "error"       # label grid != output grid: error | nearest
   c.mesh = (("data", -1),)
+  c.param_sharding = ()          # end_to_end: "(regex, spec)" encoder rules
   c.checkpoint_every = 200       # steps
   c.keep_checkpoints = 2
   c.log_every = 20

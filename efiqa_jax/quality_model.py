@@ -29,7 +29,7 @@ def load_quality_model(name_or_path: str = "default", **kwargs):
   encoder=DIR, adapter=DIR, optional calibration=FILE)."""
   if name_or_path == "student":
     return StudentQualityModel.from_checkpoints(**kwargs)
-  for k in ("encoder", "adapter", "calibration"):
+  for k in ("encoder", "adapter", "calibration", "dtype"):
     if kwargs.get(k) is not None:
       raise ValueError(f"--{k} is only for --model student")
     kwargs.pop(k, None)

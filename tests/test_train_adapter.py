@@ -118,8 +118,10 @@ def _tiny_encoder(path):
   return str(path)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_end_to_end_encoder_frozen(tmp_path, dtype):
+@pytest.mark.parametrize("dtype,mesh2d", [("float32", False),
+                                          ("bfloat16", False),
+                                          ("float32", True)])
+def test_end_to_end_encoder_frozen(tmp_path, dtype, mesh2d):
   enc = _tiny_encoder(tmp_path / "enc")
   rng = np.random.default_rng(1)
   imgs, ld = tmp_path / "imgs", tmp_path / "pl" / "labels"
@@ -136,6 +138,9 @@ def test_end_to_end_encoder_frozen(tmp_path, dtype):
            labels_dir=str(tmp_path / "pl"), encoder=enc, size=64,
            work_size=64, batching="image", batch_size=8, epochs=2,
            encoder_dtype=dtype, augment_flip=True)
+  if mesh2d:  # encoder MLP kernels sharded over a 'model' axis
+    c.mesh = (("data", 4), ("model", 2))
+    c.param_sharding = ("('.*mlp.*fc1.*kernel', (None, 'model'))",)
   res = train.train_and_evaluate(c, str(tmp_path / "wd"))
   assert res.step == 2 and np.isfinite(res.final_loss)
   rep = json.load(open(tmp_path / "wd" / "data.json"))

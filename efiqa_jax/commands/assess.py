@@ -20,6 +20,8 @@ def add_arguments(p):
                  "or train-adapter's WORKDIR/adapter)")
   p.add_argument("--calibration", default=None,
                  help="student: calibration JSON (efiqa calibrate)")
+  p.add_argument("--encoder-dtype", choices=("float32", "bfloat16"),
+                 default=None, help="student: encoder compute dtype")
   p.add_argument("--save-logits", action="store_true",
                  help="student: also write DIR/logits/<id>.npy (gh, gw) raw "
                  "adapter logits")
@@ -41,7 +43,8 @@ def run(args) -> int:
                         save_logits=args.save_logits,
                         model_kwargs={"encoder": args.encoder,
                                       "adapter": args.adapter,
-                                      "calibration": args.calibration})
+                                      "calibration": args.calibration,
+                                      "dtype": args.encoder_dtype})
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa assess: error: {e}", file=sys.stderr)
     return assess.EXIT_USAGE

@@ -179,8 +179,12 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                    weight_decay=oc.weight_decay)
   opt_state = jax.jit(tx.init, out_shardings=rep_sh)(params)
   if encoder is not None:
-    enc_graphdef, enc_state = nnx.split(encoder)
-    enc_state = jax.device_put(enc_state, rep_sh)
+    # Replicated, or sharded over the mesh by regex rules (large encoders),
+    # exactly as `efiqa extract` places them.
+    from efiqa_jax import features as feats_lib
+    enc_graphdef, enc_state = feats_lib.shard_model(
+        encoder, mesh, feats_lib.parse_param_rules(
+            list(config.get("param_sharding", ()))))
   else:
     enc_graphdef, enc_state = None, None
   lc = config.loss
