@@ -219,8 +219,14 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
                   pool, save_logits=False):
   valid = np.asarray(batch["valid"], bool)
   ok = np.asarray(batch["ok"], bool) & valid
-  maps = logits = None
-  if ok.any() and save_logits:
+  maps = logits = probs = None
+  if ok.any() and hasattr(quality_model, "predict_all"):
+    # The student: logits, maps and (with an EyeQ head) class probabilities
+    # from one encoder pass.
+    out = quality_model.predict_all(batch["image"], batch["fov_mask"])
+    maps, probs = out["maps"], out.get("class_probs")
+    logits = out["logits"] if save_logits else None
+  elif ok.any() and save_logits:
     logits = quality_model.predict_logits(batch["image"], batch["fov_mask"])
     maps = quality_model.maps_from_logits(logits, batch["fov_mask"])
   elif ok.any():
@@ -241,7 +247,12 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
     q, frac = getattr(quality_model, "summarise", quality_lib.summarise)(
         qmap, w)
     circular = bool(batch["circular"][k])
-    grade = quality_model.grading.grade(q, circular)
+    if probs is not None:  # EyeQ head: its class; never good off-circle
+      grade = quality_lib.GRADES[int(np.argmax(probs[k]))]
+      if grade == "good" and not circular:
+        grade = "usable"
+    else:
+      grade = quality_model.grading.grade(q, circular)
     if not circular:
       note = "no circular field of view: never graded good"
       message = f"{message}; {note}" if message else note

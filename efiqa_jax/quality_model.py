@@ -169,7 +169,7 @@ class StudentQualityModel:
   def __init__(self, encoder, adapter, *, name: str = "student",
                size: int | None = None, work_size: int | None = None,
                batch_size: int = 8, grading=None, meta: dict | None = None,
-               pooling=None):
+               pooling=None, eyeq_head=None):
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
 
@@ -204,6 +204,12 @@ class StudentQualityModel:
     gd_e, gd_a = self._enc[0], self._ada[0]
     self._fn = jax.jit(lambda es, as_, x: _student_logits(gd_e, es, gd_a,
                                                           as_, x))
+    self._head = None
+    if eyeq_head is not None:  # option 2: class probabilities, same pass
+      gd_h, st_h = nnx.split(eyeq_head)
+      self._head = jax.device_put(st_h, rep)
+      self._fn = jax.jit(lambda es, as_, hs, x: _student_logits(
+          gd_e, es, gd_a, as_, x, gd_h, hs))
 
   @classmethod
   def from_checkpoints(cls, encoder: str | None = None,
@@ -231,8 +237,20 @@ class StudentQualityModel:
       pooling = calibrate.pooling_from(cal)
       if "grading" in cal:
         grading = quality_lib.Grading(**cal["grading"])
+    head = None
+    if calibration and cal.get("eyeq_head"):
+      from efiqa_jax.student import eyeq_head as _  # pylint: disable=g-import-not-at-top,unused-import
+
+      hp = cal["eyeq_head"]
+      if not os.path.isabs(hp):  # relative to the calibration file
+        hp = os.path.join(os.path.dirname(os.path.abspath(calibration)), hp)
+      head, head_meta = checkpoints.load_model(hp, architecture="eyeq_head")
+      meta["eyeq_head"] = head_meta
+      if head.in_dim != enc.cfg["hidden_size"]:
+        raise ValueError(f"EyeQ head expects D={head.in_dim}, the encoder "
+                         f"gives {enc.cfg['hidden_size']}")
     model = cls(enc, ada, grading=grading, meta=meta, pooling=pooling,
-                **kwargs)
+                eyeq_head=head, **kwargs)
     if pooling is not None and pooling.weights.shape != tuple(model.grid):
       raise ValueError(f"calibration weights {pooling.weights.shape} do not "
                        f"match the student's map grid {tuple(model.grid)}")
@@ -253,12 +271,9 @@ class StudentQualityModel:
     return np.stack([pp.preprocess(np.asarray(im), self.size, "efiqa")
                      for im in images]).astype(np.float32)
 
-  def predict_logits(self, images: np.ndarray, fov: np.ndarray | None = None
-                     ) -> np.ndarray:
-    """uint8 FOV crops (B, S, S, 3) -> raw adapter logits (B, gh, gw)."""
+  def _run(self, images: np.ndarray):
     import jax  # pylint: disable=g-import-not-at-top
-    del fov  # the crop is already zero outside the FOV
-    out = []
+    logits, probs = [], []
     for s in range(0, images.shape[0], self.batch_size):
       x = self.encoder_input(images[s:s + self.batch_size])
       k = x.shape[0]
@@ -266,10 +281,27 @@ class StudentQualityModel:
         x = np.concatenate([x, np.zeros((self.batch_size - k,) + x.shape[1:],
                                         x.dtype)])
       x = jax.device_put(x, self._data)
-      logits = self._fn(self._enc[1], self._ada[1], x)
-      out.append(np.asarray(logits)[:k])
-    return (np.concatenate(out) if out else
-            np.zeros((0,) + tuple(self.grid), np.float32))
+      if self._head is None:
+        lg = self._fn(self._enc[1], self._ada[1], x)
+      else:
+        lg, pr = self._fn(self._enc[1], self._ada[1], self._head, x)
+        probs.append(np.asarray(pr)[:k])
+      logits.append(np.asarray(lg)[:k])
+    lg = (np.concatenate(logits) if logits else
+          np.zeros((0,) + tuple(self.grid), np.float32))
+    return lg, (np.concatenate(probs) if probs else None)
+
+  def predict_logits(self, images: np.ndarray, fov: np.ndarray | None = None
+                     ) -> np.ndarray:
+    """uint8 FOV crops (B, S, S, 3) -> raw adapter logits (B, gh, gw)."""
+    del fov  # the crop is already zero outside the FOV
+    return self._run(images)[0]
+
+  def predict_all(self, images: np.ndarray, fov: np.ndarray) -> dict:
+    """{logits, maps, class_probs (B, 3) or None} from one encoder pass."""
+    logits, probs = self._run(images)
+    return {"logits": logits, "maps": self.maps_from_logits(logits, fov),
+            "class_probs": probs}
 
   def maps_from_logits(self, logits: np.ndarray, fov: np.ndarray
                        ) -> np.ndarray:
@@ -282,9 +314,15 @@ class StudentQualityModel:
     return self.maps_from_logits(self.predict_logits(images, fov), fov)
 
 
-def _student_logits(enc_graphdef, enc_state, ada_graphdef, ada_state, x):
+def _student_logits(enc_graphdef, enc_state, ada_graphdef, ada_state, x,
+                    head_graphdef=None, head_state=None):
+  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   enc = nnx.merge(enc_graphdef, enc_state)
   ada = nnx.merge(ada_graphdef, ada_state)
-  return ada(enc.patch_features(x).astype(jnp.float32))
+  z = enc.patch_features(x).astype(jnp.float32)
+  if head_graphdef is None:
+    return ada(z)
+  image_logits, _ = nnx.merge(head_graphdef, head_state)(z)
+  return ada(z), jax.nn.softmax(image_logits, -1)

@@ -93,3 +93,47 @@ def test_student_assess_uses_calibration(tmp_path):
                    str(tmp_path / "enc"), "--adapter", str(tmp_path / "ada"),
                    "--calibration", str(tmp_path / "cal2.json"),
                    "--quiet"]) == 2
+
+
+def test_student_assess_grades_with_eyeq_head(tmp_path):
+  import jax.numpy as jnp
+  from efiqa_jax import fundus
+  from efiqa_jax.encoders import preprocess as pp
+  from efiqa_jax.student import eyeq_head
+  enc = vit.VisionTransformer(patch_size=16, hidden_size=16, depth=1,
+                              num_heads=2, mlp_hidden=32, num_registers=4,
+                              layerscale=True, qkv_bias="qv", pos="rope",
+                              rngs=nnx.Rngs(0))
+  checkpoints.save_model(tmp_path / "enc", enc)
+  checkpoints.save_model(tmp_path / "ada",
+                         adapters.build_adapter("linear", 16, seed=1))
+  from efiqa_jax import synth
+  paths = []
+  for s in range(3):
+    paths.append(str(tmp_path / f"a{s}.png"))
+    Image.fromarray(synth.generate(s, 200).image).save(paths[-1])
+  feats = []
+  for p in paths:
+    prep = fundus.prepare_fundus(p, 512)
+    x = pp.preprocess(prep.image, 224, "efiqa")[None]
+    feats.append(np.asarray(enc.patch_features(jnp.asarray(x)))[0])
+  feats = np.stack(feats)
+  # A head whose argmax differs between images: fit it to labels 0, 1, 2.
+  head, _ = eyeq_head.fit_eyeq_head(feats, np.array([0, 1, 2]),
+                                    np.zeros(feats.shape[:3]), epochs=300,
+                                    batch=3, lr=0.1, lam=0.0)
+  il, _ = head(jnp.asarray(feats))
+  want = [("good", "usable", "reject")[i] for i in np.argmax(np.asarray(il),
+                                                              1)]
+  hd = tmp_path / "head"
+  checkpoints.save_model(hd, head)
+  (hd / "calibration.json").write_text(json.dumps(
+      {"format": calibrate.FORMAT, "version": 1, "eyeq_head": "."}))
+  out = tmp_path / "out"
+  assert cli.main(["assess", *paths, "--out", str(out), "--model", "student",
+                   "--encoder", str(tmp_path / "enc"), "--adapter",
+                   str(tmp_path / "ada"), "--calibration",
+                   str(hd / "calibration.json"), "--quiet"]) == 0
+  rows = list(csv.DictReader(open(out / "scores.csv")))
+  assert [r["grade"] for r in rows] == want
+  assert len(set(want)) > 1

@@ -1,5 +1,6 @@
 """EyeQ option 2: 3-class head on frozen tokens + map-consistency term."""
 import csv
+import json
 import math
 
 import numpy as np
@@ -51,6 +52,8 @@ def test_head_learns_and_follows_the_map(tmp_path):
                    "0.05", "--lam", "0.1"]) == 0
   head, meta = checkpoints.load_model(tmp_path / "head")
   assert meta["training"]["labels_without_features"] == ["absent"]
+  assert json.loads((tmp_path / "head" / "calibration.json").read_text())[
+      "eyeq_head"] == "."
   il, _ = head(jnp.asarray(x))
   acc = float(np.mean(np.argmax(np.asarray(il), 1) == y))
   assert acc > 0.9, acc

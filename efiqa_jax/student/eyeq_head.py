@@ -14,6 +14,7 @@ Paper training: 120 epochs, batch 32, AdamW lr 1e-3.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -25,6 +26,7 @@ from flax import nnx
 from efiqa_jax import checkpoints
 
 CLASSES = ("good", "usable", "reject")
+CALIBRATION = "calibration.json"
 
 
 class EyeQHead(nnx.Module):
@@ -133,4 +135,10 @@ def train_eyeq_head(features_dir: str, adapter_dir: str, labels_csv: str,
                            "size", "work_size", "grid") if k in fmeta}},
           "classes": list(CLASSES)}
   checkpoints.save_model(out_dir, head, meta, overwrite=True)
+  # The file `efiqa assess --model student --calibration` reads: the grade
+  # becomes the head's class (path relative to this file).
+  from efiqa_jax import calibrate
+  with open(os.path.join(out_dir, CALIBRATION), "w") as f:
+    json.dump({"format": calibrate.FORMAT, "version": 1, "eyeq_head": "."},
+              f, indent=1)
   return meta
