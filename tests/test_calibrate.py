@@ -2,7 +2,6 @@
 K-fold) and its use by `efiqa assess --model student --calibration`."""
 import csv
 import json
-import os
 
 import numpy as np
 from PIL import Image
