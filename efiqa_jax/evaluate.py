@@ -201,6 +201,49 @@ def read_csv(path: str) -> list[dict]:
     return list(csv.DictReader(f))
 
 
+def labels_from_tfds(spec: str, data_dir: str | None = None,
+                     label_column: str = "label") -> list[dict]:
+  """Label rows from a built TFDS dataset of data/ (ArrayRecord, no TF).
+
+  spec: "tfds:NAME[/CONFIG]:SPLIT[:FEATURE]" (FEATURE default "quality",
+  a ClassLabel; its class NAME becomes the label, e.g. good/usable/reject
+  for EyeQ, good/bad for MSHF). Rows: {image: image/filename, label}.
+  Images are not decoded."""
+  import tensorflow_datasets as tfds
+  parts = spec.split(":")
+  if parts[0] != "tfds" or len(parts) not in (3, 4):
+    raise ValueError(f"expected tfds:NAME[/CONFIG]:SPLIT[:FEATURE], got "
+                     f"{spec!r}")
+  name, split = parts[1], parts[2]
+  feature = parts[3] if len(parts) == 4 else "quality"
+  # A built dataset is read from its files; the builder code is not needed.
+  builder = tfds.builder(name, data_dir=data_dir)
+  feats = builder.info.features
+  if feature not in feats:
+    raise ValueError(f"{name} has no feature {feature!r}: {sorted(feats)}")
+  names = getattr(feats[feature], "names", None)
+  skip = {k: tfds.decode.SkipDecoding() for k, f in feats.items()
+          if isinstance(f, (tfds.features.Image, tfds.features.Tensor))}
+  src = tfds.data_source(name, split=split, data_dir=data_dir,
+                         decoders=skip or None, download=False)
+  rows = []
+  for i in range(len(src)):
+    ex = src[i]
+    fn = ex["image/filename"]
+    fn = fn.decode() if isinstance(fn, bytes) else str(fn)
+    v = ex[feature]
+    v = names[int(v)] if names is not None else str(v)
+    rows.append({"image": fn, label_column: v})
+  return rows
+
+
+def read_labels(labels: str, data_dir: str | None, label_column: str
+                ) -> list[dict]:
+  if labels.startswith("tfds:"):
+    return labels_from_tfds(labels, data_dir, label_column)
+  return read_csv(labels)
+
+
 def join(scores: list[dict], labels: list[dict], label_column: str
          ) -> tuple[list[tuple[dict, dict]], dict]:
   """Pairs (score row, label row) by id (label `id` column, else the stem of
@@ -353,11 +396,15 @@ def evaluate(scores_csv: str, labels_csv: str, out_dir: str, *,
              higher_is_positive: bool = True, pred_column: str = "grade",
              folds: int = 5, seed: int = 0, bootstrap: int = 1000,
              maps_dir: str | None = None,
-             annotations_dir: str | None = None) -> dict:
-  """Runs one task and writes metrics.json + metrics.md into out_dir."""
+             annotations_dir: str | None = None,
+             tfds_data_dir: str | None = None) -> dict:
+  """Runs one task and writes metrics.json + metrics.md into out_dir.
+
+  labels_csv: a CSV path or "tfds:NAME[/CONFIG]:SPLIT[:FEATURE]"."""
   scores = read_csv(scores_csv)
   if task in ("binary", "eyeq"):
-    pairs, info = join(scores, read_csv(labels_csv), label_column)
+    pairs, info = join(scores, read_labels(labels_csv, tfds_data_dir,
+                                           label_column), label_column)
     if not pairs:
       raise ValueError("no labelled image has an ok score row")
     if task == "binary":
@@ -409,7 +456,8 @@ def evaluate(scores_csv: str, labels_csv: str, out_dir: str, *,
   else:
     raise ValueError(f"task must be binary, eyeq or pixel, got {task!r}")
   res = {"task": task, "scores": os.path.abspath(scores_csv),
-         "labels": os.path.abspath(labels_csv) if labels_csv else None,
+         "labels": (labels_csv if (labels_csv or "").startswith("tfds:")
+                    else os.path.abspath(labels_csv) if labels_csv else None),
          "bootstrap": bootstrap, "seed": seed, **info, **res}
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:

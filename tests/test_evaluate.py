@@ -138,3 +138,47 @@ def test_cli_pixel(tmp_path):
   res = json.load(open(tmp_path / "o" / "metrics.json"))
   assert res["metrics"]["auroc"] == 1.0 and res["metrics"]["dice"] == 1.0
   assert res["n"] == 3
+
+
+def test_labels_from_a_built_tfds_dataset(tmp_path, capsys):
+  """EyeQ test split built from a fixture with the data/ builder; evaluate
+  reads its labels (no CSV) and matches them to scores by file stem."""
+  pytest.importorskip("tensorflow_datasets")
+  m = tmp_path / "manual"
+  (m / "test").mkdir(parents=True)
+  for i, name in enumerate(("1_left", "2_right", "3_left", "4_left")):
+    Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(
+        m / "test" / f"{name}.jpeg")
+  with open(m / "Label_EyeQ_test.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["", "image", "quality", "DR_grade"])
+    w.writerows([[0, "1_left.jpeg", 0, 0], [1, "2_right.jpeg", 1, 0],
+                 [2, "3_left.jpeg", 2, 0], [3, "4_left.jpeg", 2, 0]])
+  (m / "train").mkdir()
+  Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(
+      m / "train" / "9_left.jpeg")
+  with open(m / "Label_EyeQ_train.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["", "image", "quality", "DR_grade"])
+    w.writerow([0, "9_left.jpeg", 0, 0])
+  import pathlib
+  import sys
+  repo = str(pathlib.Path(__file__).resolve().parents[1])
+  if repo not in sys.path:
+    sys.path.insert(0, repo)
+  from data import build as data_build
+  data_build.build("eyeq", str(m), str(tmp_path / "tfds"))
+  _write(tmp_path / "scores.csv", [
+      {"id": "1_left", "status": "ok", "grade": "good"},
+      {"id": "2_right", "status": "ok", "grade": "reject"},
+      {"id": "3_left", "status": "ok", "grade": "reject"},
+      {"id": "4_left", "status": "ok", "grade": "usable"}])
+  assert cli.main(["evaluate", "--task", "eyeq", "--scores",
+                   str(tmp_path / "scores.csv"), "--labels", "tfds:eyeq:test",
+                   "--tfds-data-dir", str(tmp_path / "tfds"), "--out",
+                   str(tmp_path / "o"), "--bootstrap", "0"]) == 0
+  res = json.load(open(tmp_path / "o" / "metrics.json"))
+  # y = (0, 1, 2, 2), pred = (0, 2, 2, 1): the hand-computed case above.
+  assert res["n"] == 4
+  assert res["metrics"]["qwk"] == pytest.approx(1 - 0.5 / 1.375)
+  assert res["metrics"]["accuracy"] == 0.5

@@ -9,7 +9,10 @@ HELP = ("Evaluate scores.csv / maps against labels: binary (BAcc, F1, MCC, "
 def add_arguments(p):
   p.add_argument("--scores", required=True, help="efiqa assess scores.csv")
   p.add_argument("--labels", default=None,
-                 help="labels CSV (id or image column + label column)")
+                 help="labels CSV (id or image column + label column), or "
+                 "tfds:NAME[/CONFIG]:SPLIT[:FEATURE] (a built data/ dataset; "
+                 "the class name is the label)")
+  p.add_argument("--tfds-data-dir", default=None)
   p.add_argument("--task", choices=("binary", "eyeq", "pixel"),
                  default="binary")
   p.add_argument("--out", required=True)
@@ -42,7 +45,7 @@ def run(args) -> int:
         positive=args.positive, higher_is_positive=not args.lower_is_positive,
         pred_column=args.pred_column, folds=args.folds, seed=args.seed,
         bootstrap=args.bootstrap, maps_dir=args.maps,
-        annotations_dir=args.annotations)
+        annotations_dir=args.annotations, tfds_data_dir=args.tfds_data_dir)
   except (FileNotFoundError, ValueError, KeyError) as e:
     print(f"efiqa evaluate: error: {e}", file=sys.stderr)
     return 2
