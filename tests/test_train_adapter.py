@@ -224,3 +224,29 @@ def test_label_resize_nearest_like_torch(fdata, tmp_path):
       _cfg("configs/adapter.py:tiny", label_resize="nearest", **kw),
       str(tmp_path / "wd"))
   assert res.step == 2
+
+
+def test_arrayrecord_features_train_like_npy(tmp_path):
+  from efiqa_jax import features
+  from efiqa_jax import synth
+  enc = _tiny_encoder(tmp_path / "enc")
+  imgs = tmp_path / "imgs"
+  ld = tmp_path / "pl" / "labels"
+  imgs.mkdir()
+  ld.mkdir(parents=True)
+  rng = np.random.default_rng(2)
+  for s in range(5):
+    Image.fromarray(synth.generate(s, 96).image).save(imgs / f"g{s}.png")
+    Image.fromarray((rng.random((4, 4)) < 0.4).astype(np.uint8) * 255).save(
+        ld / f"g{s}.png")
+  res = {}
+  for fmt in ("npy", "arrayrecord"):
+    features.extract_features([str(imgs)], enc, tmp_path / fmt, size=64,
+                              work_size=96, batch_size=8, fmt=fmt,
+                              shard_size=2)
+    c = _cfg("configs/adapter.py:tiny", features_dir=str(tmp_path / fmt),
+             labels_dir=str(tmp_path / "pl"), batch_size=16, epochs=2)
+    res[fmt] = train.train_and_evaluate(c, str(tmp_path / f"wd_{fmt}"))
+  assert res["npy"].step == 10
+  jax.tree.map(np.testing.assert_array_equal, res["npy"].params,
+               res["arrayrecord"].params)

@@ -66,18 +66,27 @@ def resize_nearest(y: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def feature_files(features_dir: str) -> tuple[dict[str, str], list, dict]:
-  """(id -> .npy path, not-ok manifest rows, metadata) of `efiqa extract`
-  output. ArrayRecord output is not read here (extract with --format npy)."""
+  """(id -> .npy path (or, for ArrayRecord output, the array), not-ok
+  manifest rows, metadata) of `efiqa extract` output."""
   from efiqa_jax import features as feats_lib
   meta_path = os.path.join(features_dir, feats_lib.METADATA)
   meta = {}
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       meta = json.load(f)
-  if meta.get("format", "npy") != "npy":
-    raise ValueError(f"{features_dir}: format {meta.get('format')!r}; "
-                     "adapter training reads per-image .npy features")
   out, bad = {}, []
+  if meta.get("format", "npy") == "arrayrecord":
+    # Shards are read into memory once (id -> (gh, gw, D) array).
+    for id_, _, arr in feats_lib.iter_arrayrecord(features_dir):
+      out[id_] = arr
+    for r in feats_lib.read_manifest(features_dir):
+      if r["status"] != "ok":
+        bad.append((r["id"], r["status"]))
+    if not out:
+      raise ValueError(f"no features in {features_dir}")
+    return out, bad, meta
+  if meta.get("format", "npy") != "npy":
+    raise ValueError(f"{features_dir}: unknown format {meta.get('format')!r}")
   if os.path.exists(os.path.join(features_dir, feats_lib.MANIFEST)):
     for r in feats_lib.read_manifest(features_dir):
       if r["status"] == "ok" and r.get("file"):
@@ -95,9 +104,16 @@ def feature_files(features_dir: str) -> tuple[dict[str, str], list, dict]:
 
 def match(left: dict[str, str], labels: dict[str, str], not_ok=()
           ) -> DataReport:
-  ids = [i for i in left if i in labels]
+  # Sorted: the data order does not depend on how the features are stored.
+  ids = sorted(i for i in left if i in labels)
   return DataReport(ids, sorted(set(left) - set(labels)),
                     sorted(set(labels) - set(left)), list(not_ok))
+
+
+def load_features(f) -> np.ndarray:
+  """A feature entry (path of an .npy or an in-memory array) as float32."""
+  return (np.load(f) if isinstance(f, str) else np.asarray(f)).astype(
+      np.float32)
 
 
 def steps_per_epoch(n: int, batch: int) -> int:
@@ -138,8 +154,7 @@ class ImageFeatureBatch:
     self.batch, self.seed, self.flip = batch, seed, flip
 
   def _feat(self, i):
-    f = self.feats[i]
-    return np.load(f).astype(np.float32) if isinstance(f, str) else f
+    return load_features(self.feats[i])
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     idx, mask = epoch_indices(len(self.feats), self.batch, self.seed, step)

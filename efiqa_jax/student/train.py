@@ -58,7 +58,8 @@ def _load_training_data(config):
     if not rep.matched:
       raise ValueError(f"no feature file in {config.features_dir} has a "
                        f"label in {config.labels_dir}")
-    first = np.load(files[rep.matched[0]], mmap_mode="r")
+    f0 = files[rep.matched[0]]
+    first = np.load(f0, mmap_mode="r") if isinstance(f0, str) else f0
     if first.ndim != 3:
       raise ValueError(f"features must be (gh, gw, D), got {first.shape}")
     grid = tuple(int(s) for s in first.shape)
@@ -126,7 +127,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     if (oh, ow) != (gh, gw):
       raise ValueError(f"patch batching needs a per-token adapter; "
                        f"{config.adapter.name} maps {gh}x{gw} -> {oh}x{ow}")
-    x = np.stack([np.load(items[i]).astype(np.float32).reshape(-1, d)
+    x = np.stack([data_lib.load_features(items[i]).reshape(-1, d)
                   for i in ids]).reshape(-1, d)
     y = np.stack(ys).reshape(-1)
     make_batch = data_lib.PatchBatch(x, y, bsz, int(config.seed))
