@@ -145,6 +145,8 @@ def test_end_to_end_encoder_frozen(tmp_path, dtype, mesh2d):
   assert res.step == 2 and np.isfinite(res.final_loss)
   rep = json.load(open(tmp_path / "wd" / "data.json"))
   assert rep["items"] == 8 and [x[0] for x in rep["not_ok"]] == ["broken"]
+  # The adapter trains in float32 whatever the encoder's compute dtype.
+  assert all(a.dtype == np.float32 for a in jax.tree.leaves(res.params))
   before, _ = checkpoints.load_model(enc)
   want = nnx.to_pure_dict(nnx.state(before, nnx.Param))
   jax.tree.map(np.testing.assert_array_equal, res.encoder_state, want)
