@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from flax import nnx
@@ -18,6 +19,7 @@ from efiqa_jax.models import vit
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_distill_chain(tmp_path, capsys):
   checkpoints.save_model(tmp_path / "teacher", unet.UNet(
       base_channels=4, rngs=nnx.Rngs(0)), {"image_size": 64})
