@@ -106,6 +106,11 @@ def test_resume_after_kill_bit_exact_8_devices(fdata, tmp_path):
                full.opt_state)
   assert not np.array_equal(full.params["linear"]["kernel"],
                             part.params["linear"]["kernel"])
+  # A different optimisation cannot resume into that workdir.
+  with pytest.raises(ValueError, match="optimizer"):
+    train.train_and_evaluate(_cfg("configs/adapter.py:tiny",
+                                  optimizer__lr=0.5, **kw),
+                             str(tmp_path / "b"))
 
 
 def _tiny_encoder(path):

@@ -228,6 +228,24 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       max_to_keep=int(config.keep_checkpoints),
       save_interval_steps=int(config.checkpoint_every)))
+  # What a resume must agree with: the data order and the optimisation.
+  fp = {"ids": ids, "items": n_items, "batch_size": bsz,
+        "seed": int(config.seed), "epochs": int(config.epochs),
+        "adapter": config.adapter.to_dict(), "loss": config.loss.to_dict(),
+        "optimizer": config.optimizer.to_dict(), "mode": config.mode,
+        "batching": batching}
+  fp = _jsonable(fp)
+  fp_path = os.path.join(workdir, "run.json")
+  if mngr.latest_step() is not None and os.path.exists(fp_path):
+    with open(fp_path) as f:
+      old = json.load(f)
+    diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
+    if diff:
+      raise ValueError(f"{workdir} holds a run with different {diff}; "
+                       "resume needs the same data and config (use a new "
+                       "--workdir)")
+  with open(fp_path, "w") as f:
+    json.dump(fp, f)
   start = 0
   if mngr.latest_step() is not None:
     start = int(mngr.latest_step())
