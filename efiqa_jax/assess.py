@@ -5,6 +5,8 @@ Output contract (also in the README):
   DIR/maps/<id>.npy     float32 (h, w) in [0, 1]: probability that the region is
                         degraded; covers the crop square; 0 outside the FOV
   DIR/overlays/<id>.png heat-map overlay on the FOV crop
+  DIR/logits/<id>.npy   (save_logits, student only) float32 (gh, gw) raw
+                        adapter logits before any post-processing
   DIR/report.html       contact sheet sorted by quality
 
 Resumability: each finished image is appended to DIR/progress[-pK].jsonl after
@@ -99,8 +101,13 @@ def _failure_row(path, id_, status, message, model_name):
 def assess(inputs: Sequence[str] | str, out_dir: str, *,
            model: str = "default", batch_size: int = 8,
            num_threads: int = 4, num_workers: int = 0, overlays: bool = True,
-           progress: bool = True, quality_model=None) -> AssessResult:
-  """Assesses photographs; see the module docstring for the contract."""
+           progress: bool = True, quality_model=None,
+           save_logits: bool = False,
+           model_kwargs: dict | None = None) -> AssessResult:
+  """Assesses photographs; see the module docstring for the contract.
+
+  model_kwargs go to `quality_model.load_quality_model` (for the student:
+  encoder=, adapter=, calibration=)."""
   import jax  # pylint: disable=g-import-not-at-top
   from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
 
@@ -111,9 +118,12 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
   os.makedirs(out_dir, exist_ok=True)
   if quality_model is None:
     from efiqa_jax import quality_model as qm_lib  # pylint: disable=g-import-not-at-top
-    quality_model = qm_lib.load_quality_model(model)
+    quality_model = qm_lib.load_quality_model(model, **(model_kwargs or {}))
   model_name = quality_model.name
-  for sub in ("maps", "overlays"):
+  if save_logits and not hasattr(quality_model, "predict_logits"):
+    raise ValueError(f"model {model_name!r} has no logits (--save-logits is "
+                     "for --model student)")
+  for sub in ("maps", "overlays") + (("logits",) if save_logits else ()):
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
 
   pidx, pcount = jax.process_index(), jax.process_count()
@@ -141,7 +151,7 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
         max(1, num_threads)) as pool:
       for batch in batches:
         rows = _assess_batch(quality_model, batch, todo, paths, ids, out_dir,
-                             overlays, pool)
+                             overlays, pool, save_logits)
         for row in rows:
           prog.write(json.dumps(row) + "\n")
         prog.flush()
@@ -206,11 +216,21 @@ class AssessPrepare:
 
 
 def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
-                  pool):
+                  pool, save_logits=False):
   valid = np.asarray(batch["valid"], bool)
   ok = np.asarray(batch["ok"], bool) & valid
-  maps = quality_model.predict(batch["image"], batch["fov_mask"]) if ok.any(
-  ) else None
+  maps = logits = probs = None
+  if ok.any() and hasattr(quality_model, "predict_all"):
+    # The student: logits, maps and (with an EyeQ head) class probabilities
+    # from one encoder pass.
+    out = quality_model.predict_all(batch["image"], batch["fov_mask"])
+    maps, probs = out["maps"], out.get("class_probs")
+    logits = out["logits"] if save_logits else None
+  elif ok.any() and save_logits:
+    logits = quality_model.predict_logits(batch["image"], batch["fov_mask"])
+    maps = quality_model.maps_from_logits(logits, batch["fov_mask"])
+  elif ok.any():
+    maps = quality_model.predict(batch["image"], batch["fov_mask"])
   rows, writes = [], []
   for k in np.flatnonzero(valid):
     i = todo[int(batch["index"][k])]
@@ -223,9 +243,16 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
     qmap = np.asarray(maps[k], np.float32)
     w = quality_lib.fov_at(fov_mask, qmap.shape)
     qmap = np.where(w > 0, qmap, 0.0).astype(np.float32)
-    q, frac = quality_lib.summarise(qmap, w)
+    # A calibrated model pools its own way (efiqa calibrate).
+    q, frac = getattr(quality_model, "summarise", quality_lib.summarise)(
+        qmap, w)
     circular = bool(batch["circular"][k])
-    grade = quality_model.grading.grade(q, circular)
+    if probs is not None:  # EyeQ head: its class; never good off-circle
+      grade = quality_lib.GRADES[int(np.argmax(probs[k]))]
+      if grade == "good" and not circular:
+        grade = "usable"
+    else:
+      grade = quality_model.grading.grade(q, circular)
     if not circular:
       note = "no circular field of view: never graded good"
       message = f"{message}; {note}" if message else note
@@ -239,15 +266,21 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
         "crop_x0": x0, "crop_y0": y0, "crop_size": side,
         "model": quality_model.name, "version": __version__,
     })
-    writes.append(pool.submit(_write_outputs, out_dir, ids[i], qmap,
-                              np.asarray(batch["image"][k]), fov_mask,
-                              overlays))
+    writes.append(pool.submit(
+        _write_outputs, out_dir, ids[i], qmap, np.asarray(batch["image"][k]),
+        fov_mask, overlays,
+        None if logits is None else np.asarray(logits[k], np.float32)))
   for fut in writes:
     fut.result()
   return rows
 
 
-def _write_outputs(out_dir, id_, qmap, image, fov_mask, overlays):
+def _write_outputs(out_dir, id_, qmap, image, fov_mask, overlays,
+                   logits=None):
+  if logits is not None:
+    lp = os.path.join(out_dir, "logits", id_ + ".npy")
+    np.save(lp + ".tmp.npy", logits)
+    os.replace(lp + ".tmp.npy", lp)
   if overlays:
     ov = report_lib.overlay(image, qmap, fov_mask)
     report_lib.write_png(os.path.join(out_dir, "overlays", id_ + ".png"), ov)

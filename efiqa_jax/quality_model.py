@@ -25,6 +25,14 @@ MAP_SIZE = 64
 
 
 def load_quality_model(name_or_path: str = "default", **kwargs):
+  """'default'/'teacher', a teacher directory, or 'student' (with
+  encoder=DIR, adapter=DIR, optional calibration=FILE)."""
+  if name_or_path == "student":
+    return StudentQualityModel.from_checkpoints(**kwargs)
+  for k in ("encoder", "adapter", "calibration", "dtype"):
+    if kwargs.get(k) is not None:
+      raise ValueError(f"--{k} is only for --model student")
+    kwargs.pop(k, None)
   if name_or_path in ("default", "teacher"):
     path = DEFAULT_MODEL_DIR
     if not os.path.isdir(path):
@@ -163,3 +171,176 @@ def _teacher_maps(graphdef, state, images, fov, *, threshold, teacher_size,
   anomaly, fov_t = teacher_anomaly(teacher, images, fov,
                                    teacher_size=teacher_size)
   return pool_anomaly(anomaly, fov_t, threshold=threshold, map_size=map_size)
+
+
+class StudentQualityModel:
+  """Frozen ViT encoder + adapter (EFIQA stage 2): degradation logits per
+  patch token.
+
+  Input chain (the one `efiqa extract` uses, `features.PrepareEncoderInput`):
+  FOV crop square (crop_x0, crop_y0, crop_size; zero outside the image and
+  the FOV) at work_size -> EFIQA preprocessing (PIL bicubic to `size`, /255,
+  ImageNet mean/std) -> encoder patch tokens (gh, gw, D) -> adapter logits.
+  map = sigmoid(logits) on the adapter's grid, 0 on cells outside the FOV.
+  """
+
+  def __init__(self, encoder, adapter, *, name: str = "student",
+               size: int | None = None, work_size: int | None = None,
+               batch_size: int = 8, grading=None, meta: dict | None = None,
+               pooling=None, eyeq_head=None):
+    import jax  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+
+    self.meta = dict(meta or {})
+    self.pooling = pooling  # calibrate.WeightedPooling or None (default)
+    self.name = name
+    feats = self.meta.get("adapter", {}).get("features", {})
+    self.size = int(size or feats.get("size") or 224)
+    # Default: the chain the adapter was trained on (its features' metadata).
+    self.work_size = int(work_size or feats.get("work_size") or 512)
+    p = encoder.cfg["patch_size"]
+    if self.size % p:
+      raise ValueError(f"size {self.size} is not a multiple of the encoder "
+                       f"patch size {p}")
+    if adapter.in_dim != encoder.cfg["hidden_size"]:
+      raise ValueError(f"adapter expects D={adapter.in_dim}, the encoder "
+                       f"gives {encoder.cfg['hidden_size']}")
+    self.grid = adapter.output_grid(self.size // p, self.size // p)
+    self.grading = grading or quality_lib.Grading()
+    devices = jax.local_devices()
+    n_dev = len(devices)
+    self.batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    self._data = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("data"))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._enc = nnx.split(encoder)
+    self._ada = nnx.split(adapter)
+    self._enc = (self._enc[0], jax.device_put(self._enc[1], rep))
+    self._ada = (self._ada[0], jax.device_put(self._ada[1], rep))
+    # Graphdefs closed over (the ViT's config dict makes them unhashable).
+    gd_e, gd_a = self._enc[0], self._ada[0]
+    self._fn = jax.jit(lambda es, as_, x: _student_logits(gd_e, es, gd_a,
+                                                          as_, x))
+    self._head = None
+    if eyeq_head is not None:  # option 2: class probabilities, same pass
+      gd_h, st_h = nnx.split(eyeq_head)
+      self._head = jax.device_put(st_h, rep)
+      self._fn = jax.jit(lambda es, as_, hs, x: _student_logits(
+          gd_e, es, gd_a, as_, x, gd_h, hs))
+
+  @classmethod
+  def from_checkpoints(cls, encoder: str | None = None,
+                       adapter: str | None = None,
+                       calibration: str | None = None, *,
+                       dtype: str | None = None, **kwargs):
+    from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    from efiqa_jax.models import adapters  # pylint: disable=g-import-not-at-top
+    if not encoder or not adapter:
+      raise ValueError("--model student needs --encoder DIR and --adapter DIR")
+    enc, enc_meta = checkpoints.load_model(encoder, dtype=dtype)
+    if getattr(enc, "ARCH", None) != "vit":
+      raise ValueError(f"{encoder} is not a ViT encoder")
+    ada, ada_meta = checkpoints.load_model(adapter)
+    if not adapters.is_adapter_architecture(ada_meta["architecture"]):
+      raise ValueError(f"{adapter} holds a {ada_meta['architecture']!r} "
+                       "model, not an adapter")
+    meta = {"encoder": enc_meta, "adapter": ada_meta}
+    grading = kwargs.pop("grading", None)
+    pooling = None
+    if calibration:
+      from efiqa_jax import calibrate  # pylint: disable=g-import-not-at-top
+      cal = calibrate.load_calibration(calibration)
+      meta["calibration"] = cal
+      pooling = calibrate.pooling_from(cal)
+      if "grading" in cal:
+        grading = quality_lib.Grading(**cal["grading"])
+    head = None
+    if calibration and cal.get("eyeq_head"):
+      from efiqa_jax.student import eyeq_head as _  # pylint: disable=g-import-not-at-top,unused-import
+
+      hp = cal["eyeq_head"]
+      if not os.path.isabs(hp):  # relative to the calibration file
+        hp = os.path.join(os.path.dirname(os.path.abspath(calibration)), hp)
+      head, head_meta = checkpoints.load_model(hp, architecture="eyeq_head")
+      meta["eyeq_head"] = head_meta
+      if head.in_dim != enc.cfg["hidden_size"]:
+        raise ValueError(f"EyeQ head expects D={head.in_dim}, the encoder "
+                         f"gives {enc.cfg['hidden_size']}")
+    model = cls(enc, ada, grading=grading, meta=meta, pooling=pooling,
+                eyeq_head=head, **kwargs)
+    if pooling is not None and pooling.weights.shape != tuple(model.grid):
+      raise ValueError(f"calibration weights {pooling.weights.shape} do not "
+                       f"match the student's map grid {tuple(model.grid)}")
+    return model
+
+  def summarise(self, qmap, fov_weight):
+    """(quality, degraded_fraction): calibrated pooling or the default."""
+    if self.pooling is None:
+      return quality_lib.summarise(qmap, fov_weight)
+    return self.pooling.summarise(qmap, fov_weight)
+
+  def prepare(self, path):
+    from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
+    return fundus.prepare_fundus(path, size=self.work_size)
+
+  def encoder_input(self, images: np.ndarray) -> np.ndarray:
+    from efiqa_jax.encoders import preprocess as pp  # pylint: disable=g-import-not-at-top
+    return np.stack([pp.preprocess(np.asarray(im), self.size, "efiqa")
+                     for im in images]).astype(np.float32)
+
+  def _run(self, images: np.ndarray):
+    import jax  # pylint: disable=g-import-not-at-top
+    logits, probs = [], []
+    for s in range(0, images.shape[0], self.batch_size):
+      x = self.encoder_input(images[s:s + self.batch_size])
+      k = x.shape[0]
+      if k < self.batch_size:
+        x = np.concatenate([x, np.zeros((self.batch_size - k,) + x.shape[1:],
+                                        x.dtype)])
+      x = jax.device_put(x, self._data)
+      if self._head is None:
+        lg = self._fn(self._enc[1], self._ada[1], x)
+      else:
+        lg, pr = self._fn(self._enc[1], self._ada[1], self._head, x)
+        probs.append(np.asarray(pr)[:k])
+      logits.append(np.asarray(lg)[:k])
+    lg = (np.concatenate(logits) if logits else
+          np.zeros((0,) + tuple(self.grid), np.float32))
+    return lg, (np.concatenate(probs) if probs else None)
+
+  def predict_logits(self, images: np.ndarray, fov: np.ndarray | None = None
+                     ) -> np.ndarray:
+    """uint8 FOV crops (B, S, S, 3) -> raw adapter logits (B, gh, gw)."""
+    del fov  # the crop is already zero outside the FOV
+    return self._run(images)[0]
+
+  def predict_all(self, images: np.ndarray, fov: np.ndarray) -> dict:
+    """{logits, maps, class_probs (B, 3) or None} from one encoder pass."""
+    logits, probs = self._run(images)
+    return {"logits": logits, "maps": self.maps_from_logits(logits, fov),
+            "class_probs": probs}
+
+  def maps_from_logits(self, logits: np.ndarray, fov: np.ndarray
+                       ) -> np.ndarray:
+    maps = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+    for i in range(maps.shape[0]):
+      maps[i][quality_lib.fov_at(fov[i], maps.shape[1:]) <= 0] = 0.0
+    return maps.astype(np.float32)
+
+  def predict(self, images: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    return self.maps_from_logits(self.predict_logits(images, fov), fov)
+
+
+def _student_logits(enc_graphdef, enc_state, ada_graphdef, ada_state, x,
+                    head_graphdef=None, head_state=None):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  enc = nnx.merge(enc_graphdef, enc_state)
+  ada = nnx.merge(ada_graphdef, ada_state)
+  z = enc.patch_features(x).astype(jnp.float32)
+  if head_graphdef is None:
+    return ada(z)
+  image_logits, _ = nnx.merge(head_graphdef, head_state)(z)
+  return ada(z), jax.nn.softmax(image_logits, -1)

@@ -11,7 +11,20 @@ def add_arguments(p):
   p.add_argument("--out", required=True, help="output folder (re-running "
                  "into it skips finished images)")
   p.add_argument("--model", default="default",
-                 help="'default' (bundled teacher) or a model directory")
+                 help="'default' (bundled teacher), a teacher model directory, "
+                 "or 'student' (with --encoder and --adapter)")
+  p.add_argument("--encoder", default=None,
+                 help="student: ViT encoder model directory (efiqa port ...)")
+  p.add_argument("--adapter", default=None,
+                 help="student: adapter model directory (efiqa port adapter "
+                 "or train-adapter's WORKDIR/adapter)")
+  p.add_argument("--calibration", default=None,
+                 help="student: calibration JSON (efiqa calibrate)")
+  p.add_argument("--encoder-dtype", choices=("float32", "bfloat16"),
+                 default=None, help="student: encoder compute dtype")
+  p.add_argument("--save-logits", action="store_true",
+                 help="student: also write DIR/logits/<id>.npy (gh, gw) raw "
+                 "adapter logits")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--threads", type=int, default=4,
                  help="decode/FOV threads")
@@ -26,7 +39,12 @@ def run(args) -> int:
     res = assess.assess(args.inputs, args.out, model=args.model,
                         batch_size=args.batch_size, num_threads=args.threads,
                         overlays=not args.no_overlays,
-                        progress=not args.quiet)
+                        progress=not args.quiet,
+                        save_logits=args.save_logits,
+                        model_kwargs={"encoder": args.encoder,
+                                      "adapter": args.adapter,
+                                      "calibration": args.calibration,
+                                      "dtype": args.encoder_dtype})
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa assess: error: {e}", file=sys.stderr)
     return assess.EXIT_USAGE

@@ -61,6 +61,8 @@ def _register_families():
   # efiqa_jax.port.vit imports only numpy at module level.
   from efiqa_jax.port import vit as vit_port
   vit_port.register(register_converter)
+  from efiqa_jax.port import adapter as adapter_port
+  adapter_port.register(register_converter)
 
 
 _register_families()

@@ -1,0 +1,60 @@
+"""EFIQA adapter distillation (`efiqa train-adapter --config configs/adapter.py`).
+
+Paper defaults (efiqa-method.md §1.5): frozen DINOv3 ViT-L/16 at 224 (14x14
+tokens, D = 1024), `sc_linear` adapter, class-balanced BCE with pos_weight 20
+(the public config uses 9.58), AdamW lr 1e-3, batch 4096 patches, 20 epochs,
+seed 504. Pseudo-labels must be on the same 14x14 grid
+(`efiqa pseudo-label --grid 14`).
+
+`configs/adapter.py:tiny`: a few steps on small batches for tests/smoke runs.
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.mode = "features"            # features | end_to_end
+  c.features_dir = ""            # efiqa extract output (npy)
+  c.labels_dir = ""              # efiqa pseudo-label output (labels/<id>.png)
+  c.images = ""                  # end_to_end: photographs (folder/glob/CSV)
+  c.encoder = ""                 # end_to_end: ViT encoder model directory
+  c.encoder_dtype = "float32"    # end_to_end: float32 | bfloat16
+  c.size = 224                   # end_to_end: encoder input side
+  c.work_size = 512              # end_to_end: FOV crop side before resize
+  c.adapter = ml_collections.ConfigDict()
+  c.adapter.name = "linear"      # linear (sc_linear) | mlp | modern_head_64to16
+  c.adapter.kwargs = ml_collections.ConfigDict()
+  c.batching = "patch"           # patch (pool all tokens) | image
+  c.batch_size = 4096
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "bce"            # bce | nnpu
+  c.loss.pos_weight = 20.0       # paper; public config 9.58
+  c.loss.pi = 0.05               # nnpu only
+  c.loss.beta = 0.0              # nnpu only
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-3
+  c.optimizer.b1 = 0.9           # torch AdamW defaults
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.01
+  c.epochs = 20
+  c.seed = 504
+  c.augment_flip = False         # image batching only
+  c.label_resize = "error"       # label grid != output grid: error | nearest
+  c.mesh = (("data", -1),)
+  c.param_sharding = ()          # end_to_end: "(regex, spec)" encoder rules
+  c.checkpoint_every = 200       # steps
+  c.keep_checkpoints = 2
+  c.log_every = 20
+  c.max_steps = -1               # > 0: stop there (no export); resumable
+  c.data_threads = 2
+  c.progress = True
+  if arg == "tiny":
+    c.batch_size = 64
+    c.epochs = 2
+    c.checkpoint_every = 2
+    c.log_every = 1
+    c.progress = False
+  elif arg not in (None, ""):
+    raise ValueError(f"unknown variant {arg!r} (known: tiny)")
+  return c

@@ -1,0 +1,38 @@
+"""efiqa distill: pseudo-labels -> features -> adapter, in one command."""
+NAME = "distill"
+HELP = ("Teacher pseudo-labels -> encoder features -> adapter training on a "
+        "set of photographs (resumable, WORKDIR/{pseudo,features,train}).")
+
+
+def add_arguments(p):
+  p.add_argument("inputs", nargs="+", help="photographs: files, folders, "
+                 "globs or a CSV with a 'path' column")
+  p.add_argument("--teacher", required=True, help="teacher model directory")
+  p.add_argument("--encoder", required=True, help="ViT encoder directory")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--config", default="configs/adapter.py")
+  p.add_argument("--batch-size", type=int, default=8,
+                 help="pseudo-label / extract batch")
+  p.add_argument("--set", dest="overrides", action="append", default=[],
+                 metavar="config.key=value", help="config override")
+  p.add_argument("--quiet", action="store_true")
+  p.set_defaults(config_overrides_ok=True)
+
+
+def run(args) -> int:
+  import sys  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+  from efiqa_jax.student import distill  # pylint: disable=g-import-not-at-top
+  try:
+    cfg = config_util.load_config(
+        args.config, list(args.overrides) + list(
+            getattr(args, "config_overrides", None) or []))
+    res = distill.distill(args.inputs, args.teacher, args.encoder,
+                          args.workdir, cfg, batch_size=args.batch_size,
+                          progress=not args.quiet)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"efiqa distill: error: {e}", file=sys.stderr)
+    return 2
+  print(f"step {res.step}/{res.total_steps} loss {res.final_loss:.5f}; "
+        f"adapter: {res.adapter_dir}")
+  return 0
