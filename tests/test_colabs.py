@@ -1,40 +1,46 @@
-"""The notebooks in colabs/ run end to end (no network, tiny sizes)."""
+"""Every notebook in colabs/ runs end to end (no network, tiny sizes)."""
 import os
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-
-
-def _run(repo_root, name, tmp_path, env=None, timeout=600):
-  nb = nbformat.read(os.path.join(repo_root, "colabs", name), as_version=4)
-  old = dict(os.environ)
-  os.environ.update(env or {})
-  try:
-    client = nbclient.NotebookClient(
-        nb, timeout=timeout, kernel_name="python3",
-        resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
-  finally:
-    os.environ.clear()
-    os.environ.update(old)
-  errors = [o for c in nb.cells if c.cell_type == "code"
-            for o in c.get("outputs", []) if o.get("output_type") == "error"]
-  assert not errors, errors
-  return nb
+from tests.notebooks import run_notebook
 
 
 @pytest.mark.slow
-def test_quickstart_notebook(repo_root, tmp_path):
+def test_quickstart_notebook(repo_root, tmp_path, monkeypatch):
   shared = repo_root.parent / "shared" / "data" / "fundus"
-  env = {"PYTHONPATH": str(repo_root) + os.pathsep +
-         os.environ.get("PYTHONPATH", ""),
-         "EFIQA_SHARED_FUNDUS": str(shared)}
-  nb = _run(repo_root, "quickstart.ipynb", tmp_path, env)
-  text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                 for o in c.get("outputs", []))
+  text, pngs = run_notebook(repo_root, "quickstart.ipynb", tmp_path,
+                            monkeypatch,
+                            env={"EFIQA_SHARED_FUNDUS": str(shared)},
+                            timeout=600)
   assert "retina_blur" in text and "AssessResult" in text
-  # The maps figure was rendered.
-  assert any(o.get("output_type") == "display_data" and "image/png" in
-             o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+  assert pngs and len(pngs[0]) > 1000  # the maps figure
+
+
+@pytest.mark.slow
+def test_train_teacher_notebook(repo_root, tmp_path, monkeypatch):
+  text, pngs = run_notebook(repo_root, "train_teacher.ipynb", tmp_path,
+                            monkeypatch)
+  assert "exported to" in text and "anomaly inside the hole" in text
+  assert len(pngs) >= 4
+
+
+@pytest.mark.slow
+def test_port_and_extract_notebook(repo_root, tmp_path, monkeypatch):
+  text, pngs = run_notebook(repo_root, "port_and_extract.ipynb", tmp_path,
+                            monkeypatch, timeout=120)
+  assert "failed 1" in text and "not_found" in text
+  assert pngs and len(pngs[-1]) > 1000  # the PCA figure
+  feats = tmp_path / "port_and_extract_work" / "features"
+  assert (feats / "manifest.csv").is_file()
+  assert len([f for f in os.listdir(feats) if f.endswith(".npy")]) >= 3
+
+
+@pytest.mark.slow
+def test_distill_notebook(repo_root, tmp_path, monkeypatch):
+  text, pngs = run_notebook(repo_root, "distill.ipynb", tmp_path, monkeypatch,
+                            env={"EFIQA_TEACHER": None,
+                                 "EFIQA_ENCODER": None})
+  assert "held-out student map AUROC" in text and "adapter:" in text
+  assert pngs and len(pngs[-1]) > 1000
+  assert (tmp_path / "distill_work" / "assess" / "logits").is_dir()
