@@ -58,13 +58,36 @@ def _conv(cin: int, cout: int, k: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
                   bias_init=_torch_bias_init(cin * k * k), rngs=rngs)
 
 
-def _upconv(cin: int, cout: int, dtype: Any, rngs: nnx.Rngs) -> nnx.ConvTranspose:
-  # Kernel layout (kh, kw, in, out), not flipped (transpose_kernel=False): a
-  # torch weight (in, out, kh, kw) maps here spatially flipped (see port/vuad).
-  return nnx.ConvTranspose(cin, cout, (2, 2), strides=(2, 2), padding="VALID",
-                           use_bias=True, dtype=dtype, param_dtype=jnp.float32,
-                           kernel_init=_torch_tkernel_init,
-                           bias_init=_torch_bias_init(cout * 4), rngs=rngs)
+class UpConv2x2(nnx.Module):
+  """2x2 stride-2 transposed conv (bias) as one matmul plus depth-to-space.
+
+  Same parameters as `nnx.ConvTranspose(cin, cout, (2, 2), strides=(2, 2),
+  padding="VALID")`: `kernel` (kh, kw, in, out), not flipped
+  (transpose_kernel=False), so a torch weight (in, out, kh, kw) maps here
+  spatially flipped (see port/vuad). With stride == kernel size the output
+  pixel (2h+i, 2w+j) only sees input pixel (h, w) through kernel tap
+  (1-i, 1-j), so the layer is a (B*H*W, in) x (in, 4*out) matmul. XLA:CPU runs
+  the lhs-dilated convolution of nnx.ConvTranspose through a slow generic path
+  (its gradient took 32 s at 128->256 px, batch 4, base 64; this form 0.24 s).
+  """
+
+  def __init__(self, cin: int, cout: int, dtype: Any, *, rngs: nnx.Rngs):
+    self.cin, self.cout, self.dtype = cin, cout, dtype
+    self.kernel = nnx.Param(_torch_tkernel_init(rngs.params(),
+                                                (2, 2, cin, cout), jnp.float32))
+    self.bias = nnx.Param(_torch_bias_init(cout * 4)(rngs.params(), (cout,),
+                                                     jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, _ = x.shape
+    k = self.kernel[...][::-1, ::-1].astype(self.dtype)
+    y = jnp.einsum("bhwc,ijcd->bhiwjd", x.astype(self.dtype), k)
+    y = y.reshape(b, 2 * h, 2 * w, self.cout)
+    return y + self.bias[...].astype(self.dtype)
+
+
+def _upconv(cin: int, cout: int, dtype: Any, rngs: nnx.Rngs) -> UpConv2x2:
+  return UpConv2x2(cin, cout, dtype, rngs=rngs)
 
 
 class ConvBlock(nnx.Module):
@@ -79,7 +102,12 @@ class ConvBlock(nnx.Module):
 
 
 def _pool(x: jax.Array) -> jax.Array:
-  return nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+  # 2x2 stride-2 max pool as reshape + max: XLA:CPU runs this and its gradient
+  # faster than reduce_window / select_and_scatter (0.19 vs 0.45 s backward
+  # at 256 px, batch 4, 64 channels). Ties split the gradient evenly instead
+  # of picking one element; after ReLU ties are zeros whose ReLU gradient is 0.
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class UNet(nnx.Module):
