@@ -50,12 +50,89 @@ _torch_tkernel_init = nnx.initializers.variance_scaling(
     1.0 / 3.0, "fan_in", "uniform", in_axis=-1, out_axis=-2)
 
 
-def _conv(cin: int, cout: int, k: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
-  return nnx.Conv(cin, cout, (k, k), strides=(1, 1),
-                  padding=((k // 2, k // 2), (k // 2, k // 2)), use_bias=True,
-                  dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=_torch_kernel_init,
-                  bias_init=_torch_bias_init(cin * k * k), rngs=rngs)
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
+  p = w.shape[0] // 2
+  return jax.lax.conv_general_dilated(x, w, (1, 1), ((p, p), (p, p)),
+                                      dimension_numbers=_DN)
+
+
+def _num_chunks(n: int) -> int:
+  # Split the B*H*W contraction into up to 16 chunks (see _conv_weight_grad).
+  for p in (16, 8, 4, 2):
+    if n % p == 0:
+      return p
+  return 1
+
+
+def _conv_weight_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
+  """d(loss)/d(kernel) of a stride-1 'same' k x k conv, (k, k, Cin, Cout).
+
+  XLA:CPU computes this as a convolution whose "kernel" is the whole output
+  gradient, 5-10x the forward's time. Here: per kernel tap one shifted input
+  slice contracted with the output gradient over B*H*W, split into chunks
+  (a batched matmul, then a sum) because one matmul with a huge contraction
+  and small Cin x Cout output parallelises badly. 1.5-3x faster than XLA's
+  own on the U-Net's shapes; float32 results differ only in summation order
+  (~1e-5 relative).
+  """
+  b, h, w, c = x.shape
+  d = g.shape[-1]
+  pad = k // 2
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  n = _num_chunks(b * h * w)
+  gg = g.reshape(n, -1, d)
+  taps = [jnp.einsum("pkc,pkd->pcd", xp[:, i:i + h, j:j + w].reshape(n, -1, c),
+                     gg, preferred_element_type=jnp.float32).sum(0)
+          for i in range(k) for j in range(k)]
+  return jnp.stack(taps).reshape(k, k, c, d)
+
+
+@jax.custom_vjp
+def conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
+  """Stride-1 'same' conv (odd k), NHWC x HWIO, with a faster weight grad."""
+  return _conv_same(x, w)
+
+
+def _conv_same_fwd(x, w):
+  return _conv_same(x, w), (x, w)
+
+
+def _conv_same_bwd(res, g):
+  x, w = res
+  # The input gradient is a plain convolution that XLA:CPU runs at forward
+  # speed; only the weight gradient is replaced.
+  dx = jax.vjp(lambda x_: _conv_same(x_, w), x)[1](g)[0]
+  dw = _conv_weight_grad(x, g, w.shape[0]).astype(w.dtype)
+  return dx, dw
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+class Conv(nnx.Module):
+  """k x k stride-1 conv, padding k // 2, bias: nnx.Conv's parameters
+  (`kernel` (k, k, in, out), `bias`) with `conv_same`'s faster gradient."""
+
+  def __init__(self, cin: int, cout: int, k: int, dtype: Any, *,
+               rngs: nnx.Rngs):
+    if k % 2 != 1:
+      raise ValueError(f"kernel size must be odd, got {k}")
+    self.dtype = dtype
+    self.kernel = nnx.Param(_torch_kernel_init(rngs.params(), (k, k, cin, cout),
+                                               jnp.float32))
+    self.bias = nnx.Param(_torch_bias_init(cin * k * k)(rngs.params(), (cout,),
+                                                        jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = conv_same(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return y + self.bias[...].astype(self.dtype)
+
+
+def _conv(cin: int, cout: int, k: int, dtype: Any, rngs: nnx.Rngs) -> Conv:
+  return Conv(cin, cout, k, dtype, rngs=rngs)
 
 
 class UpConv2x2(nnx.Module):
