@@ -93,11 +93,25 @@ def _conv_weight_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
   d = g.shape[-1]
   pad = k // 2
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  n = _num_chunks(b * h * w)
-  gg = g.reshape(n, -1, d)
-  taps = [_sum_leading(jnp.einsum("pkc,pkd->pcd", xp[:, i:i + h, j:j + w].reshape(n, -1, c),
-                     gg, preferred_element_type=jnp.float32))
-          for i in range(k) for j in range(k)]
+
+  def tap(u, v):
+    # sum over rows of u^T v, as chunked batched matmuls plus an add chain.
+    n = _num_chunks(u.shape[0] * u.shape[1] * u.shape[2])
+    return _sum_leading(jnp.einsum(
+        "pkc,pkd->pcd", u.reshape(n, -1, u.shape[-1]),
+        v.reshape(n, -1, v.shape[-1]), preferred_element_type=jnp.float32))
+
+  # Tap (i, j) pairs xp[:, i + y, j + x] with g[:, y, x]. Materialise the
+  # shifted copies on the side with fewer channels: slices of the padded
+  # input when Cin <= Cout, else the output gradient zero-padded into the
+  # padded frame at offset (i, j) (the decoder's first convs have Cin = 2 Cout).
+  if c <= d:
+    taps = [tap(xp[:, i:i + h, j:j + w], g)
+            for i in range(k) for j in range(k)]
+  else:
+    taps = [tap(xp, jnp.pad(g, ((0, 0), (i, 2 * pad - i), (j, 2 * pad - j),
+                                (0, 0))))
+            for i in range(k) for j in range(k)]
   return jnp.stack(taps).reshape(k, k, c, d)
 
 
