@@ -492,7 +492,7 @@ import sys
 sys.path.insert(0, sys.argv[1])          # data/, as `tfds build data/<name>` does
 import tensorflow_datasets as tfds
 from funpiq import funpiq_dataset_builder as mod   # no `data` package here
-assert mod.common.__name__ == "efiqa_data_common", mod.common.__name__
+assert mod.common.__file__.endswith("_common.py"), mod.common.__file__
 b = mod.Builder(data_dir=sys.argv[3])
 b.download_and_prepare(
     download_config=tfds.download.DownloadConfig(manual_dir=sys.argv[2]),

@@ -25,20 +25,8 @@ import dataclasses
 
 try:
   from .. import _common as common
-except ImportError:
-  # `tfds build data/<name>` imports `<name>.<name>_dataset_builder` with
-  # data/ on sys.path, so there is no parent package: load by file path.
-  import importlib.util
-  import pathlib
-  import sys
-  common = sys.modules.get("efiqa_data_common")
-  if common is None:
-    _spec = importlib.util.spec_from_file_location(
-        "efiqa_data_common",
-        pathlib.Path(__file__).resolve().parents[1] / "_common.py")
-    common = importlib.util.module_from_spec(_spec)
-    sys.modules["efiqa_data_common"] = common
-    _spec.loader.exec_module(common)
+except ImportError:  # `tfds build data/<name>` puts data/ itself on sys.path
+  import _common as common  # pylint: disable=import-error
 
 import tensorflow_datasets as tfds
 
