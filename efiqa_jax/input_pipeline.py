@@ -79,6 +79,16 @@ def _as_source(source_or_paths) -> Any:
   return source_or_paths
 
 
+def _local_batch(global_batch: int, sharding: Any, pc: int) -> int:
+  """This process's rows per step (checked against the sharding if given)."""
+  if sharding is not None:
+    return sharding_lib.local_batch_size(global_batch, sharding, pc)
+  if global_batch <= 0 or global_batch % pc:
+    raise ValueError(f"global batch {global_batch} must be a positive "
+                     f"multiple of the process count {pc}")
+  return global_batch // pc
+
+
 def _finish(ds: grain.MapDataset, local_batch: int, *, drop_remainder: bool,
             num_workers: int, read_threads: int, prefetch_batches: int,
             worker_buffer_size: int) -> grain.IterDataset:
@@ -165,13 +175,7 @@ def inference_batches(source, global_batch: int, *, prepare=None,
   src = _as_source(source)
   p = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
-  if sharding is not None:
-    local = sharding_lib.local_batch_size(global_batch, sharding, pc)
-  else:
-    if global_batch <= 0 or global_batch % pc:
-      raise ValueError(f"global batch {global_batch} must be a positive "
-                       f"multiple of the process count {pc}")
-    local = global_batch // pc
+  local = _local_batch(global_batch, sharding, pc)
   prepare = prepare if prepare is not None else sources.PrepareFundus(size)
   n = len(src)
   steps = sharding_lib.inference_steps(n, global_batch)
@@ -249,13 +253,7 @@ def training_batches(source, global_batch: int, *, seed: int,
   src = _as_source(source)
   p = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
-  if sharding is not None:
-    local = sharding_lib.local_batch_size(global_batch, sharding, pc)
-  else:
-    if global_batch <= 0 or global_batch % pc:
-      raise ValueError(f"global batch {global_batch} must be a positive "
-                       f"multiple of the process count {pc}")
-    local = global_batch // pc
+  local = _local_batch(global_batch, sharding, pc)
   n = len(src)
   if n == 0:
     raise ValueError("training source is empty")

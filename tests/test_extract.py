@@ -20,6 +20,7 @@ from efiqa_jax import features
 from efiqa_jax import sharding
 from efiqa_jax.encoders import preprocess as pp
 from efiqa_jax.models import vit
+from tests.hf_models import tiny_hf_dinov3
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(patch_size=16, hidden_size=32, depth=2, num_heads=2,
@@ -283,20 +284,8 @@ def test_hf_dinov3_parity_on_real_photographs(fundus_dir, tmp_path, capsys):
   from efiqa_jax import cli
   from efiqa_jax import fundus
 
-  cfg = transformers.DINOv3ViTConfig(
-      hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-      intermediate_size=64, num_register_tokens=4, patch_size=16,
-      image_size=224)
-  torch.manual_seed(0)
-  ref = transformers.DINOv3ViTModel(cfg)
   g = torch.Generator().manual_seed(0)
-  with torch.no_grad():  # non-trivial biases, LayerScale, tokens, norms
-    for name, p in ref.named_parameters():
-      leaf = name.split(".")[-1]
-      if "norm" in name and leaf == "weight":
-        p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
-      elif leaf in ("bias", "lambda1", "cls_token", "register_tokens"):
-        p.copy_(0.5 * torch.randn(p.shape, generator=g))
+  ref = tiny_hf_dinov3(torch, transformers, g)
   ref.eval().save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
   enc, out = tmp_path / "enc", tmp_path / "feats"
   assert cli.main(["port", "dinov3", str(tmp_path / "hf"), "--out",

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from efiqa_jax import cli
+from tests.hf_models import tiny_hf_dinov3
 from efiqa_jax import fundus
 from efiqa_jax.encoders import preprocess as pp
 
@@ -16,20 +17,8 @@ from efiqa_jax.encoders import preprocess as pp
 def _hf_and_adapter(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  cfg = transformers.DINOv3ViTConfig(
-      hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-      intermediate_size=64, num_register_tokens=4, patch_size=16,
-      image_size=224)
-  torch.manual_seed(0)
-  ref = transformers.DINOv3ViTModel(cfg)
   g = torch.Generator().manual_seed(0)
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      leaf = name.split(".")[-1]
-      if "norm" in name and leaf == "weight":
-        p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
-      elif leaf in ("bias", "lambda1", "cls_token", "register_tokens"):
-        p.copy_(0.5 * torch.randn(p.shape, generator=g))
+  ref = tiny_hf_dinov3(torch, transformers, g)
   ref.eval().save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
   lin = torch.nn.Linear(32, 1)
   with torch.no_grad():
