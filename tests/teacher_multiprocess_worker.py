@@ -7,6 +7,7 @@ Trains the tiny teacher over a mesh spanning both processes (2 CPU devices
 each), sharing one workdir (orbax checkpoints, per-process grain iterator
 state). STOP_AFTER > 0 stops like a killed job after that many steps.
 """
+import faulthandler
 import json
 import os
 import sys
@@ -17,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
+  # A hang shows where each process waits (the test kills at 300 s).
+  faulthandler.dump_traceback_later(240, exit=False)
   pid, nproc, port = map(int, sys.argv[1:4])
   maps_dir, workdir, stop, out_path = sys.argv[4], sys.argv[5], int(
       sys.argv[6]), sys.argv[7]

@@ -408,10 +408,12 @@ def _run_two_processes(maps_dir, workdir, stop, tmp_path, tag):
     for p in procs:
       logs.append(p.communicate(timeout=300)[0])
   except subprocess.TimeoutExpired:
-    for p in procs:
+    tails = []
+    for i, p in enumerate(procs):
       p.kill()
-      p.communicate()
-    pytest.fail("two-process teacher training hung (killed after 300 s)")
+      tails.append(f"--- process {i}:\n" + (p.communicate()[0] or "")[-6000:])
+    pytest.fail("two-process teacher training hung (killed after 300 s)\n"
+                + "\n".join(tails))
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
   return [json.loads(o.read_text()) for o in outs]
