@@ -85,9 +85,15 @@ def save_model(path: str | os.PathLike, model, meta: dict | None = None, *,
   import orbax.checkpoint as ocp
   from flax import nnx
 
+  from efiqa_jax import sharding
+
   path = pathlib.Path(path).absolute()
   if path.exists() and any(path.iterdir()) and not overwrite:
     raise FileExistsError(f"{path} exists and is not empty (overwrite=False)")
+  # Multi-host: every process checks before anyone writes; orbax's save is
+  # collective; the sidecar has one writer (two racing os.replace calls of
+  # the same temporary file kill one process and hang the other).
+  sharding.barrier(f"efiqa_save_model_check:{path}")
   name, kwargs = architecture_of(model)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   # Plain host float arrays: the file does not depend on the saving devices.
@@ -103,9 +109,11 @@ def save_model(path: str | os.PathLike, model, meta: dict | None = None, *,
     if k in sidecar:
       raise ValueError(f"meta key {k!r} is reserved")
     sidecar[k] = v
-  tmp = path / (SIDECAR + ".tmp")
-  tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-  tmp.replace(path / SIDECAR)
+  if sharding.is_primary():
+    tmp = path / (SIDECAR + ".tmp")
+    tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path / SIDECAR)
+  sharding.barrier(f"efiqa_save_model_done:{path}")
   return path
 
 

@@ -175,6 +175,22 @@ def to_global(host_batch: Mapping[str, np.ndarray],
   return out
 
 
+def is_primary() -> bool:
+  """The process that writes shared files (sidecars, manifests, reports)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """All processes wait here (no-op with one process).
+
+  Files one process writes are only read by the others after a barrier, and
+  checks that read the filesystem run on every process before anyone writes.
+  """
+  if jax.process_count() > 1:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    ocp.multihost.sync_global_processes(name)
+
+
 def to_host_local(x: jax.Array) -> np.ndarray:
   """This process's rows of a batch-sharded global array, in host order.
 

@@ -159,8 +159,9 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                 token_grid=[gh, gw, d], label_grid=[oh, ow],
                 positive_fraction=pos, steps_per_epoch=spe,
                 total_steps=total)
-  with open(os.path.join(workdir, "data.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  if sh.is_primary():
+    with open(os.path.join(workdir, "data.json"), "w") as f:
+      json.dump(report, f, indent=2)
   for k in ("features_without_label", "labels_without_features", "not_ok"):
     if report[k]:
       print(f"train-adapter: {len(report[k])} {k.replace('_', ' ')} (listed "
@@ -244,8 +245,11 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
       raise ValueError(f"{workdir} holds a run with different {diff}; "
                        "resume needs the same data and config (use a new "
                        "--workdir)")
-  with open(fp_path, "w") as f:
-    json.dump(fp, f)
+  # Every process has read run.json before the primary rewrites it.
+  sh.barrier("efiqa_train_adapter_fingerprint")
+  if sh.is_primary():
+    with open(fp_path, "w") as f:
+      json.dump(fp, f)
   start = 0
   if mngr.latest_step() is not None:
     start = int(mngr.latest_step())
