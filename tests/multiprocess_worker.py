@@ -72,6 +72,17 @@ def main():
     local = sh.to_host_local(jax.jit(lambda i: i * 10)(g["index"]))
     report["host_order_ok"] = report.get("host_order_ok", True) and bool(
         (local == host["index"] * 10).all())
+  # Both processes save one model to one shared directory, repeatedly: one
+  # sidecar writer, barriers around it (a race here once hung CI).
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from efiqa_jax.models import unet  # pylint: disable=g-import-not-at-top
+  shared = os.path.join(os.path.dirname(out_path), "shared_model")
+  for k in range(4):
+    checkpoints.save_model(shared, unet.UNet(base_channels=2,
+                                             rngs=nnx.Rngs(k)),
+                           {"round": k}, overwrite=True)
+    report["saved_round"] = checkpoints.read_meta(shared)["round"]
   with open(out_path, "w") as f:
     json.dump(report, f)
   jax.distributed.shutdown()

@@ -64,5 +64,7 @@ def test_two_processes_every_index_once(tmp_path, n, gb):
                                               for p in range(nproc)]
   for p, r in enumerate(reps):
     assert r["local_index"] == list(range(p, n, nproc))
+  # After each shared save_model every process read the round just written.
+  assert [r["saved_round"] for r in reps] == [3, 3]
   # Both processes computed the same replicated results.
   assert reps[0]["gathered_index"] == reps[1]["gathered_index"]
