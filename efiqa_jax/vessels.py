@@ -271,9 +271,39 @@ def _noise_std(g: jax.Array, m: jax.Array) -> jax.Array:
   lap = jnp.abs(_conv1d(_conv1d(g, k, 1), k, 2))[:, ::2, ::2]
   valid = _erode(m, 1)[:, ::2, ::2] > 0.5
   b = g.shape[0]
-  vals = jnp.where(valid, lap, jnp.nan).reshape(b, -1)
-  med = jnp.nanmedian(vals, axis=1)
-  return jnp.nan_to_num(med, nan=0.0) * (1.4826 / 6.0)
+  med = masked_median_nonneg(lap.reshape(b, -1), valid.reshape(b, -1))
+  return med * (1.4826 / 6.0)
+
+
+def masked_median_nonneg(x: jax.Array, valid: jax.Array) -> jax.Array:
+  """Row-wise median of the valid entries of x >= 0; 0 for an empty row.
+
+  Bit-for-bit jnp.nanmedian of `where(valid, x, nan)` (the mean of the two
+  middle values for an even count, as 0.5 * lo + 0.5 * hi), without its
+  sort: XLA:CPU's comparator sort of 65k values per image was ~20 % of the
+  default model's compute. Non-negative float32 order equals their bits'
+  int32 order, so each order statistic is found exactly by a 31-step binary
+  search on the bits, counting entries <= the midpoint.
+  """
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  bits = jnp.where(valid, bits, jnp.iinfo(jnp.int32).max)
+  n = valid.sum(axis=1, dtype=jnp.int32)
+  # Ranks of the two middle entries (equal for an odd count).
+  ranks = jnp.stack([(n - 1) // 2, n // 2], axis=1)  # (B, 2)
+
+  def step(_, lohi):
+    lo, hi = lohi
+    mid = lo + (hi - lo) // 2
+    count = (bits[:, None, :] <= mid[..., None]).sum(axis=2, dtype=jnp.int32)
+    ge = count >= ranks + 1
+    return jnp.where(ge, lo, mid + 1), jnp.where(ge, mid, hi)
+
+  lo0 = jnp.zeros_like(ranks)
+  hi0 = jnp.full_like(ranks, 0x7F800000)  # +inf
+  _, hi = jax.lax.fori_loop(0, 31, step, (lo0, hi0))
+  vals = jax.lax.bitcast_convert_type(hi, jnp.float32)
+  med = jnp.where(n % 2 == 1, vals[:, 0], vals[:, 0] * 0.5 + vals[:, 1] * 0.5)
+  return jnp.where(n > 0, med, 0.0)
 
 
 def _response(images: jax.Array, fov_masks: jax.Array,
