@@ -149,14 +149,30 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
         read_threads=num_threads)
     with open(prog_path, "a") as prog, concurrent.futures.ThreadPoolExecutor(
         max(1, num_threads)) as pool:
-      for batch in batches:
-        rows = _assess_batch(quality_model, batch, todo, paths, ids, out_dir,
-                             overlays, pool, save_logits)
+
+      def record(rows, writes):
+        # A row enters the progress file only once its outputs are on disk.
+        for fut in writes:
+          fut.result()
         for row in rows:
           prog.write(json.dumps(row) + "\n")
         prog.flush()
         os.fsync(prog.fileno())
         bar.update(len(rows))
+
+      # The writes of batch k (overlay PNG, map) run in the pool while the
+      # device works on batch k+1; their rows are recorded after that, in
+      # batch order. Before, the loop waited for them first, so the device
+      # idled for the whole PNG encoding of every batch.
+      pending = None
+      for batch in batches:
+        done_now = _assess_batch(quality_model, batch, todo, paths, ids,
+                                 out_dir, overlays, pool, save_logits)
+        if pending is not None:
+          record(*pending)
+        pending = done_now
+      if pending is not None:
+        record(*pending)
   bar.close()
 
   if pcount > 1:
@@ -217,6 +233,8 @@ class AssessPrepare:
 
 def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
                   pool, save_logits=False):
+  """(rows, write futures) of one batch; the caller waits for the writes
+  before recording the rows."""
   valid = np.asarray(batch["valid"], bool)
   ok = np.asarray(batch["ok"], bool) & valid
   maps = logits = probs = None
@@ -270,9 +288,7 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
         _write_outputs, out_dir, ids[i], qmap, np.asarray(batch["image"][k]),
         fov_mask, overlays,
         None if logits is None else np.asarray(logits[k], np.float32)))
-  for fut in writes:
-    fut.result()
-  return rows
+  return rows, writes
 
 
 def _write_outputs(out_dir, id_, qmap, image, fov_mask, overlays,

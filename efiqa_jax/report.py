@@ -55,8 +55,11 @@ def _erode(m: np.ndarray) -> np.ndarray:
 
 
 def write_png(path: str, arr: np.ndarray) -> None:
+  # zlib level 1: a 512 px overlay encodes in ~25 ms instead of ~100 ms at
+  # PIL's default level 6, for a ~20 % larger file (same pixels); the
+  # encoding was the largest per-image cost of `efiqa assess` after the map.
   tmp = path + ".tmp.png"
-  Image.fromarray(arr).save(tmp, optimize=False)
+  Image.fromarray(arr).save(tmp, optimize=False, compress_level=1)
   os.replace(tmp, path)
 
 
