@@ -16,15 +16,17 @@ the final evaluation and by the clearly separate oracle probe):
      degradation kind (one kind each, random severity) plus `n_clean` clean
      ones; the student's and the teacher's maps against the degradation masks
      with one protocol: both maps bilinearly resized to `eval_size` on the
-     FOV crop, truth = degradation mask (area-resampled into the crop frame)
-     >= 0.5, pixels weighted by their FOV share, scores binned to 1e-4,
+     FOV crop (interpolating over map cells that touch the FOV only),
+     truth = degradation mask (area-resampled into the crop frame) >= 0.5, pixels weighted by their FOV share, scores binned to 1e-4,
      AUROC (`efiqa_jax.metrics.auroc`); per kind, over EFIQA's
      anatomy-hiding kinds (+ clean) and over all kinds (+ clean);
-  5. baselines in the same run: the same distillation with a randomly
-     initialised encoder, and the oracle probe (the same adapter trained on
+  5. baselines in the same run: the teacher's own pseudo-labels of the
+     held-out photographs (the 0/1 grid the student is trained to predict),
+     the same distillation with a randomly initialised encoder, and the oracle probe (the same adapter trained on
      the TRUE training masks instead of pseudo-labels) for both encoders --
      what each encoder could carry at best;
-  6. result.json, result.md, figure.png (photo, mask, teacher, student).
+  6. result.json, result.md, figure.png (photo, mask, teacher map, its
+     pseudo-labels, student map).
 """
 from __future__ import annotations
 
@@ -140,14 +142,26 @@ def eval_truth(heldout, eval_size):
   return out
 
 
+def upsample_in_fov(m, fov_mask, n):
+  """Map (h, w) -> (n, n), bilinear over the map cells that touch the FOV
+  only: cells wholly outside (0 by convention in both models) would pull
+  the FOV rim towards 0 and bias rim regions (shadow, lashes, glare)."""
+  from efiqa_jax import quality as q
+  valid = (q.fov_at(fov_mask, m.shape) > 0).astype(np.float32)
+  num = _resize(np.asarray(m, np.float32) * valid, n)
+  den = _resize(valid, n)
+  return np.where(den > 1e-6, num / np.maximum(den, 1e-6), 0.0)
+
+
 def map_aurocs(maps, heldout, truth, eval_size):
-  """{'per_kind': {k: auroc}, 'anatomy': .., 'all': .., 'positive_share'}."""
+  """{'per_kind': {k: auroc}, 'anatomy': .., 'all': ..}."""
   from efiqa_jax import metrics
   kinds = [k for k, _, _ in heldout]
   ys, ss, ws = [], [], []
-  for m, (t, w) in zip(maps, truth):
+  for m, (t, w), (_, _, prep) in zip(maps, truth, heldout):
     ys.append(t.ravel())
-    ss.append(np.round(_resize(m, eval_size), 4).ravel())
+    ss.append(np.round(upsample_in_fov(m, prep.fov_mask, eval_size),
+                       4).ravel())
     ws.append(w.ravel())
 
   def auc(sel):
@@ -162,6 +176,26 @@ def map_aurocs(maps, heldout, truth, eval_size):
   return {"per_kind": per,
           "anatomy": auc(lambda x: x == "clean" or x in ANATOMY_KINDS),
           "all": auc(lambda x: True)}
+
+
+def pseudo_label_maps(teacher, imgs, fovs, grid, batch=8):
+  """What `efiqa distill` would label each held-out photograph with (hard
+  pseudo-labels on the adapter grid, 0/1): the target the student learns."""
+  import jax
+  from flax import nnx
+  from efiqa_jax import checkpoints, pseudo_labels
+  from efiqa_jax import quality_model as qm
+  model, meta = checkpoints.load_model(teacher)
+  size = int(meta.get("image_size", 256))
+  gd, state = nnx.split(model)
+  fn = jax.jit(lambda st, x, f: qm.teacher_anomaly(
+      nnx.merge(gd, st), x, f, teacher_size=size)[0])
+  out = []
+  for s in range(0, len(imgs), batch):
+    a = np.asarray(fn(state, imgs[s:s + batch], fovs[s:s + batch]))
+    out += [pseudo_labels.patch_labels(x, pseudo_labels.LabelSpec(
+        grid=grid)).astype(np.float32) / 255.0 for x in a]
+  return np.stack(out)
 
 
 def oracle_labels(train_dir, seed, n, size, grid, out_dir, pool,
@@ -273,6 +307,11 @@ def run_experiment(out_dir: str, settings: Settings = Settings(),
   with clock("teacher maps"):
     maps["teacher"] = qm.TeacherQualityModel.from_checkpoint(teacher).predict(
         imgs, fovs)
+  with clock("teacher pseudo-label maps"):
+    grid = json.load(open(os.path.join(out_dir, "distill_mim", "train",
+                                       "data.json")))["label_grid"][0]
+    maps[f"teacher pseudo-labels ({grid}x{grid})"] = pseudo_label_maps(
+        teacher, imgs, fovs, grid)
   with clock("student maps"):
     for name, (enc, ada) in students.items():
       maps[name] = qm.StudentQualityModel.from_checkpoints(enc, ada).predict(
@@ -344,14 +383,18 @@ def render_figure(path, held, maps, student, rows):
     if cand:  # the most severe one of that kind
       picks.append(max(cand, key=lambda i: held[i][1].labels["severity"]))
   picks = picks[:rows]
-  fig, ax = plt.subplots(len(picks), 4, figsize=(10, 2.6 * len(picks)))
+  pseudo = [k for k in maps if k.startswith("teacher pseudo-labels")]
+  ncol = 4 + len(pseudo)
+  fig, ax = plt.subplots(len(picks), ncol, figsize=(2.5 * ncol,
+                                                    2.6 * len(picks)))
   ax = np.atleast_2d(ax)
   for r, i in enumerate(picks):
     kind, smp, prep = held[i]
     m = fundus.map_to_crop(smp.degradation, prep, prep.image.shape[0])
     panels = [(prep.image, f"{kind} (sev {smp.labels['severity']:.2f})"),
-              (m, "degradation mask"), (maps["teacher"][i], "teacher"),
-              (maps[student][i], "student")]
+              (m, "degradation mask"), (maps["teacher"][i], "teacher map")]
+    panels += [(maps[k][i], "pseudo-labels") for k in pseudo]
+    panels.append((maps[student][i], "student"))
     for c, (im, title) in enumerate(panels):
       a = ax[r, c]
       if im.ndim == 3:

@@ -1,9 +1,10 @@
 """Adapter for the synthetic distillation experiment (bench/distill_synthetic.py).
 
 configs/adapter.py (patch batching, class-weighted BCE, AdamW 1e-3, seed 504,
-224 input -> 14x14 tokens) with the changes a tiny self-supervised encoder
+14x14 tokens) with the changes a tiny self-supervised encoder
 (D = 64) and ~30k training patches need: a per-token MLP (D -> 128 -> 1)
-instead of the 1x1 linear head, batches of 1024 patches, 30 epochs.
+instead of the 1x1 linear head, batches of 1024 patches, 30 epochs, and
+448 px input (configs/encoder_mim.py's 32-px patches: 14x14 tokens).
 
 `configs/adapter_synth.py:linear`: the paper's linear head on the same data.
 `configs/adapter_synth.py:tiny`: a few steps for tests.
@@ -17,6 +18,7 @@ import adapter as _adapter  # pylint: disable=g-import-not-at-top
 
 def get_config(arg=None):
   c = _adapter.get_config(None)
+  c.size = 448                   # the encoder's input (configs/encoder_mim.py)
   c.adapter.name = "mlp"
   c.adapter.kwargs.hidden = 128
   c.batch_size = 1024

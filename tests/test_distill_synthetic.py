@@ -55,7 +55,7 @@ def test_experiment_end_to_end_tiny(tmp_path):
       adapter_config="configs/adapter_synth.py:tiny",
       adapter_overrides=("config.size=64", "config.work_size=96",
                          "config.batch_size=32"),
-      figure_rows=2)
+      random_baseline=False, figure_rows=2)
   r = ds.run_experiment(str(tmp_path / "out"), st)
   for f in ("result.json", "result.md", "figure.png"):
     assert (tmp_path / "out" / f).stat().st_size > 0
@@ -63,9 +63,10 @@ def test_experiment_end_to_end_tiny(tmp_path):
   assert json.dumps(json.load(open(tmp_path / "out" / "result.json"))) == \
       json.dumps(json.loads(json.dumps(r)))
   names = set(r["map_auroc"])
+  # (the random-encoder baseline is the same code path with another
+  # encoder directory; left out here to keep the test short)
   assert names == {"teacher", "student (mim encoder)",
-                   "student (random encoder)", "oracle probe (mim encoder)",
-                   "oracle probe (random encoder)"}
+                   "oracle probe (mim encoder)"}
   assert r["n_heldout"] == 1 + len(synth.KINDS)
   for v in r["map_auroc"].values():
     for key in ("anatomy", "all"):
