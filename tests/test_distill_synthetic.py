@@ -65,8 +65,8 @@ def test_experiment_end_to_end_tiny(tmp_path):
   names = set(r["map_auroc"])
   # (the random-encoder baseline is the same code path with another
   # encoder directory; left out here to keep the test short)
-  assert names == {"teacher", "student (mim encoder)",
-                   "oracle probe (mim encoder)"}
+  assert names == {"teacher", "teacher pseudo-labels (4x4)",
+                   "student (mim encoder)", "oracle probe (mim encoder)"}
   assert r["n_heldout"] == 1 + len(synth.KINDS)
   for v in r["map_auroc"].values():
     for key in ("anatomy", "all"):
