@@ -192,9 +192,15 @@ def pretrain_mim(inputs: Sequence[str] | str, out_dir: str, config, *,
     bar = tqdm(total=steps, desc="pretrain-encoder", unit="step",
                file=sys.stderr)
   flip = bool(config.flip)
+  pc, pi = jax.process_count(), jax.process_index()
+  if bsz % pc:
+    raise ValueError(f"batch_size {bsz} is not divisible by the {pc} "
+                     "processes")
   with jax.set_mesh(mesh):
     for s in range(steps):
+      # Every process draws the same global batch and feeds its own rows.
       x = host_batch(pixels, bsz, int(config.seed), s, flip)
+      x = x[bsz * pi // pc:bsz * (pi + 1) // pc]
       xb = sh.to_global({"x": x}, dsh)["x"]
       params, opt_state, loss = jstep(params, opt_state, xb, jnp.int32(s))
       if (s + 1) % log_every == 0 or s == 0 or s == steps - 1:
