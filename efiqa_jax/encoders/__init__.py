@@ -1,1 +1,2 @@
-"""Foundation-encoder helpers: input preprocessing (`preprocess`)."""
+"""Foundation-encoder helpers: input preprocessing (`preprocess`) and label-free
+pretraining of a small stand-in ViT (`pretrain`, `efiqa pretrain-encoder`)."""
