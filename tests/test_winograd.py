@@ -91,3 +91,5 @@ def test_plan_on_unet_shapes():
   assert unet.conv_plan((4, 64, 64, 256), (3, 3, 256, 256)) == (4, 4)
   assert unet.conv_plan((4, 16, 16, 1024), (3, 3, 1024, 1024)) == (2, 2)
   assert unet.conv_plan((4, 16, 16, 64), (1, 1, 64, 3)) == (None, None)
+  assert unet.conv_plan((4, 64, 64, 256), (3, 3, 256, 256),
+                        jnp.bfloat16) == (None, None)

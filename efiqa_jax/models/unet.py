@@ -129,12 +129,14 @@ WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_DW_MIN_CIN = 16
 
 
-def conv_plan(x_shape: tuple[int, ...], w_shape: tuple[int, ...]
-              ) -> tuple[int | None, int | None]:
+def conv_plan(x_shape: tuple[int, ...], w_shape: tuple[int, ...],
+              dtype: Any = jnp.float32) -> tuple[int | None, int | None]:
   """(forward / input-gradient Winograd tile m or None for XLA's direct conv,
   weight-gradient Winograd tile m or None for per-tap matmuls)."""
   k, _, cin, cout = w_shape
-  if k != 3:
+  # Winograd's transforms (coefficients up to 8 and 1/24) are only measured
+  # to stay within the parity tolerances in float32; bf16 etc. stay direct.
+  if k != 3 or jnp.dtype(dtype) != jnp.float32:
     return None, None
   # F(4x4, 3x3) moves less data per output; on maps below 32 px its larger
   # (36, Cin, Cout) kernel transform costs more than it saves.
@@ -152,7 +154,7 @@ def conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _conv_same_fwd(x, w):
-  m, _ = conv_plan(x.shape, w.shape)
+  m, _ = conv_plan(x.shape, w.shape, x.dtype)
   if m is None:
     return _conv_same(x, w), (x, w, None, None)
   v = winograd.input_transform(x, m)
@@ -168,7 +170,7 @@ def _conv_same_bwd(res, g):
   if v is not None:
     # Winograd forward: the whole backward in the transform domain, sharing
     # dM = A dY A^T between dX = B (dM U^T) B^T and dU = V^T dM.
-    m, _ = conv_plan(g.shape[:3] + (w.shape[2],), w.shape)
+    m, _ = conv_plan(g.shape[:3] + (w.shape[2],), w.shape, v.dtype)
     dm = winograd.output_transform_transpose(g, m)
     dv = jnp.einsum("pnd,pcd->pnc", dm, u,
                     preferred_element_type=jnp.float32).astype(g.dtype)
@@ -179,7 +181,7 @@ def _conv_same_bwd(res, g):
   # The input gradient is a plain convolution that XLA:CPU runs at forward
   # speed on these (shallow) layers.
   dx = jax.vjp(lambda x_: _conv_same(x_, w), x)[1](g)[0]
-  _, mw = conv_plan(x.shape, w.shape)
+  _, mw = conv_plan(x.shape, w.shape, x.dtype)
   if mw is None:
     dw = _conv_weight_grad(x, g, w.shape[0])
   else:
