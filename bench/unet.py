@@ -37,6 +37,23 @@ def _timeit(fn, warmup: int, iters: int) -> float:
   return times[len(times) // 2]
 
 
+def _timeit_pair(fa, fb, warmup: int, iters: int) -> tuple[float, float]:
+  """Medians of `fa` and `fb` timed alternately (a, b, a, b, ...), so that
+  both see the same background load on a shared machine."""
+  for _ in range(warmup):
+    fa()
+    fb()
+  ta, tb = [], []
+  for _ in range(iters):
+    for f, ts in ((fa, ta), (fb, tb)):
+      t0 = time.perf_counter()
+      f()
+      ts.append(time.perf_counter() - t0)
+  ta.sort()
+  tb.sort()
+  return ta[len(ta) // 2], tb[len(tb) // 2]
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--batch", type=int, default=4)
@@ -44,6 +61,9 @@ def main(argv=None) -> int:
   ap.add_argument("--base", type=int, default=64)
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--iters", type=int, default=3)
+  ap.add_argument("--alternate", action="store_true",
+                  help="time ours and the reference call by call in turn "
+                  "(fairer on a machine shared with other jobs)")
   ap.add_argument("--quick", action="store_true",
                   help="batch 2, 64x64, base 16, 1 warm-up, 3 iterations")
   args = ap.parse_args(argv)
@@ -79,15 +99,20 @@ def main(argv=None) -> int:
   def fwd(state, x):
     return nnx.merge(graphdef, state)(x)
 
-  ours_f = _timeit(lambda: fwd(state, x).block_until_ready(),
-                   args.warmup, args.iters)
   ref.eval()
+
+  def ours_fwd():
+    fwd(state, x).block_until_ready()
 
   def ref_fwd():
     with torch.no_grad():
       ref(xt)
 
-  ref_f = _timeit(ref_fwd, args.warmup, args.iters)
+  if args.alternate:
+    ours_f, ref_f = _timeit_pair(ours_fwd, ref_fwd, args.warmup, args.iters)
+  else:
+    ours_f = _timeit(ours_fwd, args.warmup, args.iters)
+    ref_f = _timeit(ref_fwd, args.warmup, args.iters)
   diff = float(np.abs(np.asarray(fwd(state, x)).transpose(0, 3, 1, 2) -
                       ref(xt).detach().numpy()).max())
 
@@ -110,8 +135,6 @@ def main(argv=None) -> int:
     loss.block_until_ready()
     carry[0], carry[1] = s, o
 
-  ours_t = _timeit(ours_step, args.warmup, args.iters)
-
   ref.train()
   topt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
 
@@ -121,10 +144,15 @@ def main(argv=None) -> int:
     loss.backward()
     topt.step()
 
-  ref_t = _timeit(ref_step, args.warmup, args.iters)
+  if args.alternate:
+    ours_t, ref_t = _timeit_pair(ours_step, ref_step, args.warmup, args.iters)
+  else:
+    ours_t = _timeit(ours_step, args.warmup, args.iters)
+    ref_t = _timeit(ref_step, args.warmup, args.iters)
 
   info = dict(batch=args.batch, size=args.size, base=args.base,
               warmup=args.warmup, iters=args.iters, timing="median",
+              alternate=args.alternate,
               forward_max_abs_diff=diff, jax=jax.__version__,
               torch=torch.__version__, torch_threads=torch.get_num_threads(),
               cpu_count=os.cpu_count(), jax_devices=str(jax.devices()))

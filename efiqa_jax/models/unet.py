@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efiqa_jax.models import winograd
+
 # Number of 2x2 poolings: H and W must be multiples of 2**4 = 16.
 NUM_POOLS = 4
 
@@ -115,23 +117,76 @@ def _conv_weight_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
   return jnp.stack(taps).reshape(k, k, c, d)
 
 
+# Per-layer 3x3 policy, measured per op with bench/conv3x3_micro.py and the
+# full step with bench/unet.py (batch 4, 256 px, base 64; bench/README.md).
+# XLA:CPU's direct convolution is fast while the maps are large and the
+# channels few (memory-bound; Winograd's transforms would add 2-4x the traffic)
+# and slow on the deep layers, where Winograd's batched GEMMs win: forward and
+# input gradient by Winograd when min(Cin, Cout) >= WINOGRAD_MIN_CHANNELS, the
+# weight gradient by Winograd (V^T dM per transform point, no shifted copies)
+# whenever Cin >= WINOGRAD_DW_MIN_CIN (the 3-channel input layer keeps taps).
+WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_DW_MIN_CIN = 16
+
+
+def conv_plan(x_shape: tuple[int, ...], w_shape: tuple[int, ...],
+              dtype: Any = jnp.float32) -> tuple[int | None, int | None]:
+  """(forward / input-gradient Winograd tile m or None for XLA's direct conv,
+  weight-gradient Winograd tile m or None for per-tap matmuls)."""
+  k, _, cin, cout = w_shape
+  # Winograd's transforms (coefficients up to 8 and 1/24) are only measured
+  # to stay within the parity tolerances in float32; bf16 etc. stay direct.
+  if k != 3 or jnp.dtype(dtype) != jnp.float32:
+    return None, None
+  # F(4x4, 3x3) moves less data per output; on maps below 32 px its larger
+  # (36, Cin, Cout) kernel transform costs more than it saves.
+  m = 4 if min(x_shape[1], x_shape[2]) >= 32 else 2
+  fwd = m if min(cin, cout) >= WINOGRAD_MIN_CHANNELS else None
+  dw = m if cin >= WINOGRAD_DW_MIN_CIN else None
+  return fwd, dw
+
+
 @jax.custom_vjp
 def conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
-  """Stride-1 'same' conv (odd k), NHWC x HWIO, with a faster weight grad."""
-  return _conv_same(x, w)
+  """Stride-1 'same' conv (odd k), NHWC x HWIO: XLA's or Winograd's per
+  `conv_plan`, with a faster gradient."""
+  return _conv_same_fwd(x, w)[0]
 
 
 def _conv_same_fwd(x, w):
-  return _conv_same(x, w), (x, w)
+  m, _ = conv_plan(x.shape, w.shape, x.dtype)
+  if m is None:
+    return _conv_same(x, w), (x, w, None, None)
+  v = winograd.input_transform(x, m)
+  u = winograd.kernel_transform(w, m)
+  y = winograd.output_transform(winograd.transformed_matmul(v, u), m,
+                                x.shape[:3])
+  # V and U are kept for the backward (it needs no x).
+  return y, (None, w, v, u)
 
 
 def _conv_same_bwd(res, g):
-  x, w = res
+  x, w, v, u = res
+  if v is not None:
+    # Winograd forward: the whole backward in the transform domain, sharing
+    # dM = A dY A^T between dX = B (dM U^T) B^T and dU = V^T dM.
+    m, _ = conv_plan(g.shape[:3] + (w.shape[2],), w.shape, v.dtype)
+    dm = winograd.output_transform_transpose(g, m)
+    dv = jnp.einsum("pnd,pcd->pnc", dm, u,
+                    preferred_element_type=jnp.float32).astype(g.dtype)
+    dx = winograd.input_transform_transpose(dv, m,
+                                            g.shape[:3] + (w.shape[2],))
+    du = jnp.einsum("pnc,pnd->pcd", v, dm, preferred_element_type=jnp.float32)
+    return dx, winograd.kernel_transform_transpose(du, m).astype(w.dtype)
   # The input gradient is a plain convolution that XLA:CPU runs at forward
-  # speed; only the weight gradient is replaced.
+  # speed on these (shallow) layers.
   dx = jax.vjp(lambda x_: _conv_same(x_, w), x)[1](g)[0]
-  dw = _conv_weight_grad(x, g, w.shape[0]).astype(w.dtype)
-  return dx, dw
+  _, mw = conv_plan(x.shape, w.shape, x.dtype)
+  if mw is None:
+    dw = _conv_weight_grad(x, g, w.shape[0])
+  else:
+    dw = winograd.weight_grad(winograd.input_transform(x, mw), g, mw)
+  return dx, dw.astype(w.dtype)
 
 
 conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
