@@ -113,3 +113,32 @@ def load_config(spec: str, overrides: Sequence[str] = ()
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config must return a ConfigDict")
   return apply_overrides(cfg, overrides)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def add_config_arguments(parser, default: str | None = None, *,
+                         help: str | None = None) -> None:  # pylint: disable=redefined-builtin
+  """`--config FILE[:VARIANT]` plus overrides, the same on every command.
+
+  Overrides: `--config.KEY=VALUE` (collected by `efiqa_jax.cli.main` for
+  commands that opt in, as set here) or `--set config.KEY=VALUE` (repeatable;
+  handy where a shell or a notebook builds the argument list).
+  """
+  parser.add_argument(
+      "--config", default=default, required=default is None,
+      help=help or "ml_collections config file[:variant]")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="config.KEY=VALUE", help="config override")
+  parser.set_defaults(config_overrides_ok=True)
+  parser.epilog = ("Override any config field with --config.KEY=VALUE or "
+                   "--set config.KEY=VALUE.")
+
+
+def config_from_args(args, extra: Sequence[str] = ()
+                     ) -> ml_collections.ConfigDict:
+  """The config that `add_config_arguments`' arguments describe."""
+  return load_config(args.config, list(getattr(args, "overrides", []) or [])
+                     + list(extra)
+                     + list(getattr(args, "config_overrides", None) or []))

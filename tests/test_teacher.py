@@ -383,6 +383,33 @@ def test_cli_rejects_unknown_override(maps_dir, tmp_path):
     cli.main(["synth", "--config.lr=1", "--help"])
 
 
+def test_cli_config_override_forms_are_the_same_on_every_command():
+  """--set config.K=V, --config.K=V (and train-adapter's positional K=V)
+  reach the config in that order; the last one wins."""
+  from efiqa_jax import cli
+  parser = cli.build_parser()
+  for cmd, extra in [(["train-teacher"], []),
+                     (["train-adapter", "--config", "configs/teacher.py:tiny"],
+                      ["config.lr=0.3"]),
+                     (["build-default-model", "--out", "o",
+                       "--config", "configs/teacher.py:tiny"], []),
+                     (["distill", "x", "--teacher", "t", "--encoder", "e",
+                       "--config", "configs/teacher.py:tiny"], []),
+                     (["pretrain-encoder", "x", "--out", "o",
+                       "--config", "configs/teacher.py:tiny"], [])]:
+    argv = cmd + ["--workdir", "w"] * (cmd[0] != "pretrain-encoder") + [
+        "--set", "config.lr=0.1", "--set", "config.seed=7"] + extra
+    args, rest = parser.parse_known_args(argv + ["--config.batch_size=4"])
+    assert args.config_overrides_ok and rest == ["--config.batch_size=4"]
+    args.config_overrides = rest
+    if cmd[0] == "train-teacher":
+      args.config = "configs/teacher.py:tiny"
+    cfg = config_util.config_from_args(
+        args, getattr(args, "positional_overrides", ()))
+    assert cfg.seed == 7 and cfg.batch_size == 4, cmd[0]
+    assert cfg.lr == (0.3 if cmd[0] == "train-adapter" else 0.1), cmd[0]
+
+
 # ------------------------------------------------------------- multi-host
 
 

@@ -5,20 +5,19 @@ HELP = ("Train, calibrate (on synthetic data) and write the bundled default "
 
 
 def add_arguments(p):
-  p.add_argument("--config", default="configs/teacher_default.py")
+  from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+  config_util.add_config_arguments(p, "configs/teacher_default.py")
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True,
                  help="e.g. efiqa_jax/assets/teacher_default")
   p.add_argument("--calib-n", type=int, default=96,
                  help="synthetic images used for calibration")
-  p.set_defaults(config_overrides_ok=True)
-  p.epilog = "Override config fields with --config.KEY=VALUE."
 
 
 def run(args) -> int:
   from efiqa_jax import default_model  # pylint: disable=g-import-not-at-top
   meta = default_model.build_default_model(
-      args.config, args.workdir, args.out, overrides=args.config_overrides,
+      args.config, args.workdir, args.out, overrides=list(args.overrides) + list(args.config_overrides),
       calib_n=args.calib_n)
   print(f"wrote {args.out}: threshold {meta['anomaly_threshold']}, grading "
         f"{meta['grading']}, map AUROC "

@@ -10,13 +10,11 @@ def add_arguments(p):
   p.add_argument("--teacher", required=True, help="teacher model directory")
   p.add_argument("--encoder", required=True, help="ViT encoder directory")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--config", default="configs/adapter.py")
   p.add_argument("--batch-size", type=int, default=8,
                  help="pseudo-label / extract batch")
-  p.add_argument("--set", dest="overrides", action="append", default=[],
-                 metavar="config.key=value", help="config override")
   p.add_argument("--quiet", action="store_true")
-  p.set_defaults(config_overrides_ok=True)
+  from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+  config_util.add_config_arguments(p, "configs/adapter.py")
 
 
 def run(args) -> int:
@@ -24,9 +22,7 @@ def run(args) -> int:
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   from efiqa_jax.student import distill  # pylint: disable=g-import-not-at-top
   try:
-    cfg = config_util.load_config(
-        args.config, list(args.overrides) + list(
-            getattr(args, "config_overrides", None) or []))
+    cfg = config_util.config_from_args(args)
     res = distill.distill(args.inputs, args.teacher, args.encoder,
                           args.workdir, cfg, batch_size=args.batch_size,
                           progress=not args.quiet)

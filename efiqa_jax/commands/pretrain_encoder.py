@@ -8,11 +8,9 @@ def add_arguments(p):
   p.add_argument("inputs", nargs="+", help="photographs: files, folders, "
                  "globs or a CSV with a 'path' column")
   p.add_argument("--out", required=True, help="encoder model directory")
-  p.add_argument("--config", default="configs/encoder_mim.py")
-  p.add_argument("--set", dest="overrides", action="append", default=[],
-                 metavar="config.key=value", help="config override")
   p.add_argument("--quiet", action="store_true")
-  p.set_defaults(config_overrides_ok=True)
+  from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+  config_util.add_config_arguments(p, "configs/encoder_mim.py")
 
 
 def run(args) -> int:
@@ -20,9 +18,7 @@ def run(args) -> int:
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   from efiqa_jax.encoders import pretrain  # pylint: disable=g-import-not-at-top
   try:
-    cfg = config_util.load_config(
-        args.config, list(args.overrides) + list(
-            getattr(args, "config_overrides", None) or []))
+    cfg = config_util.config_from_args(args)
     res = pretrain.pretrain_mim(args.inputs, args.out, cfg,
                                 progress=not args.quiet)
   except (FileNotFoundError, ValueError) as e:

@@ -5,14 +5,12 @@ HELP = ("Train the student adapter on teacher pseudo-labels (cached features "
 
 
 def add_arguments(p):
-  p.add_argument("--config", required=True,
-                 help="configs/adapter.py[:tiny] or configs/adapter_cp.py")
+  from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+  config_util.add_config_arguments(
+      p, help="configs/adapter.py[:tiny] or configs/adapter_cp.py")
   p.add_argument("--workdir", required=True)
-  p.add_argument("overrides", nargs="*",
-                 help="config.key=value ... (or, after `--`, "
-                 "--config.key=value)")
-  # main's cli collects --config.KEY=VALUE for commands that opt in.
-  p.set_defaults(config_overrides_ok=True)
+  p.add_argument("positional_overrides", nargs="*", metavar="config.KEY=VALUE",
+                 help="config overrides (like --set)")
 
 
 def run(args) -> int:
@@ -20,9 +18,7 @@ def run(args) -> int:
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   from efiqa_jax.student import train  # pylint: disable=g-import-not-at-top
   try:
-    cfg = config_util.load_config(args.config,
-                                  list(args.overrides) + list(
-        getattr(args, "config_overrides", None) or []))
+    cfg = config_util.config_from_args(args, args.positional_overrides)
     res = train.train_and_evaluate(cfg, args.workdir)
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa train-adapter: error: {e}", file=sys.stderr)

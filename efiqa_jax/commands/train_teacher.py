@@ -5,13 +5,14 @@ HELP = ("Train the VUAD teacher U-Net by masked inpainting of vessel maps "
 
 
 def add_arguments(parser):
-  parser.add_argument("--config", default="configs/teacher.py",
-                      help="config file[:variant], e.g. configs/teacher.py:tiny")
+  from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+  config_util.add_config_arguments(
+      parser, "configs/teacher.py",
+      help="config file[:variant], e.g. configs/teacher.py:tiny")
   parser.add_argument("--workdir", required=True,
                       help="checkpoints, TensorBoard logs and the export go here")
-  parser.set_defaults(config_overrides_ok=True)
-  parser.epilog = ("Override any config field with --config.KEY=VALUE, e.g. "
-                   "--config.data.source=folder --config.data.path=maps/")
+  parser.epilog += (" E.g. --config.data.source=folder "
+                    "--config.data.path=maps/")
 
 
 def run(args) -> int:
@@ -24,7 +25,7 @@ def run(args) -> int:
     jax.distributed.initialize()
   except (ValueError, RuntimeError):
     pass
-  config = config_util.load_config(args.config, args.config_overrides)
+  config = config_util.config_from_args(args)
   try:
     res = train.train_and_evaluate(config, args.workdir)
   except train.NonFiniteLossError as e:
