@@ -61,6 +61,7 @@ class Settings:
   adapter_config: str = "configs/adapter_synth.py"
   adapter_overrides: tuple = ()
   random_baseline: bool = True
+  pretrain: bool = True                 # False: the random encoder only
   oracle_probe: bool = True
   figure_rows: int = 6
 
@@ -251,16 +252,18 @@ def run_experiment(out_dir: str, settings: Settings = Settings(),
     train_dir = write_training_photos(os.path.join(out_dir, "train_photos"),
                                       st.seed, st.n_train, st.size,
                                       st.train_pool)
+  encoders = {}
   enc_dir = os.path.join(out_dir, "encoder_mim")
-  with clock("pretrain encoder (MIM)"):
-    if not os.path.exists(os.path.join(enc_dir, "efiqa.json")):
-      rc = cli.main(["pretrain-encoder", train_dir, "--out", enc_dir] +
-                    _cfg_args(spec(st.encoder_config),
-                              st.encoder_overrides) + quiet)
-      if rc != 0:
-        raise RuntimeError(f"efiqa pretrain-encoder exited {rc}")
-  encoders = {"mim": enc_dir}
-  if st.random_baseline:
+  if st.pretrain:
+    with clock("pretrain encoder (MIM)"):
+      if not os.path.exists(os.path.join(enc_dir, "efiqa.json")):
+        rc = cli.main(["pretrain-encoder", train_dir, "--out", enc_dir] +
+                      _cfg_args(spec(st.encoder_config),
+                                st.encoder_overrides) + quiet)
+        if rc != 0:
+          raise RuntimeError(f"efiqa pretrain-encoder exited {rc}")
+    encoders["mim"] = enc_dir
+  if st.random_baseline or not st.pretrain:
     rnd = os.path.join(out_dir, "encoder_random")
     if not os.path.exists(os.path.join(rnd, "efiqa.json")):
       ecfg = config_util.load_config(spec(st.encoder_config),
@@ -268,6 +271,7 @@ def run_experiment(out_dir: str, settings: Settings = Settings(),
       checkpoints.save_model(rnd, vit.VisionTransformer(
           **dict(ecfg.encoder), rngs=nnx.Rngs(int(ecfg.seed))))
     encoders["random"] = rnd
+  first = next(iter(encoders))  # the student of the headline and the figure
 
   students = {}
   for name, enc in encoders.items():
@@ -308,7 +312,7 @@ def run_experiment(out_dir: str, settings: Settings = Settings(),
     maps["teacher"] = qm.TeacherQualityModel.from_checkpoint(teacher).predict(
         imgs, fovs)
   with clock("teacher pseudo-label maps"):
-    grid = json.load(open(os.path.join(out_dir, "distill_mim", "train",
+    grid = json.load(open(os.path.join(out_dir, f"distill_{first}", "train",
                                        "data.json")))["label_grid"][0]
     maps[f"teacher pseudo-labels ({grid}x{grid})"] = pseudo_label_maps(
         teacher, imgs, fovs, grid)
@@ -319,9 +323,10 @@ def run_experiment(out_dir: str, settings: Settings = Settings(),
   with clock("evaluation"):
     scores = {k: map_aurocs(v, held, truth, st.eval_size)
               for k, v in maps.items()}
-  pseudo = json.load(open(os.path.join(out_dir, "distill_mim", "train",
+  pseudo = json.load(open(os.path.join(out_dir, f"distill_{first}", "train",
                                        "data.json")))
-  pre = checkpoints.read_meta(enc_dir).get("pretraining", {})
+  pre = (checkpoints.read_meta(enc_dir).get("pretraining", {})
+         if st.pretrain else {})
   result = {
       "settings": dataclasses.asdict(st),
       "anatomy_kinds": list(ANATOMY_KINDS),
@@ -363,9 +368,11 @@ def to_markdown(r: dict) -> str:
   t = r["time"]
   lines += ["", f"{r['n_heldout']} held-out photographs; degraded share of "
             f"FOV pixels {r['heldout_positive_share']:.3f}; pseudo-label "
-            f"positive cells {r['pseudo_label_positive_share']:.3f}; "
-            f"pretraining loss {r['pretraining']['first_loss']:.3f} -> "
-            f"{r['pretraining']['final_loss']:.3f}.", "",
+            f"positive cells {r['pseudo_label_positive_share']:.3f}; " + (
+                f"pretraining loss {r['pretraining']['first_loss']:.3f} -> "
+                f"{r['pretraining']['final_loss']:.3f}."
+                if r["pretraining"].get("first_loss") is not None
+                else "no pretraining (randomly initialised encoder)."), "",
             "| stage | wall s | CPU s |", "|---|---|---|"]
   lines += [f"| {k} | {v['wall_s']} | {v['cpu_s']} |" for k, v in t.items()]
   return "\n".join(lines) + "\n"
@@ -424,6 +431,9 @@ def main(argv=None):
   ap.add_argument("--adapter-set", action="append", default=[])
   ap.add_argument("--teacher", default="default")
   ap.add_argument("--no-baselines", action="store_true")
+  ap.add_argument("--no-pretrain", action="store_true",
+                  help="skip the MIM pretraining: the randomly initialised "
+                  "encoder is the student's")
   ap.add_argument("--progress", action="store_true")
   a = ap.parse_args(argv)
   st = Settings(seed=a.seed, n_train=a.train, per_kind=a.per_kind,
@@ -434,6 +444,7 @@ def main(argv=None):
                 adapter_config=a.adapter_config,
                 adapter_overrides=tuple(a.adapter_set),
                 random_baseline=not a.no_baselines,
+                pretrain=not a.no_pretrain,
                 oracle_probe=not a.no_baselines)
   r = run_experiment(a.out, st, progress=a.progress)
   print(to_markdown(r))

@@ -7,6 +7,8 @@ instead of the 1x1 linear head, batches of 1024 patches, 30 epochs, and
 448 px input (configs/encoder_mim.py's 32-px patches: 14x14 tokens).
 
 `configs/adapter_synth.py:linear`: the paper's linear head on the same data.
+`configs/adapter_synth.py:wide`: for configs/encoder_mim.py:wide (512 px, MLP 256,
+12 epochs).
 `configs/adapter_synth.py:tiny`: a few steps for tests.
 """
 import os
@@ -28,6 +30,12 @@ def get_config(arg=None):
   if arg == "linear":
     c.adapter.name = "linear"
     del c.adapter.kwargs["hidden"]
+  elif arg == "wide":
+    # For configs/encoder_mim.py:wide (512 px, 32x32 tokens of D 384): more
+    # patches per photograph, so fewer epochs for a similar step count.
+    c.size = 512
+    c.adapter.kwargs.hidden = 256
+    c.epochs = 12
   elif arg == "tiny":
     c.batch_size = 64
     c.epochs = 2
@@ -35,6 +43,6 @@ def get_config(arg=None):
     c.log_every = 1
     c.adapter.kwargs.hidden = 8
   elif arg not in (None, ""):
-    raise ValueError(f"unknown variant {arg!r} (known: linear, tiny)")
+    raise ValueError(f"unknown variant {arg!r} (known: linear, wide, tiny)")
   c.progress = False
   return c

@@ -9,6 +9,7 @@ depth 4, 400 steps of 32 images
 (minutes on 2 CPU cores).
 
 `configs/encoder_mim.py:tiny`: a few steps at 64 px for tests.
+`configs/encoder_mim.py:wide`: D 384, depth 1, 16-px patches at 512 px.
 """
 import ml_collections
 
@@ -49,6 +50,17 @@ def get_config(arg=None):
     c.steps = 4
     c.optimizer.warmup_steps = 1
     c.log_every = 1
+  elif arg == "wide":
+    # Full-resolution tokens: the 512 FOV crop in 16-px patches (32x32
+    # tokens), 768 pixel values per token into D = 384, one block. Used
+    # randomly initialised by bench/distill_synthetic.py --no-pretrain: token
+    # resolution, not pretraining, was what limited the tiny encoders there.
+    c.encoder.hidden_size = 384
+    c.encoder.depth = 1
+    c.encoder.num_heads = 6
+    c.encoder.mlp_hidden = 768
+    c.encoder.patch_size = 16
+    c.size = 512
   elif arg not in (None, ""):
-    raise ValueError(f"unknown variant {arg!r} (known: tiny)")
+    raise ValueError(f"unknown variant {arg!r} (known: tiny, wide)")
   return c

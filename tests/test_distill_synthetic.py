@@ -42,7 +42,10 @@ def test_eval_protocol_perfect_and_inverted_maps():
 
 
 @pytest.mark.slow
-def test_experiment_end_to_end_tiny(tmp_path):
+# pretrain=False: the randomly initialised encoder is the student's (the
+# --no-pretrain route with configs/encoder_mim.py:wide at full size).
+@pytest.mark.parametrize("pretrain", [True, False])
+def test_experiment_end_to_end_tiny(tmp_path, pretrain):
   ds = _bench()
   teacher = tmp_path / "teacher"
   checkpoints.save_model(teacher, unet.UNet(base_channels=4,
@@ -55,7 +58,7 @@ def test_experiment_end_to_end_tiny(tmp_path):
       adapter_config="configs/adapter_synth.py:tiny",
       adapter_overrides=("config.size=64", "config.work_size=96",
                          "config.batch_size=32"),
-      random_baseline=False, figure_rows=2)
+      random_baseline=False, figure_rows=2, pretrain=pretrain)
   r = ds.run_experiment(str(tmp_path / "out"), st)
   for f in ("result.json", "result.md", "figure.png"):
     assert (tmp_path / "out" / f).stat().st_size > 0
@@ -65,8 +68,9 @@ def test_experiment_end_to_end_tiny(tmp_path):
   names = set(r["map_auroc"])
   # (the random-encoder baseline is the same code path with another
   # encoder directory; left out here to keep the test short)
+  enc = "mim" if pretrain else "random"
   assert names == {"teacher", "teacher pseudo-labels (4x4)",
-                   "student (mim encoder)", "oracle probe (mim encoder)"}
+                   f"student ({enc} encoder)", f"oracle probe ({enc} encoder)"}
   assert r["n_heldout"] == 1 + len(synth.KINDS)
   for v in r["map_auroc"].values():
     for key in ("anatomy", "all"):
@@ -78,8 +82,10 @@ def test_experiment_end_to_end_tiny(tmp_path):
   assert 0.0 <= r["pseudo_label_positive_share"] <= 1.0
   assert r["time"]["total"]["wall_s"] > 0
   # The student was distilled by the CLI from pseudo-labels on a 4x4 grid.
-  data = json.load(open(tmp_path / "out" / "distill_mim" / "train" /
+  data = json.load(open(tmp_path / "out" / f"distill_{enc}" / "train" /
                         "data.json"))
   assert data["matched"] == 6 and data["label_grid"] == [4, 4]
   md = open(tmp_path / "out" / "result.md").read()
   assert "anatomy-hiding kinds + clean" in md and "| total |" in md
+  assert ("pretraining loss" in md) == pretrain
+  assert os.path.isdir(tmp_path / "out" / "encoder_mim") == pretrain
