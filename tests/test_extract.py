@@ -3,9 +3,6 @@ rows, resume after a kill, ArrayRecord, parameter sharding, bf16 accuracy,
 and parity with the Hugging Face reference on real photographs."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,9 +17,9 @@ from efiqa_jax import features
 from efiqa_jax import sharding
 from efiqa_jax.encoders import preprocess as pp
 from efiqa_jax.models import vit
+from tests import multihost
 from tests.hf_models import tiny_hf_dinov3
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(patch_size=16, hidden_size=32, depth=2, num_heads=2,
             mlp_hidden=64, num_registers=4, layerscale=True, qkv_bias="qv",
             ln_eps=1e-5, pos="rope")
@@ -226,37 +223,14 @@ def test_bf16_cosine(encoder, photos, full_run, tmp_path):
   assert cmin >= 0.999
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_processes_exactly_once(encoder, photos, full_run, tmp_path):
   ref_out, _ = full_run
-  nproc, port = 2, _free_port()
+  nproc = 2
   out = tmp_path / "mp"
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env["PYTHONPATH"] = os.path.dirname(HERE)
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(HERE, "extract_worker.py"), str(i),
-       str(nproc), str(port), encoder, str(out), "4", *photos],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(nproc)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=120)[0])
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    for p in procs:
-      p.communicate()
-    pytest.fail("2-process extraction hung (killed after 120 s)")
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  multihost.run_workers("extract_worker.py",
+                        lambda i: [encoder, out, 4, *photos], nproc,
+                        timeout=120, what="2-process extraction")
   reps = [json.loads((out / f"report{i}.json").read_text())
           for i in range(nproc)]
   assert sum(r["written"] for r in reps) == 11

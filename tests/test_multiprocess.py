@@ -1,49 +1,20 @@
 """Two real JAX processes (gloo CPU collectives) share one inference pipeline."""
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+from tests import multihost
 
 
 @pytest.mark.multiprocess
 # (1, 4): process 1 holds no record at all and must still run its step.
 @pytest.mark.parametrize("n,gb", [(11, 4), (1, 4)])
 def test_two_processes_every_index_once(tmp_path, n, gb):
-  nproc, port = 2, _free_port()
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # the worker sets its own device count
-  env["PYTHONPATH"] = os.path.dirname(HERE)
+  nproc = 2
   outs = [tmp_path / f"p{i}.json" for i in range(nproc)]
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(i),
-       str(nproc), str(port), str(n), str(gb), str(outs[i])],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(nproc)]
-  logs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=120)
-      logs.append(out)
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    for p in procs:
-      p.communicate()
-    pytest.fail("multi-process pipeline hung (killed after 120 s)")
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
-
+  multihost.run_workers("multiprocess_worker.py",
+                        lambda i: [n, gb, outs[i]], nproc, timeout=120,
+                        what="multi-process pipeline")
   reps = [json.loads(o.read_text()) for o in outs]
   steps = -(-n // gb)
   for r in reps:

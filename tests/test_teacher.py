@@ -14,6 +14,7 @@ from efiqa_jax.teacher import augment as aug_lib
 from efiqa_jax.teacher import data as data_lib
 from efiqa_jax.teacher import masking
 from efiqa_jax.teacher import train
+from tests import multihost
 
 
 # ------------------------------------------------------------------ masking
@@ -414,35 +415,10 @@ def test_cli_config_override_forms_are_the_same_on_every_command():
 
 
 def _run_two_processes(maps_dir, workdir, stop, tmp_path, tag):
-  import socket
-  import subprocess
-  import sys
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  here = os.path.dirname(os.path.abspath(__file__))
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env["PYTHONPATH"] = os.path.dirname(here)
   outs = [tmp_path / f"{tag}{i}.json" for i in range(2)]
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(here, "teacher_multiprocess_worker.py"),
-       str(i), "2", str(port), maps_dir, workdir, str(stop), str(outs[i])],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=300)[0])
-  except subprocess.TimeoutExpired:
-    tails = []
-    for i, p in enumerate(procs):
-      p.kill()
-      tails.append(f"--- process {i}:\n" + (p.communicate()[0] or "")[-6000:])
-    pytest.fail("two-process teacher training hung (killed after 300 s)\n"
-                + "\n".join(tails))
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  multihost.run_workers("teacher_multiprocess_worker.py",
+                        lambda i: [maps_dir, workdir, stop, outs[i]], 2,
+                        timeout=300, what="two-process teacher training")
   return [json.loads(o.read_text()) for o in outs]
 
 
