@@ -175,6 +175,24 @@ def to_global(host_batch: Mapping[str, np.ndarray],
   return out
 
 
+def global_from_full(full_batch: Mapping[str, np.ndarray], sharding,
+                     keys: Sequence[str] | None = None) -> dict[str, jax.Array]:
+  """`to_global` for pipelines where every process builds the WHOLE global
+  batch (same seed, same draw): each process feeds only its contiguous share
+  of rows, [B*p/P, B*(p+1)/P)."""
+  pc, pi = jax.process_count(), jax.process_index()
+  local = {}
+  for k, v in full_batch.items():
+    v = np.asarray(v)
+    if pc > 1 and v.ndim:
+      if v.shape[0] % pc:
+        raise ValueError(f"{k!r}: global batch {v.shape[0]} is not divisible "
+                         f"by the {pc} processes")
+      v = v[v.shape[0] * pi // pc:v.shape[0] * (pi + 1) // pc]
+    local[k] = v
+  return to_global(local, sharding, keys)
+
+
 def is_primary() -> bool:
   """The process that writes shared files (sidecars, manifests, reports)."""
   return jax.process_index() == 0

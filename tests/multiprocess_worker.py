@@ -72,6 +72,10 @@ def main():
     local = sh.to_host_local(jax.jit(lambda i: i * 10)(g["index"]))
     report["host_order_ok"] = report.get("host_order_ok", True) and bool(
         (local == host["index"] * 10).all())
+  # Every process holds the whole global batch; each feeds its own rows.
+  full = sh.global_from_full({"r": np.arange(gb * 3, dtype=np.int32)}, dsh)
+  report["full_roundtrip"] = np.asarray(jax.jit(
+      lambda r: r, out_shardings=rep)(full["r"])).tolist()
   # Both processes save one model to one shared directory, repeatedly: one
   # sidecar writer, barriers around it (a race here once hung CI).
   from flax import nnx  # pylint: disable=g-import-not-at-top

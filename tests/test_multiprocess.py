@@ -35,6 +35,8 @@ def test_two_processes_every_index_once(tmp_path, n, gb):
                                               for p in range(nproc)]
   for p, r in enumerate(reps):
     assert r["local_index"] == list(range(p, n, nproc))
+  # global_from_full: the global array is the full batch, row for row.
+  assert all(r["full_roundtrip"] == list(range(gb * 3)) for r in reps)
   # After each shared save_model every process read the round just written.
   assert [r["saved_round"] for r in reps] == [3, 3]
   # Both processes computed the same replicated results.

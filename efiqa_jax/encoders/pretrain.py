@@ -192,16 +192,11 @@ def pretrain_mim(inputs: Sequence[str] | str, out_dir: str, config, *,
     bar = tqdm(total=steps, desc="pretrain-encoder", unit="step",
                file=sys.stderr)
   flip = bool(config.flip)
-  pc, pi = jax.process_count(), jax.process_index()
-  if bsz % pc:
-    raise ValueError(f"batch_size {bsz} is not divisible by the {pc} "
-                     "processes")
   with jax.set_mesh(mesh):
     for s in range(steps):
       # Every process draws the same global batch and feeds its own rows.
       x = host_batch(pixels, bsz, int(config.seed), s, flip)
-      x = x[bsz * pi // pc:bsz * (pi + 1) // pc]
-      xb = sh.to_global({"x": x}, dsh)["x"]
+      xb = sh.global_from_full({"x": x}, dsh)["x"]
       params, opt_state, loss = jstep(params, opt_state, xb, jnp.int32(s))
       if (s + 1) % log_every == 0 or s == 0 or s == steps - 1:
         lv = float(loss)
@@ -224,8 +219,9 @@ def pretrain_mim(inputs: Sequence[str] | str, out_dir: str, config, *,
       "preprocessing": {"size": size, "work_size": work, "mode": "efiqa"}}}
   os.makedirs(out_dir, exist_ok=True)
   checkpoints.save_model(out_dir, trained["encoder"], meta, overwrite=True)
-  with open(os.path.join(out_dir, "pretrain_loss.json"), "w") as f:
-    json.dump(losses, f)
+  if sh.is_primary():  # one writer (save_model has synchronised the rest)
+    with open(os.path.join(out_dir, "pretrain_loss.json"), "w") as f:
+      json.dump(losses, f)
   return PretrainResult(os.path.abspath(out_dir), steps, losses[-1][1],
                         losses[0][1], len(ok_paths), failed,
                         time.time() - t0)

@@ -276,15 +276,12 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                              threads=int(config.data_threads))
   step = start
   with jax.set_mesh(mesh), open(metrics_path, "a") as mf:
-    pc, pi = jax.process_count(), jax.process_index()
-    if bsz % pc:
-      raise ValueError(f"batch_size {bsz} is not divisible by the {pc} "
-                       "processes")
+    if bsz % jax.process_count():
+      raise ValueError(f"batch_size {bsz} is not divisible by the "
+                       f"{jax.process_count()} processes")
     for host in it:
-      if pc > 1:  # every process builds the global batch; feeds its rows
-        lo, hi = bsz * pi // pc, bsz * (pi + 1) // pc
-        host = {k: v[lo:hi] for k, v in host.items()}
-      batch = sh.to_global(host, dsh, keys)
+      # Every process builds the whole global batch and feeds its rows.
+      batch = sh.global_from_full(host, dsh, keys)
       params, opt_state, loss, valid = step_fn(params, opt_state, enc_state,
                                                batch, jnp.int32(step))
       step += 1
