@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                       version=f"efiqa-jax {__version__}")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   for mod in _command_modules():
-    p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+    # argparse %-formats `help` (not `description`): a literal % must be %%.
+    p = sub.add_parser(mod.NAME, help=mod.HELP.replace("%", "%%"),
+                       description=mod.HELP)
     mod.add_arguments(p)
     p.set_defaults(_run=mod.run)
   return parser
