@@ -304,6 +304,57 @@ def _raise_nonfinite(step: int, loss: float, epoch: int, mngr):
 # --------------------------------------------------------------- driver
 
 
+class _JsonlWriter:
+  """clu MetricWriter subset for machines without TensorFlow (clu's
+  TensorBoard writer imports it; jax-only GPU/TPU images often lack it):
+  scalars to WORKDIR/metrics.jsonl, image panels to WORKDIR/panels/*.png."""
+
+  def __init__(self, workdir: str, just_logging: bool):
+    self.workdir, self.just_logging = workdir, just_logging
+
+  def write_hparams(self, hparams):
+    if not self.just_logging:
+      with open(os.path.join(self.workdir, "hparams.json"), "w") as f:
+        json.dump(hparams, f, indent=1, sort_keys=True)
+
+  def write_scalars(self, step, scalars):
+    logging.info("step %d: %s", step, scalars)
+    if not self.just_logging:
+      with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(dict(step=int(step), **{
+            k: float(v) for k, v in scalars.items()})) + "\n")
+
+  def write_images(self, step, images):
+    if self.just_logging:
+      return
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    d = os.path.join(self.workdir, "panels")
+    os.makedirs(d, exist_ok=True)
+    for name, v in images.items():
+      row = np.concatenate(list(np.asarray(v)), axis=1)  # (k,H,W,C) in a row
+      row = (np.clip(row, 0, 1) * 255).astype(np.uint8)
+      Image.fromarray(row[..., 0] if row.shape[-1] == 1 else row).save(
+          os.path.join(d, f"{int(step):08d}_{name}.png"))
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def _metric_writer(workdir: str, just_logging: bool):
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    logging.warning("TensorBoard summaries off (%s); metrics go to "
+                    "%s/metrics.jsonl", e, workdir)
+    return _JsonlWriter(workdir, just_logging)
+  return metric_writers.create_default_writer(
+      workdir, just_logging=just_logging, asynchronous=False)
+
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        _stop_after_steps: int | None = None) -> TrainResult:
   """Trains (or resumes) a VUAD teacher in `workdir`; exports it at the end.
@@ -312,7 +363,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   THIS call, without the final checkpoint or export, like a killed job.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   from efiqa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
@@ -429,8 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       in_shardings=(p_sh, rest_sh, batch_sh, repl, repl, repl),
       out_shardings=repl))
 
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=pi > 0, asynchronous=False)
+  writer = _metric_writer(workdir, just_logging=pi > 0)
   if start == 0:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
