@@ -179,9 +179,10 @@ def map_aurocs(maps, heldout, truth, eval_size):
           "all": auc(lambda x: True)}
 
 
-def pseudo_label_maps(teacher, imgs, fovs, grid, batch=8):
+def pseudo_label_maps(teacher, imgs, fovs, spec, batch=8):
   """What `efiqa distill` would label each held-out photograph with (hard
-  pseudo-labels on the adapter grid, 0/1): the target the student learns."""
+  pseudo-labels on the adapter grid, 0/1, by the rule `spec` distill used):
+  the target the student learns."""
   import jax
   from flax import nnx
   from efiqa_jax import checkpoints, pseudo_labels
@@ -194,8 +195,8 @@ def pseudo_label_maps(teacher, imgs, fovs, grid, batch=8):
   out = []
   for s in range(0, len(imgs), batch):
     a = np.asarray(fn(state, imgs[s:s + batch], fovs[s:s + batch]))
-    out += [pseudo_labels.patch_labels(x, pseudo_labels.LabelSpec(
-        grid=grid)).astype(np.float32) / 255.0 for x in a]
+    out += [pseudo_labels.patch_labels(x, spec).astype(np.float32) / 255.0
+            for x in a]
   return np.stack(out)
 
 
@@ -312,10 +313,14 @@ def run_experiment(out_dir: str, settings: Settings = Settings(),
     maps["teacher"] = qm.TeacherQualityModel.from_checkpoint(teacher).predict(
         imgs, fovs)
   with clock("teacher pseudo-label maps"):
-    grid = json.load(open(os.path.join(out_dir, f"distill_{first}", "train",
-                                       "data.json")))["label_grid"][0]
+    from efiqa_jax import pseudo_labels as pl_lib
+    used = json.load(open(os.path.join(out_dir, f"distill_{first}", "pseudo",
+                                       "spec.json")))
+    spec = pl_lib.LabelSpec(threshold=used["threshold"], grid=used["grid"],
+                            relax=used["relax"], mode=used["mode"])
+    grid = spec.grid
     maps[f"teacher pseudo-labels ({grid}x{grid})"] = pseudo_label_maps(
-        teacher, imgs, fovs, grid)
+        teacher, imgs, fovs, spec)
   with clock("student maps"):
     for name, (enc, ada) in students.items():
       maps[name] = qm.StudentQualityModel.from_checkpoints(enc, ada).predict(
@@ -335,6 +340,8 @@ def run_experiment(out_dir: str, settings: Settings = Settings(),
           sum((t * w).sum() for t, w in truth) /
           sum(w.sum() for _, w in truth)),
       "pseudo_label_positive_share": pseudo["positive_fraction"],
+      "pseudo_label_rule": {k: used[k] for k in ("threshold", "relax", "grid",
+                                                 "mode")},
       "pretraining": {k: pre.get(k) for k in ("steps", "first_loss",
                                                "final_loss", "images")},
       "map_auroc": scores,
@@ -368,7 +375,10 @@ def to_markdown(r: dict) -> str:
   t = r["time"]
   lines += ["", f"{r['n_heldout']} held-out photographs; degraded share of "
             f"FOV pixels {r['heldout_positive_share']:.3f}; pseudo-label "
-            f"positive cells {r['pseudo_label_positive_share']:.3f}; " + (
+            f"positive cells {r['pseudo_label_positive_share']:.3f}" + (
+                " (|f(x)| > {threshold:g} on >= {relax:g} of a cell)".format(
+                    **r["pseudo_label_rule"]) if "pseudo_label_rule" in r
+                else "") + "; " + (
                 f"pretraining loss {r['pretraining']['first_loss']:.3f} -> "
                 f"{r['pretraining']['final_loss']:.3f}."
                 if r["pretraining"].get("first_loss") is not None

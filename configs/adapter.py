@@ -48,6 +48,12 @@ def get_config(arg=None):
   c.log_every = 20
   c.max_steps = -1               # > 0: stop there (no export); resumable
   c.data_threads = 2
+  # `efiqa distill`'s pseudo-labels: a pixel is anomalous when |f(x)| >
+  # threshold, a cell positive when >= relax of it is. None: the teacher's
+  # calibrated rule (`efiqa calibrate-teacher`), else the reference 0.02/0.9.
+  c.pseudo_labels = ml_collections.ConfigDict()
+  c.pseudo_labels.threshold = ml_collections.config_dict.placeholder(float)
+  c.pseudo_labels.relax = ml_collections.config_dict.placeholder(float)
   c.progress = True
   if arg == "tiny":
     c.batch_size = 64

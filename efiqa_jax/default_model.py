@@ -35,8 +35,13 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 MODEL_DIR = os.path.join(ASSETS, "teacher_default")
 SAMPLES_DIR = os.path.join(ASSETS, "samples")
 
-THRESHOLDS = (0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04, 0.05,
-              0.065, 0.08, 0.1, 0.13)
+# |f(x)| scales differ by teacher (a base-32 256-px teacher fills in ~10x
+# less on intact maps than the base-8 128-px default), hence the low end.
+THRESHOLDS = (0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025,
+              0.03, 0.04, 0.05, 0.065, 0.08, 0.1, 0.13)
+# Pseudo-label cell shares tried (the reference's 0.9 among them).
+RELAXES = (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
+LABEL_GRID = 32  # cells per side of the calibrated pseudo-label rule
 
 
 @dataclasses.dataclass
@@ -48,6 +53,13 @@ class Calibration:
   grade_balanced_accuracy: float
   threshold_sweep: dict
   n_images: int
+  # The pseudo-label rule: a cell is positive when >= label_relax of its
+  # pixels exceed anomaly_threshold; chosen by balanced accuracy against the
+  # erased cells on a label_grid x label_grid grid.
+  label_relax: float = 0.9
+  label_grid: int = LABEL_GRID
+  label_balanced_accuracy: float = float("nan")
+  relax_sweep: dict = dataclasses.field(default_factory=dict)
 
 
 def erase_masks(rng: np.random.Generator, fov: np.ndarray,
@@ -92,6 +104,7 @@ def _real_anchor(size: int):
 
 def calibrate(quality_model, *, n: int = 96, seed: int = 900_000,
               batch: int = 8, real_anchor: bool = True, real_draws: int = 4,
+              label_grid: int = LABEL_GRID,
               progress: bool = True) -> Calibration:
   """Measures the anomaly threshold and grade cut-offs on synthetic data.
 
@@ -182,8 +195,79 @@ def calibrate(quality_model, *, n: int = 96, seed: int = 900_000,
   grades = np.where(frac >= 0.25, "reject",
                     np.where(frac >= 0.05, "usable", "good"))
   good_min, usable_min, bacc = fit_grade_cutoffs(q, grades)
+  relax, label_bacc, relax_sweep = fit_label_relax(anomaly * fov_t, fov_t,
+                                                   erase, t, label_grid)
   return Calibration(float(t), good_min, usable_min, float(auc), bacc, sweep,
-                     m)
+                     m, relax, int(label_grid), label_bacc, relax_sweep)
+
+
+def fit_label_relax(anomaly, fov, erase, threshold: float, grid: int
+                    ) -> tuple[float, float, dict]:
+  """The cell share (`relax`) whose hard pseudo-labels (share of pixels
+  with |f(x)| > threshold) best find the erased cells (erased >= half of the
+  cell's FOV part): balanced accuracy over the cells that touch the FOV."""
+  from efiqa_jax import pseudo_labels as pl  # pylint: disable=g-import-not-at-top
+  share = np.stack([pl.cell_means((np.asarray(a) > threshold).astype(
+      np.float32), grid) for a in anomaly])
+  f = np.stack([pl.cell_means(np.asarray(x, np.float32), grid) for x in fov])
+  e = np.stack([pl.cell_means(np.asarray(x, np.float32) * y, grid)
+                for x, y in zip(erase, fov)])
+  inside = f > 0
+  truth = (e >= 0.5 * np.maximum(f, 1e-6))[inside]
+  share = share[inside]
+  sweep, best = {}, (0.9, -1.0)
+  for r in RELAXES:
+    lab = share >= r - 1e-6  # as pseudo_labels.patch_labels
+    tpr = np.mean(lab[truth]) if truth.any() else 0.0
+    tnr = np.mean(~lab[~truth]) if (~truth).any() else 0.0
+    b = 0.5 * (tpr + tnr)
+    sweep[str(r)] = round(float(b), 4)
+    if b > best[1] + 1e-12:
+      best = (float(r), float(b))
+  return best[0], best[1], sweep
+
+
+def calibrated_meta(meta: dict, cal: Calibration, work_size: int) -> dict:
+  """The sidecar fields a calibration sets (map threshold, grading,
+  pseudo-label rule, the whole calibration record)."""
+  return dict(
+      meta, work_size=int(work_size),
+      anomaly_threshold=cal.anomaly_threshold,
+      grading={"good_min": round(cal.good_min, 4),
+               "usable_min": round(cal.usable_min, 4)},
+      pseudo_labels={"threshold": cal.anomaly_threshold,
+                     "relax": cal.label_relax, "grid": cal.label_grid},
+      calibration=dataclasses.asdict(cal))
+
+
+def calibrate_teacher(teacher: str, out: str, *, work_size: int | None = None,
+                      n: int = 96, label_grid: int = LABEL_GRID,
+                      progress: bool = True) -> dict:
+  """`efiqa calibrate-teacher`: measures a trained teacher's map threshold,
+  grade cut-offs and pseudo-label rule on synthetic erasures (no quality
+  label) and writes the teacher with them in its sidecar to `out`."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import quality_model as qm  # pylint: disable=g-import-not-at-top
+  model, meta = checkpoints.load_model(teacher)
+  if meta.get("architecture") != "unet":
+    raise ValueError(f"{teacher} is not a teacher (architecture "
+                     f"{meta.get('architecture')!r}, expected 'unet')")
+  meta = {k: v for k, v in meta.items()
+          if k not in ("format", "version", "architecture", "kwargs")}
+  ws = int(work_size or meta.get("work_size", 512))
+  qmod = qm.TeacherQualityModel(model, dict(meta, work_size=ws),
+                                name=os.path.basename(os.path.normpath(teacher)))
+  cal = calibrate(qmod, n=n, label_grid=label_grid, progress=progress)
+  meta = calibrated_meta(meta, cal, ws)
+  if os.path.abspath(out) == os.path.abspath(teacher):
+    raise ValueError("--out must differ from the teacher directory")
+  if os.path.isdir(out):
+    shutil.rmtree(out)
+  checkpoints.save_model(out, model, meta)
+  with open(os.path.join(out, "calibration.json"), "w") as f:
+    json.dump(dataclasses.asdict(cal), f, indent=2)
+  return meta
 
 
 def fit_grade_cutoffs(quality, grades) -> tuple[float, float, float]:
@@ -221,13 +305,9 @@ def build_default_model(config_spec: str, workdir: str, out: str, *,
   qmod = qm.TeacherQualityModel(model, dict(meta, work_size=work_size),
                                 name="default")
   cal = calibrate(qmod, n=calib_n, progress=progress)
+  meta = calibrated_meta(meta, cal, work_size)
   meta.update(
-      name="efiqa-default-teacher", work_size=work_size,
-      image_size=int(config.image_size),
-      anomaly_threshold=cal.anomaly_threshold,
-      grading={"good_min": round(cal.good_min, 4),
-               "usable_min": round(cal.usable_min, 4)},
-      calibration=dataclasses.asdict(cal),
+      name="efiqa-default-teacher", image_size=int(config.image_size),
       built_by=("efiqa build-default-model --config " + config_spec +
                 "".join(" " + o for o in overrides)))
   if os.path.isdir(out):

@@ -38,6 +38,35 @@ class LabelSpec:
       raise ValueError(f"grid must be >= 1, got {self.grid}")
 
 
+def teacher_label_spec(teacher: str, grid: int, *,
+                       threshold: float | None = None,
+                       relax: float | None = None,
+                       mode: str = "hard") -> tuple[LabelSpec, str]:
+  """The pseudo-label rule for `teacher`: explicit values win; else the rule
+  `efiqa calibrate-teacher` measured for it (sidecar `pseudo_labels`: pixel
+  threshold and cell share on erased vessel maps, no quality label); else
+  the reference's 0.02 / 0.9, which assume R2-V2 maps and a base-64 teacher.
+  Returns (spec, where each value came from)."""
+  from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  rule = checkpoints.read_meta(teacher).get("pseudo_labels") or {}
+  src = []
+
+  def pick(name, given, ref):
+    if given is not None:
+      src.append(f"{name} given")
+      return float(given)
+    if name in rule:
+      src.append(f"{name} calibrated")
+      return float(rule[name])
+    src.append(f"{name} reference")
+    return ref
+
+  spec = LabelSpec(threshold=pick("threshold", threshold, DEFAULT_THRESHOLD),
+                   grid=int(grid),
+                   relax=pick("relax", relax, DEFAULT_RELAX), mode=mode)
+  return spec, ", ".join(src)
+
+
 def pixel_anomaly(anomaly, threshold: float = DEFAULT_THRESHOLD,
                   mode: str = "hard"):
   """Per-pixel anomaly in {0,1} (hard) or [0,1] (soft); numpy or jax arrays."""
@@ -144,7 +173,9 @@ def write_pseudo_labels(inputs, teacher: str, out_dir: str, *,
   (image, id, status, message) with a row for every input, failures included.
   Inputs are vessel-map images (the reference's convention) or, with
   from_photos, photographs whose label-free vessel maps are computed first.
-  Returns counts {'total', 'ok', 'failed'}.
+  Re-running into the same folder with the same rule resumes (inputs with
+  both files are kept); another rule is an error. Returns counts {'total',
+  'ok', 'failed'}.
   """
   import csv  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -175,14 +206,37 @@ def write_pseudo_labels(inputs, teacher: str, out_dir: str, *,
 
   for sub in ("anomaly", "labels"):
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+  import json  # pylint: disable=g-import-not-at-top
+  # Resume: a re-run into the same folder with the same rule keeps the
+  # inputs whose anomaly and label files are already there.
+  rule = dict(dataclasses.asdict(spec), teacher=os.path.abspath(teacher),
+              from_photos=bool(from_photos))
+  spec_path = os.path.join(out_dir, "spec.json")
+  if os.path.exists(spec_path):
+    with open(spec_path) as f:
+      old = json.load(f)
+    if old != rule:
+      diff = {k: (old.get(k), v) for k, v in rule.items() if old.get(k) != v}
+      raise ValueError(f"{out_dir} holds pseudo-labels made with another "
+                       f"rule (was, now): {diff}; use another output folder")
+  else:
+    with open(spec_path + ".tmp", "w") as f:
+      json.dump(rule, f, indent=1)
+    os.replace(spec_path + ".tmp", spec_path)
+
+  def done(i):
+    return all(os.path.exists(os.path.join(out_dir, sub, ids[i] + ext))
+               for sub, ext in (("anomaly", ".npy"), ("labels", ".png")))
   rows = []
   bar = None
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=len(paths), desc="pseudo-label", unit="img")
   for s in range(0, len(paths), batch_size):
-    idx = list(range(s, min(s + batch_size, len(paths))))
-    xs, good, status = [], [], {}
+    batch_idx = list(range(s, min(s + batch_size, len(paths))))
+    status = {i: ("ok", "") for i in batch_idx if done(i)}
+    idx = [i for i in batch_idx if i not in status]
+    xs, good = [], []
     if from_photos:
       preps = [fundus.prepare_fundus(paths[i], size=work_size) for i in idx]
       okp = [(i, p) for i, p in zip(idx, preps) if p.status == "ok"]
@@ -214,17 +268,21 @@ def write_pseudo_labels(inputs, teacher: str, out_dir: str, *,
                                                 np.float32)])
       an = np.asarray(anomaly_fn(state, batch))[:len(good)]
       for i, a in zip(good, an):
-        np.save(os.path.join(out_dir, "anomaly", ids[i] + ".npy"),
-                a.astype(np.float32))
-        Image.fromarray(patch_labels(a, spec)).save(
-            os.path.join(out_dir, "labels", ids[i] + ".png"))
+        # Each file appears whole (tmp + rename): a resumed run trusts them.
+        dst = os.path.join(out_dir, "anomaly", ids[i] + ".npy")
+        with open(dst + ".tmp", "wb") as f:
+          np.save(f, a.astype(np.float32))
+        os.replace(dst + ".tmp", dst)
+        dst = os.path.join(out_dir, "labels", ids[i] + ".png")
+        Image.fromarray(patch_labels(a, spec)).save(dst + ".tmp", "PNG")
+        os.replace(dst + ".tmp", dst)
         status[i] = ("ok", "")
-    for i in idx:
+    for i in batch_idx:
       st, msg = status[i]
       rows.append({"image": paths[i], "id": ids[i], "status": st,
                    "message": msg})
     if bar is not None:
-      bar.update(len(idx))
+      bar.update(len(batch_idx))
   if bar is not None:
     bar.close()
   with open(os.path.join(out_dir, "manifest.csv"), "w", newline="") as f:

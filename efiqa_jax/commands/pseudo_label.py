@@ -12,11 +12,14 @@ def add_arguments(p):
   p.add_argument("--from-photos", action="store_true",
                  help="inputs are photographs: compute label-free vessel "
                  "maps first")
-  p.add_argument("--threshold", type=float, default=0.02)
+  p.add_argument("--threshold", type=float, default=None,
+                 help="pixel |f(x)| threshold (default: the teacher's "
+                 "calibrated one, else the reference's 0.02)")
   p.add_argument("--grid", type=int, default=16,
                  help="cells per side: 16 for 256/16, 14 for 224/16")
-  p.add_argument("--relax", type=float, default=0.9,
-                 help="share of a cell that must be anomalous")
+  p.add_argument("--relax", type=float, default=None,
+                 help="share of a cell that must be anomalous (default: the "
+                 "teacher's calibrated one, else the reference's 0.9)")
   p.add_argument("--mode", choices=("hard", "soft"), default="hard")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--quiet", action="store_true")
@@ -24,8 +27,13 @@ def add_arguments(p):
 
 def run(args) -> int:
   from efiqa_jax import pseudo_labels  # pylint: disable=g-import-not-at-top
-  spec = pseudo_labels.LabelSpec(threshold=args.threshold, grid=args.grid,
-                                 relax=args.relax, mode=args.mode)
+  import sys  # pylint: disable=g-import-not-at-top
+  spec, origin = pseudo_labels.teacher_label_spec(
+      args.teacher, args.grid, threshold=args.threshold, relax=args.relax,
+      mode=args.mode)
+  if not args.quiet:
+    print(f"pseudo-label: |f(x)| > {spec.threshold:g}, cell share >= "
+          f"{spec.relax:g} ({origin})", file=sys.stderr)
   res = pseudo_labels.write_pseudo_labels(
       args.inputs, args.teacher, args.out, from_photos=args.from_photos,
       spec=spec, batch_size=args.batch_size, progress=not args.quiet)

@@ -8,8 +8,8 @@ One command for EFIQA's stages 1 -> 2 on a folder of photographs:
   WORKDIR/features/  `efiqa extract` (same FOV crop, EFIQA preprocessing);
   WORKDIR/train/     `efiqa train-adapter` from those two (resumable), the
                      final adapter in WORKDIR/train/adapter.
-A stage whose output is complete (pseudo/manifest.csv written; extract and
-training resume by themselves) is not redone when the command is re-run.
+Re-running the command resumes every stage (pseudo-labels and features
+already on disk are kept; training restarts from its checkpoint).
 """
 from __future__ import annotations
 
@@ -48,14 +48,19 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
   if oh != ow:
     raise ValueError(f"non-square label grid {oh}x{ow}")
   pdir = os.path.join(workdir, "pseudo")
-  if not os.path.exists(os.path.join(pdir, "manifest.csv")):
-    res = pseudo_labels.write_pseudo_labels(
-        list(inputs), teacher, pdir, from_photos=True,
-        spec=pseudo_labels.LabelSpec(grid=oh), batch_size=batch_size,
-        work_size=config.work_size, progress=progress)
-    if res["failed"]:
-      print(f"distill: {res['failed']} of {res['total']} photographs got no "
-            f"pseudo-label (see {pdir}/manifest.csv)", file=sys.stderr)
+  pl = config.get("pseudo_labels", {})
+  spec, origin = pseudo_labels.teacher_label_spec(
+      teacher, oh, threshold=pl.get("threshold"), relax=pl.get("relax"))
+  if progress:
+    print(f"distill: pseudo-labels |f(x)| > {spec.threshold:g} on "
+          f">= {spec.relax:g} of a cell ({origin})", file=sys.stderr)
+  # Resumes: photographs already labelled (same rule) are skipped.
+  res = pseudo_labels.write_pseudo_labels(
+      list(inputs), teacher, pdir, from_photos=True, spec=spec,
+      batch_size=batch_size, work_size=config.work_size, progress=progress)
+  if res["failed"]:
+    print(f"distill: {res['failed']} of {res['total']} photographs got no "
+          f"pseudo-label (see {pdir}/manifest.csv)", file=sys.stderr)
   fdir = os.path.join(workdir, "features")
   features.extract_features(list(inputs), encoder, fdir, size=config.size,
                             work_size=config.work_size, batch_size=batch_size,

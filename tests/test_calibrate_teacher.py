@@ -1,0 +1,163 @@
+"""efiqa calibrate-teacher: the pseudo-label rule fitted on erasures, where
+it is read back (pseudo-label, distill), and the teacher trainer's metric
+writer on machines without TensorFlow."""
+import builtins
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from efiqa_jax import checkpoints, cli, default_model
+from efiqa_jax import pseudo_labels as pl
+
+from tests.assess_fixtures import fundus_like, tiny_teacher
+
+
+def _cells(shares, cell=8):
+  """(g, g) shares -> (g*cell, g*cell) 0/1 pixels with exactly that share
+  of each cell's pixels set (in raster order)."""
+  g = shares.shape[0]
+  out = np.zeros((g * cell, g * cell), np.float32)
+  for i in range(g):
+    for j in range(g):
+      k = int(round(shares[i, j] * cell * cell))
+      blk = np.zeros(cell * cell, np.float32)
+      blk[:k] = 1
+      out[i * cell:(i + 1) * cell, j * cell:(j + 1) * cell] = blk.reshape(
+          cell, cell)
+  return out
+
+
+def test_fit_label_relax_finds_the_separating_share():
+  rng = np.random.default_rng(0)
+  g = 8
+  erased = rng.random((3, g, g)) < 0.3
+  # Erased cells: 40/64 anomalous pixels (0.625); intact ones 20/64 (0.31),
+  # so shares 0.4, 0.5 and 0.6 separate them and 0.75 / 0.9 miss them all.
+  shares = np.where(erased, 40 / 64, 20 / 64)
+  anomaly = np.stack([_cells(s) for s in shares]) * 0.05  # |f(x)| 0 or 0.05
+  erase = np.stack([_cells(e.astype(float)) for e in erased])
+  fov = np.ones_like(erase)
+  relax, bacc, sweep = default_model.fit_label_relax(anomaly, fov, erase,
+                                                     0.02, g)
+  assert relax == 0.4 and bacc == pytest.approx(1.0)  # first of the best
+  assert sweep["0.5"] == sweep["0.6"] == 1.0
+  assert sweep["0.75"] == pytest.approx(0.5) and sweep["0.1"] == 0.5
+  # Cells outside the FOV do not count: blank half the field of view.
+  fov[:, :, : g * 4] = 0
+  _, bacc2, _ = default_model.fit_label_relax(anomaly * fov, fov, erase, 0.02,
+                                              g)
+  assert bacc2 == pytest.approx(1.0)
+
+
+def test_teacher_label_spec_order(tmp_path):
+  t = tiny_teacher(tmp_path / "t")
+  spec, src = pl.teacher_label_spec(t, 16)
+  assert (spec.threshold, spec.relax, spec.grid) == (0.02, 0.9, 16)
+  assert src == "threshold reference, relax reference"
+  model, meta = checkpoints.load_model(t)
+  meta = {k: v for k, v in meta.items()
+          if k not in ("format", "version", "architecture", "kwargs")}
+  cal = str(tmp_path / "cal")
+  checkpoints.save_model(cal, model, dict(meta, pseudo_labels={
+      "threshold": 0.011, "relax": 0.5, "grid": 32}))
+  spec, src = pl.teacher_label_spec(cal, 14)
+  assert (spec.threshold, spec.relax, spec.grid) == (0.011, 0.5, 14)
+  assert src == "threshold calibrated, relax calibrated"
+  spec, src = pl.teacher_label_spec(cal, 14, threshold=0.03)
+  assert (spec.threshold, spec.relax) == (0.03, 0.5)
+  assert src == "threshold given, relax calibrated"
+
+
+def test_calibrate_teacher_cli_then_pseudo_label_uses_the_rule(tmp_path,
+                                                              capsys):
+  t = tiny_teacher(tmp_path / "t")
+  out = tmp_path / "cal"
+  assert cli.main(["calibrate-teacher", t, "--out", str(out), "--n", "8",
+                   "--label-grid", "16", "--quiet"]) == 0
+  assert "pseudo-labels |f(x)| >" in capsys.readouterr().out
+  meta = checkpoints.read_meta(str(out))
+  rule, cal = meta["pseudo_labels"], meta["calibration"]
+  assert rule["threshold"] == meta["anomaly_threshold"] == \
+      cal["anomaly_threshold"]
+  assert rule["threshold"] in default_model.THRESHOLDS
+  assert rule["relax"] in default_model.RELAXES and rule["grid"] == 16
+  assert set(cal["relax_sweep"]) == {str(r) for r in default_model.RELAXES}
+  assert round(cal["label_balanced_accuracy"], 4) == max(
+      cal["relax_sweep"].values())
+  assert meta["work_size"] == 128 and meta["image_size"] == 64
+  assert json.load(open(out / "calibration.json"))["label_relax"] == \
+      rule["relax"]
+  # The calibrated copy loads as the same network.
+  a, _ = checkpoints.load_model(t)
+  b, _ = checkpoints.load_model(str(out))
+  x = np.random.default_rng(0).random((1, 64, 64, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(a(x)), np.asarray(b(x)))
+
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  Image.fromarray(fundus_like(seed=2)).save(photos / "p.png")
+  po = tmp_path / "pl"
+  assert cli.main(["pseudo-label", str(photos), "--teacher", str(out),
+                   "--out", str(po), "--from-photos", "--grid", "8",
+                   "--quiet"]) == 0
+  spec = json.load(open(po / "spec.json"))
+  assert (spec["threshold"], spec["relax"], spec["grid"]) == (
+      rule["threshold"], rule["relax"], 8)
+  a = np.load(po / "anomaly" / "p.npy")
+  np.testing.assert_array_equal(
+      np.asarray(Image.open(po / "labels" / "p.png")),
+      pl.patch_labels(a, pl.LabelSpec(threshold=rule["threshold"], grid=8,
+                                      relax=rule["relax"])))
+  # Explicit flags still win.
+  po2 = tmp_path / "pl2"
+  assert cli.main(["pseudo-label", str(photos), "--teacher", str(out),
+                   "--out", str(po2), "--from-photos", "--grid", "8",
+                   "--threshold", "0.02", "--relax", "0.9", "--quiet"]) == 0
+  assert json.load(open(po2 / "spec.json"))["relax"] == 0.9
+
+
+def test_calibrate_teacher_rejects_an_encoder(tmp_path, capsys):
+  from flax import nnx
+  from efiqa_jax.models import vit
+  enc = str(tmp_path / "enc")
+  checkpoints.save_model(enc, vit.VisionTransformer(
+      patch_size=16, hidden_size=32, depth=1, num_heads=2, mlp_hidden=64,
+      rngs=nnx.Rngs(0)))
+  assert cli.main(["calibrate-teacher", enc, "--out",
+                   str(tmp_path / "o"), "--quiet"]) == 2
+  assert "is not a teacher" in capsys.readouterr().err
+
+
+def test_teacher_metric_writer_without_tensorflow(tmp_path, monkeypatch):
+  from efiqa_jax.teacher import train
+  real_import = builtins.__import__
+
+  def no_clu(name, *a, **k):
+    if name == "clu" or name.startswith("clu."):
+      raise ImportError("No module named 'tensorflow'")
+    return real_import(name, *a, **k)
+
+  monkeypatch.setattr(builtins, "__import__", no_clu)
+  w = train._metric_writer(str(tmp_path), just_logging=False)
+  assert isinstance(w, train._JsonlWriter)
+  w.write_hparams({"lr": 0.001})
+  w.write_scalars(5, {"loss": np.float32(0.5)})
+  w.write_scalars(10, {"loss": 0.25})
+  w.write_images(10, {"anomaly": np.zeros((2, 8, 8, 1), np.float32),
+                      "input": np.ones((2, 8, 8, 3), np.float32)})
+  w.flush()
+  w.close()
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert rows == [{"step": 5, "loss": 0.5}, {"step": 10, "loss": 0.25}]
+  assert json.load(open(tmp_path / "hparams.json")) == {"lr": 0.001}
+  im = np.asarray(Image.open(tmp_path / "panels" / "00000010_input.png"))
+  assert im.shape == (8, 16, 3) and im.min() == 255
+  assert os.path.exists(tmp_path / "panels" / "00000010_anomaly.png")
+  # Other processes only log.
+  w2 = train._metric_writer(str(tmp_path / "p1"), just_logging=True)
+  os.makedirs(tmp_path / "p1")
+  w2.write_scalars(1, {"loss": 1.0})
+  assert not os.path.exists(tmp_path / "p1" / "metrics.jsonl")
