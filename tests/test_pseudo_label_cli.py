@@ -17,7 +17,7 @@ def teacher(tmp_path_factory):
   return tiny_teacher(tmp_path_factory.mktemp("t") / "teacher")
 
 
-def test_pseudo_label_vessel_maps_and_photos(teacher, tmp_path):
+def test_pseudo_label_vessel_maps_and_photos(teacher, tmp_path, capsys):
   vm = tmp_path / "maps"
   (vm / "a").mkdir(parents=True)
   (vm / "b").mkdir()
@@ -41,6 +41,24 @@ def test_pseudo_label_vessel_maps_and_photos(teacher, tmp_path):
     assert lab.shape == (4, 4)
     np.testing.assert_array_equal(
         lab, pl.patch_labels(a, pl.LabelSpec(grid=4)))
+
+  # Re-running into the folder resumes: finished files are kept as they are.
+  stamp = {r["id"]: os.path.getmtime(out / "labels" / (r["id"] + ".png"))
+           for r in rows[1:]}
+  os.remove(out / "labels" / (rows[2]["id"] + ".png"))
+  code = cli.main(["pseudo-label", str(vm), "--teacher", teacher, "--out",
+                   str(out), "--grid", "4", "--quiet"])
+  assert code == 3
+  assert [r["status"] for r in csv.DictReader(open(out / "manifest.csv"))] \
+      == ["unreadable", "ok", "ok"]
+  assert os.path.getmtime(out / "labels" / (rows[1]["id"] + ".png")) == \
+      stamp[rows[1]["id"]]
+  assert os.path.exists(out / "labels" / (rows[2]["id"] + ".png"))
+  # ... but not with another rule.
+  code = cli.main(["pseudo-label", str(vm), "--teacher", teacher, "--out",
+                   str(out), "--grid", "4", "--threshold", "0.05", "--quiet"])
+  assert code == 2
+  assert "another rule" in capsys.readouterr().err
 
   photos = tmp_path / "photos"
   photos.mkdir()

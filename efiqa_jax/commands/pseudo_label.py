@@ -34,9 +34,13 @@ def run(args) -> int:
   if not args.quiet:
     print(f"pseudo-label: |f(x)| > {spec.threshold:g}, cell share >= "
           f"{spec.relax:g} ({origin})", file=sys.stderr)
-  res = pseudo_labels.write_pseudo_labels(
-      args.inputs, args.teacher, args.out, from_photos=args.from_photos,
-      spec=spec, batch_size=args.batch_size, progress=not args.quiet)
+  try:
+    res = pseudo_labels.write_pseudo_labels(
+        args.inputs, args.teacher, args.out, from_photos=args.from_photos,
+        spec=spec, batch_size=args.batch_size, progress=not args.quiet)
+  except ValueError as e:
+    print(f"efiqa pseudo-label: error: {e}", file=sys.stderr)
+    return 2
   print(f"{res['total']} inputs: {res['ok']} labelled, {res['failed']} failed;"
         f" {args.out}/manifest.csv")
   return 0 if res["failed"] == 0 else 3
