@@ -27,7 +27,12 @@ def add_arguments(p):
                  "adapter logits")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--threads", type=int, default=4,
-                 help="decode/FOV threads")
+                 help="decode/FOV threads (per worker process)")
+  p.add_argument("--workers", "--num-workers", dest="workers", type=int,
+                 default=0,
+                 help="decode/FOV worker processes (grain multiprocessing; "
+                 "0 = threads in this process). Decoding is GIL-bound in "
+                 "threads: on a many-core GPU/TPU host use ~one per core")
   p.add_argument("--no-overlays", action="store_true")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -38,6 +43,7 @@ def run(args) -> int:
   try:
     res = assess.assess(args.inputs, args.out, model=args.model,
                         batch_size=args.batch_size, num_threads=args.threads,
+                        num_workers=args.workers,
                         overlays=not args.no_overlays,
                         progress=not args.quiet,
                         save_logits=args.save_logits,
