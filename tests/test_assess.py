@@ -150,3 +150,21 @@ def test_sigkill_mid_run_then_resume(setup):
                           progress=False)
   assert res.skipped_done >= 2
   assert open(os.path.join(out, "scores.csv")).read() == ref
+
+
+def test_assess_cli_workers_flag_reaches_the_library(monkeypatch, tmp_path):
+  from efiqa_jax import assess as assess_lib
+  from efiqa_jax import cli
+  seen = {}
+
+  def fake(inputs, out, **kw):
+    seen.update(kw)
+    raise FileNotFoundError("stop here")
+
+  monkeypatch.setattr(assess_lib, "assess", fake)
+  assert cli.main(["assess", str(tmp_path), "--out", str(tmp_path / "o"),
+                   "--workers", "3", "--threads", "2", "--quiet"]) != 0
+  assert (seen["num_workers"], seen["num_threads"]) == (3, 2)
+  cli.main(["assess", str(tmp_path), "--out", str(tmp_path / "o"),
+            "--num-workers", "5", "--quiet"])
+  assert seen["num_workers"] == 5
