@@ -221,6 +221,18 @@ def oracle_labels(train_dir, seed, n, size, grid, out_dir, pool,
   return out_dir
 
 
+def _teacher_summary(teacher):
+  from efiqa_jax import checkpoints
+  m = checkpoints.read_meta(teacher)
+  cal = m.get("calibration", {})
+  return {"path": teacher, "name": m.get("name"),
+          "base_channels": m.get("kwargs", {}).get("base_channels"),
+          "image_size": m.get("image_size"), "steps": m.get("steps"),
+          "built_by": m.get("built_by"),
+          "erasure_map_auroc": cal.get("map_auroc"),
+          "pseudo_labels": m.get("pseudo_labels")}
+
+
 def _cfg_args(spec, overrides):
   a = ["--config", spec]
   for o in overrides:
@@ -308,10 +320,16 @@ def run_experiment(out_dir: str, settings: Settings = Settings(),
     truth = eval_truth(held, st.eval_size)
     imgs = np.stack([p.image for _, _, p in held])
     fovs = np.stack([p.fov_mask for _, _, p in held])
+  from efiqa_jax import quality as quality_lib
+  efiqa_filter = lambda ms: np.stack([quality_lib.efiqa_map_filter(m, f)
+                                      for m, f in zip(ms, fovs)])
   maps = {}
   with clock("teacher maps"):
     maps["teacher"] = qm.TeacherQualityModel.from_checkpoint(teacher).predict(
         imgs, fovs)
+    # The same post-processing as the student's map, for a like-for-like
+    # comparison (the teacher's own map is window-pooled already).
+    maps["teacher + EFIQA map filter"] = efiqa_filter(maps["teacher"])
   with clock("teacher pseudo-label maps"):
     from efiqa_jax import pseudo_labels as pl_lib
     used = json.load(open(os.path.join(out_dir, f"distill_{first}", "pseudo",
@@ -323,8 +341,13 @@ def run_experiment(out_dir: str, settings: Settings = Settings(),
         teacher, imgs, fovs, spec)
   with clock("student maps"):
     for name, (enc, ada) in students.items():
-      maps[name] = qm.StudentQualityModel.from_checkpoints(enc, ada).predict(
-          imgs, fovs)
+      # The student's map (as `efiqa assess` writes it) is EFIQA's filtered
+      # map; its raw sigmoid(logits) is reported beside it.
+      raw = qm.StudentQualityModel.from_checkpoints(
+          enc, ada, map_filter="none").predict(imgs, fovs)
+      maps[name] = efiqa_filter(raw)
+      maps[name.replace("student", "student raw sigmoid", 1).replace(
+          "oracle probe", "oracle probe raw sigmoid", 1)] = raw
   with clock("evaluation"):
     scores = {k: map_aurocs(v, held, truth, st.eval_size)
               for k, v in maps.items()}
@@ -342,6 +365,7 @@ def run_experiment(out_dir: str, settings: Settings = Settings(),
       "pseudo_label_positive_share": pseudo["positive_fraction"],
       "pseudo_label_rule": {k: used[k] for k in ("threshold", "relax", "grid",
                                                  "mode")},
+      "teacher": _teacher_summary(teacher),
       "pretraining": {k: pre.get(k) for k in ("steps", "first_loss",
                                                "final_loss", "images")},
       "map_auroc": scores,

@@ -47,6 +47,29 @@ def fov_at(fov_mask: np.ndarray, shape) -> np.ndarray:
   return np.asarray(Image.fromarray(fm, mode="F").resize((mw, mh), Image.BOX))
 
 
+MAP_FILTERS = ("efiqa", "none")
+
+
+def efiqa_map_filter(qmap: np.ndarray, fov_mask: np.ndarray, *,
+                     size: int = 3, sigma: float = 1.0) -> np.ndarray:
+  """EFIQA's map post-processing (paper §1.7: "morphological filtering and
+  smoothing") on the patch grid: a grey opening then closing with a
+  size x size square (drops isolated bad cells, fills isolated good holes),
+  then a Gaussian of `sigma` cells. Cells outside the FOV take the FOV's
+  median first (so the rim is not eroded towards 0) and are 0 afterwards."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  q = np.asarray(qmap, np.float64)
+  valid = fov_at(fov_mask, q.shape) > 0
+  if not valid.any():
+    return np.zeros(q.shape, np.float32)
+  x = np.where(valid, q, np.median(q[valid]))
+  if size > 1:
+    x = ndimage.grey_closing(ndimage.grey_opening(x, size=size), size=size)
+  if sigma > 0:
+    x = ndimage.gaussian_filter(x, sigma, mode="nearest")
+  return np.where(valid, x, 0.0).astype(np.float32)
+
+
 def summarise(qmap: np.ndarray, fov_weight: np.ndarray) -> tuple[float, float]:
   """(quality, degraded_fraction) of a map given per-cell FOV weights."""
   wsum = float(fov_weight.sum())

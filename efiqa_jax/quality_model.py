@@ -28,8 +28,10 @@ def load_quality_model(name_or_path: str = "default", **kwargs):
   """'default'/'teacher', a teacher directory, or 'student' (with
   encoder=DIR, adapter=DIR, optional calibration=FILE)."""
   if name_or_path == "student":
+    if kwargs.get("map_filter") is None:
+      kwargs.pop("map_filter", None)
     return StudentQualityModel.from_checkpoints(**kwargs)
-  for k in ("encoder", "adapter", "calibration", "dtype"):
+  for k in ("encoder", "adapter", "calibration", "dtype", "map_filter"):
     if kwargs.get(k) is not None:
       raise ValueError(f"--{k} is only for --model student")
     kwargs.pop(k, None)
@@ -181,17 +183,23 @@ class StudentQualityModel:
   FOV crop square (crop_x0, crop_y0, crop_size; zero outside the image and
   the FOV) at work_size -> EFIQA preprocessing (PIL bicubic to `size`, /255,
   ImageNet mean/std) -> encoder patch tokens (gh, gw, D) -> adapter logits.
-  map = sigmoid(logits) on the adapter's grid, 0 on cells outside the FOV.
+  map = sigmoid(logits) on the adapter's grid, 0 on cells outside the FOV,
+  then (map_filter="efiqa", the default) the paper's map post-processing,
+  `quality.efiqa_map_filter`; map_filter="none" keeps the raw sigmoid.
   """
 
   def __init__(self, encoder, adapter, *, name: str = "student",
                size: int | None = None, work_size: int | None = None,
                batch_size: int = 8, grading=None, meta: dict | None = None,
-               pooling=None, eyeq_head=None):
+               pooling=None, eyeq_head=None, map_filter: str = "efiqa"):
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
 
-    self.meta = dict(meta or {})
+    if map_filter not in quality_lib.MAP_FILTERS:
+      raise ValueError(f"map_filter must be one of {quality_lib.MAP_FILTERS},"
+                       f" got {map_filter!r}")
+    self.map_filter = map_filter
+    self.meta = dict(meta or {}, map_filter=map_filter)
     self.pooling = pooling  # calibrate.WeightedPooling or None (default)
     self.name = name
     feats = self.meta.get("adapter", {}).get("features", {})
@@ -326,6 +334,8 @@ class StudentQualityModel:
     maps = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
     for i in range(maps.shape[0]):
       maps[i][quality_lib.fov_at(fov[i], maps.shape[1:]) <= 0] = 0.0
+      if self.map_filter == "efiqa":
+        maps[i] = quality_lib.efiqa_map_filter(maps[i], fov[i])
     return maps.astype(np.float32)
 
   def predict(self, images: np.ndarray, fov: np.ndarray) -> np.ndarray:

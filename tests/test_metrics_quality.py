@@ -1,6 +1,7 @@
 import itertools
 
 import numpy as np
+import pytest
 
 from efiqa_jax import metrics, quality, report
 
@@ -57,3 +58,34 @@ def test_overlay_keeps_clean_regions_and_marks_degraded_ones():
   assert out.shape == img.shape and out.dtype == np.uint8
   assert np.abs(out[40:60, 10:50].astype(int) - 100).max() == 0
   assert np.abs(out[5:20, 10:50].astype(int) - 100).mean() > 30
+
+
+def test_efiqa_map_filter():
+  from efiqa_jax import quality
+  fov = np.zeros((160, 160), bool)
+  yy, xx = np.mgrid[:160, :160]
+  fov[(yy - 80) ** 2 + (xx - 80) ** 2 <= 75 ** 2] = True
+  valid = quality.fov_at(fov, (16, 16)) > 0
+  # A constant map inside the FOV stays constant (no rim erosion).
+  m = np.where(valid, 0.3, 0.0)
+  np.testing.assert_allclose(quality.efiqa_map_filter(m, fov)[valid], 0.3,
+                             atol=1e-6)
+  assert np.all(quality.efiqa_map_filter(m, fov)[~valid] == 0)
+  # An isolated bad cell is removed; an isolated good cell inside an 8x8 bad
+  # region is filled and the region survives.
+  m = np.where(valid, 0.1, 0.0)
+  m[8, 8] = 0.9
+  assert quality.efiqa_map_filter(m, fov, sigma=0)[8, 8] == pytest.approx(0.1)
+  m = np.where(valid, 0.1, 0.0)
+  m[4:12, 4:12] = 0.9
+  m[7, 7] = 0.1
+  f = quality.efiqa_map_filter(m, fov, sigma=0)
+  assert f[7, 7] == pytest.approx(0.9) and f[4, 4] == pytest.approx(0.9)
+  assert f[2, 8] == pytest.approx(0.1)
+  # Smoothing spreads, keeps the order, and the raw setting is the identity.
+  g = quality.efiqa_map_filter(m, fov)
+  assert g[7, 7] > g[12, 12] > g[14, 8]
+  np.testing.assert_allclose(quality.efiqa_map_filter(m, fov, size=1,
+                                                      sigma=0)[valid],
+                             m[valid], atol=1e-7)
+  assert np.all(quality.efiqa_map_filter(m, np.zeros_like(fov)) == 0)

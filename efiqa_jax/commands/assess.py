@@ -22,6 +22,10 @@ def add_arguments(p):
                  help="student: calibration JSON (efiqa calibrate)")
   p.add_argument("--encoder-dtype", choices=("float32", "bfloat16"),
                  default=None, help="student: encoder compute dtype")
+  p.add_argument("--map-filter", choices=("efiqa", "none"), default=None,
+                 help="student: 'efiqa' (default) post-processes the map as "
+                 "the paper does (grey opening + closing over 3x3 cells, "
+                 "Gaussian of 1 cell); 'none' keeps sigmoid(logits)")
   p.add_argument("--save-logits", action="store_true",
                  help="student: also write DIR/logits/<id>.npy (gh, gw) raw "
                  "adapter logits")
@@ -50,7 +54,8 @@ def run(args) -> int:
                         model_kwargs={"encoder": args.encoder,
                                       "adapter": args.adapter,
                                       "calibration": args.calibration,
-                                      "dtype": args.encoder_dtype})
+                                      "dtype": args.encoder_dtype,
+                                      "map_filter": args.map_filter})
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa assess: error: {e}", file=sys.stderr)
     return assess.EXIT_USAGE
