@@ -106,6 +106,13 @@ def test_resume_after_kill_bit_exact_8_devices(fdata, tmp_path):
                full.opt_state)
   assert not np.array_equal(full.params["linear"]["kernel"],
                             part.params["linear"]["kernel"])
+  # Re-running a finished run changes nothing and keeps its final loss.
+  again = train.train_and_evaluate(_cfg("configs/adapter.py:tiny", **kw),
+                                   str(tmp_path / "b"))
+  assert again.step == 9 and again.final_loss == resumed.final_loss
+  assert np.isfinite(again.final_loss)
+  meta = checkpoints.read_meta(again.adapter_dir)
+  assert meta["training"]["final_loss"] == resumed.final_loss
   # A different optimisation cannot resume into that workdir.
   with pytest.raises(ValueError, match="optimizer"):
     train.train_and_evaluate(_cfg("configs/adapter.py:tiny",

@@ -85,6 +85,22 @@ def _load_training_data(config):
                    f"{mode!r}")
 
 
+def _logged_loss(metrics_path: str, upto: int) -> float:
+  """The last loss logged at or before step `upto` (a run resumed at its end
+  re-exports the adapter with the loss it finished with, not NaN)."""
+  loss = float("nan")
+  if upto > 0 and os.path.exists(metrics_path):
+    with open(metrics_path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue  # a line cut by a kill
+        if row.get("step", upto + 1) <= upto:
+          loss = float(row["loss"])
+  return loss
+
+
 def train_and_evaluate(config, workdir: str) -> TrainResult:
   """Trains the adapter described by `config` into `workdir` (resumes)."""
   import jax
@@ -265,7 +281,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   Avg = clu_metrics.Average.from_output("loss")
   avg = None
-  last_loss = float("nan")
+  last_loss = _logged_loss(metrics_path, start)
   keys = ["pixels" if encoder is not None else "x", "y", "mask"]
   bar = None
   if config.get("progress", True) and stop > start:
