@@ -69,8 +69,16 @@ def test_experiment_end_to_end_tiny(tmp_path, pretrain):
   # (the random-encoder baseline is the same code path with another
   # encoder directory; left out here to keep the test short)
   enc = "mim" if pretrain else "random"
-  assert names == {"teacher", "teacher pseudo-labels (4x4)",
-                   f"student ({enc} encoder)", f"oracle probe ({enc} encoder)"}
+  assert names == {"teacher", "teacher + EFIQA map filter",
+                   "teacher pseudo-labels (4x4)",
+                   f"student ({enc} encoder)", f"oracle probe ({enc} encoder)",
+                   f"student raw sigmoid ({enc} encoder)",
+                   f"oracle probe raw sigmoid ({enc} encoder)"}
+  # The pseudo-label rule distill used is recorded (this teacher has no
+  # calibration: the reference's) and so is the teacher.
+  assert r["pseudo_label_rule"] == {"threshold": 0.02, "relax": 0.9,
+                                    "grid": 4, "mode": "hard"}
+  assert r["teacher"]["path"] == str(teacher)
   assert r["n_heldout"] == 1 + len(synth.KINDS)
   for v in r["map_auroc"].values():
     for key in ("anatomy", "all"):
