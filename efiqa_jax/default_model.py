@@ -246,22 +246,35 @@ def calibrate_teacher(teacher: str, out: str, *, work_size: int | None = None,
   """`efiqa calibrate-teacher`: measures a trained teacher's map threshold,
   grade cut-offs and pseudo-label rule on synthetic erasures (no quality
   label) and writes the teacher with them in its sidecar to `out`."""
-  import shutil  # pylint: disable=g-import-not-at-top
   from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import quality_model as qm  # pylint: disable=g-import-not-at-top
   model, meta = checkpoints.load_model(teacher)
   if meta.get("architecture") != "unet":
     raise ValueError(f"{teacher} is not a teacher (architecture "
                      f"{meta.get('architecture')!r}, expected 'unet')")
-  meta = {k: v for k, v in meta.items()
-          if k not in ("format", "version", "architecture", "kwargs")}
-  ws = int(work_size or meta.get("work_size", 512))
-  qmod = qm.TeacherQualityModel(model, dict(meta, work_size=ws),
-                                name=os.path.basename(os.path.normpath(teacher)))
-  cal = calibrate(qmod, n=n, label_grid=label_grid, progress=progress)
-  meta = calibrated_meta(meta, cal, ws)
   if os.path.abspath(out) == os.path.abspath(teacher):
     raise ValueError("--out must differ from the teacher directory")
+  ws = int(work_size or meta.get("work_size", 512))
+  return _calibrate_and_write(
+      model, meta, out, work_size=ws,
+      name=os.path.basename(os.path.normpath(teacher)), n=n,
+      label_grid=label_grid, progress=progress)
+
+
+def _calibrate_and_write(model, meta: dict, out: str, *, work_size: int,
+                         name: str, n: int, label_grid: int = LABEL_GRID,
+                         progress: bool = True, extra: dict | None = None
+                         ) -> dict:
+  """Calibrates a loaded teacher and writes it with its calibration (the
+  sidecar and calibration.json) to `out`; returns the sidecar."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import quality_model as qm  # pylint: disable=g-import-not-at-top
+  meta = {k: v for k, v in meta.items()
+          if k not in ("format", "version", "architecture", "kwargs")}
+  qmod = qm.TeacherQualityModel(model, dict(meta, work_size=work_size),
+                                name=name)
+  cal = calibrate(qmod, n=n, label_grid=label_grid, progress=progress)
+  meta = dict(calibrated_meta(meta, cal, work_size), **(extra or {}))
   if os.path.isdir(out):
     shutil.rmtree(out)
   checkpoints.save_model(out, model, meta)
@@ -290,32 +303,20 @@ def build_default_model(config_spec: str, workdir: str, out: str, *,
                         overrides=(), calib_n: int = 96,
                         progress: bool = True) -> dict:
   """Train (or resume), calibrate and write the default model to `out`."""
-  import shutil  # pylint: disable=g-import-not-at-top
   from efiqa_jax import checkpoints, config_util  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import quality_model as qm  # pylint: disable=g-import-not-at-top
   from efiqa_jax.teacher import train  # pylint: disable=g-import-not-at-top
 
   config = config_util.load_config(config_spec, list(overrides))
   res = train.train_and_evaluate(config, workdir)
   export = res.export_dir or os.path.join(workdir, "export")
   model, meta = checkpoints.load_model(export)
-  meta = {k: v for k, v in meta.items()
-          if k not in ("format", "version", "architecture", "kwargs")}
-  work_size = int(config.get("work_size", 512))
-  qmod = qm.TeacherQualityModel(model, dict(meta, work_size=work_size),
-                                name="default")
-  cal = calibrate(qmod, n=calib_n, progress=progress)
-  meta = calibrated_meta(meta, cal, work_size)
-  meta.update(
-      name="efiqa-default-teacher", image_size=int(config.image_size),
-      built_by=("efiqa build-default-model --config " + config_spec +
-                "".join(" " + o for o in overrides)))
-  if os.path.isdir(out):
-    shutil.rmtree(out)
-  checkpoints.save_model(out, model, meta)
-  with open(os.path.join(out, "calibration.json"), "w") as f:
-    json.dump(dataclasses.asdict(cal), f, indent=2)
-  return meta
+  return _calibrate_and_write(
+      model, meta, out, work_size=int(config.get("work_size", 512)),
+      name="default", n=calib_n, progress=progress,
+      extra=dict(name="efiqa-default-teacher",
+                 image_size=int(config.image_size),
+                 built_by=("efiqa build-default-model --config " +
+                           config_spec + "".join(" " + o for o in overrides))))
 
 
 def write_samples(out_dir: str) -> list[str]:
