@@ -11,7 +11,8 @@ the final evaluation and by the clearly separate oracle probe):
      photographs (`efiqa pretrain-encoder`, masked image modelling; no label,
      no mask);
   3. `efiqa distill` (the CLI): the teacher's pseudo-labels (default: the
-     bundled label-free teacher) -> encoder features -> adapter;
+     bundled label-free teacher; `--teacher DIR`, by the teacher's
+     calibrated rule when it has one) -> encoder features -> adapter;
   4. held-out photographs (other seeds): `per_kind` photographs per
      degradation kind (one kind each, random severity) plus `n_clean` clean
      ones; the student's and the teacher's maps against the degradation masks
@@ -20,6 +21,8 @@ the final evaluation and by the clearly separate oracle probe):
      truth = degradation mask (area-resampled into the crop frame) >= 0.5, pixels weighted by their FOV share, scores binned to 1e-4,
      AUROC (`efiqa_jax.metrics.auroc`); per kind, over EFIQA's
      anatomy-hiding kinds (+ clean) and over all kinds (+ clean);
+     the student's map is the one `efiqa assess` writes (EFIQA's map filter);
+     its raw sigmoid and the teacher's map under the same filter are beside;
   5. baselines in the same run: the teacher's own pseudo-labels of the
      held-out photographs (the 0/1 grid the student is trained to predict),
      the same distillation with a randomly initialised encoder, and the oracle probe (the same adapter trained on
