@@ -50,16 +50,20 @@ def fov_at(fov_mask: np.ndarray, shape) -> np.ndarray:
 MAP_FILTERS = ("efiqa", "none")
 
 
-def efiqa_map_filter(qmap: np.ndarray, fov_mask: np.ndarray, *,
-                     size: int = 3, sigma: float = 1.0) -> np.ndarray:
+def efiqa_map_filter(qmap: np.ndarray, fov_mask: np.ndarray | None, *,
+                     size: int = 3, sigma: float = 1.0,
+                     valid: np.ndarray | None = None) -> np.ndarray:
   """EFIQA's map post-processing (paper §1.7: "morphological filtering and
   smoothing") on the patch grid: a grey opening then closing with a
   size x size square (drops isolated bad cells, fills isolated good holes),
   then a Gaussian of `sigma` cells. Cells outside the FOV take the FOV's
-  median first (so the rim is not eroded towards 0) and are 0 afterwards."""
+  median first (so the rim is not eroded towards 0) and are 0 afterwards.
+  `valid` (cells touching the FOV), when the caller has it, replaces
+  fov_mask."""
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
   q = np.asarray(qmap, np.float64)
-  valid = fov_at(fov_mask, q.shape) > 0
+  if valid is None:
+    valid = fov_at(fov_mask, q.shape) > 0
   if not valid.any():
     return np.zeros(q.shape, np.float32)
   x = np.where(valid, q, np.median(q[valid]))

@@ -333,9 +333,10 @@ class StudentQualityModel:
                        ) -> np.ndarray:
     maps = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
     for i in range(maps.shape[0]):
-      maps[i][quality_lib.fov_at(fov[i], maps.shape[1:]) <= 0] = 0.0
+      valid = quality_lib.fov_at(fov[i], maps.shape[1:]) > 0
+      maps[i][~valid] = 0.0
       if self.map_filter == "efiqa":
-        maps[i] = quality_lib.efiqa_map_filter(maps[i], fov[i])
+        maps[i] = quality_lib.efiqa_map_filter(maps[i], None, valid=valid)
     return maps.astype(np.float32)
 
   def predict(self, images: np.ndarray, fov: np.ndarray) -> np.ndarray:
