@@ -444,7 +444,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          f"{int(jax.device_get(state['step']))}")
     logging.info("resumed from %s at step %d", ckpt_dir, start)
   cfg_file = os.path.join(workdir, "config.json")
-  if start and os.path.exists(cfg_file):
+  # Process 0 alone reads and rewrites it: another process reading while it
+  # is rewritten saw an empty file (a 2-process resume died on it in CI).
+  if pi == 0 and start and os.path.exists(cfg_file):
     with open(cfg_file) as f:
       old_cfg = _flat(json.load(f))
     new_cfg = _flat(json.loads(config.to_json_best_effort()))
@@ -455,8 +457,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       "%s in %s (optimizer numbers come from the checkpoint)",
                       cfg_file, diff)
   if pi == 0:
-    with open(cfg_file, "w") as f:
+    with open(cfg_file + ".tmp", "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(cfg_file + ".tmp", cfg_file)  # never seen half-written
 
   # ---- jitted functions
   # Built inside jit: a global replicated key on every process.
