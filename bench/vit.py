@@ -46,6 +46,7 @@ def main():
   import transformers
   from flax import nnx
 
+  from efiqa_jax import checkpoints
   from efiqa_jax.models import vit
   from efiqa_jax.port import vit as port_vit
 
@@ -62,6 +63,9 @@ def main():
   ours_bf = nnx.eval_shape(lambda: vit.VisionTransformer(
       **ours32.cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
   nnx.update(ours_bf, nnx.state(ours32, nnx.Param))
+  # As `efiqa extract/assess` load a frozen encoder (and as the reference
+  # holds its weights): kernels in bfloat16.
+  checkpoints.cast_frozen_kernels(ours_bf)
 
   x = np.random.default_rng(0).normal(
       size=(args.batch, args.size, args.size, 3)).astype(np.float32)

@@ -350,7 +350,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
     size: encoder input side (multiple of the patch size).
     work_size: side of the FOV crop before the encoder resize (crop mode).
     crop: FOV crop (default) or the whole photograph.
-    dtype: compute dtype (float32 | bfloat16); parameters stay float32.
+    dtype: compute dtype (float32 | bfloat16); with bfloat16 the frozen
+      kernels are held in bfloat16 (`checkpoints.cast_frozen_kernels`).
     save_dtype: float32 | float16 on disk.
     batch_size: global batch; rounded up to a multiple of the data shards
       and processes.
@@ -389,7 +390,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
     raise ValueError("no inputs")
   ids = sources.unique_ids(paths)
 
-  model, enc_meta = checkpoints.load_model(encoder, dtype=dtype)
+  model, enc_meta = checkpoints.load_model(encoder, dtype=dtype,
+                                          frozen=True)
   if getattr(model, "ARCH", None) != "vit":
     raise ValueError(f"{encoder} holds a {enc_meta['architecture']!r} model; "
                      "extract needs a ViT encoder (efiqa port dinov3 ...)")

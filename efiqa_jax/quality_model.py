@@ -246,7 +246,8 @@ class StudentQualityModel:
     from efiqa_jax.models import adapters  # pylint: disable=g-import-not-at-top
     if not encoder or not adapter:
       raise ValueError("--model student needs --encoder DIR and --adapter DIR")
-    enc, enc_meta = checkpoints.load_model(encoder, dtype=dtype)
+    enc, enc_meta = checkpoints.load_model(encoder, dtype=dtype,
+                                           frozen=True)
     if getattr(enc, "ARCH", None) != "vit":
       raise ValueError(f"{encoder} is not a ViT encoder")
     ada, ada_meta = checkpoints.load_model(adapter)

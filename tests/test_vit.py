@@ -86,6 +86,43 @@ def test_bfloat16_close_to_float32():
   assert cos.min() > 0.999
 
 
+def test_frozen_bf16_kernels_same_forward():
+  """checkpoints.cast_frozen_kernels stores the kernels as the bf16 forward
+  would round them anyway: the output is unchanged, biases/norms stay
+  float32, and a float32 model is left alone."""
+  from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  m32 = vit.build("tiny")
+  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  fwd = jax.jit(lambda mm, v: mm(v))
+  mbf = vit.VisionTransformer(**vit.vit_config("tiny"), dtype=jnp.bfloat16,
+                              rngs=nnx.Rngs(0))
+  nnx.update(mbf, nnx.state(m32, nnx.Param))
+  before = np.asarray(fwd(mbf, x), np.float32)
+  checkpoints.cast_frozen_kernels(mbf)
+  flat = dict(nnx.to_flat_state(nnx.state(mbf, nnx.Param)))
+  kernels = {k for k in flat if k[-1] == "kernel"}
+  assert kernels and all(flat[k][...].dtype == jnp.bfloat16 for k in kernels)
+  assert all(v[...].dtype == jnp.float32 for k, v in flat.items()
+             if k not in kernels)
+  np.testing.assert_array_equal(np.asarray(fwd(mbf, x), np.float32), before)
+  checkpoints.cast_frozen_kernels(m32)
+  assert all(v[...].dtype == jnp.float32 for _, v in
+             nnx.to_flat_state(nnx.state(m32, nnx.Param)))
+
+
+def test_bf16_linear_rounds_once():
+  """x.W + b in float32, one rounding to bf16 at the end. Rounding the dot
+  first (4112 is a bf16 tie -> 4096) and then adding the bias would give
+  4096 + 15 -> 4096; one rounding of 4127 gives 4128."""
+  lin = vit.Linear(4112, 1, use_bias=True, dtype=jnp.bfloat16,
+                   param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  lin.kernel.value = jnp.ones((4112, 1), jnp.float32)
+  lin.bias.value = jnp.full((1,), 15.0, jnp.float32)
+  y = jax.jit(lambda m, v: m(v))(lin, jnp.ones((1, 4112), jnp.bfloat16))
+  assert y.dtype == jnp.bfloat16
+  assert float(y[0, 0]) == 4128.0
+
+
 def test_presets_shapes():
   expect = {  # name: (params in millions, rough), token count at 224
       "dinov3_vitl16": (303, 1 + 4 + 196),

@@ -73,7 +73,8 @@ def _load_training_data(config):
       raise ValueError(f"no photograph in {config.images} has a label in "
                        f"{config.labels_dir}")
     enc, enc_meta = checkpoints.load_model(config.encoder,
-                                           dtype=config.encoder_dtype)
+                                           dtype=config.encoder_dtype,
+                                           frozen=True)
     if getattr(enc, "ARCH", None) != "vit":
       raise ValueError(f"{config.encoder} is not a ViT encoder")
     p = enc.cfg["patch_size"]
