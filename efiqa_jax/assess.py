@@ -249,7 +249,7 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
     maps = quality_model.maps_from_logits(logits, batch["fov_mask"])
   elif ok.any():
     maps = quality_model.predict(batch["image"], batch["fov_mask"])
-  rows, writes = [], []
+  rows, writes, outputs = [], [], []
   for k in np.flatnonzero(valid):
     i = todo[int(batch["index"][k])]
     status, message = str(batch["status"][k]), str(batch["message"][k])
@@ -284,22 +284,33 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
         "crop_x0": x0, "crop_y0": y0, "crop_size": side,
         "model": quality_model.name, "version": __version__,
     })
+    outputs.append((k, ids[i], qmap))
+  ovs = None
+  if overlays and outputs:
+    # One jitted call renders the batch's overlays next to the maps (the
+    # host threads only encode PNGs); `report.overlay` is the per-image
+    # numpy form of the same picture.
+    qmaps = np.zeros((len(valid),) + outputs[0][2].shape, np.float32)
+    for k, _, qmap in outputs:
+      qmaps[k] = qmap
+    ovs = np.asarray(report_lib.overlay_batch(
+        batch["image"], qmaps, np.asarray(batch["fov_mask"], bool)))
+  for k, id_, qmap in outputs:
     writes.append(pool.submit(
-        _write_outputs, out_dir, ids[i], qmap, np.asarray(batch["image"][k]),
-        fov_mask, overlays,
+        _write_outputs, out_dir, id_, qmap,
+        None if ovs is None else ovs[k],
         None if logits is None else np.asarray(logits[k], np.float32)))
   return rows, writes
 
 
-def _write_outputs(out_dir, id_, qmap, image, fov_mask, overlays,
-                   logits=None):
+def _write_outputs(out_dir, id_, qmap, overlay=None, logits=None):
   if logits is not None:
     lp = os.path.join(out_dir, "logits", id_ + ".npy")
     np.save(lp + ".tmp.npy", logits)
     os.replace(lp + ".tmp.npy", lp)
-  if overlays:
-    ov = report_lib.overlay(image, qmap, fov_mask)
-    report_lib.write_png(os.path.join(out_dir, "overlays", id_ + ".png"), ov)
+  if overlay is not None:
+    report_lib.write_png(os.path.join(out_dir, "overlays", id_ + ".png"),
+                         overlay)
   # The map goes last: its presence marks the image as finished.
   path = os.path.join(out_dir, "maps", id_ + ".npy")
   tmp = path + ".tmp.npy"

@@ -60,6 +60,49 @@ def test_overlay_keeps_clean_regions_and_marks_degraded_ones():
   assert np.abs(out[5:20, 10:50].astype(int) - 100).mean() > 30
 
 
+def test_overlay_batch_matches_overlay():
+  """The jitted batch overlay `efiqa assess` writes is report.overlay's
+  picture: Pillow's bilinear map upsampling (8x and a non-integer ratio),
+  ramp, opacity and FOV rim; a channel may differ by 1 on a .5 rounding."""
+  rng = np.random.default_rng(3)
+  for (h, w), (mh, mw) in (((64, 64), (8, 8)), ((50, 70), (6, 9))):
+    img = rng.integers(0, 256, size=(3, h, w, 3), dtype=np.uint8)
+    q = rng.random((3, mh, mw)).astype(np.float32) * 1.2 - 0.1  # clipped
+    q[0] = 0.0
+    q[1, :2] = 1.0
+    yy, xx = np.mgrid[:h, :w]
+    fov = np.stack([(yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (h / 2.2) ** 2,
+                    np.ones((h, w), bool), np.zeros((h, w), bool)])
+    got = np.asarray(report.overlay_batch(img, q, fov))
+    assert got.shape == img.shape and got.dtype == np.uint8
+    want = np.stack([report.overlay(img[k], q[k], fov[k]) for k in range(3)])
+    d = np.abs(got.astype(int) - want)
+    assert d.max() <= 1 and (d > 0).mean() < 1e-3
+    np.testing.assert_array_equal(got[0][~fov[0]], img[0][~fov[0]])
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (37, 53, 1), (20, 31, 2),
+                                   (64, 48, 3), (9, 7, 4), (1, 1, 3)])
+def test_png_round_trip(tmp_path, shape):
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  a = rng.integers(0, 256, size=shape, dtype=np.uint8)
+  a[: shape[0] // 2] = 7  # runs and wrap-around differences in one image
+  got = np.asarray(Image.open(io.BytesIO(report.encode_png(a))))
+  np.testing.assert_array_equal(got, a.reshape(got.shape))
+  p = str(tmp_path / "x.png")
+  report.write_png(p, a)
+  np.testing.assert_array_equal(np.asarray(Image.open(p)), a.reshape(got.shape))
+  assert not list(tmp_path.glob("*.tmp*"))
+  # Anything else goes through Pillow (16-bit grey here).
+  b = rng.integers(0, 65536, size=(5, 6), dtype=np.uint16)
+  report.write_png(p, b)
+  np.testing.assert_array_equal(np.asarray(Image.open(p)), b)
+  with pytest.raises(ValueError):
+    report.encode_png(np.zeros((4, 4, 5), np.uint8))
+
+
 def test_efiqa_map_filter():
   from efiqa_jax import quality
   fov = np.zeros((160, 160), bool)
