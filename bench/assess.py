@@ -317,7 +317,9 @@ def main(argv=None) -> int:
   ap.add_argument("--synthetic-side", type=int, default=1600,
                   help="FOV diameter of the synthetic JPEGs (px)")
   ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--threads", type=int, default=4)
+  ap.add_argument("--threads", type=int, default=None,
+                  help="ours: decode threads (default: assess's, "
+                  "min(4, CPU cores))")
   ap.add_argument("--workers", type=int, default=0)
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--torch-threads", type=int, default=0,
@@ -326,6 +328,8 @@ def main(argv=None) -> int:
   ap.add_argument("--quick", action="store_true",
                   help="2 real + 2 synthetic (800 px), batch 2, 1 round")
   args = ap.parse_args(argv)
+  if args.threads is None:  # assess's own default
+    args.threads = min(4, os.cpu_count() or 1)
   if args.quick:
     args.real, args.synthetic, args.synthetic_side = 2, 2, 800
     args.batch, args.rounds = 2, 1

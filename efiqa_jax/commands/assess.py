@@ -30,8 +30,9 @@ def add_arguments(p):
                  help="student: also write DIR/logits/<id>.npy (gh, gw) raw "
                  "adapter logits")
   p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--threads", type=int, default=4,
-                 help="decode/FOV threads (per worker process)")
+  p.add_argument("--threads", type=int, default=None,
+                 help="decode/FOV threads (per worker process); default "
+                 "min(4, CPU cores)")
   p.add_argument("--workers", "--num-workers", dest="workers", type=int,
                  default=0,
                  help="decode/FOV worker processes (grain multiprocessing; "
