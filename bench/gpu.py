@@ -152,6 +152,7 @@ def bench_vit(args, tdev, extra):
   import transformers
   from flax import nnx
 
+  from efiqa_jax import checkpoints
   from efiqa_jax.models import vit
   from efiqa_jax.port import vit as port_vit
 
@@ -180,6 +181,8 @@ def bench_vit(args, tdev, extra):
       model = nnx.eval_shape(lambda: vit.VisionTransformer(
           **ours32.cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
       nnx.update(model, nnx.state(ours32, nnx.Param))
+      # As `efiqa extract/assess` load a frozen encoder: bf16 kernels.
+      checkpoints.cast_frozen_kernels(model)
       auto = torch.autocast(tdev, dtype=torch.bfloat16)
     else:
       model, auto = ours32, torch.autocast(tdev, enabled=False)
