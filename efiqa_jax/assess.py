@@ -108,10 +108,11 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
   """Assesses photographs; see the module docstring for the contract.
 
   model_kwargs go to `quality_model.load_quality_model` (for the student:
-  encoder=, adapter=, calibration=). num_threads (decode/FOV threads, also
-  the writer pool): default min(4, CPU cores); more threads than cores only
-  take the cores the jitted maps run on (2 cores: 4 threads gave 14-15
-  img/s on camera-size JPEGs, 2 threads 17)."""
+  encoder=, adapter=, calibration=). num_threads (decode/FOV threads):
+  default min(4, CPU cores); more threads than cores only take the cores the
+  jitted maps run on (2 cores: 4 threads gave 14-15 img/s on camera-size
+  JPEGs, 2 threads 17). The writer pool has max(num_threads, min(8, cores))
+  threads."""
   import jax  # pylint: disable=g-import-not-at-top
   from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
 
@@ -155,8 +156,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
         read_threads=num_threads)
     # Writers (PNG encoding releases the GIL) get their own thread count:
     # with decode worker processes num_threads is per worker (often 1), and
-    # one writer thread capped a 16-core GPU host at ~63 img/s with overlays
-    # (145 without).
+    # one writer thread capped a 16-core GPU host at ~64 img/s with overlays
+    # (151 without).
     writers = max(1, num_threads, min(8, os.cpu_count() or 1))
     with open(prog_path, "a") as prog, concurrent.futures.ThreadPoolExecutor(
         writers) as pool:

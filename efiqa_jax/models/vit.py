@@ -228,10 +228,10 @@ class Linear(nnx.Linear):
   accumulate and add the bias in float32 and round once at the end.
 
   Besides the numerics, this is what selects the fast kernels: on XLA:CPU a
-  bf16 x bf16 -> float32 dot runs on the AMX/oneDNN path (~1.5 TFLOP/s on 2
-  Sapphire Rapids cores at ViT-L shapes) while bf16 -> bf16 falls back to a
-  generic loop (~0.27 TFLOP/s, slower than float32); GPUs and TPUs accumulate
-  in float32 either way."""
+  bf16 x bf16 -> float32 dot runs on its AMX path (YNNPACK, 0.9-1.5 TFLOP/s
+  on 2 Sapphire Rapids cores at ViT-L shapes) while bf16 -> bf16 does not
+  (~0.27 TFLOP/s, slower than float32); GPUs and TPUs accumulate in float32
+  either way."""
 
   def __init__(self, *args, dtype=None, **kwargs):
     if _low_precision(dtype):
@@ -309,8 +309,8 @@ class Attention(nnx.Module):
     if jax.default_backend() == "cpu" and jnp.dtype(v.dtype).itemsize == 4:
       # XLA:CPU float32: heads made leading first, then plain batched
       # matmuls. The einsum form below lowers to one fused library call that
-      # ran the two (h, n, n) products at ~25 GFLOP/s (3x slower at ViT-L,
-      # ~30 % of the whole forward); bf16 is fastest in the einsum form.
+      # ran the two (h, n, n) products at ~25 GFLOP/s (3x slower; ~30 % of a
+      # ViT-L forward at batch 8); bf16 is fastest in the einsum form.
       qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
       logits = jnp.matmul(qh, kh.swapaxes(-1, -2),
                           preferred_element_type=jnp.float32) * scale
