@@ -332,8 +332,9 @@ def main(argv=None) -> int:
   ap.add_argument("--quick", action="store_true",
                   help="2 real + 2 synthetic (800 px), batch 2, 1 round")
   args = ap.parse_args(argv)
-  if args.threads is None:  # assess's own default
-    args.threads = min(4, os.cpu_count() or 1)
+  if args.threads is None:
+    from efiqa_jax import assess as assess_lib  # pylint: disable=g-import-not-at-top
+    args.threads = assess_lib.default_num_threads()
   if args.quick:
     args.real, args.synthetic, args.synthetic_side = 2, 2, 800
     args.batch, args.rounds = 2, 1

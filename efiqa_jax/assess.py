@@ -98,6 +98,11 @@ def _failure_row(path, id_, status, message, model_name):
   return row
 
 
+def default_num_threads() -> int:
+  """Decode/FOV threads when none are given: min(4, CPU cores)."""
+  return min(4, os.cpu_count() or 1)
+
+
 def assess(inputs: Sequence[str] | str, out_dir: str, *,
            model: str = "default", batch_size: int = 8,
            num_threads: int | None = None, num_workers: int = 0,
@@ -117,7 +122,7 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
   from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
 
   if num_threads is None:
-    num_threads = min(4, os.cpu_count() or 1)
+    num_threads = default_num_threads()
   if isinstance(inputs, str):
     inputs = [inputs]
   paths = sources.list_inputs(list(inputs))

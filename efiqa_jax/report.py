@@ -125,9 +125,12 @@ def overlay_batch(images: np.ndarray, qmaps: np.ndarray,
   _, mh, mw = qmaps.shape
   key = (float(alpha_max), h, w, mh, mw)
   if key not in _OVERLAY_FNS:
-    _OVERLAY_FNS[key] = (_overlay_fn(float(alpha_max)),
-                         _pil_bilinear_weights(mh, h).astype(np.float32),
-                         _pil_bilinear_weights(mw, w).astype(np.float32))
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    # The resampling weights go to the device once, not with every batch.
+    _OVERLAY_FNS[key] = (
+        _overlay_fn(float(alpha_max)),
+        jnp.asarray(_pil_bilinear_weights(mh, h), jnp.float32),
+        jnp.asarray(_pil_bilinear_weights(mw, w), jnp.float32))
   fn, wy, wx = _OVERLAY_FNS[key]
   return fn(images, qmaps, fov_masks, wy, wx)
 

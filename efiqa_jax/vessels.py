@@ -162,10 +162,11 @@ def _materialize(x: jax.Array) -> jax.Array:
   stencil that reads it. For the multi-scale ridge response (hundreds of
   ops per pixel) that meant evaluating it ~3 times per pixel in the final
   smoothing blur and again in the half-resolution upsampling (vessel map
-  alone: 38 -> 25 ms per image at batch 8; default-model maps 38.8 -> 33.6). A conditional is a fusion boundary that XLA
-  keeps (an optimization_barrier is removed before fusion on CPU); both
-  branches return x bit for bit (-(-x) == x, NaN included), so the
-  predicate only has to be data-dependent."""
+  alone: 38 -> 25 ms per image at batch 8; default-model maps 38.8 -> 33.6).
+  A conditional is a fusion boundary that XLA keeps (an
+  optimization_barrier is removed before fusion on CPU); both branches
+  return x bit for bit (-(-x) == x, NaN included), so the predicate only has
+  to be data-dependent."""
   if jax.default_backend() != "cpu":
     return x
   first = x.reshape(-1)[0]
