@@ -152,7 +152,6 @@ def bench_vit(args, tdev, extra):
   import transformers
   from flax import nnx
 
-  from efiqa_jax import checkpoints
   from efiqa_jax.models import vit
   from efiqa_jax.port import vit as port_vit
 
@@ -177,15 +176,13 @@ def bench_vit(args, tdev, extra):
       ("vit_l16_fp32_224", "fp32", args.vit_size, args.vit_batch),
       ("vit_l16_bf16_224", "bf16", args.vit_size, args.vit_batch),
       ("vit_l16_bf16_1024", "bf16", args.vit_big_size, args.vit_big_batch)):
+    # As `efiqa extract/assess` run a frozen encoder (vit.inference_copy).
     if dtype == "bf16":
-      model = nnx.eval_shape(lambda: vit.VisionTransformer(
-          **ours32.cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-      nnx.update(model, nnx.state(ours32, nnx.Param))
-      # As `efiqa extract/assess` load a frozen encoder: bf16 kernels.
-      checkpoints.cast_frozen_kernels(model)
+      model = vit.inference_copy(ours32, jnp.bfloat16)
       auto = torch.autocast(tdev, dtype=torch.bfloat16)
     else:
-      model, auto = ours32, torch.autocast(tdev, enabled=False)
+      model = vit.inference_copy(ours32)
+      auto = torch.autocast(tdev, enabled=False)
     x_np = np.random.default_rng(0).normal(
         size=(batch, size, size, 3)).astype(np.float32)
     xj = jnp.asarray(x_np)

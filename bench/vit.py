@@ -44,9 +44,7 @@ def main():
   import numpy as np
   import torch
   import transformers
-  from flax import nnx
 
-  from efiqa_jax import checkpoints
   from efiqa_jax.models import vit
   from efiqa_jax.port import vit as port_vit
 
@@ -60,12 +58,11 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     ref.save_pretrained(tmp)
     ours32, _ = port_vit.convert("dinov3", tmp)
-  ours_bf = nnx.eval_shape(lambda: vit.VisionTransformer(
-      **ours32.cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-  nnx.update(ours_bf, nnx.state(ours32, nnx.Param))
-  # As `efiqa extract/assess` load a frozen encoder (and as the reference
-  # holds its weights): kernels in bfloat16.
-  checkpoints.cast_frozen_kernels(ours_bf)
+  # Both run as `efiqa extract/assess` run a frozen encoder: bf16 kernels
+  # held in bf16 (as the reference holds its weights), q/k/v fused, kernels
+  # (out, in) (`vit.inference_copy`; the same outputs as the ported tree).
+  ours_bf = vit.inference_copy(ours32, jnp.bfloat16)
+  ours32 = vit.inference_copy(ours32)
 
   x = np.random.default_rng(0).normal(
       size=(args.batch, args.size, args.size, 3)).astype(np.float32)

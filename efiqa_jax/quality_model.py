@@ -250,6 +250,7 @@ class StudentQualityModel:
                                            frozen=True)
     if getattr(enc, "ARCH", None) != "vit":
       raise ValueError(f"{encoder} is not a ViT encoder")
+    enc.to_inference_form()  # replicated and only run: fused q/k/v
     ada, ada_meta = checkpoints.load_model(adapter)
     if not adapters.is_adapter_architecture(ada_meta["architecture"]):
       raise ValueError(f"{adapter} holds a {ada_meta['architecture']!r} "

@@ -16,6 +16,7 @@ from efiqa_jax import checkpoints
 from efiqa_jax import config_util
 from efiqa_jax import metrics
 from efiqa_jax.models import adapters
+from efiqa_jax.models import vit
 from efiqa_jax.student import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,12 +163,18 @@ def test_end_to_end_encoder_frozen(tmp_path, dtype, mesh2d):
   assert all(a.dtype == np.float32 for a in jax.tree.leaves(res.params))
   before, _ = checkpoints.load_model(enc)
   want = nnx.to_pure_dict(nnx.state(before, nnx.Param))
-  # Frozen: the encoder leaves training as loaded, i.e. the stored weights
-  # with bfloat16 compute holding its kernels in bfloat16
+  # Frozen: the encoder leaves training as it was placed, i.e. the stored
+  # weights with bfloat16 compute holding its kernels in bfloat16
   # (checkpoints.cast_frozen_kernels); everything else bit for bit.
+  # Replicated, it runs in its inference form (vit.inference_copy: q/k/v
+  # fused, kernels (out, in)); sharded by rules, in the checkpoint's tree,
+  # which the rules name.
+  placed = (before if mesh2d else vit.inference_copy(before, dtype))
   flat_got = dict(nnx.traversals.flatten_mapping(res.encoder_state))
-  flat_want = dict(nnx.traversals.flatten_mapping(want))
+  flat_want = dict(nnx.traversals.flatten_mapping(
+      nnx.to_pure_dict(nnx.state(placed, nnx.Param))))
   assert flat_got.keys() == flat_want.keys()
+  assert any("qkv" in k for k in flat_got) != mesh2d
   for k, w in flat_want.items():
     if k[-1] == "kernel":
       w = np.asarray(jnp.asarray(w).astype(dtype))

@@ -201,7 +201,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     # Replicated, or sharded over the mesh by regex rules (large encoders),
     # exactly as `efiqa extract` places them.
     from efiqa_jax import features as feats_lib
-    enc_graphdef, enc_state = feats_lib.shard_model(
+    enc_graphdef, enc_state = feats_lib.place_frozen_encoder(
         encoder, mesh, feats_lib.parse_param_rules(
             list(config.get("param_sharding", ()))))
   else:
