@@ -400,10 +400,19 @@ class Mlp(nnx.Module):
 
   def __call__(self, x):
     # GELU on fc1's float32 accumulator, rounded once for fc2: more exact
-    # than GELU of the bf16-rounded value, and on XLA:CPU cheaper (the
-    # 402 x 4096 GELU at ViT-L/224 batch 2: 1.25 ms vs 1.8 ms per block).
-    h = jax.nn.gelu(self.fc1.accumulate(x), approximate=False)
+    # than GELU of the bf16-rounded value, and on XLA:CPU cheaper (it fuses
+    # into the rounding; ViT-L/224 batch 2: 0.7 ms per block).
+    h = _gelu(self.fc1.accumulate(x))
     return self.fc2(h.astype(self.fc1.dtype or h.dtype))
+
+
+def _gelu(x):
+  """Exact (erf) GELU in the form torch computes it, x/2 (1 + erf(x/sqrt2)).
+
+  jax.nn.gelu(approximate=False) goes through erfc, which XLA:CPU expands
+  with an exp: 1.0 vs 0.5 ms for ViT-L's 402 x 4096 float32 activations.
+  Against float64, max error 1.1e-6 here, 1.2e-6 torch's, 3.8e-7 erfc's."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1.0 / math.sqrt(2.0))))
 
 
 class SwiGLU(nnx.Module):
