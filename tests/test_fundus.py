@@ -426,18 +426,22 @@ def test_non_fundus_photographs_are_flagged():
     assert res.fov.fundus_likeness < 0.5, (name, res.fov.fundus_likeness)
 
 
-def test_fast_jpeg_decode_reports_file_coordinates():
-  img = synth_fundus(1200, 1600, 790.3, 605.7, 660.0, seed=5)
+@pytest.mark.parametrize("h,w", [(1200, 1600), (1201, 1603)])
+def test_fast_jpeg_decode_reports_file_coordinates(h, w):
+  """Also with sides not divisible by the scale (1201 x 1603 decodes at
+  1/4 to 301 x 401; asking Pillow for the rounded-up size had silently
+  disabled the reduction for any odd side)."""
+  img = synth_fundus(h, w, 790.3, 605.7, 660.0, seed=5)
   data = encode(img, "JPEG", quality=90)
   fast = fundus.prepare_fundus(data, 128)
   full = fundus.prepare_fundus(data, 128, fast_decode=False)
   assert fast.meta["scale"] == 4 and full.meta["scale"] == 1
   for res in (fast, full):
-    assert res.circular and (res.orig_h, res.orig_w) == (1200, 1600)
+    assert res.circular and (res.orig_h, res.orig_w) == (h, w)
     assert abs(res.fov.cx - 790.3) < 1 and abs(res.fov.cy - 605.7) < 1
     assert abs(res.fov.r - 660.0) < 1
-    truth = np.hypot(*np.meshgrid(np.arange(1600) - 790.3,
-                                  np.arange(1200) - 605.7)) <= 660.0
+    truth = np.hypot(*np.meshgrid(np.arange(w) - 790.3,
+                                  np.arange(h) - 605.7)) <= 660.0
     # A 128-px mask drawn on 1320 px: its 10-px steps limit the match.
     assert iou(fundus.map_to_original(res.fov_mask, res), truth) > 0.99
   assert abs(fast.crop_x0 - full.crop_x0) <= 4

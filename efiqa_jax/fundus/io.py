@@ -184,7 +184,10 @@ def _decode_pil(data: bytes, meta: dict[str, Any], max_pixels: int | None,
       scale = next((s for s in (8, 4, 2) if min(w, h) // s >= draft_min_side),
                    1)
       if scale > 1:
-        im.draft(im.mode, (-(-w // scale), -(-h // scale)))
+        # Pillow picks min(w // req_w, h // req_h): asking for the rounded-up
+        # size would give 2133 // 1067 = 1, i.e. no reduction for any odd
+        # side. libjpeg then returns the rounded-up size itself.
+        im.draft(im.mode, (w // scale, h // scale))
         scale = int(round(w / im.size[0]))
     im.load()  # decodes; raises on truncated or corrupt data
     orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
