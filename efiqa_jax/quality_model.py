@@ -169,10 +169,16 @@ def pool_anomaly(anomaly, fov_t, *, threshold, map_size=MAP_SIZE):
 def _teacher_maps(graphdef, state, images, fov, *, threshold, teacher_size,
                   map_size):
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   teacher = nnx.merge(graphdef, state)
-  anomaly, fov_t = teacher_anomaly(teacher, images, fov,
-                                   teacher_size=teacher_size)
-  return pool_anomaly(anomaly, fov_t, threshold=threshold, map_size=map_size)
+
+  def maps(images, fov):
+    anomaly, fov_t = teacher_anomaly(teacher, images, fov,
+                                     teacher_size=teacher_size)
+    return pool_anomaly(anomaly, fov_t, threshold=threshold,
+                        map_size=map_size)
+
+  return xla_cpu.map_examples(maps, images, fov)
 
 
 class StudentQualityModel:

@@ -489,7 +489,8 @@ def _response(images: jax.Array, fov_masks: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _response_jit(images, fov_masks, *, config):
-  return _response(images, fov_masks, config)[0]
+  return xla_cpu.map_examples(lambda i, f: _response(i, f, config)[0],
+                              images, fov_masks)
 
 
 def _probability(images: jax.Array, fov_masks: jax.Array,
@@ -503,17 +504,25 @@ def _probability(images: jax.Array, fov_masks: jax.Array,
   return (p * m).astype(jnp.float32)
 
 
-_probability_jit = jax.jit(_probability, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config",))
+def _probability_jit(images, fov_masks, *, config):
+  # One photograph at a time on CPU (`xla_cpu.map_examples`).
+  return xla_cpu.map_examples(lambda i, f: _probability(i, f, config),
+                              images, fov_masks)
 
 
-@functools.partial(jax.jit, static_argnames=("size", "config"))
-def _teacher_jit(images, fov_masks, *, size, config):
+def _for_teacher(images, fov_masks, size, config):
   p = _probability(images, fov_masks, config)
-  b = p.shape[0]
   pr = _resize(p, size, size)
   mr = _resize(fov_masks.astype(jnp.float32), size, size) > 0.5
   pr = jnp.clip(pr, 0.0, 1.0) * mr
   return jnp.repeat(pr[..., None], 3, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("size", "config"))
+def _teacher_jit(images, fov_masks, *, size, config):
+  return xla_cpu.map_examples(
+      lambda i, f: _for_teacher(i, f, size, config), images, fov_masks)
 
 
 # The public functions below are thin wrappers that always pass `config` by
