@@ -164,12 +164,6 @@ def _conv1d_valid(xp: jax.Array, k: np.ndarray, axis: int) -> jax.Array:
   return out
 
 
-# Stored once at the points below (the ridge response ~3x per pixel in the
-# final blur, and again in the half-res upsampling: vessel map alone 38 -> 25
-# ms per image at batch 8).
-_materialize = xla_cpu.materialize
-
-
 def _blur(x: jax.Array, sigma: float) -> jax.Array:
   g, _, _ = _gauss_kernels(sigma)
   return _separable(x, g, g)
@@ -183,11 +177,12 @@ def _separable(x: jax.Array, k_rows: np.ndarray,
   replicated column filtered down the rows is the replicated filtered
   column), so padding x once on both axes gives the same values and sums
   without a padded copy of the intermediate. The intermediate is stored
-  once (`_materialize`); XLA:CPU would otherwise recompute it in every tap
-  of the second pass."""
+  once (`xla_cpu.materialize`); XLA:CPU would otherwise recompute it in
+  every tap of the second pass."""
   hr, hc = (k_rows.shape[0] - 1) // 2, (k_cols.shape[0] - 1) // 2
   xp = jnp.pad(x, ((0, 0), (hr, hr), (hc, hc)), mode="edge")
-  return _conv1d_valid(_materialize(_conv1d_valid(xp, k_rows, 1)), k_cols, 2)
+  mid = xla_cpu.materialize(_conv1d_valid(xp, k_rows, 1))
+  return _conv1d_valid(mid, k_cols, 2)
 
 
 def _resize(x: jax.Array, h: int, w: int) -> jax.Array:
@@ -351,13 +346,14 @@ def _ridge(c: jax.Array, sigma: float, cfg: VesselConfig,
   # maps 28 -> 23 ms per image at batch 8, bit for bit).
   half = (g.shape[0] - 1) // 2
   cp = jnp.pad(c, ((0, 0), (half, half), (half, half)), mode="edge")
-  cr = _materialize(_conv1d_valid(cp, g, 1))  # rows smoothed, W halo kept
-  cc = _materialize(_conv1d_valid(cp, g, 2))
+  keep = xla_cpu.materialize
+  cr = keep(_conv1d_valid(cp, g, 1))  # rows smoothed, W halo kept
+  cc = keep(_conv1d_valid(cp, g, 2))
   dxx = _conv1d_valid(cr, g2, 2)
   dx = _conv1d_valid(cr, g1, 2)
   dyy = _conv1d_valid(cc, g2, 1)
   dy = _conv1d_valid(cc, g1, 1)
-  dxy = _conv1d_valid(_materialize(_conv1d_valid(cp, g1, 1)), g1, 2)
+  dxy = _conv1d_valid(keep(_conv1d_valid(cp, g1, 1)), g1, 2)
   # Eigenvalues of -H: across a bright ridge one is large and positive.
   half_tr = -0.5 * (dxx + dyy)
   disc = jnp.sqrt(0.25 * (dxx - dyy) ** 2 + dxy**2)
@@ -479,11 +475,15 @@ def _response(images: jax.Array, fov_masks: jax.Array,
         jnp.maximum,
         [_ridge(c2, s * scale / 2, cfg, rim2, noise2)
          for s in cfg.half_res_sigmas])
-    resp = jnp.maximum(resp, _resize(_materialize(resp2), h, w))
+    # Stored once (`xla_cpu.materialize`): XLA:CPU had fused the ridge
+    # response into every tap of this upsampling and of the final blur,
+    # evaluating it ~3 times per pixel (vessel map alone 38 -> 25 ms per
+    # image at batch 8).
+    resp = jnp.maximum(resp, _resize(xla_cpu.materialize(resp2), h, w))
   if cfg.smooth_sigma > 0:
     # Ridge responses peak on the centre line; a light blur spreads them over
     # the vessel width (DRIVE AUROC +0.006) and removes single-pixel specks.
-    resp = _blur(_materialize(resp), cfg.smooth_sigma * scale)
+    resp = _blur(xla_cpu.materialize(resp), cfg.smooth_sigma * scale)
   return resp * m, m
 
 

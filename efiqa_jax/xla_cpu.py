@@ -1,4 +1,5 @@
-"""Helpers for XLA:CPU's fusion decisions (no-ops on other backends)."""
+"""Helpers around XLA:CPU's fusion and temporary-buffer behaviour (no-ops on
+other backends)."""
 from __future__ import annotations
 
 import jax

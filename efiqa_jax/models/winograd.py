@@ -8,9 +8,10 @@ large GEMMs that XLA:CPU runs near peak), and brought back (A^T M A) to an
 m x m output block. Multiplies per output: 9 (direct) -> 4 (m = 2) or
 2.25 (m = 4).
 
-The transforms are written as sums of strided slices with the constant
-coefficients folded in (no multiply for 0 or +-1), so each transform is one
-elementwise XLA fusion, separable: rows first, then columns.
+The input and output transforms are written as sums of strided slices with
+the constant coefficients folded in (no multiply for 0 or +-1), so each is
+one elementwise XLA fusion, separable: rows first, then columns. The kernel
+transform (and its adjoint) is one small constant matmul over the 9 taps.
 
 Float32 error: m = 2 uses coefficients 0, +-1, +-1/2 and is nearly as exact as
 direct summation; m = 4 has coefficients up to 8 and 1/24 and loses about one
