@@ -135,23 +135,15 @@ def _gauss_kernels(sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return (g.astype(np.float32), g1.astype(np.float32), g2.astype(np.float32))
 
 
-def _conv1d(x: jax.Array, k: np.ndarray, axis: int) -> jax.Array:
-  """Convolves (B,H,W) with a short 1-D kernel along axis 1 (rows) or 2 (cols).
+def _conv1d_valid(xp: jax.Array, k: np.ndarray, axis: int) -> jax.Array:
+  """Convolves (B,H,W) with a short 1-D kernel along axis 1 (rows) or 2
+  (cols), "valid" on an already padded array: the output is 2 * half
+  shorter along `axis`. The callers pad by edge replication, so the image
+  border does not read as an edge (`_separable`, `_ridge`).
 
   Written as a sum of shifted slices: XLA fuses it into one elementwise loop,
   which on CPU is ~15x faster than a single-channel lax.conv for these short
-  (<= 15 tap) kernels. Edge-replicate padding keeps the image border from
-  reading as an edge.
-  """
-  half = (k.shape[0] - 1) // 2
-  pad = [(0, 0), (0, 0), (0, 0)]
-  pad[axis] = (half, half)
-  return _conv1d_valid(jnp.pad(x, pad, mode="edge"), k, axis)
-
-
-def _conv1d_valid(xp: jax.Array, k: np.ndarray, axis: int) -> jax.Array:
-  """_conv1d on an already padded array: the output is 2 * half shorter
-  along `axis` (the same taps, in the same order)."""
+  (<= 15 tap) kernels."""
   half = (k.shape[0] - 1) // 2
   n = xp.shape[axis] - 2 * half
   kr = k[::-1]  # convolution, not correlation (matters for odd derivatives)
@@ -171,7 +163,8 @@ def _blur(x: jax.Array, sigma: float) -> jax.Array:
 
 def _separable(x: jax.Array, k_rows: np.ndarray,
                k_cols: np.ndarray) -> jax.Array:
-  """_conv1d(_conv1d(x, k_rows, 1), k_cols, 2), with one edge padding.
+  """x filtered down the rows by k_rows, then along the columns by k_cols,
+  each pass with edge-replicate padding, computed with one edge padding.
 
   Edge padding along one axis commutes with filtering along the other (a
   replicated column filtered down the rows is the replicated filtered
