@@ -19,13 +19,29 @@ def _shared_fundus_dir():
   return cand if cand.is_dir() else None
 
 
+def shared_data(name: str) -> pathlib.Path:
+  """../shared/data/NAME: skips when absent locally, fails under CI=true."""
+  d = REPO.parent / "shared" / "data" / name
+  if not d.is_dir():
+    if os.environ.get("CI", "").lower() == "true":
+      pytest.fail(f"../shared/data/{name} is absent (required under CI)")
+    pytest.skip(f"../shared/data/{name} is absent")
+  return d
+
+
 @pytest.fixture(scope="session")
 def fundus_dir():
   """The real photographs in ../shared/data/fundus (read there, never copied)."""
   d = _shared_fundus_dir()
   if d is None:
-    pytest.skip("../shared/data/fundus is absent")
+    return shared_data("fundus")
   return d
+
+
+@pytest.fixture(scope="session")
+def fundus_train_dir():
+  """../shared/data/fundus_train: training photographs with FOV masks."""
+  return shared_data("fundus_train")
 
 
 @pytest.fixture(scope="session")

@@ -339,7 +339,7 @@ class ReferenceAssessor:
     w = quality_lib.fov_at(p.fov_mask, qmap.shape)
     qmap = np.where(w > 0, qmap, 0.0).astype(np.float32)
     q, frac = quality_lib.summarise(qmap, w)
-    grade = self.grading.grade(q, p.circular)
+    grade = self.grading.grade(q)
     report_lib.write_png(os.path.join(out_dir, "overlays", id_ + ".png"),
                          report_lib.overlay(p.image, qmap, p.fov_mask))
     np.save(os.path.join(out_dir, "maps", id_ + ".npy"), qmap)
