@@ -44,8 +44,8 @@ def add_arguments(p):
                  "0 = threads in this process). Decoding is GIL-bound in "
                  "threads: on a many-core GPU/TPU host use ~one per core")
   p.add_argument("--no-overlays", action="store_true",
-                 help="write no overlays/<id>.png (the report then shows "
-                 "the maps alone)")
+                 help="write no overlays/<id>.png (the report does not "
+                 "use them: it layers report/<id>.png over report/<id>.jpg)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
