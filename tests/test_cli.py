@@ -139,3 +139,20 @@ def test_port_without_the_extra_names_it(tmp_path, capsys, monkeypatch):
   err = capsys.readouterr().err.strip()
   assert rc == 2 and len(err.splitlines()) == 1, err
   assert "pip install 'efiqa-jax[port]'" in err
+
+
+def test_defaults_agree_with_the_configs():
+  """pseudo-label's grid is the token grid configs/adapter.py trains on;
+  extract's size is the one the encoder records."""
+  from efiqa_jax import config_util
+  from efiqa_jax import features
+  parser = cli.build_parser()
+  subs = dict(_subcommands(parser))
+  grid = subs["pseudo-label"].get_default("grid")
+  assert grid == config_util.load_config("adapter").size // 16 == 14
+  assert subs["extract"].get_default("size") is None
+  assert features.recorded_input_size(
+      {"pretraining": {"preprocessing": {"size": 448}}}) == 448
+  assert features.recorded_input_size(
+      {"preprocessing": {"efiqa": {"size": 256}}}) == 256
+  assert features.recorded_input_size({"architecture": "vit"}) == 224

@@ -15,7 +15,7 @@ def add_arguments(p):
                  help="pseudo-label / extract batch")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
-  config_util.add_config_arguments(p, "configs/adapter.py")
+  config_util.add_config_arguments(p, "adapter")
 
 
 def run(args) -> int:

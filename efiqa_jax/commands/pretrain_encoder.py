@@ -10,7 +10,7 @@ def add_arguments(p):
   p.add_argument("--out", required=True, help="encoder model directory")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
-  config_util.add_config_arguments(p, "configs/encoder_mim.py")
+  config_util.add_config_arguments(p, "encoder_mim")
 
 
 def run(args) -> int:
