@@ -30,12 +30,14 @@ def _kernelspec(venv: pathlib.Path) -> pathlib.Path:
 
 
 def run_notebook(name, tmp_path, monkeypatch, *, venv, wheel, env=None,
-                 timeout=600):
+                 timeout=900, install_timeout=1800):
   """Executes colabs/<name> with cwd=tmp_path in `venv`'s kernel.
 
   Returns (text of all stream outputs, list of PNG byte strings). Fails on
   any cell error. The kernel's environment is the venv's (no PYTHONPATH:
-  nothing of the checkout leaks in; no fake XLA devices) plus `env`."""
+  nothing of the checkout leaks in; no fake XLA devices) plus `env`.
+  `timeout` is per cell; the install cell has `install_timeout` (the first
+  one installs jax, scipy, ... and, for the port notebook, torch)."""
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
   nb = nbformat.read(str(fresh_install.REPO / "colabs" / name), as_version=4)
@@ -64,7 +66,9 @@ def run_notebook(name, tmp_path, monkeypatch, *, venv, wheel, env=None,
           c, i, execution_count=client.code_cells_executed + 1)
       if "install" in cell.metadata.get("tags", []):
         with fresh_install._locked(lock):  # pylint: disable=protected-access
+          client.timeout = install_timeout
           run()
+          client.timeout = timeout
       else:
         run()
   outputs = [o for c in nb.cells if c.cell_type == "code"
