@@ -7,7 +7,8 @@ Output contract (also in the README):
   DIR/overlays/<id>.png heat-map overlay on the FOV crop
   DIR/logits/<id>.npy   (save_logits, student only) float32 (gh, gw) raw
                         adapter logits before any post-processing
-  DIR/report.html       contact sheet sorted by quality
+  DIR/report.html       the report (report.write_report); its pictures in
+                        DIR/report/ (<id>.jpg FOV crop, <id>.png map layer)
 
 Resumability: each finished image is appended to DIR/progress[-pK].jsonl after
 its map and overlay are on disk (one JSON line, flushed and fsynced per batch).
@@ -210,7 +211,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
     _write_csv(scores_csv, final)
     report_lib.write_report(os.path.join(out_dir, "report.html"), final,
                             f"efiqa assess — {len(final)} images, model "
-                            f"{model_name}")
+                            f"{model_name}",
+                            grading=quality_model.grading)
   n_ok = sum(1 for r in final if r["status"] == "ok")
   n_fail = len(final) - n_ok
   if not final:
@@ -284,6 +286,8 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
         _write_outputs, out_dir, id_, qmap,
         None if ovs is None else ovs[k],
         None if logits is None else np.asarray(logits[k], np.float32)))
+    writes.append(pool.submit(report_lib.write_card_files, out_dir, id_,
+                              np.asarray(batch["image"][k]), qmap))
   return rows, writes
 
 

@@ -47,3 +47,25 @@ def fundus_train_dir():
 @pytest.fixture(scope="session")
 def repo_root():
   return REPO
+
+
+def _run_dir(tmp_path_factory) -> pathlib.Path:
+  """A folder shared by every pytest-xdist worker of this run."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  return base / "efiqa_fresh"
+
+
+@pytest.fixture(scope="session")
+def efiqa_wheel(tmp_path_factory):
+  """The wheel of the checkout, built once per run (tests/fresh_install.py)."""
+  from tests import fresh_install  # pylint: disable=g-import-not-at-top
+  return fresh_install.wheel_path(_run_dir(tmp_path_factory))
+
+
+@pytest.fixture(scope="session")
+def fresh_venv(tmp_path_factory):
+  """One empty virtualenv (ipykernel only) per run; see fresh_install."""
+  from tests import fresh_install  # pylint: disable=g-import-not-at-top
+  return fresh_install.fresh_venv(_run_dir(tmp_path_factory))

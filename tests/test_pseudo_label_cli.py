@@ -69,7 +69,7 @@ def test_pseudo_label_vessel_maps_and_photos(teacher, tmp_path, capsys):
                    "--quiet"])
   assert code == 0
   assert np.load(out2 / "anomaly" / "p.npy").shape == (64, 64)
-  assert np.asarray(Image.open(out2 / "labels" / "p.png")).shape == (16, 16)
+  assert np.asarray(Image.open(out2 / "labels" / "p.png")).shape == (14, 14)
 
 
 def test_benchmark_reports_model_and_baseline(teacher, tmp_path, capsys):
