@@ -1,4 +1,4 @@
-"""Adapter for the synthetic distillation experiment (bench/distill_synthetic.py).
+"""Adapter for the synthetic distillation experiment (experiments/distill_synthetic.py).
 
 configs/adapter.py (patch batching, class-weighted BCE, AdamW 1e-3, seed 504,
 14x14 tokens) with the changes a tiny self-supervised encoder

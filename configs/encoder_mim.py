@@ -55,7 +55,7 @@ def get_config(arg=None):
   elif arg == "wide":
     # Full-resolution tokens: the 512 FOV crop in 16-px patches (32x32
     # tokens), 768 pixel values per token into D = 384, one block. Used
-    # randomly initialised by bench/distill_synthetic.py --no-pretrain: token
+    # randomly initialised by experiments/distill_synthetic.py --no-pretrain: token
     # resolution, not pretraining, was what limited the tiny encoders there.
     c.encoder.hidden_size = 384
     c.encoder.depth = 1

@@ -108,7 +108,7 @@ def get_config(arg=None):
     c.image_every = 4
     c.checkpoint_every = 3
   elif arg == "b32":
-    # The teacher of bench/distill_synthetic.py's headline run (bench/README):
+    # The teacher of experiments/distill_synthetic.py's headline run (bench/README):
     # the paper's settings at base 32 (7.8 M parameters, 31 MB) and 80
     # epochs, the schedules at the paper's 20-80 % of training. 80 s on one
     # H200; ~2 h on 2 CPU cores. Then `efiqa calibrate-teacher`.

@@ -13,35 +13,56 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _shared_fundus_dir():
-  env = os.environ.get("EFIQA_SHARED_FUNDUS")
-  cand = pathlib.Path(env) if env else REPO.parent / "shared" / "data" / "fundus"
+# Environment variables that point a folder of ../shared/data elsewhere.
+SHARED_DATA_ENV = {"fundus": "EFIQA_SHARED_FUNDUS"}
+
+
+def _shared_data_path(name: str) -> pathlib.Path:
+  env = os.environ.get(SHARED_DATA_ENV.get(name, ""), "")
+  return pathlib.Path(env) if env else REPO.parent / "shared" / "data" / name
+
+
+def shared_data_dir(name: str) -> pathlib.Path | None:
+  """../shared/data/NAME (or $EFIQA_SHARED_FUNDUS for `fundus`), or None."""
+  cand = _shared_data_path(name)
   return cand if cand.is_dir() else None
 
 
-def shared_data(name: str) -> pathlib.Path:
-  """../shared/data/NAME: skips when absent locally, fails under CI=true."""
-  d = REPO.parent / "shared" / "data" / name
-  if not d.is_dir():
-    if os.environ.get("CI", "").lower() == "true":
-      pytest.fail(f"../shared/data/{name} is absent (required under CI)")
-    pytest.skip(f"../shared/data/{name} is absent")
+def in_ci() -> bool:
+  return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_shared_data(name: str) -> pathlib.Path:
+  """The real data in ../shared/data/NAME (read there, never copied).
+
+  Absent: the test is skipped locally but FAILS under CI=true, so that a CI
+  run without the data cannot pass by skipping every real-photograph test."""
+  d = shared_data_dir(name)
+  if d is None:
+    msg = f"{_shared_data_path(name)} (../shared/data/{name}) is absent"
+    if in_ci():
+      pytest.fail(f"{msg} (CI=true: the tests on real photographs must run)",
+                  pytrace=False)
+    pytest.skip(msg)
   return d
 
 
 @pytest.fixture(scope="session")
 def fundus_dir():
-  """The real photographs in ../shared/data/fundus (read there, never copied)."""
-  d = _shared_fundus_dir()
-  if d is None:
-    return shared_data("fundus")
-  return d
+  """The 10 real evaluation photographs in ../shared/data/fundus."""
+  return require_shared_data("fundus")
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+  """`shared_data("fundus_train")`: require_shared_data as a fixture."""
+  return require_shared_data
 
 
 @pytest.fixture(scope="session")
 def fundus_train_dir():
   """../shared/data/fundus_train: training photographs with FOV masks."""
-  return shared_data("fundus_train")
+  return require_shared_data("fundus_train")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""PyTorch version of the default model's per-image chain (bench/assess.py).
+"""PyTorch version of the default model's per-image chain (bench/assess.py
+times it; tests/test_assess_torch_parity.py holds it equal to ours).
 
 The reference scripts (penway/EFIQA `vuad/infer.py`) run one image at a time
 in eager PyTorch; this module does the same for OUR default model so that a
@@ -24,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from efiqa_jax import vessels as jv
-from tests.torch_reference import RefUNetRes
+from efiqa_jax.reference.unet import RefUNetRes
 
 
 # ----------------------------------------------------------- vessel segmenter
