@@ -45,6 +45,12 @@ def get_config(arg=None):
   # inference, so the teacher learns that segmenter's idea of a good map.
   c.data.vessels = "label_free"
   c.data.load_size = 512  # maps are stored/augmented at this size, then resized
+  # folder + label_free: FOV crop side the photographs are segmented at (the
+  # crop `efiqa assess` makes; 0 = load_size) and which split of the folder
+  # trains ('all', or 'train' / 'calibration' / 'heldout' of
+  # teacher.data.assign_splits).
+  c.data.work_size = 0
+  c.data.split = "all"
   c.data.gray_threshold = 50  # reference: gray <= 50 set to 0
   c.data.num_threads = 4
   c.data.prefetch = 8
