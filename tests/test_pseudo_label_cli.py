@@ -81,10 +81,13 @@ def test_benchmark_reports_model_and_baseline(teacher, tmp_path, capsys):
                    "--json", str(js), "--quiet"])
   assert code == 0
   out = capsys.readouterr().out
-  assert "map AUROC" in out and "vessel-density baseline" in out
+  assert "map AUROC" in out and "baseline (vessel-hiding kinds)" in out
   import json
   res = json.load(open(js))
   assert res["n_photos"] == 1 and res["n_variants"] == 2
   assert set(res["per_kind"]) == {"blur", "shadow"}
+  # Blur hides vessels from the label-free segmenter, shadow does not.
+  assert res["hiding"]["kinds"] == ["blur"]
+  assert 0.0 <= res["hiding"]["map_auroc"] <= 1.0
   for k in ("map_auroc", "baseline_map_auroc", "image_auroc"):
     assert 0.0 <= res[k] <= 1.0

@@ -10,7 +10,13 @@ def add_arguments(p):
                  "globs or a CSV")
   p.add_argument("--model", default="default")
   p.add_argument("--kinds", default="",
-                 help="comma-separated degradation kinds (default: all)")
+                 help="comma-separated degradation kinds, or 'hiding' for "
+                 "those that hide vessels (default: all)")
+  p.add_argument("--split", default=None,
+                 choices=("heldout", "calibration", "train"),
+                 help="only this split of a folder of good photographs, as "
+                 "build-default-model splits it (e.g. --split heldout on "
+                 "../shared/data/fundus_train)")
   p.add_argument("--severities", default="0.35,0.65,0.95")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="also write the result here")
@@ -19,11 +25,15 @@ def add_arguments(p):
 
 def run(args) -> int:
   from efiqa_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import synth  # pylint: disable=g-import-not-at-top
   kinds = [k for k in args.kinds.split(",") if k] or None
+  if kinds == ["hiding"]:
+    kinds = list(synth.VESSEL_HIDING)
   sev = tuple(float(s) for s in args.severities.split(",") if s)
   res = benchmark.run_benchmark(args.inputs, model=args.model, kinds=kinds,
                                 severities=sev, seed=args.seed,
-                                out_json=args.json, progress=not args.quiet)
+                                split=args.split, out_json=args.json,
+                                progress=not args.quiet)
   print(res.to_markdown())
   for f in res.failed:
     print(f"not assessed: {f['image']}: {f['status']}: {f['message']}")
