@@ -96,13 +96,17 @@ def run_benchmark(inputs, *, model: str = "default", kinds=None,
 
   if isinstance(inputs, str):
     inputs = [inputs]
-  qm = quality_model or qm_lib.load_quality_model(model)
+  # Listed before the model is loaded: no image exits fast (4).
   if split:
     from efiqa_jax.teacher import data as data_lib  # pylint: disable=g-import-not-at-top
     paths = [p.path for p in data_lib.select_split(
         data_lib.list_good_photos(list(inputs)), split)]
+    if not paths:
+      raise sources.NoInputsError(f"no photograph of split {split!r} under "
+                                  f"{list(inputs)}")
   else:
     paths = sources.list_inputs(list(inputs))
+  qm = quality_model or qm_lib.load_quality_model(model)
   kinds = list(kinds) if kinds else list(synth.KINDS)
   vfn = jax.jit(vessels.vessel_probability)
 

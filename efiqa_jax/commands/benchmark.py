@@ -8,7 +8,8 @@ HELP = ("Degrade good photographs with the project's synthetic degradations "
 def add_arguments(p):
   p.add_argument("inputs", nargs="+", help="good photographs: files, folders, "
                  "globs or a CSV")
-  p.add_argument("--model", default="default")
+  p.add_argument("--model", default="default",
+                 help="'default' (bundled teacher) or a teacher directory")
   p.add_argument("--kinds", default="",
                  help="comma-separated degradation kinds, or 'hiding' for "
                  "those that hide vessels (default: all)")
@@ -17,23 +18,30 @@ def add_arguments(p):
                  help="only this split of a folder of good photographs, as "
                  "build-default-model splits it (e.g. --split heldout on "
                  "../shared/data/fundus_train)")
-  p.add_argument("--severities", default="0.35,0.65,0.95")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--json", default=None, help="also write the result here")
-  p.add_argument("--quiet", action="store_true")
+  p.add_argument("--severities", default="0.35,0.65,0.95",
+                 help="comma-separated degradation severities in (0, 1]")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the degradations")
+  p.add_argument("--json", default=None, help="also write the result to "
+                 "this JSON file (default: print only)")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
   from efiqa_jax import benchmark  # pylint: disable=g-import-not-at-top
   from efiqa_jax import synth  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
   kinds = [k for k in args.kinds.split(",") if k] or None
   if kinds == ["hiding"]:
     kinds = list(synth.VESSEL_HIDING)
   sev = tuple(float(s) for s in args.severities.split(",") if s)
-  res = benchmark.run_benchmark(args.inputs, model=args.model, kinds=kinds,
-                                severities=sev, seed=args.seed,
-                                split=args.split, out_json=args.json,
-                                progress=not args.quiet)
+  try:
+    res = benchmark.run_benchmark(args.inputs, model=args.model, kinds=kinds,
+                                  severities=sev, seed=args.seed,
+                                  split=args.split, out_json=args.json,
+                                  progress=not args.quiet)
+  except sources.NoInputsError as e:
+    return sources.no_inputs_exit(NAME, e)
   print(res.to_markdown())
   for f in res.failed:
     print(f"not assessed: {f['image']}: {f['status']}: {f['message']}")

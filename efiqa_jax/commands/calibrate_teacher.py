@@ -26,7 +26,7 @@ def add_arguments(p):
                  help="synthetic photographs when no --photos are given")
   p.add_argument("--label-grid", type=int, default=32,
                  help="cells per side the pseudo-label rule is fitted on")
-  p.add_argument("--quiet", action="store_true")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
