@@ -54,6 +54,13 @@ def get_config(arg=None):
   c.data.work_size = 0
   c.data.split = "all"
   c.data.gray_threshold = 50  # reference: gray <= 50 set to 0
+  # 8-connected specks of fewer pixels (at load_size) removed from every
+  # training map and at inference (teacher/inference.py); 0: none (reference).
+  c.data.min_component = 0
+  # ... removed at inference only (assess, pseudo-label, calibration): the
+  # teacher learned specks as normal, so where noise broke the vessels into
+  # specks their removal leaves the gap it inpaints. 0: none (reference).
+  c.data.inference_min_component = 0
   c.data.num_threads = 4
   c.data.prefetch = 8
   c.data.synthetic = ml_collections.ConfigDict()

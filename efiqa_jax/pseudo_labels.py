@@ -200,9 +200,9 @@ def write_pseudo_labels(inputs, teacher: str, out_dir: str, *,
 
   if from_photos:
     from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
-    vessel_fn = jax.jit(functools.partial(inference.teacher_input,
-                                          teacher_size=size,
-                                          load_size=load_size))
+    vessel_fn = jax.jit(functools.partial(
+        inference.teacher_input, teacher_size=size, load_size=load_size,
+        min_component=inference.min_component_of(meta)))
 
   for sub in ("anomaly", "labels"):
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)

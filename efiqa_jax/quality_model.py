@@ -70,6 +70,7 @@ class TeacherQualityModel:
     self.name = name or self.meta.get("name", "teacher")
     self.work_size = int(self.meta.get("work_size", work_size))
     self.load_size, self.teacher_size = inference.input_sizes(self.meta)
+    self.min_component = inference.min_component_of(self.meta)
     self.rule = map_rule(self.meta, threshold=threshold)
     self.threshold = self.rule.threshold
     self.grading = grading or quality_lib.Grading(
@@ -85,7 +86,8 @@ class TeacherQualityModel:
     self._graphdef, self._state = nnx.split(teacher)
     self._fn = jax.jit(functools.partial(
         _teacher_maps, teacher_size=self.teacher_size,
-        load_size=self.load_size, rule=self.rule), static_argnums=(0,))
+        load_size=self.load_size, rule=self.rule,
+        min_component=self.min_component), static_argnums=(0,))
 
   @classmethod
   def from_checkpoint(cls, path: str, **kwargs):
@@ -140,11 +142,11 @@ def map_rule(meta: dict, *, threshold: float | None = None
 
 
 def _teacher_maps(graphdef, state, images, fov, *, teacher_size, load_size,
-                  rule):
+                  rule, min_component=0):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   return inference.photo_maps(nnx.merge(graphdef, state), images, fov,
                               teacher_size=teacher_size, load_size=load_size,
-                              rule=rule)
+                              rule=rule, min_component=min_component)
 
 
 class StudentQualityModel:

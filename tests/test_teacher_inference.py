@@ -51,6 +51,86 @@ def test_teacher_input_is_the_trainers_map():
   assert (ours > 0).mean() > 0.05  # a real vessel map
 
 
+def test_small_components_are_removed_vessels_kept():
+  """Specks (8-connected components under min_size pixels) go, a vessel
+  (one long component, diagonal steps included) stays whole; the jitted
+  form (pure jax, also inside lax.map) gives the same map."""
+  import jax
+  import jax.numpy as jnp
+  m = np.zeros((2, 32, 32), np.uint8)
+  m[0, 4, 2:30] = 200  # a vessel ...
+  for k in range(8):  # ... with a diagonal branch, 8-connected only
+    m[0, 5 + k, 10 + k] = 120
+  m[0, 20:22, 20:22] = 90  # a 4-pixel speck
+  m[0, 28, 3] = 255  # a 1-pixel speck
+  m[1, 10:15, 10:14] = 70  # 20 pixels: kept at min_size 20
+  out = inference.remove_small_components(m, 20)
+  assert out.dtype == np.uint8 and out.shape == m.shape
+  np.testing.assert_array_equal(out[0, :16], m[0, :16])
+  assert out[0, 16:].max() == 0
+  np.testing.assert_array_equal(out[1], m[1])
+  assert inference.remove_small_components(m, 21)[1].max() == 0
+  np.testing.assert_array_equal(inference.remove_small_components(m, 0), m)
+  f = jax.jit(lambda q: inference.despeckle(q, 20))
+  np.testing.assert_array_equal(np.asarray(f(jnp.asarray(m, jnp.float32))),
+                                out.astype(np.float32))
+  g = jax.jit(lambda q: jax.lax.map(
+      lambda x: inference.despeckle(x[None], 20)[0], q))
+  np.testing.assert_array_equal(np.asarray(g(jnp.asarray(m, jnp.float32))),
+                                out.astype(np.float32))
+  # Random maps of every density and long thin lines (whose label groups
+  # are small but open): the jax form equals scipy's labelling exactly.
+  rng = np.random.default_rng(0)
+  for density in (0.1, 0.3, 0.5, 0.7):
+    q = ((rng.random((3, 48, 48)) < density)
+         * rng.integers(51, 256, (3, 48, 48))).astype(np.float32)
+    q[0, 7, 1:47] = 99
+    for k in (2, 5, 20):
+      np.testing.assert_array_equal(
+          np.asarray(jax.jit(lambda x, k=k: inference.despeckle(x, k))(q)),
+          inference.remove_small_components(q, k))
+
+
+def test_a_despeckling_teacher_sees_at_inference_its_training_maps(tmp_path):
+  """With data.min_component the trainer's stored maps and the inference
+  input lose the same specks: a noisy photograph's map is despeckled the
+  same way on both sides."""
+  from skimage import data as skdata
+  from efiqa_jax import fundus, synth
+  from efiqa_jax.teacher import augment
+  p = fundus.prepare_image(skdata.retina(), 256)
+  img, _, _ = synth.degrade(p.image, p.fov_mask, 3, kinds=["noise"],
+                            severity=0.8)
+  Image.fromarray(img).save(tmp_path / "noisy.png")
+  dc = _data_config(tmp_path / "noisy.png", min_component=20)
+  maps, _, desc = data_lib.load_vessel_maps(dc)
+  assert desc["min_component"] == 20
+  raw, _, _ = data_lib.load_vessel_maps(_data_config(tmp_path / "noisy.png",
+                                                     min_component=0))
+  assert (maps > 0).sum() < 0.9 * (raw > 0).sum()  # noise left specks
+  prep = fundus.prepare_fundus(str(tmp_path / "noisy.png"), size=256)
+  out, _ = augment.augment(
+      maps[0], np.random.default_rng(0), fov_p=0.0, orig_diameter=128,
+      cfg=augment.AugmentConfig(out_size=64, hflip=False, vflip=False,
+                                rotation=False))
+  x = np.asarray(inference.teacher_input(
+      prep.image[None], prep.fov_mask[None], teacher_size=64, load_size=128,
+      min_component=20))[0, ..., 0]
+  diff = np.abs(np.round(x * 255).astype(int) - out.astype(int))
+  assert (diff > 1).mean() < 2e-3
+  assert inference.min_component_of({"config": {"data": {
+      "min_component": 20}}}) == 20
+  assert inference.min_component_of({"image_size": 256}) == 0
+
+
+def _data_config(path, min_component):
+  import ml_collections
+  return ml_collections.ConfigDict(dict(
+      source="folder", vessels="label_free", path=str(path), split="all",
+      work_size=256, load_size=128, gray_threshold=50,
+      min_component=min_component))
+
+
 def test_input_sizes_from_the_sidecar():
   assert inference.input_sizes({"image_size": 128, "config": {
       "data": {"load_size": 256}}}) == (256, 128)

@@ -216,9 +216,28 @@ def pil_resize_u8(q, size):
   return x.to(torch.float32)
 
 
-def teacher_input(images, fov_masks, size, load_size=None, gray_threshold=50):
+def remove_specks(q: torch.Tensor, min_size: int) -> torch.Tensor:
+  """8-connected components of fewer than min_size non-zero pixels set to 0
+  (scipy.ndimage.label per map, as any numpy pipeline would)."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  if min_size <= 1:
+    return q
+  out = q.clone()
+  for m in out:
+    lab, n = ndimage.label(m.numpy() > 0, structure=np.ones((3, 3), bool))
+    if n:
+      sizes = np.bincount(lab.ravel())
+      small = sizes < min_size
+      small[0] = False
+      m[torch.from_numpy(small[lab])] = 0
+  return out
+
+
+def teacher_input(images, fov_masks, size, load_size=None, gray_threshold=50,
+                  min_component=0):
   """teacher.inference.teacher_input: (B,3,T,T) float32, NCHW for the U-Net.
-  The map at the load size, grey <= 50 cut there, PIL-resized to T."""
+  The map at the load size, grey <= 50 cut there, specks removed, PIL-resized
+  to T."""
   load = load_size or size
   p = vessel_probability(images, fov_masks)
   b = p.shape[0]
@@ -227,6 +246,7 @@ def teacher_input(images, fov_masks, size, load_size=None, gray_threshold=50):
   pr = torch.clamp(pr, 0.0, 1.0) * mr
   q = torch.round(pr * 255.0)
   q = torch.where(q <= gray_threshold, torch.zeros_like(q), q)
+  q = remove_specks(q, min_component)
   v = pil_resize_u8(q, size) / 255.0
   return v[:, None].expand(b, 3, size, size).contiguous()
 
@@ -250,9 +270,11 @@ def pool_anomaly(anomaly, fov_t, threshold, window, map_size=64):
 
 
 def teacher_maps(unet: RefUNetRes, images, fov_masks, *, teacher_size,
-                 load_size, threshold, window, map_size=64):
+                 load_size, threshold, window, map_size=64,
+                 min_component=0):
   """quality_model._teacher_maps: crops (B,S,S,3) uint8 -> maps (B,64,64)."""
-  v = teacher_input(images, fov_masks, teacher_size, load_size)
+  v = teacher_input(images, fov_masks, teacher_size, load_size,
+                    min_component=min_component)
   f = unet.forward_res(v)
   anomaly = torch.mean(torch.abs(f), dim=1)
   fov_t = (_resize(fov_masks.to(torch.float32), teacher_size, teacher_size)
@@ -334,6 +356,7 @@ class ReferenceAssessor:
     self.work_size = qm.work_size
     self.teacher_size = qm.teacher_size
     self.load_size = qm.load_size
+    self.min_component = qm.min_component
     self.threshold = qm.threshold
     self.window = qm.rule.window
     self.map_size = qm.rule.map_size
@@ -347,7 +370,8 @@ class ReferenceAssessor:
                           teacher_size=self.teacher_size,
                           load_size=self.load_size,
                           threshold=self.threshold, window=self.window,
-                          map_size=self.map_size).numpy()
+                          map_size=self.map_size,
+                          min_component=self.min_component).numpy()
 
   def assess_one(self, path: str, id_: str, out_dir: str) -> dict:
     """Decode + FOV crop, map, score, grade; writes map .npy + overlay PNG."""

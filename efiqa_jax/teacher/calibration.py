@@ -143,7 +143,8 @@ def collect(quality_model, crops: Iterable[tuple[np.ndarray, np.ndarray]], *,
   @jax.jit
   def inputs(images, fov):
     return (inference.teacher_input(images, fov, teacher_size=t_size,
-                                    load_size=load),
+                                    load_size=load,
+                                    min_component=qmod.min_component),
             inference.fov_at_teacher(fov, t_size))
 
   @jax.jit
@@ -251,7 +252,10 @@ def calibrate(quality_model, crops, *, kinds=None,
               erasures=erasures, seed=seed, progress=progress)
   cl = v.kind == "clean"
   floor = float(np.quantile(v.anomaly[cl][v.fov_t[cl] > 0], CLEAN_QUANTILE))
-  candidates = sorted({round(floor, 5)} | {t for t in THRESHOLDS if t > floor})
+  # The floor itself is a candidate unless it is 0 (a teacher that fills in
+  # nothing on clean photographs: every swept threshold lies above it).
+  candidates = sorted(({round(floor, 5)} if round(floor, 5) > 0 else set())
+                      | {t for t in THRESHOLDS if t > floor})
   sweep, best = {}, None
   for w in WINDOWS:
     for thr in candidates:

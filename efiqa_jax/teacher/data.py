@@ -224,6 +224,10 @@ def load_vessel_maps(dc, cache_dir: str | None = None
   else:
     raise ValueError(f"unknown data.source={dc.source!r} "
                      "(use 'synthetic' or 'folder')")
+  min_component = int(dc.get("min_component", 0) or 0)
+  if min_component > 1:  # as teacher/inference.teacher_input does
+    from efiqa_jax.teacher import inference  # pylint: disable=g-import-not-at-top
+    maps = inference.remove_small_components(maps, min_component)
   if skipped:
     logging.warning("skipped %d of %d inputs (see data_skipped.csv): %s",
                     len(skipped), len(skipped) + len(maps), skipped[:3])
@@ -236,7 +240,8 @@ def load_vessel_maps(dc, cache_dir: str | None = None
         w.writerows(skipped)
   desc = dict(description=what, num_maps=int(len(maps)),
               num_skipped=len(skipped), load_size=int(dc.load_size),
-              gray_threshold=int(dc.gray_threshold), data_key=key)
+              gray_threshold=int(dc.gray_threshold),
+              min_component=min_component, data_key=key)
   if cache:
     os.makedirs(cache_dir, exist_ok=True)
     tmp = cache + f".tmp{os.getpid()}.npz"  # several hosts may share workdir

@@ -14,7 +14,11 @@ to the teacher's size with PIL's antialiased bilinear filter (`resize_u8`,
 the trainer's resize, bit for bit). Cutting at the load size and not after
 the resize matters: cut at 128 px, a real vessel map loses the faint rim
 around every vessel that the teacher saw in training, and the teacher paints
-it back everywhere (bench/README.md, "Default teacher").
+it back everywhere (bench/README.md, "Default teacher"). A teacher trained
+with `data.min_component` > 0 also has, before the resize, the 8-connected
+specks of fewer pixels removed (`remove_small_components`, the same function
+on its training maps): sensor noise leaves such specks where it hid the
+vessels, and a teacher inpaints only regions that are empty.
 
 Map (`pool`): a pixel is anomalous when |f(x)| > threshold; the map is, per
 map cell, the share of anomalous FOV pixels in the window of `window` x
@@ -51,6 +55,71 @@ class MapRule:
     if self.window < 1 or self.window % 2 == 0 or self.map_size < 1:
       raise ValueError(f"window must be odd and >= 1, map_size >= 1; got "
                        f"{self.window}, {self.map_size}")
+
+
+def min_component_of(meta: dict) -> int:
+  """The speck size removed from a teacher's input at inference (pixels at
+  the load size; 0: none), from its trainer's config: the larger of
+  `data.min_component` (also removed in training) and
+  `data.inference_min_component` (removed at inference only)."""
+  d = (meta.get("config") or {}).get("data") or {}
+  return max(int(d.get("min_component", 0) or 0),
+             int(d.get("inference_min_component", 0) or 0))
+
+
+def remove_small_components(maps, min_size: int) -> np.ndarray:
+  """(..., L, L) vessel maps -> a copy with every 8-connected component of
+  fewer than `min_size` non-zero pixels set to 0 (host, numpy/scipy)."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  out = np.array(maps, copy=True)
+  if min_size <= 1 or out.size == 0:
+    return out
+  eight = np.ones((3, 3), bool)
+  for m in out.reshape((-1,) + out.shape[-2:]):  # views: edits land in out
+    lab, n = ndimage.label(m > 0, structure=eight)
+    if n:
+      small = np.bincount(lab.ravel()) < min_size
+      small[0] = False
+      m[small[lab]] = 0
+  return out
+
+
+def despeckle(q, min_size: int):
+  """`remove_small_components` in jax (jit, any backend; equal to it, tested):
+  labels spread as the 8-neighbour minimum for min_size - 1 steps, which
+  covers any component of fewer than min_size pixels whole. A pixel goes
+  when its label's group has fewer than min_size pixels and touches no
+  pixel of another label (such a group is a whole component: a larger
+  component's groups always touch each other)."""
+  if min_size <= 1:
+    return q
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  b, h, w = q.shape
+  fg = q > 0
+  big = jnp.int32(h * w)
+  lab = jnp.where(fg, jnp.arange(h * w, dtype=jnp.int32).reshape(1, h, w),
+                  big)
+
+  def nbmin(l):  # 3x3 minimum, separable
+    p = jnp.pad(l, ((0, 0), (0, 0), (1, 1)), constant_values=big)
+    r = jnp.minimum(jnp.minimum(p[:, :, :-2], p[:, :, 1:-1]), p[:, :, 2:])
+    p = jnp.pad(r, ((0, 0), (1, 1), (0, 0)), constant_values=big)
+    return jnp.minimum(jnp.minimum(p[:, :-2], p[:, 1:-1]), p[:, 2:])
+
+  lab = jax.lax.fori_loop(0, min_size - 1,
+                          lambda _, l: jnp.where(fg, nbmin(l), big), lab)
+  touches = (fg & (nbmin(lab) < lab)).reshape(b, -1)
+  flat = lab.reshape(b, -1)
+
+  def per_group(f, t):
+    cnt = jnp.zeros(h * w + 1, jnp.int32).at[f].add(1)
+    opn = jnp.zeros(h * w + 1, jnp.bool_).at[f].max(t)
+    return cnt[f], opn[f]
+
+  cnt, opn = jax.vmap(per_group)(flat, touches)
+  small = ((cnt < min_size) & ~opn).reshape(b, h, w)
+  return jnp.where(fg & small, jnp.zeros_like(q), q)
 
 
 def input_sizes(meta: dict) -> tuple[int, int]:
@@ -105,7 +174,7 @@ def resize_u8(q, size: int):
 
 
 def teacher_input(images, fov, *, teacher_size: int,
-                  load_size: int | None = None,
+                  load_size: int | None = None, min_component: int = 0,
                   gray_threshold: int = GRAY_THRESHOLD):
   """FOV crops (B, S, S, 3) uint8 + (B, S, S) bool -> the teacher's input
   (B, T, T, 3) float32 in [0, 1], as the trainer made its maps."""
@@ -115,6 +184,7 @@ def teacher_input(images, fov, *, teacher_size: int,
   v = vessels.vessel_map_for_teacher(images, fov, size=load)[..., 0]
   q = jnp.round(v * 255.0)
   q = jnp.where(q <= gray_threshold, 0.0, q)
+  q = despeckle(q, min_component)
   x = resize_u8(q, teacher_size) / 255.0
   return jnp.repeat(x[..., None], 3, axis=-1)
 
@@ -128,8 +198,14 @@ def residual(teacher, x):
 def anomaly(teacher, x):
   """|f(x)| averaged over channels, float32 (B, T, T): EFIQA's anomaly map
   (the reference's mean_c |x - model(x)|)."""
+  return anomaly_of_residual(residual(teacher, x))
+
+
+def anomaly_of_residual(f):
+  """The teacher's residual f(x) (B, T, T, C) -> |f(x)| averaged over
+  channels (B, T, T) float32 (training panels have f(x) already)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  return jnp.mean(jnp.abs(residual(teacher, x).astype(jnp.float32)), axis=-1)
+  return jnp.mean(jnp.abs(f.astype(jnp.float32)), axis=-1)
 
 
 def fov_at_teacher(fov, teacher_size: int):
@@ -143,10 +219,10 @@ def fov_at_teacher(fov, teacher_size: int):
 
 
 def teacher_anomaly(teacher, images, fov, *, teacher_size: int,
-                    load_size: int | None = None):
+                    load_size: int | None = None, min_component: int = 0):
   """FOV crops -> (|f(x)| (B, T, T), FOV on the teacher grid (B, T, T))."""
   x = teacher_input(images, fov, teacher_size=teacher_size,
-                    load_size=load_size)
+                    load_size=load_size, min_component=min_component)
   return anomaly(teacher, x), fov_at_teacher(fov, teacher_size)
 
 
@@ -183,14 +259,15 @@ def pool_share(anom, fov_t, threshold, *, window: int, map_size: int):
 
 
 def photo_maps(teacher, images, fov, *, teacher_size: int, load_size: int,
-               rule: MapRule):
+               rule: MapRule, min_component: int = 0):
   """FOV crops -> degradation maps (B, m, m); jit it (one photograph at a
   time inside the call on XLA:CPU, see xla_cpu.map_examples)."""
   from efiqa_jax import xla_cpu  # pylint: disable=g-import-not-at-top
 
   def one(images, fov):
     a, fov_t = teacher_anomaly(teacher, images, fov, teacher_size=teacher_size,
-                               load_size=load_size)
+                               load_size=load_size,
+                               min_component=min_component)
     return pool(a, fov_t, rule)
 
   return xla_cpu.map_examples(one, images, fov)
