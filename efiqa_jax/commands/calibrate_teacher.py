@@ -46,7 +46,7 @@ def run(args) -> int:
         f"{meta['grading']}, pseudo-labels |f(x)| > {pl['threshold']:g} on "
         f">= {pl['relax']:g} of a {pl['grid']}x{pl['grid']} cell (balanced "
         f"accuracy {cal['label_balanced_accuracy']:.3f})")
-  for w in cal.get("warnings", []):
-    print(f"warning: this calibration is not to be trusted: {w}",
-          file=sys.stderr)
+  if cal.get("warnings"):  # one line, however many reasons
+    print("warning: this calibration is not to be trusted: " +
+          "; ".join(cal["warnings"]), file=sys.stderr)
   return 0
