@@ -47,7 +47,20 @@ def get_config(arg=None):
   # inference, so the teacher learns that segmenter's idea of a good map.
   c.data.vessels = "label_free"
   c.data.load_size = 512  # maps are stored/augmented at this size, then resized
+  # folder + label_free: FOV crop side the photographs are segmented at (the
+  # crop `efiqa assess` makes; 0 = load_size) and which split of the folder
+  # trains ('all', or 'train' / 'calibration' / 'heldout' of
+  # teacher.data.assign_splits).
+  c.data.work_size = 0
+  c.data.split = "all"
   c.data.gray_threshold = 50  # reference: gray <= 50 set to 0
+  # 8-connected specks of fewer pixels (at load_size) removed from every
+  # training map and at inference (teacher/inference.py); 0: none (reference).
+  c.data.min_component = 0
+  # ... removed at inference only (assess, pseudo-label, calibration): the
+  # teacher learned specks as normal, so where noise broke the vessels into
+  # specks their removal leaves the gap it inpaints. 0: none (reference).
+  c.data.inference_min_component = 0
   c.data.num_threads = 4
   c.data.prefetch = 8
   c.data.synthetic = ml_collections.ConfigDict()

@@ -3,7 +3,8 @@
 The reference (`vuad/infer.py`) does, per vessel map:
   1. read the map (3 channels), zero pixels whose grey value is <= 50, resize to
      256x256 (OpenCV INTER_LINEAR), scale to [0, 1];
-  2. y = model(x); anomaly A = mean_c |x - y| = mean_c |f(x)|;
+  2. y = model(x); anomaly A = mean_c |x - y| = mean_c |f(x)|
+     (efiqa_jax.teacher.inference.anomaly);
   3. pixel threshold 0.02: hard A > 0.02, or soft clip((A - 0.02) / 0.02, 0, 1);
   4. split into a grid x grid set of cells; a cell is bad (255) when >= 90 % of
      its pixels are anomalous (soft mode: the cell's mean).
@@ -179,30 +180,29 @@ def write_pseudo_labels(inputs, teacher: str, out_dir: str, *,
   """
   import csv  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   from efiqa_jax import checkpoints, sources  # pylint: disable=g-import-not-at-top
+  from efiqa_jax.teacher import inference  # pylint: disable=g-import-not-at-top
 
   if isinstance(inputs, str):
     inputs = [inputs]
   paths = sources.list_inputs(list(inputs))
   ids = sources.unique_ids(paths)
   model, meta = checkpoints.load_model(teacher, kind="teacher")
-  size = int(meta.get("image_size", 256))
+  load_size, size = inference.input_sizes(meta)
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def anomaly_fn(state, x):
-    m = nnx.merge(graphdef, state)
-    return jnp.mean(jnp.abs(m(x) - x), axis=-1)
+    return inference.anomaly(nnx.merge(graphdef, state), x)
 
   if from_photos:
     from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
-    from efiqa_jax import quality_model  # pylint: disable=g-import-not-at-top
-    vessel_fn = jax.jit(functools.partial(quality_model.teacher_input,
-                                          teacher_size=size))
+    vessel_fn = jax.jit(functools.partial(
+        inference.teacher_input, teacher_size=size, load_size=load_size,
+        min_component=inference.min_component_of(meta)))
 
   for sub in ("anomaly", "labels"):
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)

@@ -6,7 +6,7 @@ A quality model turns FOV crops into degradation maps in [0, 1]:
 
 The teacher model (the bundled default) is photograph -> label-free vessel map
 -> VUAD teacher -> anomaly |f(x)| -> share of anomalous pixels around each map
-cell. Inference runs on this process's local devices only (a local mesh): every
+cell (efiqa_jax.teacher.inference). Inference runs on this process's local devices only (a local mesh): every
 process works through its own slice without collectives, so uneven or resumed
 slices can never hang a multi-host run.
 """
@@ -18,10 +18,11 @@ import os
 import numpy as np
 
 from efiqa_jax import quality as quality_lib
+from efiqa_jax.teacher import inference
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets",
                                  "teacher_default")
-MAP_SIZE = 64
+MAP_SIZE = inference.MAP_SIZE
 
 
 def load_quality_model(name_or_path: str = "default", **kwargs):
@@ -56,7 +57,8 @@ def load_quality_model(name_or_path: str = "default", **kwargs):
 
 
 class TeacherQualityModel:
-  """Label-free vessels -> VUAD teacher -> degradation map."""
+  """Label-free vessels -> VUAD teacher -> degradation map
+  (efiqa_jax.teacher.inference: input, |f(x)| and the map rule)."""
 
   def __init__(self, teacher, meta: dict, *, name: str | None = None,
                work_size: int = 512, batch_size: int = 8,
@@ -67,9 +69,10 @@ class TeacherQualityModel:
     self.meta = dict(meta)
     self.name = name or self.meta.get("name", "teacher")
     self.work_size = int(self.meta.get("work_size", work_size))
-    self.teacher_size = int(self.meta.get("image_size", 256))
-    self.threshold = float(threshold if threshold is not None else
-                           self.meta.get("anomaly_threshold", 0.02))
+    self.load_size, self.teacher_size = inference.input_sizes(self.meta)
+    self.min_component = inference.min_component_of(self.meta)
+    self.rule = map_rule(self.meta, threshold=threshold)
+    self.threshold = self.rule.threshold
     self.grading = grading or quality_lib.Grading(
         **self.meta.get("grading", {}))
     self.batch_size = batch_size
@@ -82,15 +85,20 @@ class TeacherQualityModel:
         self._mesh, jax.sharding.PartitionSpec("data"))
     self._graphdef, self._state = nnx.split(teacher)
     self._fn = jax.jit(functools.partial(
-        _teacher_maps, threshold=self.threshold,
-        teacher_size=self.teacher_size, map_size=MAP_SIZE),
-                       static_argnums=(0,))
+        _teacher_maps, teacher_size=self.teacher_size,
+        load_size=self.load_size, rule=self.rule,
+        min_component=self.min_component), static_argnums=(0,))
 
   @classmethod
   def from_checkpoint(cls, path: str, **kwargs):
     from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
     model, meta = checkpoints.load_model(path, kind="teacher")
     return cls(model, meta, **kwargs)
+
+  @property
+  def teacher(self):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    return nnx.merge(self._graphdef, self._state)
 
   def prepare(self, path):
     from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
@@ -112,79 +120,33 @@ class TeacherQualityModel:
       fm = jax.device_put(fm, self._data)
       maps = self._fn(self._graphdef, self._state, im, fm)
       out.append(np.asarray(maps)[:k])
-    return np.concatenate(out) if out else np.zeros((0, MAP_SIZE, MAP_SIZE),
-                                                    np.float32)
+    m = self.rule.map_size
+    return np.concatenate(out) if out else np.zeros((0, m, m), np.float32)
 
 
-GRAY_THRESHOLD = 50  # the reference: vessel-map grey <= 50 is set to 0
+def map_rule(meta: dict, *, threshold: float | None = None
+             ) -> "inference.MapRule":
+  """A teacher's map rule from its sidecar: `map` (threshold, window,
+  map_size) as its calibration wrote it; else the older `anomaly_threshold`
+  (else the reference's 0.02) with the odd window nearest one reference
+  cell (1/16 of the side). `threshold` overrides."""
+  rule = dict(meta.get("map") or {})
+  rule.setdefault("threshold", meta.get("anomaly_threshold",
+                                        inference.REFERENCE_THRESHOLD))
+  rule.setdefault("window", (MAP_SIZE // 16) | 1)
+  if threshold is not None:
+    rule["threshold"] = threshold
+  return inference.MapRule(threshold=float(rule["threshold"]),
+                           window=int(rule["window"]),
+                           map_size=int(rule.get("map_size", MAP_SIZE)))
 
 
-def teacher_input(images, fov, *, teacher_size, gray_threshold=GRAY_THRESHOLD):
-  """Photograph crops -> the teacher's input, as the teacher was trained.
-
-  Label-free vessel map at the teacher's size, on the 8-bit grid with grey <=
-  50 set to 0 (the reference's inference convention, which the trainer also
-  applies). The cut-off matters: it turns the faint residue of vessels a
-  degraded photograph still shows into the empty regions the teacher learned
-  to fill in.
-  """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import vessels  # pylint: disable=g-import-not-at-top
-  v = vessels.vessel_map_for_teacher(images, fov, size=teacher_size)
-  q = jnp.round(v * 255.0)
-  return jnp.where(q <= gray_threshold, 0.0, q / 255.0)
-
-
-def teacher_anomaly(teacher, images, fov, *, teacher_size):
-  """Photograph crops -> (|f(x)| averaged over channels, FOV) at teacher size."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  v = teacher_input(images, fov, teacher_size=teacher_size)
-  # |f(x)|: the residual branch directly when the teacher is x + f(x).
-  f = teacher.body(v) if getattr(teacher, "residual", False) else teacher(v) - v
-  anomaly = jnp.mean(jnp.abs(f.astype(jnp.float32)), axis=-1)
-  b = images.shape[0]
-  fov_t = jax.image.resize(fov.astype(jnp.float32),
-                           (b, teacher_size, teacher_size), "linear")
-  return anomaly, (fov_t > 0.5).astype(jnp.float32)
-
-
-def pool_anomaly(anomaly, fov_t, *, threshold, map_size=MAP_SIZE):
-  """Share of anomalous FOV pixels in a window of one reference cell (1/16 of
-  the side) around each map cell: (B, T, T) -> (B, map_size, map_size)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  b, t = anomaly.shape[0], anomaly.shape[1]
-  if t % map_size:
-    raise ValueError(f"teacher size {t} is not a multiple of {map_size}")
-  hard = (anomaly > threshold).astype(jnp.float32) * fov_t
-  f = t // map_size
-  k = max(1, (t // 16) // f)
-
-  def box(x):
-    x = x.reshape(b, map_size, f, map_size, f).sum(axis=(2, 4))
-    return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, k, k), (1, 1, 1),
-                                 "SAME")
-
-  num, den = box(hard), box(fov_t)
-  return jnp.where(den > 0, num / jnp.maximum(den, 1e-6), 0.0)
-
-
-def _teacher_maps(graphdef, state, images, fov, *, threshold, teacher_size,
-                  map_size):
+def _teacher_maps(graphdef, state, images, fov, *, teacher_size, load_size,
+                  rule, min_component=0):
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import xla_cpu  # pylint: disable=g-import-not-at-top
-  teacher = nnx.merge(graphdef, state)
-
-  def maps(images, fov):
-    anomaly, fov_t = teacher_anomaly(teacher, images, fov,
-                                     teacher_size=teacher_size)
-    return pool_anomaly(anomaly, fov_t, threshold=threshold,
-                        map_size=map_size)
-
-  return xla_cpu.map_examples(maps, images, fov)
+  return inference.photo_maps(nnx.merge(graphdef, state), images, fov,
+                              teacher_size=teacher_size, load_size=load_size,
+                              rule=rule, min_component=min_component)
 
 
 class StudentQualityModel:

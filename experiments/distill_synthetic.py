@@ -191,12 +191,12 @@ def pseudo_label_maps(teacher, imgs, fovs, spec, batch=8):
   import jax
   from flax import nnx
   from efiqa_jax import checkpoints, pseudo_labels
-  from efiqa_jax import quality_model as qm
+  from efiqa_jax.teacher import inference
   model, meta = checkpoints.load_model(teacher)
-  size = int(meta.get("image_size", 256))
+  load, size = inference.input_sizes(meta)
   gd, state = nnx.split(model)
-  fn = jax.jit(lambda st, x, f: qm.teacher_anomaly(
-      nnx.merge(gd, st), x, f, teacher_size=size)[0])
+  fn = jax.jit(lambda st, x, f: inference.teacher_anomaly(
+      nnx.merge(gd, st), x, f, teacher_size=size, load_size=load)[0])
   out = []
   for s in range(0, len(imgs), batch):
     a = np.asarray(fn(state, imgs[s:s + batch], fovs[s:s + batch]))

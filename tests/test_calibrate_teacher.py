@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from efiqa_jax import checkpoints, cli, default_model
+from efiqa_jax import checkpoints, cli
+from efiqa_jax.teacher import calibration
 from efiqa_jax import pseudo_labels as pl
 
 from tests.assess_fixtures import fundus_like, tiny_teacher
@@ -40,14 +41,14 @@ def test_fit_label_relax_finds_the_separating_share():
   anomaly = np.stack([_cells(s) for s in shares]) * 0.05  # |f(x)| 0 or 0.05
   erase = np.stack([_cells(e.astype(float)) for e in erased])
   fov = np.ones_like(erase)
-  relax, bacc, sweep = default_model.fit_label_relax(anomaly, fov, erase,
+  relax, bacc, sweep = calibration.fit_label_relax(anomaly, fov, erase,
                                                      0.02, g)
   assert relax == 0.4 and bacc == pytest.approx(1.0)  # first of the best
   assert sweep["0.5"] == sweep["0.6"] == 1.0
   assert sweep["0.75"] == pytest.approx(0.5) and sweep["0.1"] == 0.5
   # Cells outside the FOV do not count: blank half the field of view.
   fov[:, :, : g * 4] = 0
-  _, bacc2, _ = default_model.fit_label_relax(anomaly * fov, fov, erase, 0.02,
+  _, bacc2, _ = calibration.fit_label_relax(anomaly * fov, fov, erase, 0.02,
                                               g)
   assert bacc2 == pytest.approx(1.0)
 
@@ -75,16 +76,23 @@ def test_calibrate_teacher_cli_then_pseudo_label_uses_the_rule(tmp_path,
                                                               capsys):
   t = tiny_teacher(tmp_path / "t")
   out = tmp_path / "cal"
-  assert cli.main(["calibrate-teacher", t, "--out", str(out), "--n", "8",
+  assert cli.main(["calibrate-teacher", t, "--out", str(out), "--n", "2",
                    "--label-grid", "16", "--quiet"]) == 0
   assert "pseudo-labels |f(x)| >" in capsys.readouterr().out
   meta = checkpoints.read_meta(str(out))
   rule, cal = meta["pseudo_labels"], meta["calibration"]
   assert rule["threshold"] == meta["anomaly_threshold"] == \
-      cal["anomaly_threshold"]
-  assert rule["threshold"] in default_model.THRESHOLDS
-  assert rule["relax"] in default_model.RELAXES and rule["grid"] == 16
-  assert set(cal["relax_sweep"]) == {str(r) for r in default_model.RELAXES}
+      cal["anomaly_threshold"] == meta["map"]["threshold"]
+  assert meta["map"]["window"] in calibration.WINDOWS
+  # 2 synthetic photographs and the retina photograph's 8 orientations, each
+  # clean, under the vessel-hiding kinds at 3 severities and twice erased.
+  assert cal["n_images"] == 10 * (1 + 6 * 3 + 2)
+  # A swept threshold or the clean floor itself, never below the floor.
+  assert (rule["threshold"] in calibration.THRESHOLDS
+          or rule["threshold"] == cal["clean_floor"]), rule
+  assert rule["threshold"] >= cal["clean_floor"]
+  assert rule["relax"] in calibration.RELAXES and rule["grid"] == 16
+  assert set(cal["relax_sweep"]) == {str(r) for r in calibration.RELAXES}
   assert round(cal["label_balanced_accuracy"], 4) == max(
       cal["relax_sweep"].values())
   assert meta["work_size"] == 128 and meta["image_size"] == 64
@@ -117,6 +125,29 @@ def test_calibrate_teacher_cli_then_pseudo_label_uses_the_rule(tmp_path,
                    "--out", str(po2), "--from-photos", "--grid", "8",
                    "--threshold", "0.02", "--relax", "0.9", "--quiet"]) == 0
   assert json.load(open(po2 / "spec.json"))["relax"] == 0.9
+
+
+def test_calibrate_teacher_warns_when_the_calibration_means_nothing(
+    tmp_path, capsys):
+  """A teacher that fills in nothing (all weights 0: |f(x)| = 0) cannot
+  find damage: the command says so in one line instead of shipping grades."""
+  import jax
+  from flax import nnx
+  t = tiny_teacher(tmp_path / "t")
+  model, meta = checkpoints.load_model(t)
+  graphdef, state = nnx.split(model)
+  state = jax.tree.map(lambda x: x * 0, state)
+  z = str(tmp_path / "zero")
+  checkpoints.save_model(z, nnx.merge(graphdef, state), {
+      k: v for k, v in meta.items()
+      if k not in ("format", "version", "architecture", "kwargs")})
+  assert cli.main(["calibrate-teacher", z, "--out", str(tmp_path / "c"),
+                   "--n", "1", "--quiet"]) == 0
+  err = capsys.readouterr().err
+  assert "not to be trusted" in err and "AUROC 0.50" in err
+  assert len([l for l in err.splitlines() if "warning" in l]) == 1
+  cal = checkpoints.read_meta(str(tmp_path / "c"))["calibration"]
+  assert cal["map_auroc"] == pytest.approx(0.5) and cal["warnings"]
 
 
 def test_calibrate_teacher_rejects_an_encoder(tmp_path, capsys):

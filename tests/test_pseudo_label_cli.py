@@ -89,6 +89,7 @@ def test_benchmark_reports_model_and_baseline(tmp_path, capsys):
   res = json.load(open(js))
   assert res["n_photos"] == 1 and res["n_variants"] == 2
   assert set(res["per_kind"]) == {"blur", "haze"}
+  assert res["hiding"]["kinds"] == ["blur", "haze"]  # both hide vessels
   assert res["image_auroc"] == 1.0
   assert res["map_auroc"] >= 0.85 and res["baseline_map_auroc"] <= 0.75
   assert res["per_kind"]["haze"]["quality_drop"] >= 0.25

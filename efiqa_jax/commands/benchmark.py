@@ -11,7 +11,13 @@ def add_arguments(p):
   p.add_argument("--model", default="default",
                  help="'default' (bundled teacher) or a teacher directory")
   p.add_argument("--kinds", default="",
-                 help="comma-separated degradation kinds (default: all)")
+                 help="comma-separated degradation kinds, or 'hiding' for "
+                 "those that hide vessels (default: all)")
+  p.add_argument("--split", default=None,
+                 choices=("heldout", "calibration", "train"),
+                 help="only this split of a folder of good photographs, as "
+                 "build-default-model splits it (e.g. --split heldout on "
+                 "../shared/data/fundus_train)")
   p.add_argument("--severities", default="0.35,0.65,0.95",
                  help="comma-separated degradation severities in (0, 1]")
   p.add_argument("--seed", type=int, default=0,
@@ -23,13 +29,16 @@ def add_arguments(p):
 
 def run(args) -> int:
   from efiqa_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import synth  # pylint: disable=g-import-not-at-top
   from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
   kinds = [k for k in args.kinds.split(",") if k] or None
+  if kinds == ["hiding"]:
+    kinds = list(synth.VESSEL_HIDING)
   sev = tuple(float(s) for s in args.severities.split(",") if s)
   try:
     res = benchmark.run_benchmark(args.inputs, model=args.model, kinds=kinds,
                                   severities=sev, seed=args.seed,
-                                  out_json=args.json,
+                                  split=args.split, out_json=args.json,
                                   progress=not args.quiet)
   except sources.NoInputsError as e:
     return sources.no_inputs_exit(NAME, e)

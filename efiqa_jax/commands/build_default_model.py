@@ -1,26 +1,43 @@
 """efiqa build-default-model: the recorded recipe of the bundled model."""
 NAME = "build-default-model"
-HELP = ("Train, calibrate (on synthetic data) and write the bundled default "
-        "teacher; resumes in --workdir.")
+HELP = ("Split good photographs (train / calibration / held out), train the "
+        "default teacher on the training split's label-free vessel maps, "
+        "calibrate it on the calibration split (no quality labels) and write "
+        "it; resumes in --workdir.")
 
 
 def add_arguments(p):
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
-  config_util.add_config_arguments(p, "teacher_default")
-  p.add_argument("--workdir", required=True,
-                 help="training checkpoints (a rerun resumes)")
+  from efiqa_jax import default_model  # pylint: disable=g-import-not-at-top
+  p.add_argument("inputs", nargs="+",
+                 help="good photographs: folders (a folder with a "
+                 "manifest.csv `image` column, e.g. ../shared/data/"
+                 "fundus_train, is read through it), files, globs or a CSV")
+  config_util.add_config_arguments(p, default_model.DEFAULT_CONFIG)
   p.add_argument("--out", required=True,
                  help="e.g. efiqa_jax/assets/teacher_default")
-  p.add_argument("--calib-n", type=int, default=96,
-                 help="synthetic images used for calibration")
+  p.add_argument("--workdir", default="runs/teacher_default",
+                 help="checkpoints and cached vessel maps (resumes)")
+  p.add_argument("--quiet", action="store_true")
 
 
 def run(args) -> int:
+  import sys  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   from efiqa_jax import default_model  # pylint: disable=g-import-not-at-top
-  meta = default_model.build_default_model(
-      args.config, args.workdir, args.out, overrides=list(args.overrides) + list(args.config_overrides),
-      calib_n=args.calib_n)
-  print(f"wrote {args.out}: threshold {meta['anomaly_threshold']}, grading "
-        f"{meta['grading']}, map AUROC "
-        f"{meta['calibration']['map_auroc']:.3f}")
+  try:
+    meta = default_model.build_default_model(
+        args.inputs, args.out, config_spec=args.config, workdir=args.workdir,
+        overrides=list(args.overrides) + list(args.config_overrides),
+        progress=not args.quiet)
+  except (FileNotFoundError, ValueError, config_util.ConfigError) as e:
+    print(f"efiqa build-default-model: error: {e}", file=sys.stderr)
+    return 2
+  cal = meta["calibration"]
+  print(f"wrote {args.out}: map |f(x)| > {meta['map']['threshold']:g} over "
+        f"{meta['map']['window']} px (AUROC {cal['map_auroc']:.3f} on the "
+        f"calibration split), grading {meta['grading']}")
+  if cal.get("warnings"):  # one line, however many reasons
+    print("warning: this calibration is not to be trusted: " +
+          "; ".join(cal["warnings"]), file=sys.stderr)
   return 0

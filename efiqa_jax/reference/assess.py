@@ -201,30 +201,68 @@ def vessel_probability(images, fov_masks, cfg=jv.DEFAULT_CONFIG):
 # -------------------------------------------------------------- teacher chain
 
 
-def teacher_input(images, fov_masks, size, gray_threshold=50):
-  """quality_model.teacher_input: (B,3,T,T) float32, NCHW for the U-Net."""
+def pil_resize_u8(q, size):
+  """teacher.inference.resize_u8: PIL's 8-bit BILINEAR resize on (B,L,L)
+  integer-valued maps (fixed-point weights, rounding after each pass)."""
+  from efiqa_jax.teacher import inference  # pylint: disable=g-import-not-at-top
+  n = q.shape[-1]
+  if n == size:
+    return q
+  w = torch.from_numpy(inference.pil_bilinear_weights(n, size))
+  half = 1 << 21
+  x = q.to(torch.int64)
+  x = torch.clamp((torch.einsum("bhw,ow->bho", x, w) + half) >> 22, 0, 255)
+  x = torch.clamp((torch.einsum("bhw,oh->bow", x, w) + half) >> 22, 0, 255)
+  return x.to(torch.float32)
+
+
+def remove_specks(q: torch.Tensor, min_size: int) -> torch.Tensor:
+  """8-connected components of fewer than min_size non-zero pixels set to 0
+  (scipy.ndimage.label per map, as any numpy pipeline would)."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  if min_size <= 1:
+    return q
+  out = q.clone()
+  for m in out:
+    lab, n = ndimage.label(m.numpy() > 0, structure=np.ones((3, 3), bool))
+    if n:
+      sizes = np.bincount(lab.ravel())
+      small = sizes < min_size
+      small[0] = False
+      m[torch.from_numpy(small[lab])] = 0
+  return out
+
+
+def teacher_input(images, fov_masks, size, load_size=None, gray_threshold=50,
+                  min_component=0):
+  """teacher.inference.teacher_input: (B,3,T,T) float32, NCHW for the U-Net.
+  The map at the load size, grey <= 50 cut there, specks removed, PIL-resized
+  to T."""
+  load = load_size or size
   p = vessel_probability(images, fov_masks)
   b = p.shape[0]
-  pr = _resize(p, size, size)
-  mr = _resize(fov_masks.to(torch.float32), size, size) > 0.5
+  pr = _resize(p, load, load)
+  mr = _resize(fov_masks.to(torch.float32), load, load) > 0.5
   pr = torch.clamp(pr, 0.0, 1.0) * mr
   q = torch.round(pr * 255.0)
-  v = torch.where(q <= gray_threshold, torch.zeros_like(q), q / 255.0)
+  q = torch.where(q <= gray_threshold, torch.zeros_like(q), q)
+  q = remove_specks(q, min_component)
+  v = pil_resize_u8(q, size) / 255.0
   return v[:, None].expand(b, 3, size, size).contiguous()
 
 
-def pool_anomaly(anomaly, fov_t, threshold, map_size=64):
-  """quality_model.pool_anomaly: (B,T,T) -> (B,map_size,map_size)."""
+def pool_anomaly(anomaly, fov_t, threshold, window, map_size=64):
+  """teacher.inference.pool: (B,T,T) -> (B,map_size,map_size), the share of
+  anomalous FOV pixels in the window x window cells centred on each cell."""
   b, t = anomaly.shape[0], anomaly.shape[1]
   hard = (anomaly > threshold).to(torch.float32) * fov_t
   f = t // map_size
-  k = max(1, (t // 16) // f)
-  lo, hi = (k - 1) // 2, k - 1 - (k - 1) // 2  # XLA "SAME" padding
+  h = window // 2
 
   def box(x):
     x = x.reshape(b, map_size, f, map_size, f).sum(dim=(2, 4))
-    x = F.pad(x[:, None], (lo, hi, lo, hi))
-    return F.avg_pool2d(x, k, stride=1, divisor_override=1)[:, 0]
+    x = F.pad(x[:, None], (h, h, h, h))
+    return F.avg_pool2d(x, window, stride=1, divisor_override=1)[:, 0]
 
   num, den = box(hard), box(fov_t)
   return torch.where(den > 0, num / torch.clamp(den, min=1e-6),
@@ -232,14 +270,16 @@ def pool_anomaly(anomaly, fov_t, threshold, map_size=64):
 
 
 def teacher_maps(unet: RefUNetRes, images, fov_masks, *, teacher_size,
-                 threshold, map_size=64):
+                 load_size, threshold, window, map_size=64,
+                 min_component=0):
   """quality_model._teacher_maps: crops (B,S,S,3) uint8 -> maps (B,64,64)."""
-  v = teacher_input(images, fov_masks, teacher_size)
+  v = teacher_input(images, fov_masks, teacher_size, load_size,
+                    min_component=min_component)
   f = unet.forward_res(v)
   anomaly = torch.mean(torch.abs(f), dim=1)
   fov_t = (_resize(fov_masks.to(torch.float32), teacher_size, teacher_size)
            > 0.5).to(torch.float32)
-  return pool_anomaly(anomaly, fov_t, threshold, map_size)
+  return pool_anomaly(anomaly, fov_t, threshold, window, map_size)
 
 
 # ------------------------------------------------------------ weights (NNX ->)
@@ -315,7 +355,11 @@ class ReferenceAssessor:
     self.unet = torch_unet_from_nnx(nnx.merge(qm._graphdef, qm._state))  # pylint: disable=protected-access
     self.work_size = qm.work_size
     self.teacher_size = qm.teacher_size
+    self.load_size = qm.load_size
+    self.min_component = qm.min_component
     self.threshold = qm.threshold
+    self.window = qm.rule.window
+    self.map_size = qm.rule.map_size
     self.grading = qm.grading
     self.name = qm.name
 
@@ -324,7 +368,10 @@ class ReferenceAssessor:
       return teacher_maps(self.unet, torch.from_numpy(images),
                           torch.from_numpy(fov),
                           teacher_size=self.teacher_size,
-                          threshold=self.threshold).numpy()
+                          load_size=self.load_size,
+                          threshold=self.threshold, window=self.window,
+                          map_size=self.map_size,
+                          min_component=self.min_component).numpy()
 
   def assess_one(self, path: str, id_: str, out_dir: str) -> dict:
     """Decode + FOV crop, map, score, grade; writes map .npy + overlay PNG."""

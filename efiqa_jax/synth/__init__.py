@@ -30,8 +30,9 @@ reject if degraded_fraction >= 0.25; usable if degraded_fraction >= 0.05 or
 mean_degradation >= 0.15; else good. lesions (';'-joined, empty = none).
 """
 from efiqa_jax.synth.dataset import LABEL_COLUMNS, image_seed, write_dataset
-from efiqa_jax.synth.degradations import KINDS, degrade, grade
+from efiqa_jax.synth.degradations import KINDS, VESSEL_HIDING, degrade, grade
 from efiqa_jax.synth.generator import LESION_KINDS, SynthSample, generate
 
-__all__ = ["KINDS", "LABEL_COLUMNS", "LESION_KINDS", "SynthSample", "degrade",
-           "generate", "grade", "image_seed", "write_dataset"]
+__all__ = ["KINDS", "LABEL_COLUMNS", "LESION_KINDS", "SynthSample",
+           "VESSEL_HIDING", "degrade", "generate", "grade", "image_seed",
+           "write_dataset"]

@@ -8,7 +8,9 @@ Sources (config `data`):
   source='folder'     `data.path` (folder / glob / CSV, see sources.list_inputs):
                       vessels='precomputed' reads vessel-map images (PNG, gray
                       or RGB); vessels='label_free' reads photographs and
-                      segments them with `efiqa_jax.vessels`.
+                      segments them with `efiqa_jax.vessels` (FOV crop at
+                      `data.work_size`, map resized to load_size: the
+                      input `efiqa assess` gives the teacher).
 All maps are stored once as uint8 (N, L, L) at `data.load_size` with the
 reference convention (gray <= 50 set to 0) and cached in the workdir so a
 resumed run trains on the very same maps.
@@ -22,13 +24,15 @@ trainer checkpoints next to the model.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import math
 import os
-from typing import Any
+import re
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -39,6 +43,16 @@ from efiqa_jax.teacher import augment as aug_lib
 def _list_files(path: str) -> list[str]:
   from efiqa_jax.sources import list_inputs  # pylint: disable=g-import-not-at-top
   return list(list_inputs([path]))
+
+
+def _folder_inputs(dc) -> list[str]:
+  """data.path's files: vessel maps (precomputed), or the photographs of
+  data.split (label_free; a folder with a manifest.csv is read through it,
+  see list_good_photos)."""
+  if dc.vessels != "label_free":
+    return _list_files(dc.path)
+  split = str(dc.get("split", "all") or "all")
+  return [p.path for p in select_split(list_good_photos(dc.path), split)]
 
 
 def to_uint8_map(v: np.ndarray, load_size: int, gray_threshold: int,
@@ -66,15 +80,18 @@ def to_uint8_map(v: np.ndarray, load_size: int, gray_threshold: int,
   return v
 
 
-def _label_free(images: np.ndarray, fov_masks: np.ndarray) -> np.ndarray:
-  """(B,H,W,3) uint8 + (B,H,W) bool -> (B,H,W) float32 in [0,1].
+def _label_free(images: np.ndarray, fov_masks: np.ndarray,
+                size: int | None = None) -> np.ndarray:
+  """(B,H,W,3) uint8 + (B,H,W) bool -> (B,size,size) float32 in [0,1].
 
-  `efiqa_jax.vessels.vessel_map_for_teacher` (label-free, no weights), kept
-  at the input resolution; we resize to data.load_size ourselves.
+  `efiqa_jax.vessels.vessel_map_for_teacher` (label-free, no weights): the
+  probability at the crop's resolution, resized (antialiased) to `size`
+  (default: the input resolution).
   """
   from efiqa_jax import vessels  # pylint: disable=g-import-not-at-top
   h = images.shape[1]
-  out = np.asarray(vessels.vessel_map_for_teacher(images, fov_masks, size=h),
+  out = np.asarray(vessels.vessel_map_for_teacher(images, fov_masks,
+                                                  size=int(size or h)),
                    np.float32)
   return out[..., 0] if out.ndim == 4 else out
 
@@ -137,7 +154,7 @@ def _folder_maps(dc) -> tuple[np.ndarray, np.ndarray, list[dict]]:
   if not dc.path:
     raise ValueError("data.source='folder' needs data.path (a folder, glob or "
                      "CSV with a `path` column)")
-  files = _list_files(dc.path)
+  files = _folder_inputs(dc)
   if not files:
     raise ValueError(f"no image files found under data.path={dc.path!r}")
   maps, diam, skipped = [], [], []
@@ -157,13 +174,16 @@ def _folder_maps(dc) -> tuple[np.ndarray, np.ndarray, list[dict]]:
       diam.append(float(max(g.shape)))
   elif dc.vessels == "label_free":
     from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
+    # Segmented at the crop size `efiqa assess` uses (data.work_size), then
+    # resized to load_size: the map teacher/inference.teacher_input makes.
+    work = int(dc.get("work_size", 0) or dc.load_size)
     for f in files:
-      p = fundus.prepare_fundus(f, size=dc.load_size)
+      p = fundus.prepare_fundus(f, size=work)
       if p.status != "ok":
         skipped.append(dict(path=f, status=p.status, message=p.message))
         continue
-      v = _label_free(p.image[None], p.fov_mask[None])[0]
-      maps.append(to_uint8_map(v, dc.load_size, dc.gray_threshold, p.fov_mask))
+      v = _label_free(p.image[None], p.fov_mask[None], dc.load_size)[0]
+      maps.append(to_uint8_map(v, dc.load_size, dc.gray_threshold))
       diam.append(float(p.crop_size))
   else:
     raise ValueError(f"data.vessels={dc.vessels!r} is not valid with "
@@ -177,7 +197,7 @@ def _folder_maps(dc) -> tuple[np.ndarray, np.ndarray, list[dict]]:
 def data_key(dc) -> str:
   blob = json.dumps(dc.to_dict(), sort_keys=True, default=str)
   if dc.source == "folder" and dc.path:
-    files = _list_files(dc.path)
+    files = _folder_inputs(dc)
     blob += json.dumps([(f, os.path.getsize(f), os.path.getmtime(f))
                         for f in files if os.path.exists(f)])
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -204,6 +224,10 @@ def load_vessel_maps(dc, cache_dir: str | None = None
   else:
     raise ValueError(f"unknown data.source={dc.source!r} "
                      "(use 'synthetic' or 'folder')")
+  min_component = int(dc.get("min_component", 0) or 0)
+  if min_component > 1:  # as teacher/inference.teacher_input does
+    from efiqa_jax.teacher import inference  # pylint: disable=g-import-not-at-top
+    maps = inference.remove_small_components(maps, min_component)
   if skipped:
     logging.warning("skipped %d of %d inputs (see data_skipped.csv): %s",
                     len(skipped), len(skipped) + len(maps), skipped[:3])
@@ -216,7 +240,8 @@ def load_vessel_maps(dc, cache_dir: str | None = None
         w.writerows(skipped)
   desc = dict(description=what, num_maps=int(len(maps)),
               num_skipped=len(skipped), load_size=int(dc.load_size),
-              gray_threshold=int(dc.gray_threshold), data_key=key)
+              gray_threshold=int(dc.gray_threshold),
+              min_component=min_component, data_key=key)
   if cache:
     os.makedirs(cache_dir, exist_ok=True)
     tmp = cache + f".tmp{os.getpid()}.npz"  # several hosts may share workdir
@@ -280,3 +305,124 @@ def make_train_iterator(records: TrainRecords, total_steps: int, *,
   opts = grain.ReadOptions(num_threads=num_threads,
                            prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(opts))
+
+
+# ------------------------------------------------ good photographs, splits
+
+SPLITS = ("train", "calibration", "heldout")
+# Shares of each stratum's subjects; the rest trains.
+HELDOUT_SHARE = 0.2
+CALIBRATION_SHARE = 0.15
+# A trailing eye marker (chase_01L, 116_right, x_OD): both eyes of one
+# person share a split.
+_EYE = re.compile(r"(?i)(?:(?<=\d)[lr]|[_-](?:left|right|od|os|l|r))$")
+
+
+@dataclasses.dataclass(frozen=True)
+class GoodPhoto:
+  """A good photograph for training or calibration.
+
+  stratum: the set it belongs to (a folder manifest's `set` column, else the
+  first folder below the input folder); group: the subject (the id without
+  an eye marker); vessels / fov: a manual vessel annotation and FOV mask when
+  a folder manifest names them ('' otherwise).
+  """
+  path: str
+  id: str
+  stratum: str
+  group: str
+  vessels: str = ""
+  fov: str = ""
+
+
+def subject_of(photo_id: str) -> str:
+  return _EYE.sub("", photo_id)
+
+
+def _manifest_photos(folder: str) -> list[GoodPhoto] | None:
+  """A folder whose manifest.csv has an `image` column (the layout of
+  ../shared/data/fundus_train): its rows, annotations included."""
+  mf = os.path.join(folder, "manifest.csv")
+  if not os.path.isfile(mf):
+    return None
+  with open(mf, newline="") as f:
+    rows = list(csv.DictReader(f))
+  if not rows or "image" not in rows[0]:
+    return None
+
+  def rel(v):
+    return os.path.join(folder, v) if v else ""
+
+  out = []
+  for r in rows:
+    pid = r.get("id") or os.path.splitext(os.path.basename(r["image"]))[0]
+    stratum = r.get("set") or r["image"].replace(os.sep, "/").split("/")[0]
+    out.append(GoodPhoto(path=rel(r["image"]), id=pid, stratum=stratum,
+                         group=subject_of(pid), vessels=rel(r.get("vessels")),
+                         fov=rel(r.get("fov") or r.get("fov_thirdparty"))))
+  return out
+
+
+def list_good_photos(inputs: Sequence[str] | str) -> list[GoodPhoto]:
+  """Good photographs from files, folders, globs or CSVs (sources rules).
+
+  A folder holding a manifest.csv with an `image` column is read through it,
+  so its annotation and mask files are not taken for photographs.
+  """
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+  if isinstance(inputs, str):
+    inputs = [inputs]
+  photos: list[GoodPhoto] = []
+  for inp in inputs:
+    listed = _manifest_photos(inp) if os.path.isdir(inp) else None
+    if listed is None:
+      paths = sources.list_inputs([inp])
+      listed = []
+      for p in paths:
+        if os.path.isdir(inp):
+          stratum = os.path.relpath(p, inp).replace(os.sep, "/").split("/")[0]
+          stratum = "" if stratum == os.path.basename(p) else stratum
+        else:
+          stratum = os.path.basename(os.path.dirname(os.path.abspath(p)))
+        listed.append(GoodPhoto(path=p, id="", stratum=stratum, group=""))
+    photos += listed
+  ids = sources.unique_ids([p.path for p in photos])
+  return [dataclasses.replace(p, id=p.id or i,
+                              group=p.group or subject_of(p.id or i))
+          for p, i in zip(photos, ids)]
+
+
+def assign_splits(photos: Sequence[GoodPhoto]) -> dict[str, str]:
+  """{photo id: 'train' | 'calibration' | 'heldout'}, fixed by hashing.
+
+  Within each stratum the subjects are ordered by sha256(stratum/subject);
+  the first round(HELDOUT_SHARE * n) are held out, the next
+  round(CALIBRATION_SHARE * n) calibrate, the rest train. Deterministic, no
+  file to keep, and both eyes of one person land in the same split.
+  """
+  by_stratum: dict[str, set] = {}
+  for p in photos:
+    by_stratum.setdefault(p.stratum, set()).add(p.group)
+  split_of_group = {}
+  for stratum, groups in by_stratum.items():
+    order = sorted(groups, key=lambda g: hashlib.sha256(
+        f"{stratum}/{g}".encode()).hexdigest())
+    n_held = int(round(HELDOUT_SHARE * len(order)))
+    n_cal = int(round(CALIBRATION_SHARE * len(order)))
+    for k, g in enumerate(order):
+      split_of_group[(stratum, g)] = (
+          "heldout" if k < n_held else
+          "calibration" if k < n_held + n_cal else "train")
+  return {p.id: split_of_group[(p.stratum, p.group)] for p in photos}
+
+
+def select_split(photos: Sequence[GoodPhoto], split: str
+                 ) -> list[GoodPhoto]:
+  """The photographs of one split ('all' keeps every photograph)."""
+  if split == "all":
+    return list(photos)
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r} (use one of {SPLITS} or "
+                     "'all')")
+  s = assign_splits(photos)
+  return [p for p in photos if s[p.id] == split]

@@ -1,0 +1,480 @@
+"""Teacher calibration, label-free: map rule, grade cut-offs, pseudo-labels.
+
+A teacher's |f(x)| has its own scale (width, resolution, training data), so
+the numbers that turn it into a map and grades are measured per teacher, on
+GOOD photographs the teacher never trained on and on damage of known extent
+made from them (no quality label anywhere):
+
+  clean          the photograph as is: nothing is missing;
+  degraded       `synth.degrade` with each kind that hides vessels from the
+                 label-free segmenter (synth.VESSEL_HIDING) at several
+                 severities; truth = its mask (local severity >= 0.5);
+  erased         the teacher input with random disks of vessels erased
+                 (vessels that should be there and are not, exactly what the
+                 teacher detects); truth = the erased disks.
+
+Measured on them:
+  map rule       the pixel threshold on |f(x)| and the window (map cells
+                 around each map cell) whose map finds the truth best
+                 (pixel AUROC on the map grid), among thresholds from the
+                 95th percentile of |f(x)| on the clean photographs up (a
+                 good photograph's map stays low);
+  grade cut-offs good_min / usable_min on quality (1 - mean map) that best
+                 reproduce the grade of each variant (balanced accuracy):
+                 clean -> good; damaged -> `synth.grade` of its truth
+                 (reject when >= 25 % of the FOV is lost, usable when >= 5 %
+                 or the mean severity is >= 0.15);
+  pseudo-labels  the cell share `relax` whose hard cell labels find the
+                 damaged cells best.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from efiqa_jax import metrics
+from efiqa_jax import quality as quality_lib
+from efiqa_jax.teacher import inference
+
+# |f(x)| scales differ by teacher (a base-32 256-px teacher fills in ~10x less
+# on intact maps than a base-8 128-px one), hence the wide range.
+THRESHOLDS = (0.0025, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.025,
+              0.03, 0.04, 0.05, 0.065, 0.08, 0.1, 0.13)
+WINDOWS = (3, 5, 9, 13)  # map window sides tried, in map cells
+# Pseudo-label cell shares tried (the reference's 0.9 among them).
+RELAXES = (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9)
+LABEL_GRID = 32  # cells per side of the calibrated pseudo-label rule
+SEVERITIES = (0.35, 0.65, 0.95)
+# A pixel may only count as anomalous above what the teacher fills in on this
+# share of the clean photographs' FOV pixels: without the floor the AUROC
+# optimum can sit where good photographs are flagged all over (their maps
+# rank below the damaged ones', but the map means nothing).
+CLEAN_QUANTILE = 0.95
+ERASURES = 2  # erased copies per photograph
+
+
+@dataclasses.dataclass
+class Calibration:
+  anomaly_threshold: float
+  window: int
+  clean_floor: float
+  good_min: float
+  usable_min: float
+  map_auroc: float
+  grade_balanced_accuracy: float
+  threshold_sweep: dict
+  n_images: int
+  # The pseudo-label rule: a cell is positive when >= label_relax of its
+  # pixels exceed anomaly_threshold; chosen by balanced accuracy against the
+  # damaged cells on a label_grid x label_grid grid.
+  label_relax: float = 0.9
+  label_grid: int = LABEL_GRID
+  label_balanced_accuracy: float = float("nan")
+  relax_sweep: dict = dataclasses.field(default_factory=dict)
+  data: dict = dataclasses.field(default_factory=dict)
+  # What each grade means on the calibration variants: share graded good /
+  # usable / reject per truth grade (rows), and the clean photographs'
+  # quality and degraded_fraction.
+  confusion: dict = dataclasses.field(default_factory=dict)
+  clean: dict = dataclasses.field(default_factory=dict)
+  warnings: list = dataclasses.field(default_factory=list)
+
+  def rule(self, map_size: int = inference.MAP_SIZE) -> inference.MapRule:
+    return inference.MapRule(threshold=self.anomaly_threshold,
+                             window=self.window, map_size=map_size)
+
+
+def erase_masks(rng: np.random.Generator, fov: np.ndarray,
+                n_max: int = 3) -> np.ndarray:
+  """Random disks where the vessels are made to vanish, inside the FOV:
+  unions of 1..n_max disks of radius 15-45 % of the FOV radius (0 to ~60 %
+  of the FOV, across the grade cut-offs)."""
+  t = fov.shape[0]
+  e = np.zeros((t, t), bool)
+  ys, xs = np.nonzero(fov)
+  rad = np.sqrt(fov.sum() / np.pi)
+  yy, xx = np.mgrid[:t, :t]
+  for _ in range(int(rng.integers(1, n_max + 1))):
+    k = int(rng.integers(len(ys)))
+    r = rad * rng.uniform(0.15, 0.45)
+    e |= (yy - ys[k]) ** 2 + (xx - xs[k]) ** 2 <= r * r
+  return (e & fov.astype(bool)).astype(np.float32)
+
+
+def _area(x: np.ndarray, n: int) -> np.ndarray:
+  """(B, S, S) -> (B, n, n) cell means (S a multiple of n), else PIL box."""
+  x = np.asarray(x, np.float32)
+  s = x.shape[-1]
+  if s % n == 0:
+    return x.reshape(x.shape[0], n, s // n, n, s // n).mean(axis=(2, 4))
+  return np.stack([quality_lib.fov_at(a, (n, n)) for a in x])
+
+
+@dataclasses.dataclass
+class Variants:
+  """|f(x)| of the calibration variants, with their truth."""
+  anomaly: np.ndarray  # (N, T, T) float32
+  fov_t: np.ndarray  # (N, T, T) {0, 1}
+  truth_t: np.ndarray  # (N, T, T) local severity of the damage in [0, 1]
+  grade: np.ndarray  # (N,) truth grade
+  kind: np.ndarray  # (N,) 'clean', a degradation kind or 'erased'
+
+
+def collect(quality_model, crops: Iterable[tuple[np.ndarray, np.ndarray]], *,
+            kinds: Sequence[str] | None = None,
+            severities: Sequence[float] = SEVERITIES,
+            erasures: int = ERASURES, seed: int = 900_000,
+            progress: bool = False) -> Variants:
+  """Runs the teacher on every variant of every (image, fov) crop."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import synth  # pylint: disable=g-import-not-at-top
+
+  qmod = quality_model
+  kinds = list(synth.VESSEL_HIDING if kinds is None else kinds)
+  t_size, load = qmod.teacher_size, qmod.load_size
+  graphdef, state = qmod._graphdef, qmod._state  # pylint: disable=protected-access
+
+  @jax.jit
+  def inputs(images, fov):
+    return (inference.teacher_input(images, fov, teacher_size=t_size,
+                                    load_size=load,
+                                    min_component=qmod.min_component),
+            inference.fov_at_teacher(fov, t_size))
+
+  @jax.jit
+  def anomaly(state, x):
+    return inference.anomaly(nnx.merge(graphdef, state), x)
+
+  def run(x):
+    out = []
+    b = qmod.batch_size
+    for s in range(0, len(x), b):
+      xb = x[s:s + b]
+      k = len(xb)
+      if k < b:
+        xb = np.concatenate([xb, np.zeros((b - k,) + xb.shape[1:], xb.dtype)])
+      out.append(np.asarray(anomaly(state, xb))[:k])
+    return np.concatenate(out)
+
+  rng = np.random.default_rng(seed)
+  acc = {k: [] for k in ("anomaly", "fov_t", "truth_t", "grade", "kind")}
+  it = crops
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    it = tqdm(crops, desc="calibrate", unit="photo")
+  for image, fov in it:
+    imgs, truth, grades, kk = [image], [np.zeros(fov.shape, np.float32)], [
+        "good"], ["clean"]
+    for kind in kinds:
+      for sev in severities:
+        img, mask, info = synth.degrade(image, fov, int(rng.integers(2**31)),
+                                        kinds=[kind], severity=sev)
+        imgs.append(img)
+        truth.append(mask)
+        grades.append(info["grade"])
+        kk.append(kind)
+    x, fov_t = inputs(np.stack(imgs), np.repeat(fov[None], len(imgs), 0))
+    x, fov_t = np.asarray(x), np.asarray(fov_t)
+    tr = np.stack([_resize_truth(m, t_size) for m in truth])
+    # Erasures of the clean photograph's own teacher input.
+    for _ in range(erasures):
+      e = erase_masks(rng, fov_t[0])
+      x = np.concatenate([x, (x[0] * (1.0 - e)[..., None])[None]])
+      fov_t = np.concatenate([fov_t, fov_t[:1]])
+      tr = np.concatenate([tr, e[None]])
+      share = float(e.sum() / max(fov_t[0].sum(), 1.0))
+      grades.append(synth.grade(share, share))
+      kk.append("erased")
+    acc["anomaly"].append(run(x))
+    acc["fov_t"].append(fov_t)
+    acc["truth_t"].append(tr)
+    acc["grade"] += grades
+    acc["kind"] += kk
+  if not acc["anomaly"]:
+    raise ValueError("no photograph to calibrate on")
+  return Variants(anomaly=np.concatenate(acc["anomaly"]),
+                  fov_t=np.concatenate(acc["fov_t"]),
+                  truth_t=np.concatenate(acc["truth_t"]),
+                  grade=np.asarray(acc["grade"]), kind=np.asarray(acc["kind"]))
+
+
+def _resize_truth(mask: np.ndarray, t: int) -> np.ndarray:
+  """A crop-sized degradation mask on the teacher grid (area average)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return np.asarray(Image.fromarray(np.asarray(mask, np.float32), mode="F")
+                    .resize((t, t), Image.BOX), np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_fn(window: int, map_size: int):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.jit(functools.partial(inference.pool_share, window=window,
+                                   map_size=map_size))
+
+
+def maps_of(v: Variants, rule: inference.MapRule) -> np.ndarray:
+  fn = _pool_fn(rule.window, rule.map_size)
+  thr = np.float32(rule.threshold)
+  return np.concatenate([np.asarray(fn(v.anomaly[s:s + 64],
+                                       v.fov_t[s:s + 64], thr))
+                         for s in range(0, len(v.anomaly), 64)])
+
+
+def measure(v: Variants, maps: np.ndarray) -> dict:
+  """Map AUROC (map cells with >= half of their FOV part damaged at
+  severity >= 0.5, FOV-weighted) and per-variant (quality, fraction)."""
+  m = maps.shape[-1]
+  w = _area(v.fov_t, m)
+  hit = _area((v.truth_t >= 0.5) * v.fov_t, m)
+  y = (hit >= 0.5 * np.maximum(w, 1e-6)) & (w > 0)
+  q, frac = zip(*(quality_lib.summarise(maps[i], w[i])
+                  for i in range(len(maps))))
+  return dict(map_auroc=float(metrics.auroc(y.ravel(), maps.ravel(),
+                                            w.ravel())),
+              quality=np.asarray(q), fraction=np.asarray(frac))
+
+
+def calibrate(quality_model, crops, *, kinds=None,
+              severities: Sequence[float] = SEVERITIES,
+              erasures: int = ERASURES, label_grid: int = LABEL_GRID,
+              seed: int = 900_000, data: dict | None = None,
+              progress: bool = True) -> Calibration:
+  """Measures a teacher's map rule, grade cut-offs and pseudo-label rule on
+  good photographs (`crops`: (image, fov) FOV crops at the model's work size)
+  and their damaged variants (module docstring)."""
+  v = collect(quality_model, crops, kinds=kinds, severities=severities,
+              erasures=erasures, seed=seed, progress=progress)
+  cl = v.kind == "clean"
+  floor = float(np.quantile(v.anomaly[cl][v.fov_t[cl] > 0], CLEAN_QUANTILE))
+  # The floor itself is a candidate unless it is 0 (a teacher that fills in
+  # nothing on clean photographs: every swept threshold lies above it).
+  candidates = sorted(({round(floor, 5)} if round(floor, 5) > 0 else set())
+                      | {t for t in THRESHOLDS if t > floor})
+  sweep, best = {}, None
+  for w in WINDOWS:
+    for thr in candidates:
+      rule = inference.MapRule(threshold=thr, window=w)
+      r = measure(v, maps_of(v, rule))
+      sweep[f"{thr:g}@{w}"] = round(r["map_auroc"], 4)
+      if best is None or r["map_auroc"] > best[2]["map_auroc"] + 1e-9:
+        best = (thr, w, r)
+  thr, win, r = best
+  good_min, usable_min, bacc = fit_grade_cutoffs(r["quality"], v.grade)
+  grading = quality_lib.Grading(good_min=good_min, usable_min=usable_min)
+  pred = np.array([grading.grade(q) for q in r["quality"]])
+  confusion = {g: {p: round(float(np.mean(pred[v.grade == g] == p)), 3)
+                   for p in quality_lib.GRADES}
+               for g in quality_lib.GRADES if np.any(v.grade == g)}
+  clean = dict(n=int(cl.sum()),
+               quality_min=round(float(r["quality"][cl].min()), 4),
+               quality_mean=round(float(r["quality"][cl].mean()), 4),
+               degraded_fraction_max=round(float(r["fraction"][cl].max()), 4),
+               degraded_fraction_mean=round(float(r["fraction"][cl].mean()),
+                                            4))
+  relax, label_bacc, relax_sweep = fit_label_relax(
+      v.anomaly * v.fov_t, v.fov_t, (v.truth_t >= 0.5).astype(np.float32),
+      thr, label_grid)
+  cal = Calibration(
+      anomaly_threshold=float(thr), window=int(win), good_min=good_min,
+      clean_floor=round(floor, 5),
+      usable_min=usable_min, map_auroc=r["map_auroc"],
+      grade_balanced_accuracy=bacc, threshold_sweep=sweep,
+      n_images=int(len(v.kind)), label_relax=relax,
+      label_grid=int(label_grid), label_balanced_accuracy=label_bacc,
+      relax_sweep=relax_sweep,
+      data=dict(data or {}, variants={k: int(np.sum(v.kind == k))
+                                      for k in np.unique(v.kind)},
+                severities=list(severities), erasures=int(erasures),
+                seed=int(seed)),
+      confusion=confusion, clean=clean)
+  cal.warnings = warnings_for(cal)
+  return cal
+
+
+def warnings_for(cal: Calibration) -> list[str]:
+  """Why a calibration is not to be trusted, one line each (empty if fine)."""
+  out = []
+  if not cal.map_auroc >= 0.6:
+    out.append(f"the teacher's map barely finds the damage (AUROC "
+               f"{cal.map_auroc:.2f}; 0.5 is chance): train it longer or on "
+               "more good photographs before using its map")
+  if cal.usable_min <= 1e-3 or cal.good_min >= 1 - 1e-3:
+    out.append(f"a grade cut-off sits at the end of the quality range "
+               f"(usable_min {cal.usable_min:g}, good_min {cal.good_min:g}): "
+               "the grades do not separate the damage")
+  if cal.grade_balanced_accuracy < 0.5:
+    out.append(f"grades reproduce the damage poorly (balanced accuracy "
+               f"{cal.grade_balanced_accuracy:.2f})")
+  return out
+
+
+def fit_label_relax(anomaly, fov, erase, threshold: float, grid: int
+                    ) -> tuple[float, float, dict]:
+  """The cell share (`relax`) whose hard pseudo-labels (share of pixels
+  with |f(x)| > threshold) best find the damaged cells (damaged >= half of
+  the cell's FOV part): balanced accuracy over the cells that touch the FOV."""
+  from efiqa_jax import pseudo_labels as pl  # pylint: disable=g-import-not-at-top
+  share = np.stack([pl.cell_means((np.asarray(a) > threshold).astype(
+      np.float32), grid) for a in anomaly])
+  f = np.stack([pl.cell_means(np.asarray(x, np.float32), grid) for x in fov])
+  e = np.stack([pl.cell_means(np.asarray(x, np.float32) * y, grid)
+                for x, y in zip(erase, fov)])
+  inside = f > 0
+  truth = (e >= 0.5 * np.maximum(f, 1e-6))[inside]
+  share = share[inside]
+  sweep, best = {}, (0.9, -1.0)
+  for r in RELAXES:
+    lab = share >= r - 1e-6  # as pseudo_labels.patch_labels
+    tpr = np.mean(lab[truth]) if truth.any() else 0.0
+    tnr = np.mean(~lab[~truth]) if (~truth).any() else 0.0
+    b = 0.5 * (tpr + tnr)
+    sweep[str(r)] = round(float(b), 4)
+    if b > best[1] + 1e-12:
+      best = (float(r), float(b))
+  return best[0], best[1], sweep
+
+
+def fit_grade_cutoffs(quality, grades) -> tuple[float, float, float]:
+  """Cut-offs (good_min > usable_min) maximising balanced accuracy."""
+  q = np.asarray(quality, np.float64)
+  g = np.asarray(grades)
+  cands = np.unique(np.round(np.concatenate([q, [0.0, 1.0]]), 4))
+  present = [c for c in quality_lib.GRADES if np.any(g == c)]
+  best = (quality_lib.GOOD_MIN, quality_lib.USABLE_MIN, -1.0)
+  for i, lo in enumerate(cands):
+    for hi in cands[i + 1:]:
+      pred = np.where(q >= hi, "good", np.where(q >= lo, "usable", "reject"))
+      bacc = np.mean([np.mean(pred[g == c] == c) for c in present])
+      if bacc > best[2] + 1e-12:
+        best = (float(hi), float(lo), float(bacc))
+  return best
+
+
+def calibrated_meta(meta: dict, cal: Calibration, work_size: int) -> dict:
+  """The sidecar fields a calibration sets (map rule, grading, pseudo-label
+  rule, the whole calibration record)."""
+  return dict(
+      meta, work_size=int(work_size),
+      anomaly_threshold=cal.anomaly_threshold,
+      map={"threshold": cal.anomaly_threshold, "window": cal.window,
+           "map_size": inference.MAP_SIZE},
+      grading={"good_min": round(cal.good_min, 4),
+               "usable_min": round(cal.usable_min, 4)},
+      pseudo_labels={"threshold": cal.anomaly_threshold,
+                     "relax": cal.label_relax, "grid": cal.label_grid},
+      calibration=dataclasses.asdict(cal))
+
+
+# ------------------------------------------------------------- photographs
+
+
+def photo_crops(paths: Sequence[str], work_size: int, skipped: list):
+  """(image, fov) FOV crops of photographs; failures go to `skipped`."""
+  from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
+  for p in paths:
+    prep = fundus.prepare_fundus(p, size=work_size)
+    if prep.status != "ok":
+      skipped.append(dict(path=p, status=prep.status, message=prep.message))
+      continue
+    yield prep.image, prep.fov_mask
+
+
+def synthetic_crops(n: int, work_size: int, seed: int = 900_000):
+  """Clean synthetic photographs (seeds disjoint from the trainer's) and
+  scikit-image's public-domain retina photograph in 8 orientations: the
+  fallback when no good photographs are given."""
+  from efiqa_jax import fundus, synth  # pylint: disable=g-import-not-at-top
+  for i in range(n):
+    s = synth.generate(seed + i, work_size, degrade=False)
+    yield s.image, s.fov_mask
+  from skimage import data  # pylint: disable=g-import-not-at-top
+  p = fundus.prepare_image(data.retina(), work_size)
+  if p.status != "ok":
+    raise RuntimeError("the scikit-image retina photograph did not prepare")
+  for k in range(4):
+    for flip in (False, True):
+      im, fm = np.rot90(p.image, k), np.rot90(p.fov_mask, k)
+      if flip:
+        im, fm = im[:, ::-1], fm[:, ::-1]
+      yield np.ascontiguousarray(im), np.ascontiguousarray(fm)
+
+
+def calibration_photos(inputs: Sequence[str], split: str = "calibration"
+                       ) -> tuple[list[str], dict]:
+  """The photographs of `split` among good photographs (teacher.data splits)
+  and a description for the sidecar."""
+  from efiqa_jax.teacher import data as data_lib  # pylint: disable=g-import-not-at-top
+  photos = data_lib.list_good_photos(list(inputs))
+  chosen = data_lib.select_split(photos, split)
+  if not chosen:
+    raise ValueError(f"no photograph of split {split!r} among {len(photos)} "
+                     f"under {list(inputs)}")
+  return [p.path for p in chosen], dict(
+      source=[os.path.abspath(i) for i in inputs], split=split,
+      ids=[p.id for p in chosen])
+
+
+def calibrate_teacher(teacher: str, out: str, *, photos: Sequence[str] = (),
+                      split: str = "calibration",
+                      work_size: int | None = None, n: int = 96,
+                      label_grid: int = LABEL_GRID,
+                      progress: bool = True) -> dict:
+  """`efiqa calibrate-teacher`: measures a trained teacher's map rule, grade
+  cut-offs and pseudo-label rule (no quality label) on the `split` of the
+  good photographs `photos` (all of them with split 'all'), or, without
+  photographs, on `n` clean synthetic photographs and scikit-image's retina
+  photograph; writes the teacher with them in its sidecar to `out`."""
+  from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  model, meta = checkpoints.load_model(teacher)
+  if meta.get("architecture") != "unet":
+    raise ValueError(f"{teacher} is not a teacher (architecture "
+                     f"{meta.get('architecture')!r}, expected 'unet')")
+  if os.path.abspath(out) == os.path.abspath(teacher):
+    raise ValueError("--out must differ from the teacher directory")
+  ws = int(work_size or meta.get("work_size", 512))
+  return calibrate_and_write(
+      model, meta, out, work_size=ws, photos=photos, split=split,
+      name=os.path.basename(os.path.normpath(teacher)), n=n,
+      label_grid=label_grid, progress=progress)
+
+
+def calibrate_and_write(model, meta: dict, out: str, *, work_size: int,
+                        name: str, photos: Sequence[str] = (),
+                        split: str = "calibration", n: int = 96,
+                        label_grid: int = LABEL_GRID, progress: bool = True,
+                        extra: dict | None = None) -> dict:
+  """Calibrates a loaded teacher and writes it with its calibration (the
+  sidecar and calibration.json) to `out`; returns the sidecar."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import quality_model as qm  # pylint: disable=g-import-not-at-top
+  meta = {k: v for k, v in meta.items()
+          if k not in ("format", "version", "architecture", "kwargs")}
+  qmod = qm.TeacherQualityModel(model, dict(meta, work_size=work_size),
+                                name=name)
+  skipped: list = []
+  if photos:
+    paths, desc = calibration_photos(photos, split)
+    crops = photo_crops(paths, work_size, skipped)
+  else:
+    desc = dict(source=f"{n} clean synthetic photographs (efiqa_jax.synth, "
+                "seeds 900000..) and scikit-image's retina photograph "
+                "(8 orientations)")
+    crops = synthetic_crops(n, work_size)
+  cal = calibrate(qmod, crops, label_grid=label_grid, data=desc,
+                  progress=progress)
+  if skipped:
+    cal.data["skipped"] = skipped
+  meta = dict(calibrated_meta(meta, cal, work_size), **(extra or {}))
+  if os.path.isdir(out):
+    shutil.rmtree(out)
+  checkpoints.save_model(out, model, meta)
+  with open(os.path.join(out, "calibration.json"), "w") as f:
+    json.dump(dataclasses.asdict(cal), f, indent=2)
+  return meta
