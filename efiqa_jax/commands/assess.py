@@ -26,6 +26,11 @@ def add_arguments(p):
                  help="student: 'efiqa' (default) post-processes the map as "
                  "the paper does (grey opening + closing over 3x3 cells, "
                  "Gaussian of 1 cell); 'none' keeps sigmoid(logits)")
+  p.add_argument("--preprocess", choices=("efiqa", "fov"), default=None,
+                 help="student: what the encoder sees. 'efiqa': the whole "
+                 "photograph (EFIQA's extractor and demo); 'fov': the FOV "
+                 "crop. Default: what the adapter records (ported official "
+                 "weights: efiqa)")
   p.add_argument("--save-logits", action="store_true",
                  help="student: also write DIR/logits/<id>.npy (gh, gw) raw "
                  "adapter logits")
@@ -45,18 +50,20 @@ def add_arguments(p):
 def run(args) -> int:
   import sys  # pylint: disable=g-import-not-at-top
   from efiqa_jax import assess  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import quality_model as qm_lib  # pylint: disable=g-import-not-at-top
   try:
-    res = assess.assess(args.inputs, args.out, model=args.model,
+    qm = qm_lib.load_quality_model(
+        args.model, encoder=args.encoder, adapter=args.adapter,
+        calibration=args.calibration, dtype=args.encoder_dtype,
+        map_filter=args.map_filter, preprocess=args.preprocess)
+    if hasattr(qm, "preprocess_note"):  # the student says what it reads
+      print(f"efiqa assess: {qm.preprocess_note()}", file=sys.stderr)
+    res = assess.assess(args.inputs, args.out, quality_model=qm,
                         batch_size=args.batch_size, num_threads=args.threads,
                         num_workers=args.workers,
                         overlays=not args.no_overlays,
                         progress=not args.quiet,
-                        save_logits=args.save_logits,
-                        model_kwargs={"encoder": args.encoder,
-                                      "adapter": args.adapter,
-                                      "calibration": args.calibration,
-                                      "dtype": args.encoder_dtype,
-                                      "map_filter": args.map_filter})
+                        save_logits=args.save_logits)
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa assess: error: {e}", file=sys.stderr)
     return assess.EXIT_USAGE
