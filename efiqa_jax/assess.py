@@ -10,7 +10,9 @@ Output contract (also in the README):
   DIR/overlays/<id>.png heat-map overlay on the FOV crop (or that square)
   DIR/logits/<id>.npy   (save_logits, student only) float32 (gh, gw) raw
                         adapter logits before any post-processing
-  DIR/report.html       contact sheet sorted by quality
+  DIR/report.html       the report (report.write_report); its pictures in
+                        DIR/report/ (<id>.jpg FOV crop or that square,
+                        <id>.png map layer)
 
 Resumability: each finished image is appended to DIR/progress[-pK].jsonl after
 its map and overlay are on disk (one JSON line, flushed and fsynced per batch).
@@ -134,6 +136,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
   if quality_model is None:
     from efiqa_jax import quality_model as qm_lib  # pylint: disable=g-import-not-at-top
     quality_model = qm_lib.load_quality_model(model, **(model_kwargs or {}))
+  if hasattr(quality_model, "preprocess_note"):  # the student: what it reads
+    print(f"efiqa assess: {quality_model.preprocess_note()}", file=sys.stderr)
   model_name = quality_model.name
   if save_logits and not hasattr(quality_model, "predict_logits"):
     raise ValueError(f"model {model_name!r} has no logits (--save-logits is "
@@ -157,11 +161,12 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
     # ahead of the device; this process's slice only, padded to whole
     # batches, every record exactly once.
     from efiqa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
     # A model may read photographs its own way (the student's efiqa path).
     prepare = getattr(quality_model, "assess_prepare", lambda: None)()
     batches = input_pipeline.inference_batches(
         [paths[i] for i in todo], batch_size,
-        prepare=prepare or AssessPrepare(quality_model.work_size),
+        prepare=prepare or sources.PrepareFundus(quality_model.work_size),
         process_index=0, process_count=1, num_workers=num_workers,
         read_threads=num_threads)
     # Writers (PNG encoding releases the GIL) get their own thread count:
@@ -214,7 +219,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
     _write_csv(scores_csv, final)
     report_lib.write_report(os.path.join(out_dir, "report.html"), final,
                             f"efiqa assess — {len(final)} images, model "
-                            f"{model_name}")
+                            f"{model_name}",
+                            grading=quality_model.grading)
   n_ok = sum(1 for r in final if r["status"] == "ok")
   n_fail = len(final) - n_ok
   if not final:
@@ -223,34 +229,6 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
     code = EXIT_OK if n_fail == 0 else EXIT_SOME_FAILED
   return AssessResult(out_dir, len(final), n_ok, n_fail, skipped, code,
                       scores_csv)
-
-
-class AssessPrepare:
-  """Grain transform: path -> row, plus the `circular` flag of the FOV."""
-
-  def __init__(self, size: int):
-    from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
-    self._inner = sources.PrepareFundus(size)
-    self.size = size
-
-  def blank(self, status: str, message: str = "", path: str = "") -> dict:
-    row = self._inner.blank(status, message, path)
-    row["circular"] = np.bool_(False)
-    return row
-
-  def map(self, element):
-    from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
-    circular = []
-
-    def load(src, size, **kw):
-      p = fundus.prepare_fundus(src, size, **kw)
-      circular.append(p.circular)
-      return p
-
-    inner = type(self._inner)(self.size, load_fn=load)
-    row = inner.map(element)
-    row["circular"] = np.bool_(circular[0] if circular else False)
-    return row
 
 
 def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
@@ -289,16 +267,10 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
     # A calibrated model pools its own way (efiqa calibrate).
     q, frac = getattr(quality_model, "summarise", quality_lib.summarise)(
         qmap, w)
-    circular = bool(batch["circular"][k])
-    if probs is not None:  # EyeQ head: its class; never good off-circle
+    if probs is not None:  # EyeQ head: its class
       grade = quality_lib.GRADES[int(np.argmax(probs[k]))]
-      if grade == "good" and not circular:
-        grade = "usable"
     else:
-      grade = quality_model.grading.grade(q, circular)
-    if not circular:
-      note = "no circular field of view: never graded good"
-      message = f"{message}; {note}" if message else note
+      grade = quality_model.grading.grade(q)
     cx, cy, r = (float(v) for v in batch["fov"][k])
     x0, y0, side = (int(v) for v in batch["crop"][k][:3])
     if side <= 0:  # the map covers the whole photograph, not a crop square
@@ -327,6 +299,8 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
         _write_outputs, out_dir, id_, qmap,
         None if ovs is None else ovs[k],
         None if logits is None else np.asarray(logits[k], np.float32)))
+    writes.append(pool.submit(report_lib.write_card_files, out_dir, id_,
+                              np.asarray(batch["image"][k]), qmap))
   return rows, writes
 
 

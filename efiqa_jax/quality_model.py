@@ -45,6 +45,12 @@ def load_quality_model(name_or_path: str = "default", **kwargs):
           "efiqa-jax or pass --model PATH")
     return TeacherQualityModel.from_checkpoint(path, name="default", **kwargs)
   if os.path.isdir(name_or_path):
+    from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    try:
+      checkpoints.check_kind(name_or_path, "teacher")
+    except ValueError as e:
+      raise ValueError(f"{e} (a student is --model student --encoder DIR "
+                       "--adapter DIR)") from None
     return TeacherQualityModel.from_checkpoint(name_or_path, **kwargs)
   raise FileNotFoundError(
       f"unknown model {name_or_path!r}: give 'default' or a teacher export "
@@ -85,7 +91,7 @@ class TeacherQualityModel:
   @classmethod
   def from_checkpoint(cls, path: str, **kwargs):
     from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    model, meta = checkpoints.load_model(path)
+    model, meta = checkpoints.load_model(path, kind="teacher")
     return cls(model, meta, **kwargs)
 
   def prepare(self, path):
@@ -272,12 +278,14 @@ class StudentQualityModel:
     from efiqa_jax.models import adapters  # pylint: disable=g-import-not-at-top
     if not encoder or not adapter:
       raise ValueError("--model student needs --encoder DIR and --adapter DIR")
+    checkpoints.check_kind(encoder, "encoder")  # both before loading either
+    checkpoints.check_kind(adapter, "adapter")
     enc, enc_meta = checkpoints.load_model(encoder, dtype=dtype,
-                                           frozen=True)
+                                           frozen=True, kind="encoder")
     if getattr(enc, "ARCH", None) != "vit":
       raise ValueError(f"{encoder} is not a ViT encoder")
     enc.to_inference_form()  # replicated and only run: fused q/k/v
-    ada, ada_meta = checkpoints.load_model(adapter)
+    ada, ada_meta = checkpoints.load_model(adapter, kind="adapter")
     if not adapters.is_adapter_architecture(ada_meta["architecture"]):
       raise ValueError(f"{adapter} holds a {ada_meta['architecture']!r} "
                        "model, not an adapter")
@@ -293,8 +301,6 @@ class StudentQualityModel:
         grading = quality_lib.Grading(**cal["grading"])
     head = None
     if calibration and cal.get("eyeq_head"):
-      from efiqa_jax.student import eyeq_head as _  # pylint: disable=g-import-not-at-top,unused-import
-
       hp = cal["eyeq_head"]
       if not os.path.isabs(hp):  # relative to the calibration file
         hp = os.path.join(os.path.dirname(os.path.abspath(calibration)), hp)
@@ -407,7 +413,7 @@ class StudentQualityModel:
 class PhotographPrepare:
   """`assess`'s grain transform for the student's `efiqa` preprocessing:
   path -> row on the photograph frame (`prepare_photograph`): image and
-  fov_mask (work_size square view of the whole photograph), fov, circular,
+  fov_mask (work_size square view of the whole photograph), fov,
   encoder_image (size, size, 3) uint8, crop [-1, -1, -1, orig_h, orig_w]
   (no crop square)."""
 
@@ -417,7 +423,6 @@ class PhotographPrepare:
   def blank(self, status: str, message: str = "", path: str = "") -> dict:
     from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
     row = sources.blank_row(self.work_size, status, message, path)
-    row["circular"] = np.bool_(False)
     row["encoder_image"] = np.zeros((self.size, self.size, 3), np.uint8)
     return row
 
@@ -432,7 +437,7 @@ class PhotographPrepare:
     if p.ok:
       row.update(image=np.asarray(p.image, np.uint8),
                  fov_mask=np.asarray(p.fov_mask, bool), encoder_image=enc,
-                 circular=np.bool_(p.circular), ok=np.bool_(True))
+                 ok=np.bool_(True))
     return row
 
 

@@ -113,13 +113,12 @@ def test_distill_efiqa_labels_on_the_photograph(tmp_path, monkeypatch,
   from efiqa_jax import fundus
   from efiqa_jax import pseudo_labels
   from efiqa_jax.student import train
-  from efiqa_jax.models import adapters
   monkeypatch.setattr(pseudo_labels, "write_pseudo_labels",
                       _fake_pseudo_labels)
   # The teacher is never run (the labeller above stands in for it): distill
-  # only reads its sidecar, so a small model directory stands in too.
-  checkpoints.save_model(tmp_path / "teacher", adapters.LinearAdapter(
-      1, rngs=nnx.Rngs(0)), {"image_size": 64})
+  # only reads its sidecar (which must be a teacher's); a tiny U-Net.
+  checkpoints.save_model(tmp_path / "teacher", unet.UNet(
+      base_channels=4, rngs=nnx.Rngs(0)), {"image_size": 64})
   checkpoints.save_model(tmp_path / "enc", vit.VisionTransformer(
       patch_size=16, hidden_size=16, depth=1, num_heads=2, mlp_hidden=32,
       num_registers=4, layerscale=True, qkv_bias="qv", pos="rope",

@@ -16,7 +16,7 @@ from PIL import Image
 from efiqa_jax import cli
 from efiqa_jax import fundus
 from efiqa_jax.encoders import preprocess as pp
-from tests.hf_models import tiny_hf_dinov3
+from efiqa_jax.reference.dinov3 import tiny_hf_dinov3
 
 PARITY = 1e-4  # README: "max |diff| <= 1e-4" for both paths
 REAL = ("drive/01_image.png", "drive/02_image.png", "eyepacs/116_right.jpg",
@@ -27,9 +27,9 @@ REAL = ("drive/01_image.png", "drive/02_image.png", "eyepacs/116_right.jpg",
 
 def _hf_and_adapter(tmp_path):
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("transformers")
   g = torch.Generator().manual_seed(0)
-  ref = tiny_hf_dinov3(torch, transformers, g)
+  ref = tiny_hf_dinov3(g)
   ref.eval().save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
   lin = torch.nn.Linear(32, 1)
   with torch.no_grad():
@@ -207,6 +207,39 @@ def test_fov_path_matches_torch_real(fundus_dir, tmp_path, capsys):
   assert code == 0
   print(f"\nstudent fov path vs torch (real): max |diff| {worst:.2e}")
   assert worst <= PARITY
+
+
+@pytest.mark.port
+def test_adapter_record_decides_the_default(tmp_path, capsys):
+  """An adapter recording fov (what train-adapter writes for FOV-crop
+  features) is run on the FOV crop when --preprocess is not given; an
+  explicit --preprocess efiqa overrides it, with a warning."""
+  import json
+  import shutil
+  from efiqa_jax import synth
+  ref, lin = _hf_and_adapter(tmp_path)
+  sidecar = tmp_path / "ada" / "efiqa.json"
+  meta = json.loads(sidecar.read_text())
+  meta["features"] = pp.record("fov", 224, 512)
+  sidecar.write_text(json.dumps(meta))
+  photo = str(tmp_path / "syn.png")
+  Image.fromarray(synth.generate(3, 320).image).save(photo)
+  code, out, rows, err = _assess(tmp_path, [photo], capsys)
+  assert code == 0 and rows[0]["status"] == "ok", err
+  assert "student preprocessing fov (the adapter's record)" in err
+  want, prep = _torch_fov_logits(ref, lin, photo)
+  assert int(rows[0]["crop_size"]) == prep.crop_size
+  got = np.load(out / "logits" / f"{rows[0]['id']}.npy")
+  assert float(np.abs(got - want).max()) <= PARITY
+  shutil.rmtree(out)
+  code, out, rows, err = _assess(tmp_path, [photo], capsys, "--preprocess",
+                                 "efiqa")
+  assert code == 0 and rows[0]["crop_size"] == "", err
+  assert ("warning: student preprocessing efiqa, but the adapter was "
+          "trained on fov inputs") in err
+  got = np.load(out / "logits" / f"{rows[0]['id']}.npy")
+  assert float(np.abs(got - _torch_efiqa_logits(ref, lin, photo)).max()
+               ) <= PARITY
 
 
 def test_save_logits_needs_student(tmp_path, capsys):

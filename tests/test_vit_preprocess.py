@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from efiqa_jax import fundus
 from efiqa_jax.encoders import preprocess as pp
 
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -146,11 +147,25 @@ def test_photograph_fov_mask_and_failures(tmp_path):
   assert m[25, 25] and not m[0, 0] and m.sum() > 0
   assert pp.photograph_fov_mask(dataclasses.replace(f, circular=False),
                                 100, 200, 8).all()
+  # A straight cut of the frame (y <= 60, a black band) bounds it too.
+  cut = pp.photograph_fov_mask(dataclasses.replace(f, cuts=((0., 1., 60.),)),
+                               100, 200, 50)
+  np.testing.assert_array_equal(cut, m & ((ys + .5) * 2 - .5 <= 60)[:, :1])
+  assert cut.sum() < m.sum()
   prep, enc = pp.prepare_photograph(str(tmp_path / "missing.png"), 224)
   assert prep.status == "not_found" and enc is None
   Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(tmp_path / "b.png")
   prep, enc = pp.prepare_photograph(str(tmp_path / "b.png"), 224)
   assert prep.status == "no_fov" and enc is None
+  # The fundus gate, as on the FOV path: a grey disc is no colour fundus.
+  yy, xx = np.mgrid[0:300, 0:300]
+  grey = np.where(((yy - 150) ** 2 + (xx - 150) ** 2 < 120 ** 2)[..., None],
+                  np.uint8(140), np.uint8(0)).repeat(3, -1)
+  Image.fromarray(grey).save(tmp_path / "g.png")
+  assert fundus.prepare_fundus(str(tmp_path / "g.png")).status == "not_fundus"
+  prep, enc = pp.prepare_photograph(str(tmp_path / "g.png"), 224)
+  assert prep.status == "not_fundus" and enc is None
+  assert "not a colour fundus photograph" in prep.message
 
 
 def test_recorded_preprocess():

@@ -14,27 +14,35 @@ def add_arguments(p):
                  help="'default' (bundled teacher), a teacher model directory, "
                  "or 'student' (with --encoder and --adapter)")
   p.add_argument("--encoder", default=None,
-                 help="student: ViT encoder model directory (efiqa port ...)")
+                 help="student: ViT encoder model directory (efiqa port ...); "
+                 "default: none (required with --model student)")
   p.add_argument("--adapter", default=None,
                  help="student: adapter model directory (efiqa port adapter "
-                 "or train-adapter's WORKDIR/adapter)")
+                 "or train-adapter's WORKDIR/adapter); default: none "
+                 "(required with --model student)")
   p.add_argument("--calibration", default=None,
-                 help="student: calibration JSON (efiqa calibrate)")
+                 help="student: calibration JSON (efiqa calibrate); default: "
+                 "the default pooling (quality = 1 - mean map over the FOV)")
   p.add_argument("--encoder-dtype", choices=("float32", "bfloat16"),
-                 default=None, help="student: encoder compute dtype")
+                 default=None, help="student: encoder compute dtype "
+                 "(default: the dtype stored with the encoder)")
   p.add_argument("--map-filter", choices=("efiqa", "none"), default=None,
                  help="student: 'efiqa' (default) post-processes the map as "
                  "the paper does (grey opening + closing over 3x3 cells, "
                  "Gaussian of 1 cell); 'none' keeps sigmoid(logits)")
   p.add_argument("--preprocess", choices=("efiqa", "fov"), default=None,
                  help="student: what the encoder sees. 'efiqa': the whole "
-                 "photograph (EFIQA's extractor and demo); 'fov': the FOV "
-                 "crop. Default: what the adapter records (ported official "
-                 "weights: efiqa)")
+                 "photograph (EFIQA's extractor and demo; map and overlay "
+                 "on the whole photograph); 'fov': the FOV crop (map on the "
+                 "crop square). Both then: PIL bicubic (antialiased) resize "
+                 "to the adapter's size, /255, ImageNet mean/std. Default: "
+                 "what the adapter records (ported official weights: efiqa; "
+                 "train-adapter: what it was trained on), else fov")
   p.add_argument("--save-logits", action="store_true",
                  help="student: also write DIR/logits/<id>.npy (gh, gw) raw "
                  "adapter logits")
-  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--batch-size", type=int, default=8,
+                 help="images per jitted call (split over local devices)")
   p.add_argument("--threads", type=int, default=None,
                  help="decode/FOV threads (per worker process); default "
                  "min(4, CPU cores)")
@@ -43,27 +51,31 @@ def add_arguments(p):
                  help="decode/FOV worker processes (grain multiprocessing; "
                  "0 = threads in this process). Decoding is GIL-bound in "
                  "threads: on a many-core GPU/TPU host use ~one per core")
-  p.add_argument("--no-overlays", action="store_true")
+  p.add_argument("--no-overlays", action="store_true",
+                 help="write no overlays/<id>.png (the report does not "
+                 "use them: it layers report/<id>.png over report/<id>.jpg)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
   import sys  # pylint: disable=g-import-not-at-top
   from efiqa_jax import assess  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import quality_model as qm_lib  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
   try:
-    qm = qm_lib.load_quality_model(
-        args.model, encoder=args.encoder, adapter=args.adapter,
-        calibration=args.calibration, dtype=args.encoder_dtype,
-        map_filter=args.map_filter, preprocess=args.preprocess)
-    if hasattr(qm, "preprocess_note"):  # the student says what it reads
-      print(f"efiqa assess: {qm.preprocess_note()}", file=sys.stderr)
-    res = assess.assess(args.inputs, args.out, quality_model=qm,
+    res = assess.assess(args.inputs, args.out, model=args.model,
                         batch_size=args.batch_size, num_threads=args.threads,
                         num_workers=args.workers,
                         overlays=not args.no_overlays,
                         progress=not args.quiet,
-                        save_logits=args.save_logits)
+                        save_logits=args.save_logits,
+                        model_kwargs={"encoder": args.encoder,
+                                      "adapter": args.adapter,
+                                      "calibration": args.calibration,
+                                      "dtype": args.encoder_dtype,
+                                      "map_filter": args.map_filter,
+                                      "preprocess": args.preprocess})
+  except sources.NoInputsError as e:
+    return sources.no_inputs_exit(NAME, e)
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa assess: error: {e}", file=sys.stderr)
     return assess.EXIT_USAGE

@@ -26,18 +26,23 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--encoder", required=True,
                  help="efiqa model directory of a ViT (efiqa port dinov3 ...)")
   p.add_argument("--out", required=True, help="output folder")
-  p.add_argument("--size", type=int, default=224,
-                 help="encoder input side (default 224)")
+  p.add_argument("--size", type=int, default=None,
+                 help="encoder input side (default: the size the encoder "
+                 "records, e.g. what pretrain-encoder trained it at, else "
+                 "224)")
   p.add_argument("--work-size", type=int, default=512,
                  help="FOV crop side before the encoder resize (default 512; "
                       "--preprocess fov only)")
   p.add_argument("--preprocess", choices=("efiqa", "fov"), default="fov",
-                 help="'fov' (default): the FOV crop at --work-size, then "
-                      "the resize; 'efiqa': the whole photograph, as EFIQA's "
-                      "extract_dino.py does. An adapter trained on these "
+                 help="what the encoder sees. 'fov' (default): the FOV "
+                      "crop at --work-size; 'efiqa': the whole photograph "
+                      "(EFIQA's extract_dino.py and demo). Both then: PIL "
+                      "bicubic (antialiased) resize to --size, /255, "
+                      "ImageNet mean/std. An adapter trained on these "
                       "features records it")
   p.add_argument("--no-crop", dest="preprocess", action="store_const",
-                 const="efiqa", help="deprecated: --preprocess efiqa")
+                 const="efiqa", help="deprecated spelling of --preprocess "
+                 "efiqa (default: off; --preprocess decides)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"),
                  default="float32", help="compute dtype")
   p.add_argument("--save-dtype", choices=("float32", "float16"),
@@ -53,14 +58,18 @@ def add_arguments(p: argparse.ArgumentParser):
                       "devices on data)")
   p.add_argument("--param-sharding", action="append", default=None,
                  help="rule \"('.*mlp.*kernel', (None, 'model'))\"; "
-                      "repeatable; unmatched parameters are replicated")
-  p.add_argument("--read-threads", type=int, default=4)
+                      "repeatable; unmatched parameters are replicated "
+                      "(default: all replicated)")
+  p.add_argument("--read-threads", type=int, default=4,
+                 help="decode/FOV threads")
   p.add_argument("--num-workers", type=int, default=0,
                  help="grain decode worker processes (0 = threads only)")
 
 
 def run(args) -> int:
+  import sys
   from efiqa_jax import features
+  from efiqa_jax import sources
   try:
     res = features.extract_features(
         args.inputs, args.encoder, args.out, size=args.size,
@@ -70,9 +79,11 @@ def run(args) -> int:
         param_sharding=args.param_sharding, shard_size=args.shard_size,
         read_threads=args.read_threads, num_workers=args.num_workers,
         progress=True)
+  except sources.NoInputsError as e:
+    return sources.no_inputs_exit(NAME, e)
   except (FileNotFoundError, ValueError) as e:
-    print(f"efiqa extract: error: {e}")
-    return 1
+    print(f"efiqa extract: error: {e}", file=sys.stderr)
+    return 2
   print(json.dumps({"out": args.out, "inputs": res.n, "written": res.written,
                     "skipped": res.skipped, "failed": res.failed,
                     "manifest": res.manifest}))

@@ -170,13 +170,17 @@ def preprocess(image, size: int = 224, mode: str = "efiqa", *,
 def photograph_fov_mask(fov, h: int, w: int, n: int) -> np.ndarray:
   """(n, n) bool: which samples of an n x n grid over the photograph frame
   (sample (i, j) at original pixel ((j + 0.5) w / n - 0.5, (i + 0.5) h / n -
-  0.5)) lie inside the FOV disc; all True without a circular FOV."""
+  0.5)) lie inside the FOV (disc and straight cuts, as
+  `fundus.prepare.fov_mask_at`); all True without a circular FOV."""
   if not fov.circular:
     return np.ones((n, n), bool)
   xs = (np.arange(n, dtype=np.float64) + 0.5) * (w / n) - 0.5
   ys = (np.arange(n, dtype=np.float64) + 0.5) * (h / n) - 0.5
   dx, dy = xs[None, :] - fov.cx, ys[:, None] - fov.cy
-  return dx * dx + dy * dy <= fov.r * fov.r
+  m = dx * dx + dy * dy <= fov.r * fov.r
+  for a, b, c in fov.cuts:
+    m &= a * xs[None, :] + b * ys[:, None] <= c
+  return m
 
 
 def prepare_photograph(source, size: int = 224, work_size: int = 512, *,
@@ -190,11 +194,13 @@ def prepare_photograph(source, size: int = 224, work_size: int = 512, *,
   -1) -- and the encoder's (size, size, 3) uint8 input: the full-resolution
   photograph, PIL bicubic (the reference's resize; `preprocess(...,
   'efiqa')` of it only normalises). A photograph without a field of view
-  (blank, too small) fails as in the FOV path; encoder_image is then None.
+  (blank, too small) or refused by the fundus gate (not_fundus) fails as in
+  the FOV path; encoder_image is then None.
   """
   from PIL import Image
   from efiqa_jax import fundus
   from efiqa_jax.fundus import fov as ffov
+  from efiqa_jax.fundus import gate as fgate
   from efiqa_jax.fundus import io as fio
   path = ("<bytes>" if isinstance(source, (bytes, bytearray, memoryview))
           else str(source))
@@ -214,6 +220,11 @@ def prepare_photograph(source, size: int = 224, work_size: int = 512, *,
     if not fov.ok:
       return fundus.Prepared(status=fov.status, message=fov.message, fov=fov,
                              **base), None
+    gate = fgate.check(img, fov)  # as prepare_fundus: not_fundus is refused
+    if not gate.fundus:
+      return fundus.Prepared(status=fundus.NOT_FUNDUS, message="not a colour "
+                             f"fundus photograph: {gate.reason}", fov=fov,
+                             gate=gate, **base), None
     pil = Image.fromarray(img)
     enc = np.asarray(pil.resize((size, size), Image.BICUBIC))
     shrink = min(h, w) >= work_size
@@ -223,7 +234,7 @@ def prepare_photograph(source, size: int = 224, work_size: int = 512, *,
         reducing_gap=2.0 if shrink else None))
     return fundus.Prepared(status="ok", message=fov.message, image=view,
                            fov_mask=photograph_fov_mask(fov, h, w, work_size),
-                           fov=fov, **base), enc
+                           fov=fov, gate=gate, **base), enc
   except MemoryError as e:
     return fundus.Prepared(path=path, status="too_large",
                            message=f"out of memory: {e}"), None

@@ -229,7 +229,8 @@ def register(register_converter):
 
   def add(p):
     p.add_argument("--bias", default=None,
-                   help="for a .npy W: the bias (.npy file or a number)")
+                   help="for a .npy W: the bias (.npy file or a number; "
+                   "default: none, required with a .npy W)")
     p.add_argument("--size", type=int, default=SC_LINEAR_SIZE,
                    help="encoder input side the adapter was trained at, "
                    "recorded with preprocessing efiqa (default "
