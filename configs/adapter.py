@@ -25,6 +25,11 @@ def get_config(arg=None):
   c.encoder_dtype = "float32"    # end_to_end: float32 | bfloat16
   c.size = 224                   # end_to_end: encoder input side
   c.work_size = 512              # end_to_end: FOV crop side before resize
+  # What the encoder sees: efiqa (the whole photograph, EFIQA's extractor) |
+  # fov (the FOV crop at work_size). Unset: features mode takes the features'
+  # metadata.json, end_to_end and `efiqa distill` use fov. The adapter
+  # records it; `efiqa assess --model student` follows the record.
+  c.preprocess = ml_collections.config_dict.placeholder(str)
   c.adapter = ml_collections.ConfigDict()
   c.adapter.name = "linear"      # linear (sc_linear) | mlp | modern_head_64to16
   c.adapter.kwargs = ml_collections.ConfigDict()

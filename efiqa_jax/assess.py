@@ -3,12 +3,16 @@
 Output contract (also in the README):
   DIR/scores.csv        one row per input, in input order, none dropped
   DIR/maps/<id>.npy     float32 (h, w) in [0, 1]: probability that the region is
-                        degraded; covers the crop square; 0 outside the FOV
-  DIR/overlays/<id>.png heat-map overlay on the FOV crop
+                        degraded; covers the crop square (the student with
+                        preprocessing efiqa: the whole photograph, resized
+                        to a square, and the crop columns are empty); 0
+                        outside the FOV
+  DIR/overlays/<id>.png heat-map overlay on the FOV crop (or that square)
   DIR/logits/<id>.npy   (save_logits, student only) float32 (gh, gw) raw
                         adapter logits before any post-processing
   DIR/report.html       the report (report.write_report); its pictures in
-                        DIR/report/ (<id>.jpg FOV crop, <id>.png map layer)
+                        DIR/report/ (<id>.jpg FOV crop or that square,
+                        <id>.png map layer)
 
 Resumability: each finished image is appended to DIR/progress[-pK].jsonl after
 its map and overlay are on disk (one JSON line, flushed and fsynced per batch).
@@ -132,6 +136,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
   if quality_model is None:
     from efiqa_jax import quality_model as qm_lib  # pylint: disable=g-import-not-at-top
     quality_model = qm_lib.load_quality_model(model, **(model_kwargs or {}))
+  if hasattr(quality_model, "preprocess_note"):  # the student: what it reads
+    print(f"efiqa assess: {quality_model.preprocess_note()}", file=sys.stderr)
   model_name = quality_model.name
   if save_logits and not hasattr(quality_model, "predict_logits"):
     raise ValueError(f"model {model_name!r} has no logits (--save-logits is "
@@ -156,9 +162,11 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
     # batches, every record exactly once.
     from efiqa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+    # A model may read photographs its own way (the student's efiqa path).
+    prepare = getattr(quality_model, "assess_prepare", lambda: None)()
     batches = input_pipeline.inference_batches(
         [paths[i] for i in todo], batch_size,
-        prepare=sources.PrepareFundus(quality_model.work_size),
+        prepare=prepare or sources.PrepareFundus(quality_model.work_size),
         process_index=0, process_count=1, num_workers=num_workers,
         read_threads=num_threads)
     # Writers (PNG encoding releases the GIL) get their own thread count:
@@ -233,7 +241,10 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
   if ok.any() and hasattr(quality_model, "predict_all"):
     # The student: logits, maps and (with an EyeQ head) class probabilities
     # from one encoder pass.
-    out = quality_model.predict_all(batch["image"], batch["fov_mask"])
+    extra = ({"encoder_images": batch["encoder_image"]}
+             if "encoder_image" in batch else {})
+    out = quality_model.predict_all(batch["image"], batch["fov_mask"],
+                                    **extra)
     maps, probs = out["maps"], out.get("class_probs")
     logits = out["logits"] if save_logits else None
   elif ok.any() and save_logits:
@@ -262,6 +273,8 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
       grade = quality_model.grading.grade(q)
     cx, cy, r = (float(v) for v in batch["fov"][k])
     x0, y0, side = (int(v) for v in batch["crop"][k][:3])
+    if side <= 0:  # the map covers the whole photograph, not a crop square
+      x0 = y0 = side = ""
     rows.append({
         "image": paths[i], "id": ids[i], "status": "ok", "message": message,
         "quality": round(q, 6), "grade": grade,

@@ -13,7 +13,9 @@ Tasks:
           (default `grade`: good/usable/reject or 0/1/2).
   pixel   FunPiQ: maps/<id>.npy (assess output, covering the crop square) put
           back into the photograph's frame (crop_x0, crop_y0, crop_size of
-          scores.csv, bilinear) against indexed PNG annotations (0 background,
+          scores.csv, bilinear; empty crop columns: the map covers the
+          whole photograph, the student's efiqa preprocessing) against
+          indexed PNG annotations (0 background,
           1 good, 2 usable, 3 bad); background pixels are ignored. QWK over
           the 3 classes at the best pair of thresholds on the map, reject-vs-
           rest Dice at the best threshold, AUROC, AUPRC, sensitivity at 95 %
@@ -314,15 +316,18 @@ def pixel_histograms(map_: np.ndarray, ann: np.ndarray, crop: Sequence[int]
                      ) -> np.ndarray:
   """(3, BINS) counts of map values per annotated class (1, 2, 3)."""
   from PIL import Image
-  x0, y0, side = (int(v) for v in crop)
   h, w = ann.shape
-  up = np.asarray(Image.fromarray(np.asarray(map_, np.float32), mode="F")
-                  .resize((side, side), Image.BILINEAR))
-  full = np.zeros((h, w), np.float32)
-  ys, xs = max(0, y0), max(0, x0)
-  ye, xe = min(h, y0 + side), min(w, x0 + side)
-  if ye > ys and xe > xs:
-    full[ys:ye, xs:xe] = up[ys - y0:ye - y0, xs - x0:xe - x0]
+  m = Image.fromarray(np.asarray(map_, np.float32), mode="F")
+  if any(str(v).strip() == "" for v in crop):  # whole-photograph map
+    full = np.asarray(m.resize((w, h), Image.BILINEAR), np.float32)
+  else:
+    x0, y0, side = (int(v) for v in crop)
+    up = np.asarray(m.resize((side, side), Image.BILINEAR))
+    full = np.zeros((h, w), np.float32)
+    ys, xs = max(0, y0), max(0, x0)
+    ye, xe = min(h, y0 + side), min(w, x0 + side)
+    if ye > ys and xe > xs:
+      full[ys:ye, xs:xe] = up[ys - y0:ye - y0, xs - x0:xe - x0]
   b = np.clip((full * BINS).astype(np.int64), 0, BINS - 1)
   out = np.zeros((3, BINS), np.int64)
   for c in (1, 2, 3):

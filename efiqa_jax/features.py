@@ -1,17 +1,18 @@
 """Patch features of a frozen ViT encoder for many photographs (`efiqa extract`).
 
-Input chain for one photograph (crop mode, the default):
-  1. `fundus.prepare_fundus(path, work_size)`: decode, find the FOV, take the
-     square crop around it (crop_x0, crop_y0, crop_size in original pixels;
-     zero padding outside the image), area-resample it to
-     work_size x work_size (512) and zero everything outside the FOV;
-  2. EFIQA's feature preprocessing on that uint8 crop
-     (`encoders.preprocess.preprocess(mode='efiqa')`): PIL bicubic resize to
-     size x size (224), /255, ImageNet mean/std;
-  3. the encoder's `patch_features`: normalised patch tokens (gh, gw, D).
-With `crop=False` step 1 is just `fundus.decode_image` and step 2 resizes the
-whole photograph to size x size (aspect not kept), as the reference
-extractor does.
+Input chain for one photograph (`preprocess`, `encoders.preprocess.PREPROCESS`):
+  fov (the default): 1. `fundus.prepare_fundus(path, work_size)`: decode,
+     find the FOV, take the square crop around it (crop_x0, crop_y0,
+     crop_size in original pixels; zero padding outside the image),
+     area-resample it to work_size x work_size (512) and zero everything
+     outside the FOV; 2. EFIQA's resize and normalisation on that uint8
+     crop (`encoders.preprocess.preprocess(mode='efiqa')`): PIL bicubic
+     resize to size x size (224), /255, ImageNet mean/std;
+  efiqa: the reference extractor (EFIQA extract_dino.py) exactly: the whole
+     photograph decoded at full resolution, PIL bicubic resize to size x
+     size (aspect not kept), /255, ImageNet mean/std; no FOV is looked for
+     and the manifest's crop columns are empty;
+then the encoder's `patch_features`: normalised patch tokens (gh, gw, D).
 
 Outputs in `out_dir`:
   <id>.npy        (gh, gw, D) float32/float16 per image (format "npy"), or
@@ -61,7 +62,7 @@ MANIFEST_FIELDS = ("image", "id", "status", "message", "crop_x0", "crop_y0",
                    "crop_size", "orig_h", "orig_w", "file")
 FORMATS = ("npy", "arrayrecord")
 # metadata keys that must agree when resuming into an existing folder.
-_RESUME_KEYS = ("encoder_sha", "size", "work_size", "crop", "dtype",
+_RESUME_KEYS = ("encoder_sha", "size", "work_size", "preprocess", "dtype",
                 "save_dtype", "format", "grid")
 
 
@@ -71,17 +72,19 @@ _RESUME_KEYS = ("encoder_sha", "size", "work_size", "crop", "dtype",
 class PrepareEncoderInput(sources.PrepareFundus):
   """Raw record -> row with `pixels` (size, size, 3) float32, normalised.
 
-  crop=True: FOV crop at `work_size` (PrepareFundus) then EFIQA
-  preprocessing; crop=False: whole decoded photograph, EFIQA preprocessing.
-  Rows keep the pipeline schema except the uint8 `image`/`fov_mask`, which
-  are dropped (the encoder does not need them).
+  preprocess='fov': FOV crop at `work_size` (PrepareFundus) then EFIQA's
+  resize and normalisation; 'efiqa': the whole decoded photograph, the same
+  resize and normalisation (the reference extractor). Rows keep the
+  pipeline schema except the uint8 `image`/`fov_mask`, which are dropped
+  (the encoder does not need them).
   """
 
   def __init__(self, size: int = 224, *, work_size: int = 512,
-               crop: bool = True, mode: str = "efiqa", **load_opts):
+               preprocess: str = "fov", mode: str = "efiqa", **load_opts):
+    from efiqa_jax.encoders import preprocess as pp
     super().__init__(work_size, **load_opts)
     self.enc_size = int(size)
-    self.crop = bool(crop)
+    self.preprocess = pp.check_preprocess(preprocess)
     self.mode = mode
 
   def blank(self, status: str, message: str = "", path: str = "") -> dict:
@@ -92,7 +95,7 @@ class PrepareEncoderInput(sources.PrepareFundus):
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
     from efiqa_jax.encoders import preprocess as pp
-    if self.crop:
+    if self.preprocess == "fov":
       full = super().map(element)  # never raises for prepare_fundus
       row = self.blank(full["status"], full["message"], full["path"])
       row["crop"], row["fov"] = full["crop"], full["fov"]
@@ -104,7 +107,7 @@ class PrepareEncoderInput(sources.PrepareFundus):
     src = element[self.source_key]
     path = element.get("path", src if isinstance(src, str) else "")
     opts = {k: v for k, v in self.load_opts.items() if k == "max_pixels"}
-    dec = fundus.decode_image(src, **opts)
+    dec = fundus.decode_image(src, **opts)  # full resolution, as the reference
     row = self.blank(dec.status, dec.message or "", path)
     if dec.image is not None and dec.status == "ok":
       h, w = dec.image.shape[:2]
@@ -321,16 +324,6 @@ def _versions() -> dict:
           "numpy": np.__version__, "efiqa_jax": efiqa_jax.__version__}
 
 
-def chain_description(size: int, work_size: int, crop: bool) -> str:
-  if crop:
-    return (f"prepare_fundus(work_size={work_size}): square FOV crop "
-            f"(zero-padded, zero outside the FOV, area resampled to "
-            f"{work_size}) -> PIL bicubic resize to {size}x{size} -> /255 -> "
-            "ImageNet mean/std")
-  return (f"decode_image -> whole photograph, PIL bicubic resize to "
-          f"{size}x{size} (aspect not kept) -> /255 -> ImageNet mean/std")
-
-
 @dataclasses.dataclass
 class ExtractResult:
   n: int
@@ -354,7 +347,7 @@ def recorded_input_size(meta: dict, default: int = 224) -> int:
 
 def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
                      out_dir: str | os.PathLike, *, size: int | None = None,
-                     work_size: int = 512, crop: bool = True,
+                     work_size: int = 512, preprocess: str = "fov",
                      dtype: str = "float32", save_dtype: str = "float32",
                      batch_size: int = 32, fmt: str = "npy",
                      mesh_axes: Sequence[tuple[str, int]] | None = None,
@@ -372,8 +365,9 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
     encoder: an efiqa model directory holding a `vit` (`efiqa port ...`).
     size: encoder input side (multiple of the patch size); None: the size
       the encoder records (`recorded_input_size`), else 224.
-    work_size: side of the FOV crop before the encoder resize (crop mode).
-    crop: FOV crop (default) or the whole photograph.
+    work_size: side of the FOV crop before the encoder resize (fov only).
+    preprocess: 'fov' (the FOV crop, default) or 'efiqa' (the whole
+      photograph: the reference extractor); see the module docstring.
     dtype: compute dtype (float32 | bfloat16); with bfloat16 the frozen
       kernels are held in bfloat16 (`checkpoints.cast_frozen_kernels`).
     save_dtype: float32 | float16 on disk.
@@ -400,6 +394,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
   from efiqa_jax import input_pipeline as ip
   from efiqa_jax import sharding as sh
 
+  from efiqa_jax.encoders import preprocess as pp
+  pp.check_preprocess(preprocess)
   if fmt not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
   if save_dtype not in ("float32", "float16"):
@@ -440,8 +436,10 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
   meta = {
       "encoder": encoder, "encoder_sha": enc_sha,
       "architecture": enc_meta["architecture"], "kwargs": enc_meta["kwargs"],
-      "source": enc_meta.get("source"), "size": size, "work_size": work_size,
-      "crop": crop, "preprocessing": chain_description(size, work_size, crop),
+      "source": enc_meta.get("source"),
+      # size, work_size (fov only), preprocess, preprocessing (the chain).
+      **pp.record(preprocess, size, work_size), "work_size": (
+          work_size if preprocess == "fov" else None),
       "dtype": dtype, "save_dtype": save_dtype, "format": fmt, "grid": grid,
       "token_order": "patch tokens after the final norm, row-major (gh, gw, D)",
       "batch_size": gbatch, "mesh": dict(mesh.shape),
@@ -455,6 +453,10 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       old = json.load(f)
+    if "preprocess" not in old:  # written before the setting existed
+      old["preprocess"] = pp.recorded_preprocess(old)
+      if old["preprocess"] == "efiqa":
+        old["work_size"] = None
     bad = {k: (old.get(k), meta[k]) for k in _RESUME_KEYS
            if json.dumps(old.get(k)) != json.dumps(meta[k])}
     if bad:
@@ -510,7 +512,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
       # PyTorch references do not), costing ~1e-3 of parity.
       prec = matmul_precision or ("float32" if dtype == "float32"
                                   else "default")
-      prep = PrepareEncoderInput(size, work_size=work_size, crop=crop)
+      prep = PrepareEncoderInput(size, work_size=work_size,
+                                 preprocess=preprocess)
       batches = ip.inference_batches(
           [paths[i] for i in todo], gbatch, prepare=prep, sharding=dsh,
           read_threads=read_threads, num_workers=num_workers)
@@ -535,7 +538,7 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
                  "crop_x0": int(c[0]), "crop_y0": int(c[1]),
                  "crop_size": int(c[2]), "orig_h": int(c[3]),
                  "orig_w": int(c[4]), "file": "", "t": time.time()}
-          if not crop:
+          if preprocess == "efiqa":  # no crop square: the whole photograph
             row.update(crop_x0="", crop_y0="", crop_size="")
           if not host["ok"][j]:
             # No crop for a failed photograph; keep the size if it was read.

@@ -29,10 +29,12 @@ def load_quality_model(name_or_path: str = "default", **kwargs):
   """'default'/'teacher', a teacher directory, or 'student' (with
   encoder=DIR, adapter=DIR, optional calibration=FILE)."""
   if name_or_path == "student":
-    if kwargs.get("map_filter") is None:
-      kwargs.pop("map_filter", None)
+    for k in ("map_filter", "preprocess"):
+      if kwargs.get(k) is None:
+        kwargs.pop(k, None)
     return StudentQualityModel.from_checkpoints(**kwargs)
-  for k in ("encoder", "adapter", "calibration", "dtype", "map_filter"):
+  for k in ("encoder", "adapter", "calibration", "dtype", "map_filter",
+            "preprocess"):
     if kwargs.get(k) is not None:
       raise ValueError(f"--{k} is only for --model student")
     kwargs.pop(k, None)
@@ -153,21 +155,31 @@ class StudentQualityModel:
   """Frozen ViT encoder + adapter (EFIQA stage 2): degradation logits per
   patch token.
 
-  Input chain (the one `efiqa extract` uses, `features.PrepareEncoderInput`):
-  FOV crop square (crop_x0, crop_y0, crop_size; zero outside the image and
-  the FOV) at work_size -> EFIQA preprocessing (PIL bicubic to `size`, /255,
-  ImageNet mean/std) -> encoder patch tokens (gh, gw, D) -> adapter logits.
-  map = sigmoid(logits) on the adapter's grid, 0 on cells outside the FOV,
-  then (map_filter="efiqa", the default) the paper's map post-processing,
+  Input chain (`preprocess`, `encoders.preprocess.PREPROCESS`; by default
+  what the adapter records, `recorded_preprocess`):
+    efiqa  the official path: the whole photograph at full resolution, PIL
+           bicubic to `size`, /255, ImageNet mean/std (EFIQA extract_dino.py,
+           the HF demo). Map, FOV mask and overlay are on the photograph
+           frame: the whole photograph resized to a square (aspect not
+           kept), `encoders.preprocess.prepare_photograph`;
+    fov    the FOV crop square (crop_x0, crop_y0, crop_size; zero outside
+           the image and the FOV) at work_size, then the same resize and
+           normalisation (`features.PrepareEncoderInput`); map and overlay
+           cover the crop square.
+  -> encoder patch tokens (gh, gw, D) -> adapter logits. map =
+  sigmoid(logits) on the adapter's grid, 0 on cells outside the FOV, then
+  (map_filter="efiqa", the default) the paper's map post-processing,
   `quality.efiqa_map_filter`; map_filter="none" keeps the raw sigmoid.
   """
 
   def __init__(self, encoder, adapter, *, name: str = "student",
                size: int | None = None, work_size: int | None = None,
                batch_size: int = 8, grading=None, meta: dict | None = None,
-               pooling=None, eyeq_head=None, map_filter: str = "efiqa"):
+               pooling=None, eyeq_head=None, map_filter: str = "efiqa",
+               preprocess: str | None = None):
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
+    from efiqa_jax.encoders import preprocess as pp  # pylint: disable=g-import-not-at-top
 
     if map_filter not in quality_lib.MAP_FILTERS:
       raise ValueError(f"map_filter must be one of {quality_lib.MAP_FILTERS},"
@@ -176,9 +188,16 @@ class StudentQualityModel:
     self.meta = dict(meta or {}, map_filter=map_filter)
     self.pooling = pooling  # calibrate.WeightedPooling or None (default)
     self.name = name
-    feats = self.meta.get("adapter", {}).get("features", {})
+    feats = self.meta.get("adapter", {}).get("features") or {}
+    # Default: the chain the adapter was trained on (its sidecar's record).
+    self.preprocess_recorded = pp.recorded_preprocess(
+        self.meta.get("adapter", {}))
+    self.preprocess = pp.check_preprocess(
+        preprocess or self.preprocess_recorded or pp.DEFAULT_PREPROCESS)
+    self.meta["preprocess"] = self.preprocess
     self.size = int(size or feats.get("size") or 224)
-    # Default: the chain the adapter was trained on (its features' metadata).
+    # fov: the crop side; efiqa: the side of the photograph's square view
+    # (maps' FOV weights, overlays), the encoder input never passes by it.
     self.work_size = int(work_size or feats.get("work_size") or 512)
     p = encoder.cfg["patch_size"]
     if self.size % p:
@@ -216,6 +235,7 @@ class StudentQualityModel:
                        adapter: str | None = None,
                        calibration: str | None = None, *,
                        dtype: str | None = None, **kwargs):
+    """kwargs go to the constructor (preprocess=None: the adapter's)."""
     from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
     from efiqa_jax.models import adapters  # pylint: disable=g-import-not-at-top
     if not encoder or not adapter:
@@ -264,20 +284,50 @@ class StudentQualityModel:
       return quality_lib.summarise(qmap, fov_weight)
     return self.pooling.summarise(qmap, fov_weight)
 
+  def preprocess_note(self) -> str:
+    """One line: the preprocessing used and where it came from."""
+    rec = self.preprocess_recorded
+    if rec is None:
+      return (f"student preprocessing {self.preprocess} (the adapter records "
+              "none)")
+    if rec == self.preprocess:
+      return f"student preprocessing {self.preprocess} (the adapter's record)"
+    return (f"warning: student preprocessing {self.preprocess}, but the "
+            f"adapter was trained on {rec} inputs")
+
   def prepare(self, path):
+    """fov: `fundus.prepare_fundus` at work_size; efiqa: the photograph
+    frame (`encoders.preprocess.prepare_photograph`)."""
+    if self.preprocess == "efiqa":
+      from efiqa_jax.encoders import preprocess as pp  # pylint: disable=g-import-not-at-top
+      return pp.prepare_photograph(path, self.size, self.work_size)[0]
     from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
     return fundus.prepare_fundus(path, size=self.work_size)
 
-  def encoder_input(self, images: np.ndarray) -> np.ndarray:
-    from efiqa_jax.encoders import preprocess as pp  # pylint: disable=g-import-not-at-top
-    return np.stack([pp.preprocess(np.asarray(im), self.size, "efiqa")
-                     for im in images]).astype(np.float32)
+  def assess_prepare(self):
+    """The grain transform `assess` reads photographs with: None (assess's
+    own FOV crop) for fov; `PhotographPrepare` for efiqa."""
+    if self.preprocess == "efiqa":
+      return PhotographPrepare(self.size, self.work_size)
+    return None
 
-  def _run(self, images: np.ndarray):
+  def encoder_input(self, images: np.ndarray,
+                    encoder_images: np.ndarray | None = None) -> np.ndarray:
+    """uint8 images -> normalised (B, size, size, 3). `encoder_images`
+    ((B, size, size, 3), `prepare_photograph`'s full-resolution resize) take
+    the place of `images` when given: then only the normalisation runs."""
+    from efiqa_jax.encoders import preprocess as pp  # pylint: disable=g-import-not-at-top
+    src = images if encoder_images is None else encoder_images
+    return np.stack([pp.preprocess(np.asarray(im), self.size, "efiqa")
+                     for im in src]).astype(np.float32)
+
+  def _run(self, images: np.ndarray, encoder_images=None):
     import jax  # pylint: disable=g-import-not-at-top
     logits, probs = [], []
     for s in range(0, images.shape[0], self.batch_size):
-      x = self.encoder_input(images[s:s + self.batch_size])
+      x = self.encoder_input(
+          images[s:s + self.batch_size], None if encoder_images is None
+          else encoder_images[s:s + self.batch_size])
       k = x.shape[0]
       if k < self.batch_size:
         x = np.concatenate([x, np.zeros((self.batch_size - k,) + x.shape[1:],
@@ -293,15 +343,18 @@ class StudentQualityModel:
           np.zeros((0,) + tuple(self.grid), np.float32))
     return lg, (np.concatenate(probs) if probs else None)
 
-  def predict_logits(self, images: np.ndarray, fov: np.ndarray | None = None
-                     ) -> np.ndarray:
-    """uint8 FOV crops (B, S, S, 3) -> raw adapter logits (B, gh, gw)."""
+  def predict_logits(self, images: np.ndarray, fov: np.ndarray | None = None,
+                     encoder_images: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (B, S, S, 3) -> raw adapter logits (B, gh, gw). images: FOV
+    crops (fov) or photograph squares (efiqa; resized again to `size`
+    unless the exact `encoder_images` come with them)."""
     del fov  # the crop is already zero outside the FOV
-    return self._run(images)[0]
+    return self._run(images, encoder_images)[0]
 
-  def predict_all(self, images: np.ndarray, fov: np.ndarray) -> dict:
+  def predict_all(self, images: np.ndarray, fov: np.ndarray,
+                  encoder_images: np.ndarray | None = None) -> dict:
     """{logits, maps, class_probs (B, 3) or None} from one encoder pass."""
-    logits, probs = self._run(images)
+    logits, probs = self._run(images, encoder_images)
     return {"logits": logits, "maps": self.maps_from_logits(logits, fov),
             "class_probs": probs}
 
@@ -317,6 +370,37 @@ class StudentQualityModel:
 
   def predict(self, images: np.ndarray, fov: np.ndarray) -> np.ndarray:
     return self.maps_from_logits(self.predict_logits(images, fov), fov)
+
+
+class PhotographPrepare:
+  """`assess`'s grain transform for the student's `efiqa` preprocessing:
+  path -> row on the photograph frame (`prepare_photograph`): image and
+  fov_mask (work_size square view of the whole photograph), fov,
+  encoder_image (size, size, 3) uint8, crop [-1, -1, -1, orig_h, orig_w]
+  (no crop square)."""
+
+  def __init__(self, size: int, work_size: int):
+    self.size, self.work_size = int(size), int(work_size)
+
+  def blank(self, status: str, message: str = "", path: str = "") -> dict:
+    from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+    row = sources.blank_row(self.work_size, status, message, path)
+    row["encoder_image"] = np.zeros((self.size, self.size, 3), np.uint8)
+    return row
+
+  def map(self, element):
+    from efiqa_jax.encoders import preprocess as pp  # pylint: disable=g-import-not-at-top
+    src = element["path"]
+    p, enc = pp.prepare_photograph(src, self.size, self.work_size)
+    row = self.blank(p.status, p.message or "", src)
+    row["crop"] = np.array([-1, -1, -1, p.orig_h, p.orig_w], np.int32)
+    if p.fov is not None:
+      row["fov"] = np.array([p.fov.cx, p.fov.cy, p.fov.r], np.float32)
+    if p.ok:
+      row.update(image=np.asarray(p.image, np.uint8),
+                 fov_mask=np.asarray(p.fov_mask, bool), encoder_image=enc,
+                 ok=np.bool_(True))
+    return row
 
 
 def _student_logits(enc_graphdef, enc_state, ada_graphdef, ada_state, x,

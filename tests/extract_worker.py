@@ -26,7 +26,7 @@ def main():
                              initialization_timeout=60)
   from efiqa_jax import features  # pylint: disable=g-import-not-at-top
   assert jax.process_count() == nproc and len(jax.devices()) == 2 * nproc
-  res = features.extract_features(inputs, enc, out, size=64, crop=False,
+  res = features.extract_features(inputs, enc, out, size=64, preprocess="efiqa",
                                   batch_size=batch, read_threads=1)
   with open(os.path.join(out, f"report{pid}.json"), "w") as f:
     json.dump({"written": res.written, "failed": res.failed,

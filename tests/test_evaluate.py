@@ -113,6 +113,13 @@ def test_pixel_metrics_by_hand(tmp_path):
                            (1, 1, 2))
   assert np.flatnonzero(h2[2]).tolist() == [7000]
   assert sorted(np.flatnonzero(h2[0]).tolist()) == [0, 2000]  # 0 outside
+  # Empty crop columns (the student's efiqa path): the map covers the whole
+  # photograph, stretched to its (h, w) = (2, 4).
+  ann3 = np.array([[3, 0, 0, 1], [0, 0, 0, 0]], np.uint8)
+  h3 = ev.pixel_histograms(np.array([[0.6, 0.1]], np.float32), ann3,
+                           ("", "", ""))
+  assert np.flatnonzero(h3[2]).tolist() == [6000]
+  assert np.flatnonzero(h3[0]).tolist() == [1000]
 
 
 def test_cli_pixel(tmp_path):

@@ -84,7 +84,8 @@ def _files(out):
 @pytest.fixture(scope="module")
 def full_run(encoder, photos, tmp_path_factory):
   out = tmp_path_factory.mktemp("full")
-  res = features.extract_features(photos, encoder, out, size=64, crop=False,
+  res = features.extract_features(photos, encoder, out, size=64,
+                                  preprocess="efiqa",
                                   batch_size=8, read_threads=2)
   return out, res
 
@@ -114,14 +115,16 @@ def test_exactly_once_8_devices_with_failures(encoder, photos, full_run):
     np.testing.assert_allclose(got, v, atol=1e-5, rtol=0)
   meta = json.loads((out / "metadata.json").read_text())
   assert meta["grid"] == [4, 4, 32] and meta["source"]["kind"] == "random"
-  assert meta["size"] == 64 and meta["crop"] is False
+  assert meta["size"] == 64 and meta["preprocess"] == "efiqa"
+  assert meta["work_size"] is None
   assert set(meta["versions"]) >= {"jax", "flax", "efiqa_jax"}
 
 
 def test_resume_after_kill_identical(encoder, photos, full_run, tmp_path):
   ref_out, _ = full_run
   out = tmp_path / "resumed"
-  r1 = features.extract_features(photos, encoder, out, size=64, crop=False,
+  r1 = features.extract_features(photos, encoder, out, size=64,
+                                 preprocess="efiqa",
                                  batch_size=8, read_threads=2, max_steps=1)
   first = _files(out)
   assert 0 < len(first) < 11
@@ -131,7 +134,8 @@ def test_resume_after_kill_identical(encoder, photos, full_run, tmp_path):
   # A torn write of a pending image and a stray tmp file left by the kill.
   (out / f"{pending[-1]['id']}.npy").write_bytes(b"\x93NUMPY garbage")
   (out / "img00.npy.tmp-1").write_bytes(b"partial")
-  r2 = features.extract_features(photos, encoder, out, size=64, crop=False,
+  r2 = features.extract_features(photos, encoder, out, size=64,
+                                 preprocess="efiqa",
                                  batch_size=8, read_threads=2)
   assert r2.skipped == r1.written and r2.written == 11 - r1.written
   assert _files(out) == _files(ref_out)  # byte-identical
@@ -139,7 +143,7 @@ def test_resume_after_kill_identical(encoder, photos, full_run, tmp_path):
   assert features.read_manifest(out) == features.read_manifest(ref_out)
   # Other settings into the same folder are refused.
   with pytest.raises(ValueError, match="other settings"):
-    features.extract_features(photos, encoder, out, size=64, crop=False,
+    features.extract_features(photos, encoder, out, size=64, preprocess="efiqa",
                               save_dtype="float16")
 
 
@@ -147,7 +151,7 @@ def test_arrayrecord_matches_npy_and_resumes(encoder, photos, full_run,
                                              tmp_path):
   ref_out, _ = full_run
   out = tmp_path / "ar"
-  features.extract_features(photos, encoder, out, size=64, crop=False,
+  features.extract_features(photos, encoder, out, size=64, preprocess="efiqa",
                             batch_size=8, fmt="arrayrecord", shard_size=4,
                             max_steps=1)
   n1 = len(list(features.iter_arrayrecord(out)))
@@ -159,7 +163,7 @@ def test_arrayrecord_matches_npy_and_resumes(encoder, photos, full_run,
           if json.loads(l)["file"] != stale.name]
   journal.write_text("".join(l + "\n" for l in kept))
   n1 = len(list(features.iter_arrayrecord(out)))
-  features.extract_features(photos, encoder, out, size=64, crop=False,
+  features.extract_features(photos, encoder, out, size=64, preprocess="efiqa",
                             batch_size=8, fmt="arrayrecord", shard_size=4)
   recs = list(features.iter_arrayrecord(out))
   ids = [r[0] for r in recs]
@@ -188,7 +192,7 @@ def test_param_sharding_2d_mesh(encoder, photos, full_run, tmp_path):
   out = tmp_path / "tp"
   from efiqa_jax import cli  # the command line, rules as literals
   argv = ["extract", *photos, "--encoder", encoder, "--out", str(out),
-          "--size", "64", "--no-crop", "--batch-size", "8",
+          "--size", "64", "--preprocess", "efiqa", "--batch-size", "8",
           "--mesh", "data:4,model:2", "--param-sharding", rules[0],
           "--param-sharding", repr(rules[1])]
   assert cli.main(argv) == 0
@@ -206,7 +210,7 @@ def test_param_sharding_2d_mesh(encoder, photos, full_run, tmp_path):
 def test_bf16_cosine(encoder, photos, full_run, tmp_path):
   ref_out, _ = full_run
   out = tmp_path / "bf16"
-  features.extract_features(photos, encoder, out, size=64, crop=False,
+  features.extract_features(photos, encoder, out, size=64, preprocess="efiqa",
                             batch_size=8, dtype="bfloat16",
                             save_dtype="float16")
   cos = []

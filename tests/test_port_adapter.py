@@ -48,8 +48,12 @@ def test_torch_state_dict(tmp_path, capsys):
   assert json.loads(capsys.readouterr().out)["architecture"] == (
       "adapter_linear")
   _check(tmp_path / "out", w, b)
+  # Official weights were made on the whole photograph at 224: the sidecar
+  # says so, and assess follows it.
+  m, meta = checkpoints.load_model(tmp_path / "out")
+  assert (meta["features"]["preprocess"], meta["features"]["size"]) == (
+      "efiqa", 224)
   # Against torch itself.
-  m, _ = checkpoints.load_model(tmp_path / "out")
   z = np.random.default_rng(1).normal(size=(7, D)).astype(np.float32)
   with torch.no_grad():
     ref = lin(torch.from_numpy(z)).numpy()[:, 0]
@@ -64,8 +68,11 @@ def test_demo_arrays(tmp_path):
   np.save(tmp_path / "W.npy", w.reshape(D))
   np.save(tmp_path / "b.npy", b)
   assert cli.main(["port", "adapter", str(tmp_path / "W.npy"), "--bias",
-                   str(tmp_path / "b.npy"), "--out", str(tmp_path / "o2")]) == 0
+                   str(tmp_path / "b.npy"), "--out", str(tmp_path / "o2"),
+                   "--size", "256"]) == 0
   _check(tmp_path / "o2", w, b)
+  feats = checkpoints.read_meta(tmp_path / "o2")["features"]
+  assert (feats["preprocess"], feats["size"]) == ("efiqa", 256)
 
 
 def test_strict(tmp_path, capsys):
@@ -108,6 +115,8 @@ def test_sa_cnn_matches_torch(tmp_path):
                    str(tmp_path / "o")]) == 0
   m, meta = checkpoints.load_model(tmp_path / "o")
   assert meta["architecture"] == "modern_head_64to16"
+  assert (meta["features"]["preprocess"], meta["features"]["size"]) == (
+      "efiqa", 1024)
   z = np.random.default_rng(0).normal(size=(2, 16, 16, 12)).astype(np.float32)
   with torch.no_grad():
     want = ref.model(torch.from_numpy(z.transpose(0, 3, 1, 2))).numpy()[:, 0]

@@ -176,10 +176,10 @@ def _tiny_encoder(path):
   return str(path)
 
 
-@pytest.mark.parametrize("dtype,mesh2d", [("float32", False),
-                                          ("bfloat16", False),
-                                          ("float32", True)])
-def test_end_to_end_encoder_frozen(tmp_path, dtype, mesh2d):
+@pytest.mark.parametrize("dtype,mesh2d,preprocess", [
+    ("float32", False, "efiqa"), ("bfloat16", False, None),
+    ("float32", True, None)])
+def test_end_to_end_encoder_frozen(tmp_path, dtype, mesh2d, preprocess):
   enc = _tiny_encoder(tmp_path / "enc")
   rng = np.random.default_rng(1)
   imgs, ld = tmp_path / "imgs", tmp_path / "pl" / "labels"
@@ -195,7 +195,7 @@ def test_end_to_end_encoder_frozen(tmp_path, dtype, mesh2d):
   c = _cfg("configs/adapter.py:tiny", mode="end_to_end", images=str(imgs),
            labels_dir=str(tmp_path / "pl"), encoder=enc, size=64,
            work_size=64, batching="image", batch_size=8, epochs=2,
-           encoder_dtype=dtype, augment_flip=True)
+           encoder_dtype=dtype, augment_flip=True, preprocess=preprocess)
   if mesh2d:  # encoder MLP kernels sharded over a 'model' axis
     c.mesh = (("data", 4), ("model", 2))
     c.param_sharding = ("('.*mlp.*fc1.*kernel', (None, 'model'))",)
@@ -203,6 +203,10 @@ def test_end_to_end_encoder_frozen(tmp_path, dtype, mesh2d):
   assert res.step == 2 and np.isfinite(res.final_loss)
   rep = json.load(open(tmp_path / "wd" / "data.json"))
   assert rep["items"] == 8 and [x[0] for x in rep["not_ok"]] == ["broken"]
+  # The adapter records the encoder's inputs (default: the FOV crop).
+  feats = checkpoints.read_meta(res.adapter_dir)["features"]
+  assert feats["preprocess"] == (preprocess or "fov") and feats["size"] == 64
+  assert feats.get("work_size") == (None if preprocess == "efiqa" else 64)
   # The adapter trains in float32 whatever the encoder's compute dtype.
   assert all(a.dtype == np.float32 for a in jax.tree.leaves(res.params))
   before, _ = checkpoints.load_model(enc)
@@ -237,6 +241,25 @@ def test_end_to_end_encoder_frozen(tmp_path, dtype, mesh2d):
       res.params["linear"]["kernel"],
       nnx.to_pure_dict(nnx.state(adapters.build_adapter(
           "linear", D, seed=504), nnx.Param))["linear"]["kernel"])
+
+
+def test_pixel_batch_preprocess(tmp_path):
+  """End to end, 'efiqa' feeds the whole photograph (the reference
+  extractor's input), 'fov' the FOV crop."""
+  from efiqa_jax import fundus
+  from efiqa_jax import synth
+  from efiqa_jax.encoders import preprocess as pp
+  from efiqa_jax.student import data as data_lib
+  p = str(tmp_path / "a.png")
+  Image.fromarray(np.pad(synth.generate(0, 96).image,
+                         ((0, 0), (20, 20), (0, 0)))).save(p)
+  y = [np.zeros((4, 4), np.float32)]
+  whole = data_lib.PixelBatch([p], y, 1, 0, 64, 96, preprocess="efiqa")
+  np.testing.assert_array_equal(whole(0)["pixels"][0],
+                                pp.preprocess(p, 64, "efiqa"))
+  crop = data_lib.PixelBatch([p], y, 1, 0, 64, 96)
+  np.testing.assert_array_equal(crop(0)["pixels"][0], pp.preprocess(
+      fundus.prepare_fundus(p, 96).image, 64, "efiqa"))
 
 
 def test_cp_head_nnpu_image_batches(tmp_path):
@@ -326,3 +349,7 @@ def test_arrayrecord_features_train_like_npy(tmp_path):
   assert res["npy"].step == 10
   jax.tree.map(np.testing.assert_array_equal, res["npy"].params,
                res["arrayrecord"].params)
+  # The adapter records what extract's metadata.json says (fov by default).
+  feats = checkpoints.read_meta(res["npy"].adapter_dir)["features"]
+  assert (feats["preprocess"], feats["size"], feats["work_size"]) == (
+      "fov", 64, 96)

@@ -30,6 +30,14 @@ def add_arguments(p):
                  help="student: 'efiqa' (default) post-processes the map as "
                  "the paper does (grey opening + closing over 3x3 cells, "
                  "Gaussian of 1 cell); 'none' keeps sigmoid(logits)")
+  p.add_argument("--preprocess", choices=("efiqa", "fov"), default=None,
+                 help="student: what the encoder sees. 'efiqa': the whole "
+                 "photograph (EFIQA's extractor and demo; map and overlay "
+                 "on the whole photograph); 'fov': the FOV crop (map on the "
+                 "crop square). Both then: PIL bicubic (antialiased) resize "
+                 "to the adapter's size, /255, ImageNet mean/std. Default: "
+                 "what the adapter records (ported official weights: efiqa; "
+                 "train-adapter: what it was trained on), else fov")
   p.add_argument("--save-logits", action="store_true",
                  help="student: also write DIR/logits/<id>.npy (gh, gw) raw "
                  "adapter logits")
@@ -64,7 +72,8 @@ def run(args) -> int:
                                       "adapter": args.adapter,
                                       "calibration": args.calibration,
                                       "dtype": args.encoder_dtype,
-                                      "map_filter": args.map_filter})
+                                      "map_filter": args.map_filter,
+                                      "preprocess": args.preprocess})
   except sources.NoInputsError as e:
     return sources.no_inputs_exit(NAME, e)
   except (FileNotFoundError, ValueError) as e:

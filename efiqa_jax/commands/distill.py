@@ -11,6 +11,11 @@ def add_arguments(p):
   p.add_argument("--encoder", required=True, help="ViT encoder directory")
   p.add_argument("--workdir", required=True,
                  help="pseudo/, features/ and train/ go here (a rerun resumes)")
+  p.add_argument("--preprocess", choices=("efiqa", "fov"), default=None,
+                 help="what the encoder sees: 'fov' (default: the FOV crop "
+                 "the pseudo-labels are made on) or 'efiqa' (the whole "
+                 "photograph, as EFIQA's extractor; the pseudo-labels are "
+                 "mapped to it). The adapter records it")
   p.add_argument("--batch-size", type=int, default=8,
                  help="pseudo-label / extract batch")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -27,7 +32,8 @@ def run(args) -> int:
     cfg = config_util.config_from_args(args)
     res = distill.distill(args.inputs, args.teacher, args.encoder,
                           args.workdir, cfg, batch_size=args.batch_size,
-                          progress=not args.quiet)
+                          progress=not args.quiet,
+                          preprocess=args.preprocess)
   except sources.NoInputsError as e:
     return sources.no_inputs_exit(NAME, e)
   except (FileNotFoundError, ValueError) as e:

@@ -6,7 +6,8 @@ import json
 
 NAME = "extract"
 HELP = ("Patch features (gh, gw, D) of a ported ViT encoder for every input "
-        "photograph (FOV crop + EFIQA preprocessing), sharded and resumable.")
+        "photograph (FOV crop or the whole photograph, EFIQA's resize and "
+        "normalisation), sharded and resumable.")
 
 
 def _mesh(text: str | None):
@@ -30,10 +31,18 @@ def add_arguments(p: argparse.ArgumentParser):
                  "records, e.g. what pretrain-encoder trained it at, else "
                  "224)")
   p.add_argument("--work-size", type=int, default=512,
-                 help="FOV crop side before the encoder resize (default 512)")
-  p.add_argument("--no-crop", action="store_true",
-                 help="resize the whole photograph (reference extractor) "
-                      "instead of the FOV crop")
+                 help="FOV crop side before the encoder resize (default 512; "
+                      "--preprocess fov only)")
+  p.add_argument("--preprocess", choices=("efiqa", "fov"), default="fov",
+                 help="what the encoder sees. 'fov' (default): the FOV "
+                      "crop at --work-size; 'efiqa': the whole photograph "
+                      "(EFIQA's extract_dino.py and demo). Both then: PIL "
+                      "bicubic (antialiased) resize to --size, /255, "
+                      "ImageNet mean/std. An adapter trained on these "
+                      "features records it")
+  p.add_argument("--no-crop", dest="preprocess", action="store_const",
+                 const="efiqa", help="deprecated spelling of --preprocess "
+                 "efiqa (default: off; --preprocess decides)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"),
                  default="float32", help="compute dtype")
   p.add_argument("--save-dtype", choices=("float32", "float16"),
@@ -64,9 +73,9 @@ def run(args) -> int:
   try:
     res = features.extract_features(
         args.inputs, args.encoder, args.out, size=args.size,
-        work_size=args.work_size, crop=not args.no_crop, dtype=args.dtype,
-        save_dtype=args.save_dtype, batch_size=args.batch_size,
-        fmt=args.format, mesh_axes=_mesh(args.mesh),
+        work_size=args.work_size, preprocess=args.preprocess,
+        dtype=args.dtype, save_dtype=args.save_dtype,
+        batch_size=args.batch_size, fmt=args.format, mesh_axes=_mesh(args.mesh),
         param_sharding=args.param_sharding, shard_size=args.shard_size,
         read_threads=args.read_threads, num_workers=args.num_workers,
         progress=True)

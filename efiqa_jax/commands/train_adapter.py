@@ -12,6 +12,11 @@ def add_arguments(p):
   p.add_argument("--workdir", required=True,
                  help="checkpoints, metrics.jsonl and the adapter (a rerun "
                  "resumes)")
+  p.add_argument("--preprocess", choices=("efiqa", "fov"), default=None,
+                 help="config.preprocess: end to end, what the encoder sees "
+                 "('fov', the default: the FOV crop; 'efiqa': the whole "
+                 "photograph); with features, their metadata.json decides "
+                 "and this must agree. The adapter records it")
   p.add_argument("positional_overrides", nargs="*", metavar="config.KEY=VALUE",
                  help="config overrides (like --set)")
 
@@ -22,6 +27,9 @@ def run(args) -> int:
   from efiqa_jax.student import train  # pylint: disable=g-import-not-at-top
   try:
     cfg = config_util.config_from_args(args, args.positional_overrides)
+    if args.preprocess:
+      with cfg.unlocked():
+        cfg.preprocess = args.preprocess
     res = train.train_and_evaluate(cfg, args.workdir)
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa train-adapter: error: {e}", file=sys.stderr)

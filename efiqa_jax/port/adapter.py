@@ -10,6 +10,11 @@ Accepted sources (strict: every tensor consumed, every parameter filled):
     a number.
 Reference: logits = z @ weight.T + bias (torch) = z @ W + b (demo). Flax's
 Linear kernel is (D, 1) = weight.T.
+
+The official weights were made on EFIQA's features of the whole photograph
+(extract_dino.py; the demo resizes the whole photograph to 224), so the
+sidecar records `features: {preprocess: efiqa, size}` (224 for sc_linear,
+1024 for EFIQA-CP), which `efiqa assess --model student` then follows.
 """
 from __future__ import annotations
 
@@ -87,14 +92,20 @@ def read_adapter_weights(src: str | os.PathLike, bias=None
   return w, b, {"format": "torch state dict (badish sc_linear)", **notes}
 
 
+SC_LINEAR_SIZE = 224   # the paper's and the demo's input (14x14 tokens)
+SA_CNN_SIZE = 1024     # FunPiQ's emb_dino_1024 (64x64 tokens)
+
+
 def port_adapter(src: str | os.PathLike, out: str | os.PathLike, *,
-                 bias=None, overwrite: bool = False):
+                 bias=None, size: int = SC_LINEAR_SIZE,
+                 overwrite: bool = False):
   """Convert official adapter weights into an efiqa model dir.
 
   Returns (model, meta)."""
   import jax.numpy as jnp
   from flax import nnx
   from efiqa_jax import checkpoints
+  from efiqa_jax.encoders import preprocess as pp
   from efiqa_jax.models import adapters
 
   w, b, notes = read_adapter_weights(src, bias)
@@ -107,7 +118,8 @@ def port_adapter(src: str | os.PathLike, out: str | os.PathLike, *,
   meta = {"source": {"path": str(src.absolute()),
                      "sha256": common.sha256_file(src), **notes},
           "description": "EFIQA sc_linear adapter: logits = z @ W + b per "
-                         "patch token; positive = degraded"}
+                         "patch token; positive = degraded",
+          "features": pp.record("efiqa", size)}
   checkpoints.save_model(out, model, meta, overwrite=overwrite)
   return model, meta
 
@@ -168,11 +180,13 @@ def sa_cnn_rules(depths=(2, 2, 1), prefix: str = "model."):
 
 
 def port_sa_cnn(src: str | os.PathLike, out: str | os.PathLike, *,
-                drop_path: float = 0.1, overwrite: bool = False):
+                drop_path: float = 0.1, size: int = SA_CNN_SIZE,
+                overwrite: bool = False):
   """FunPiQ EFIQA-CP head state dict -> efiqa `modern_head_64to16` model
   (sizes read from the tensors). Returns (model, meta)."""
   from flax import nnx
   from efiqa_jax import checkpoints
+  from efiqa_jax.encoders import preprocess as pp
   from efiqa_jax.models import adapters
 
   src = pathlib.Path(src)
@@ -191,7 +205,8 @@ def port_sa_cnn(src: str | os.PathLike, out: str | os.PathLike, *,
                      "format": "torch state dict (FunPiQ sa_cnn)",
                      "tensors": len(sd), **notes},
           "description": "EFIQA-CP ModernHead64to16: 64x64 tokens -> 16x16 "
-                         "logits; positive = degraded"}
+                         "logits; positive = degraded",
+          "features": pp.record("efiqa", size)}
   checkpoints.save_model(out, model, meta, overwrite=overwrite)
   return model, meta
 
@@ -200,10 +215,13 @@ def register(register_converter):
   def add_cnn(p):
     p.add_argument("--drop-path", type=float, default=0.1,
                    help="training-time drop-path rate recorded in the model")
+    p.add_argument("--size", type=int, default=SA_CNN_SIZE,
+                   help="encoder input side the head was trained at, "
+                   f"recorded with preprocessing efiqa (default {SA_CNN_SIZE})")
 
   def run_cnn(args):
     return port_sa_cnn(args.src, args.out, drop_path=args.drop_path,
-                       overwrite=args.overwrite)
+                       size=args.size, overwrite=args.overwrite)
 
   register_converter(
       "sa_cnn", "EFIQA-CP head (FunPiQ sa_cnn / ModernHead64to16 .pth) -> "
@@ -213,9 +231,13 @@ def register(register_converter):
     p.add_argument("--bias", default=None,
                    help="for a .npy W: the bias (.npy file or a number; "
                    "default: none, required with a .npy W)")
+    p.add_argument("--size", type=int, default=SC_LINEAR_SIZE,
+                   help="encoder input side the adapter was trained at, "
+                   "recorded with preprocessing efiqa (default "
+                   f"{SC_LINEAR_SIZE}, the paper's and the demo's)")
 
   def run(args):
-    return port_adapter(args.src, args.out, bias=args.bias,
+    return port_adapter(args.src, args.out, bias=args.bias, size=args.size,
                         overwrite=args.overwrite)
 
   register_converter(

@@ -177,7 +177,8 @@ def _flip(x, y, seed, step):
 
 class PixelBatch:
   """step -> {pixels (B, S, S, 3) float32 normalised, y, mask} for the end-to-
-  end mode (FOV crop + EFIQA preprocessing, `features.PrepareEncoderInput`).
+  end mode (`features.PrepareEncoderInput`: the FOV crop or, with
+  preprocess='efiqa', the whole photograph; EFIQA's resize/normalisation).
 
   `check()` prepares every photograph once up front, returns the ones that
   fail (so training never dies on a bad file mid-run) and keeps the prepared
@@ -186,11 +187,13 @@ class PixelBatch:
 
   def __init__(self, paths: Sequence[str], labels: Sequence[np.ndarray],
                batch: int, seed: int, size: int, work_size: int,
-               flip: bool = False, cache_bytes: float = 4e9):
+               flip: bool = False, cache_bytes: float = 4e9,
+               preprocess: str = "fov"):
     from efiqa_jax import features as feats_lib
     self.paths, self.labels = list(paths), list(labels)
     self.batch, self.seed, self.flip = batch, seed, flip
-    self._prep = feats_lib.PrepareEncoderInput(size, work_size=work_size)
+    self._prep = feats_lib.PrepareEncoderInput(size, work_size=work_size,
+                                               preprocess=preprocess)
     self._cache: dict[int, np.ndarray] = {}
     self.size = size
     self.cache_bytes = cache_bytes

@@ -5,17 +5,27 @@ One command for EFIQA's stages 1 -> 2 on a folder of photographs:
                      the label-free vessel map of the 512 FOV crop), on the
                      adapter's output grid (14x14 for the linear adapter at
                      224 with /16 patches; 16x16 for EFIQA-CP at 1024);
-  WORKDIR/features/  `efiqa extract` (same FOV crop, EFIQA preprocessing);
+  WORKDIR/features/  `efiqa extract` with the run's preprocessing: fov (the
+                     default: the same FOV crop as the pseudo-labels) or
+                     efiqa (the whole photograph, as EFIQA's extractor);
+  WORKDIR/pseudo_efiqa/  efiqa only: the pseudo-labels on the photograph's
+                     frame (`photograph_labels`: each photograph's anomaly
+                     map placed back through its crop square, then the same
+                     labelling rule on the encoder's token grid);
   WORKDIR/train/     `efiqa train-adapter` from those two (resumable), the
-                     final adapter in WORKDIR/train/adapter.
+                     final adapter in WORKDIR/train/adapter; it records the
+                     preprocessing, which `efiqa assess` then follows.
 Re-running the command resumes every stage (pseudo-labels and features
 already on disk are kept; training restarts from its checkpoint).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Sequence
+
+import numpy as np
 
 
 def label_grid(config, encoder: str) -> tuple[int, int]:
@@ -36,14 +46,95 @@ def label_grid(config, encoder: str) -> tuple[int, int]:
   return ada.output_grid(g, g)
 
 
+def anomaly_on_photograph(anomaly: np.ndarray, crop: Sequence[int],
+                          h: int, w: int, n: int) -> np.ndarray:
+  """A crop-square map (T, T) -> (n, n) samples over the photograph frame
+  (sample (i, j) at original edge coordinates ((j + 0.5) w / n, (i + 0.5) h
+  / n)), nearest; 0 outside the crop square. crop = (x0, y0, side)."""
+  x0, y0, side = (int(v) for v in crop)
+  t = anomaly.shape[0]
+  xe = (np.arange(n) + 0.5) * (w / n)
+  ye = (np.arange(n) + 0.5) * (h / n)
+  u = np.floor((xe - x0) / side * t).astype(np.int64)
+  v = np.floor((ye - y0) / side * t).astype(np.int64)
+  iu, iv = (u >= 0) & (u < t), (v >= 0) & (v < t)
+  out = anomaly[np.clip(v, 0, t - 1)][:, np.clip(u, 0, t - 1)]
+  return np.where(iv[:, None] & iu[None, :], out, 0.0).astype(np.float32)
+
+
+def photograph_labels(pseudo_dir: str, out_dir: str, spec, *,
+                      work_size: int, progress: bool = False) -> dict:
+  """Pseudo-labels of `pseudo_dir` (FOV crop frame) -> the photograph frame.
+
+  For each photograph labelled there: its anomaly map (teacher resolution
+  T, over the crop square of `fundus.prepare_fundus(path, work_size)`, the
+  call the labels were made with) is sampled on an n x n grid over the
+  whole photograph (n = spec.grid * ceil(T / spec.grid)), 0 outside the
+  crop square, and labelled with the same rule (`pseudo_labels.
+  patch_labels`). Writes out_dir/labels/<id>.png and out_dir/spec.json
+  (frame 'efiqa'); resumes (labels already there with the same spec are
+  kept). Returns counts {'total', 'ok', 'failed'}."""
+  import csv
+  import dataclasses
+  from PIL import Image
+  from efiqa_jax import fundus
+  from efiqa_jax import pseudo_labels
+
+  os.makedirs(os.path.join(out_dir, "labels"), exist_ok=True)
+  rule = {"frame": "efiqa", "from": os.path.abspath(pseudo_dir),
+          "work_size": int(work_size), "rule": dataclasses.asdict(spec)}
+  spec_path = os.path.join(out_dir, "spec.json")
+  if os.path.exists(spec_path):
+    with open(spec_path) as f:
+      if json.load(f) != rule:
+        raise ValueError(f"{out_dir} holds photograph-frame labels made "
+                         "with other settings; use another workdir")
+  else:
+    with open(spec_path + ".tmp", "w") as f:
+      json.dump(rule, f, indent=1)
+    os.replace(spec_path + ".tmp", spec_path)
+  with open(os.path.join(pseudo_dir, "manifest.csv"), newline="") as f:
+    rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+  n_ok = failed = 0
+  for r in rows:
+    dst = os.path.join(out_dir, "labels", r["id"] + ".png")
+    if os.path.exists(dst):
+      n_ok += 1
+      continue
+    prep = fundus.prepare_fundus(r["image"], size=work_size)
+    if not prep.ok:  # the labels were made, so this only happens if the
+      failed += 1    # file changed since
+      print(f"distill: {r['image']}: {prep.status} {prep.message}",
+            file=sys.stderr)
+      continue
+    a = np.load(os.path.join(pseudo_dir, "anomaly", r["id"] + ".npy"))
+    n = spec.grid * -(-a.shape[0] // spec.grid)
+    on_photo = anomaly_on_photograph(
+        a, (prep.crop_x0, prep.crop_y0, prep.crop_size), prep.orig_h,
+        prep.orig_w, n)
+    Image.fromarray(pseudo_labels.patch_labels(on_photo, spec)).save(
+        dst + ".tmp", "PNG")
+    os.replace(dst + ".tmp", dst)
+    n_ok += 1
+  if progress:
+    print(f"distill: {n_ok} pseudo-labels on the photograph frame "
+          f"({out_dir})", file=sys.stderr)
+  return {"total": len(rows), "ok": n_ok, "failed": failed}
+
+
 def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
-            config, *, batch_size: int = 8, progress: bool = True):
-  """Runs the three stages; returns train.TrainResult."""
+            config, *, batch_size: int = 8, progress: bool = True,
+            preprocess: str | None = None):
+  """Runs the three stages; returns train.TrainResult. preprocess: efiqa |
+  fov (default config.preprocess, else fov)."""
   from efiqa_jax import features
   from efiqa_jax import pseudo_labels
+  from efiqa_jax import sources
+  from efiqa_jax.encoders import preprocess as pp
   from efiqa_jax.student import train
 
-  from efiqa_jax import sources
+  preprocess = pp.check_preprocess(
+      preprocess or config.get("preprocess") or pp.DEFAULT_PREPROCESS)
   sources.list_inputs(list(inputs))  # no image: NoInputsError before any work
   workdir = os.path.abspath(workdir)
   oh, ow = label_grid(config, encoder)
@@ -63,13 +154,19 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
   if res["failed"]:
     print(f"distill: {res['failed']} of {res['total']} photographs got no "
           f"pseudo-label (see {pdir}/manifest.csv)", file=sys.stderr)
+  if preprocess == "efiqa":
+    edir = os.path.join(workdir, "pseudo_efiqa")
+    photograph_labels(pdir, edir, spec, work_size=config.work_size,
+                      progress=progress)
+    pdir = edir
   fdir = os.path.join(workdir, "features")
   features.extract_features(list(inputs), encoder, fdir, size=config.size,
                             work_size=config.work_size, batch_size=batch_size,
-                            progress=progress)
+                            preprocess=preprocess, progress=progress)
   with config.unlocked():
     config.mode = "features"
     config.features_dir = fdir
     config.labels_dir = pdir
+    config.preprocess = preprocess
     config.progress = progress and config.progress
   return train.train_and_evaluate(config, os.path.join(workdir, "train"))

@@ -8,6 +8,15 @@ Two modes (config.mode):
   end_to_end  photographs + pseudo-labels; the frozen encoder runs inside the
               jitted step (optionally in bfloat16), always per image.
 
+Preprocessing (`config.preprocess`, efiqa | fov, `encoders.preprocess`): in
+features mode the features' metadata.json says what they were made with
+(an explicit config value must agree); end to end it is the config's
+(default fov). The exported adapter records it (`features.preprocess`,
+size, work_size), and `efiqa assess --model student` follows that record.
+Labels made by `efiqa pseudo-label --from-photos` are on the FOV crop's
+frame: training them against efiqa (whole-photograph) inputs is refused
+(`efiqa distill --preprocess efiqa` maps them to the photograph's frame).
+
 Only the adapter is differentiated: the encoder's (graphdef, state) is a
 plain, non-differentiated argument of the step, the optimizer is built on
 the adapter's parameter dict alone, so neither gradients nor optimizer state
@@ -45,6 +54,45 @@ class TrainResult:
   params: Any             # adapter parameters (pure dict, host numpy)
   opt_state: Any = None   # optimizer state (host numpy), adapter-only
   encoder_state: Any = None  # end_to_end: encoder params after training
+
+
+def label_frame(labels_dir: str) -> str | None:
+  """The frame pseudo-labels are on, from their spec.json: 'fov' (`efiqa
+  pseudo-label --from-photos`: the FOV crop), 'efiqa' (the photograph,
+  written by `efiqa distill --preprocess efiqa`); None when unknown
+  (vessel-map inputs, plain PNG folders)."""
+  path = os.path.join(labels_dir, "spec.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    spec = json.load(f)
+  if spec.get("frame") in ("efiqa", "fov"):
+    return spec["frame"]
+  return "fov" if spec.get("from_photos") else None
+
+
+def resolve_preprocess(config, features_meta: dict | None
+                       ) -> tuple[str | None, str]:
+  """(preprocess, where it came from) for a training run; None for features
+  that do not say (a plain folder of .npy) when the config does not
+  either."""
+  from efiqa_jax.encoders import preprocess as pp
+  given = config.get("preprocess")
+  if given is not None:
+    pp.check_preprocess(given)
+  if config.mode == "features":
+    made = pp.recorded_preprocess(features_meta or {})
+    if made is not None and given is not None and made != given:
+      raise ValueError(f"config.preprocess={given} but the features in "
+                       f"{config.features_dir} were made with {made}")
+    if made is not None:
+      return made, "the features' metadata"
+    if given is not None:
+      return given, "config.preprocess"
+    return None, "unknown"
+  if given is not None:
+    return given, "config.preprocess"
+  return pp.DEFAULT_PREPROCESS, "default"
 
 
 def _load_training_data(config):
@@ -118,8 +166,22 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  from efiqa_jax.encoders import preprocess as pp
   items, rep, (gh, gw, d), labels, encoder, src_meta = _load_training_data(
       config)
+  preprocess, origin = resolve_preprocess(
+      config, src_meta if config.mode == "features" else None)
+  if preprocess is None:
+    print(f"train-adapter: {config.features_dir} does not say how its "
+          "features were made; the adapter records no preprocessing (set "
+          "config.preprocess=efiqa|fov)", file=sys.stderr)
+  frame = label_frame(config.labels_dir)
+  if None not in (frame, preprocess) and frame != preprocess:
+    raise ValueError(
+        f"the labels in {config.labels_dir} are on the "
+        f"{'FOV crop' if frame == 'fov' else 'whole photograph'} but the "
+        f"encoder inputs are {preprocess} ({origin}); use labels of the same "
+        "frame (efiqa distill --preprocess efiqa maps them)")
   adapter = adapters.build_adapter(config.adapter.name, d,
                                    seed=int(config.seed),
                                    **dict(config.adapter.kwargs))
@@ -156,7 +218,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     else:
       make_batch = data_lib.PixelBatch(
           [items[i] for i in ids], ys, bsz, int(config.seed), config.size,
-          config.work_size, flip,
+          config.work_size, flip, preprocess=preprocess,
           cache_bytes=float(config.get("pixel_cache_gb", 4.0)) * 1e9)
       failed = make_batch.check()
       rep.not_ok.extend((ids[i], msg) for i, msg in failed)
@@ -251,12 +313,14 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
         "seed": int(config.seed), "epochs": int(config.epochs),
         "adapter": config.adapter.to_dict(), "loss": config.loss.to_dict(),
         "optimizer": config.optimizer.to_dict(), "mode": config.mode,
-        "batching": batching}
+        "batching": batching, "preprocess": preprocess}
   fp = _jsonable(fp)
   fp_path = os.path.join(workdir, "run.json")
   if mngr.latest_step() is not None and os.path.exists(fp_path):
     with open(fp_path) as f:
       old = json.load(f)
+    # Runs from before the setting: their data decided it, as it still does.
+    old.setdefault("preprocess", fp["preprocess"])
     diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
     if diff:
       raise ValueError(f"{workdir} holds a run with different {diff}; "
@@ -330,11 +394,21 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   if step >= total:
     final = nnx.merge(graphdef, host_params)
     adapter_dir = os.path.join(workdir, "adapter")
+    if config.mode == "features":
+      size = src_meta.get("size") or src_meta.get("image_size")
+      ws = src_meta.get("work_size")
+    else:
+      size, ws = config.size, config.work_size
+    feats = {k: src_meta.get(k) for k in ("grid", "encoder", "architecture")
+             if k in src_meta}
+    if preprocess is not None and size:
+      feats.update(pp.record(preprocess, size, ws))
+    elif preprocess is not None:
+      feats["preprocess"] = preprocess
     meta = {"training": {"config": config.to_dict(), "steps": total,
-                         "final_loss": last_loss, "data": report},
-            "features": {k: src_meta.get(k) for k in (
-                "size", "work_size", "crop", "preprocessing", "grid",
-                "encoder", "architecture") if k in src_meta}}
+                         "final_loss": last_loss, "data": report,
+                         "preprocess_from": origin},
+            "features": feats}
     checkpoints.save_model(adapter_dir, final, _jsonable(meta),
                            overwrite=True)
   to_host = lambda t: jax.tree.map(lambda a: np.asarray(jax.device_get(a)), t)
