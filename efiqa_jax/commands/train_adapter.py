@@ -9,6 +9,7 @@ def add_arguments(p):
   config_util.add_config_arguments(
       p, help="configs/adapter.py[:tiny] or configs/adapter_cp.py")
   p.add_argument("--workdir", required=True)
+  config_util.add_trainer_arguments(p)
   p.add_argument("positional_overrides", nargs="*", metavar="config.KEY=VALUE",
                  help="config overrides (like --set)")
 
@@ -16,14 +17,20 @@ def add_arguments(p):
 def run(args) -> int:
   import sys  # pylint: disable=g-import-not-at-top
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import trainer  # pylint: disable=g-import-not-at-top
   from efiqa_jax.student import train  # pylint: disable=g-import-not-at-top
   try:
     cfg = config_util.config_from_args(args, args.positional_overrides)
     res = train.train_and_evaluate(cfg, args.workdir)
+  except trainer.NonFiniteLossError as e:
+    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
+    return runtime.EXIT_FAILED
   except (FileNotFoundError, ValueError) as e:
-    print(f"efiqa train-adapter: error: {e}", file=sys.stderr)
-    return 2
-  print(f"step {res.step}/{res.total_steps} loss {res.final_loss:.5f}"
-        + (f"; adapter: {res.adapter_dir}" if res.adapter_dir else
-           " (stopped early; run again to resume)"))
-  return 0
+    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
+    return runtime.EXIT_USAGE
+  if runtime.is_primary():
+    print(f"step {res.step}/{res.total_steps} loss {res.final_loss:.5f}"
+          + (f"; adapter: {res.adapter_dir}" if res.adapter_dir else
+             " (stopped early; run again to resume)"))
+  return runtime.EXIT_OK
