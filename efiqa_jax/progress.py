@@ -67,6 +67,7 @@ class Progress:
     self._postfix: dict[str, str] = {}
     self._t0 = self._last = time.monotonic()
     self._closed = False
+    self._emitted = None
     self._tqdm = None
     if self.enabled and (use_bar() if bar is None else bar):
       from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
@@ -108,6 +109,7 @@ class Progress:
     return ", ".join(parts)
 
   def _emit(self) -> None:
+    self._emitted = self.n
     text = self.line()
     if logging.getLogger().handlers:
       log.info("%s", text)
@@ -122,7 +124,7 @@ class Progress:
       return
     if self._tqdm is not None:
       self._tqdm.close()
-    elif self.n > self._n0:
+    elif self.n > self._n0 and self._emitted != self.n:
       self._emit()
 
   def __enter__(self) -> "Progress":

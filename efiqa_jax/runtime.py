@@ -80,27 +80,31 @@ def _already_started() -> bool:
   return distributed.global_state.client is not None
 
 
-def _explicit(coordinator_address, num_processes, process_id, where: str):
-  given = {"coordinator address": coordinator_address,
-           "number of processes": num_processes,
-           "process id": process_id}
+_FLAGS = ("--coordinator-address", "--num-processes", "--process-id")
+
+
+def _explicit(coordinator_address, num_processes, process_id,
+              names=_FLAGS):
+  """(address, n, i) from explicit settings, None when none is given."""
+  where = "/".join(names)
+  given = dict(zip(names, (coordinator_address, num_processes, process_id)))
   if all(v is None for v in given.values()):
     return None
-  if (num_processes is not None and int(num_processes) == 1
-      and coordinator_address is None and process_id in (None, 0)):
-    return ("", 1, 0)
-  missing = [k for k, v in given.items() if v is None]
-  if missing:
-    raise DistributedConfigError(
-        f"incomplete multi-process configuration from {where}: missing "
-        f"{', '.join(missing)} (give all three, or none to auto-detect a "
-        "TPU pod slice, SLURM or Open MPI)")
   try:
-    n, i = int(num_processes), int(process_id)
+    n = None if num_processes is None else int(num_processes)
+    i = None if process_id is None else int(process_id)
   except ValueError:
     raise DistributedConfigError(
         f"number of processes {num_processes!r} and process id "
         f"{process_id!r} (from {where}) must be integers") from None
+  if n == 1 and coordinator_address is None and i in (None, 0):
+    return ("", 1, 0)  # one process, said explicitly: no auto-detection
+  missing = [k for k, v in given.items() if v is None]
+  if missing:
+    raise DistributedConfigError(
+        f"incomplete multi-process configuration: {', '.join(missing)} "
+        f"missing (give all of {', '.join(names)}, or none of them to "
+        "auto-detect a TPU pod slice, SLURM or Open MPI)")
   if n < 1 or not 0 <= i < n:
     raise DistributedConfigError(
         f"process id {i} is not in [0, {n}) (from {where})")
@@ -158,22 +162,24 @@ def initialize(coordinator_address: str | None = None,
   """
   global _info
   with _lock:
-    if _info is not None:
-      return _info
-    import jax  # pylint: disable=g-import-not-at-top
-    if _already_started():  # the caller started jax.distributed itself
-      _info = ProcessInfo(jax.process_index(), jax.process_count(),
-                          "caller")
-      _log_process()
-      return _info
-    cfg = _explicit(coordinator_address, num_processes, process_id,
-                    "--coordinator-address/--num-processes/--process-id")
+    cfg = _explicit(coordinator_address, num_processes, process_id)
     source = "flags"
     if cfg is None:
       env = [os.environ.get(k) for k in _ENV]
       if env[1] is not None or env[2] is not None:
-        cfg = _explicit(*env, where="JAX_* environment variables")
+        cfg = _explicit(*env, names=_ENV)
         source = "env"
+    import jax  # pylint: disable=g-import-not-at-top
+    if _info is None and _already_started():  # the caller started it
+      _info = ProcessInfo(jax.process_index(), jax.process_count(), "caller")
+      _log_process()
+    if _info is not None:
+      if cfg is not None and (cfg[1], cfg[2]) != (_info.process_count,
+                                                  _info.process_index):
+        raise DistributedConfigError(
+            f"this process already runs as process {_info.process_index} "
+            f"of {_info.process_count}; cannot become {cfg[2]} of {cfg[1]}")
+      return _info
     launcher = None
     if cfg is None:
       launcher = _detect_launcher()
@@ -199,7 +205,8 @@ def initialize(coordinator_address: str | None = None,
     except Exception as e:  # pylint: disable=broad-except
       what = (f"coordinator {cfg[0]}, process {cfg[2]} of {cfg[1]}"
               if cfg else f"auto-detected {source}")
-      msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      msg = str(e).strip().splitlines()[0] if str(e).strip() else type(
+          e).__name__
       raise DistributedStartError(
           f"could not start the multi-process run ({what}): {msg}") from None
     _info = ProcessInfo(jax.process_index(), jax.process_count(), source)

@@ -452,9 +452,9 @@ def fit(task: Task, tc: TrainConfig, workdir: str | os.PathLike | None, *,
   # ---- checkpoints: refuse a different run, find where to start
   mngr = None
   start = 0
-  fp = jsonable(dict(task.fingerprint, _trainer=dict(
+  fp = flatten(jsonable(dict(task.fingerprint, _trainer=dict(
       total_steps=total, global_batch=gbs, seed=int(tc.seed),
-      optimizer=tx_key(tc), steps_per_call=spc)))
+      optimizer=tx_key(tc), steps_per_call=spc))))
   if wd is not None:
     mngr = ocp.CheckpointManager(
         wd / "checkpoints", options=ocp.CheckpointManagerOptions(
