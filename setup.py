@@ -32,7 +32,7 @@ CORE = [
     # clu's TensorBoard writer and the TFDS builders need TensorFlow; the
     # CPU wheel is enough (TF never touches the accelerator here).
     "tensorflow-cpu==2.21.0",
-    "tensorboard==2.21.0",  # clu's writer imports it; tensorflow-cpu does not pull it in
+    "tensorboard==2.21.0",  # efiqa_jax.metric_writers' event files; tensorflow-cpu does not pull it in
     "ml-collections==1.1.0",
     "clu==0.0.12",
     "numpy==2.4.6",

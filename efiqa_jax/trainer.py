@@ -37,7 +37,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -217,6 +216,10 @@ def config_fingerprint(config, extra: Mapping | None = None,
 
 def fingerprint_diff(old: Mapping, new: Mapping, limit: int = 6) -> str:
   keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  # The trainer's own entries repeat config fields under other names: name
+  # the config's where there are any.
+  own = [k for k in keys if not k.startswith("_trainer.")]
+  keys = own or keys
   parts = [f"{k} {json.dumps(old.get(k, '<unset>'))} -> "
            f"{json.dumps(new.get(k, '<unset>'))}" for k in keys[:limit]]
   if len(keys) > limit:
@@ -463,15 +466,17 @@ def fit(task: Task, tc: TrainConfig, workdir: str | os.PathLike | None, *,
     latest = mngr.latest_step()
     if latest is not None:
       old = _read_fingerprint(mngr, latest, ocp)
+      problem = None
       if old is None:
-        raise FingerprintMismatch(
-            f"{wd} holds checkpoint {latest} without a run fingerprint "
-            "(written by an older efiqa-jax); use a new --workdir")
-      if old != fp:
-        raise FingerprintMismatch(
-            f"{wd} holds a run with other settings: "
-            f"{fingerprint_diff(old, fp)} (resume needs the same config; "
-            "use a new --workdir)")
+        problem = (f"{wd} holds checkpoint {latest} without a run fingerprint "
+                   "(written by an older efiqa-jax); use a new --workdir")
+      elif old != fp:
+        problem = (f"{wd} holds a run with other settings: "
+                   f"{fingerprint_diff(old, fp)} (resume needs the same "
+                   "config; use a new --workdir)")
+      if problem:
+        mngr.close()
+        raise FingerprintMismatch(problem)
       start = int(latest)
     if primary:
       _atomic_json(wd / "run.json", fp)
@@ -695,9 +700,14 @@ def fit(task: Task, tc: TrainConfig, workdir: str | os.PathLike | None, *,
                          sh.to_global({"s": np.int32(step - 1)}, repl)["s"])
           if primary:
             writer.write_images(step, jax.device_get(out))
-        preempted = (mngr is not None and pc > 1
-                     and mngr.reached_preemption(step))
-        if stopper.signal or preempted:
+        # One process: its own signal. Several: only the preemption sync
+        # point, which gives every process the same step (a signal reaches
+        # the others through JAX's preemption notifier).
+        if pc > 1:
+          stop = mngr is not None and mngr.reached_preemption(step)
+        else:
+          stop = stopper.signal is not None
+        if stop:
           _check_finite(pending, mngr)
           saved = _save(mngr, step, state, it, grain_iter, fp, ocp,
                         force=True)
@@ -718,7 +728,7 @@ def fit(task: Task, tc: TrainConfig, workdir: str | os.PathLike | None, *,
           return FitResult(os.fspath(wd) if wd else None, step, total,
                            history, float("nan"), None, None, None, graphdef,
                            None, start_step=start)
-      if stopper.signal and step == start:
+      if stopper.signal and step == start and pc == 1:
         raise Interrupted(
             f"{task.name}: stopped by {stopper.signal} before the first "
             "step; nothing to save", runtime.EXIT_INTERRUPTED

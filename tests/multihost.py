@@ -26,14 +26,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices: int | None) -> dict:
+def _env(devices: int | None, fast_compile: bool = True) -> dict:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   if devices is not None:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
-    # Tiny models: XLA's optimisation passes dominate CPU compile time.
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
+    # Tiny models: XLA's optimisation passes dominate CPU compile time. (A
+    # test comparing bits with an in-process run compiles like that run.)
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true" if fast_compile else "false"
   env["PYTHONPATH"] = REPO
   return env
 
@@ -110,11 +111,12 @@ def run_efiqa(args_of, nproc: int = 2, *, devices: int = 2,
   return [(p.returncode, log) for p, log in zip(procs, logs)], killed
 
 
-def start_efiqa(args, *, devices: int = 8) -> subprocess.Popen:
+def start_efiqa(args, *, devices: int = 8,
+                fast_compile: bool = True) -> subprocess.Popen:
   """One `efiqa ARGS...` process (output in `log(p)`), for tests that
   signal it."""
   return _popen([sys.executable, "-m", "efiqa_jax", *map(str, args)],
-                cwd=REPO, env=_env(devices))
+                cwd=REPO, env=_env(devices, fast_compile))
 
 
 def finish(p: subprocess.Popen, timeout: float, what: str) -> tuple[int, str]:

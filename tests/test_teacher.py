@@ -463,10 +463,11 @@ def test_changed_config_is_refused_with_the_difference(full_run, maps_dir,
   rc = cli.main(_cli_args(maps_dir, full_run.workdir, "--config.lr=0.01",
                           "--config.log_every=1"))
   assert rc == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  # log_every does not change results: only lr is named.
-  assert len(err) == 1 and "lr 0.001 -> 0.01" in err[0], err
-  assert "log_every" not in err[0]
+  err = [l for l in capsys.readouterr().err.splitlines() if "error" in l]
+  # One line; log_every does not change results: only lr is named.
+  assert len(err) == 1, err
+  assert err[0].startswith("efiqa train-teacher: error: ")
+  assert "settings: lr 0.001 -> 0.01 (resume needs the same config" in err[0]
 
 
 def _cli_args(maps_dir, workdir, *extra):

@@ -353,7 +353,7 @@ def test_sigint_then_sigterm_then_rerun_is_bit_exact(fdata, tmp_path):
   wd = tmp_path / "sig"
   seen = []
   for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 75)):
-    p = multihost.start_efiqa(_cli(fd, ld, wd, *over))
+    p = multihost.start_efiqa(_cli(fd, ld, wd, *over), fast_compile=False)
     multihost.wait_for(lambda: [s for s in multihost.checkpoint_steps(wd)
                                 if s not in seen], p, 900, "train-adapter")
     p.send_signal(sig)
