@@ -95,6 +95,9 @@ def main(argv=None) -> int:
   except runtime.Interrupted as e:
     print(f"efiqa {args.command}: {e}", file=sys.stderr)
     return e.exit_code
+  except KeyboardInterrupt:  # Ctrl-C outside a training loop
+    print(f"efiqa {args.command}: interrupted", file=sys.stderr)
+    return runtime.EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

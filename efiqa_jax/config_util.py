@@ -142,6 +142,10 @@ def add_trainer_arguments(parser) -> None:
       "--profile-steps", metavar="A:B", default=None,
       help="write a jax.profiler trace of steps A+1..B to WORKDIR/profile "
            "(config.profile_steps)")
+  parser.epilog = (parser.epilog or "") + (
+      " SIGTERM (or a preemption notice) saves a checkpoint and exits 75;"
+      " Ctrl-C saves and exits 130; the same command resumes. A workdir"
+      " holding a run with other settings is refused (exit 2).")
 
 
 def config_from_args(args, extra: Sequence[str] = ()

@@ -399,10 +399,18 @@ def fit(task: Task, tc: TrainConfig, workdir: str | os.PathLike | None, *,
   workdir None: an in-memory fit (no checkpoints, metrics or export).
   `_stop_after_steps` (tests only) returns abruptly after that many steps
   of this call, without a checkpoint, like a killed job.
+  Raises `runtime.Interrupted` (exit code 75 or 130) when stopped by a
+  signal, after saving; signals are caught from here on, so a Ctrl-C during
+  a compilation waits for it instead of tearing the process down.
   """
+  runtime.initialize()
+  with _Stop(multi=jax.process_count() > 1) as stopper:
+    return _fit(task, tc, workdir, stopper, _stop_after_steps)
+
+
+def _fit(task, tc, workdir, stopper, _stop_after_steps):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  runtime.initialize()
   pc = jax.process_count()
   primary = runtime.is_primary()
   total = int(tc.total_steps)
@@ -627,10 +635,18 @@ def fit(task: Task, tc: TrainConfig, workdir: str | os.PathLike | None, *,
   t0, done_here = time.monotonic(), 0
   step = start
   profiling = False
-  stopper = _Stop(multi=pc > 1)
+
+  def stop_before_first_step():
+    if pc == 1 and stopper.signal and step == start:
+      raise Interrupted(
+          f"{task.name}: stopped by {stopper.signal} before the first step; "
+          "nothing to save", runtime.EXIT_INTERRUPTED
+          if stopper.signal == "SIGINT" else runtime.EXIT_PREEMPTED, step)
+
   try:
-    with stopper, jax.set_mesh(mesh):
+    with jax.set_mesh(mesh):
       while step < stop_at:
+        stop_before_first_step()
         k = min(spc, stop_at - step)
         hosts = []
         for j in range(k):
@@ -652,6 +668,7 @@ def fit(task: Task, tc: TrainConfig, workdir: str | os.PathLike | None, *,
         gbatch = sh.to_global(host, batch_sh, keys=keys)
         first_call = not compiled
         fn = step_fn(host, k)
+        stop_before_first_step()  # a signal while compiling
         if first_call:
           if panel_fn is None and task.panels is not None and (
               tc.image_every and wd is not None):
@@ -728,11 +745,6 @@ def fit(task: Task, tc: TrainConfig, workdir: str | os.PathLike | None, *,
           return FitResult(os.fspath(wd) if wd else None, step, total,
                            history, float("nan"), None, None, None, graphdef,
                            None, start_step=start)
-      if stopper.signal and step == start and pc == 1:
-        raise Interrupted(
-            f"{task.name}: stopped by {stopper.signal} before the first "
-            "step; nothing to save", runtime.EXIT_INTERRUPTED
-            if stopper.signal == "SIGINT" else runtime.EXIT_PREEMPTED, step)
     if pending is not None:
       _check_finite(pending, mngr)
     if mngr is not None and step > (mngr.latest_step() or 0):
