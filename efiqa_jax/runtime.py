@@ -30,7 +30,6 @@ import logging
 import os
 import sys
 import threading
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -222,14 +221,6 @@ def _log_process():
            jax.device_count(), jax.default_backend())
 
 
-def describe() -> str:
-  """'process i/n: L local devices, G global (backend)' for log lines."""
-  import jax  # pylint: disable=g-import-not-at-top
-  return (f"process {jax.process_index()}/{jax.process_count()}: "
-          f"{jax.local_device_count()} local devices, {jax.device_count()} "
-          f"global ({jax.default_backend()})")
-
-
 # ----------------------------------------------------------------- logging
 
 
@@ -335,12 +326,3 @@ def process_slice(n: int, process_index: int | None = None,  # pylint: disable=r
   if not 0 <= p < pc:
     raise ValueError(f"process_index {p} not in [0, {pc})")
   return slice(p, n, pc)
-
-
-def broadcast_from_primary(value: Any) -> Any:
-  """`value` as process 0 has it, on every process (a pytree of arrays or
-  scalars; no-op with one process)."""
-  if process_count() <= 1:
-    return value
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return multihost_utils.broadcast_one_to_all(value)

@@ -672,7 +672,9 @@ def _fit(task, tc, workdir, stopper, _stop_after_steps):
         if first_call:
           if panel_fn is None and task.panels is not None and (
               tc.image_every and wd is not None):
-            panel_fn = cached("panels", lambda: make_panels(host))
+            panel_fn = cached(("panels", tuple(sorted(
+                (n, np.shape(v), str(np.asarray(v).dtype))
+                for n, v in host.items()))), lambda: make_panels(host))
           if pc > 1:
             # Every process has compiled: gloo gives up on a collective
             # after 30 s, so nobody steps while another still compiles.

@@ -530,7 +530,7 @@ def test_two_processes_started_by_flags_killed_and_rerun(maps_dir, tmp_path):
           "--config.log_every=10", "--config.image_every=20"]
   args = _cli_args(maps_dir, wd, *over)
   res, killed = multihost.run_efiqa(
-      lambda i: args, 2, timeout=900, what="2-process train-teacher",
+      lambda i: args, 2, timeout=1800, what="2-process train-teacher",
       kill_when=lambda: 10 in multihost.checkpoint_steps(wd))
   assert killed and not (wd / "export").exists(), res[0][1][-2000:]
   res, _ = multihost.run_efiqa(lambda i: args, 2, timeout=900,

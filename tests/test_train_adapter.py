@@ -393,7 +393,7 @@ def test_two_processes_started_by_flags_killed_and_rerun(fdata, tmp_path):
   args = _cli(fd, ld, wd, "config.epochs=30", "config.checkpoint_every=10",
               "config.log_every=10")
   res, killed = multihost.run_efiqa(
-      lambda i: args, 2, timeout=900, what="2-process train-adapter",
+      lambda i: args, 2, timeout=1800, what="2-process train-adapter",
       kill_when=lambda: 10 in multihost.checkpoint_steps(wd))
   assert killed and not (wd / "adapter").exists(), res[0][1][-2000:]
   res, _ = multihost.run_efiqa(lambda i: args, 2, timeout=900,
