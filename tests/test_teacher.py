@@ -533,7 +533,7 @@ def test_two_processes_started_by_flags_killed_and_rerun(maps_dir, tmp_path):
       lambda i: args, 2, timeout=1800, what="2-process train-teacher",
       kill_when=lambda: 10 in multihost.checkpoint_steps(wd))
   assert killed and not (wd / "export").exists(), res[0][1][-2000:]
-  res, _ = multihost.run_efiqa(lambda i: args, 2, timeout=900,
+  res, _ = multihost.run_efiqa(lambda i: args, 2, timeout=1800,
                                what="2-process train-teacher rerun")
   for i, (_, log) in enumerate(res):
     assert log.count(f"process {i}/2 (flags): 2 local devices, 4 global") == 1

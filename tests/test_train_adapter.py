@@ -396,7 +396,7 @@ def test_two_processes_started_by_flags_killed_and_rerun(fdata, tmp_path):
       lambda i: args, 2, timeout=1800, what="2-process train-adapter",
       kill_when=lambda: 10 in multihost.checkpoint_steps(wd))
   assert killed and not (wd / "adapter").exists(), res[0][1][-2000:]
-  res, _ = multihost.run_efiqa(lambda i: args, 2, timeout=900,
+  res, _ = multihost.run_efiqa(lambda i: args, 2, timeout=1800,
                                what="2-process train-adapter rerun")
   assert "step 90/90" in res[0][1] and "step 90/90" not in res[1][1]
   assert [r["step"] for r in metric_writers.read_metrics(wd)] == list(
