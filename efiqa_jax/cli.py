@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
       "process.")
   g.add_argument("--coordinator-address", metavar="HOST:PORT",
                  help="address of process 0's coordinator")
-  g.add_argument("--num-processes", type=int, metavar="N")
+  g.add_argument("--num-processes", type=int, metavar="N",
+                 help="how many processes run this command")
   g.add_argument("--process-id", type=int, metavar="I",
                  help="this process's index in [0, N)")
   parser.add_argument("--log-level", default="info",

@@ -212,7 +212,7 @@ def add_trainer_arguments(parser) -> None:
   parser.add_argument(
       "--profile-steps", metavar="A:B", default=None,
       help="write a jax.profiler trace of steps A+1..B to WORKDIR/profile "
-           "(config.profile_steps)")
+           "(sets config.profile_steps; default: no trace)")
   parser.epilog = (parser.epilog or "") + (
       " SIGTERM (or a preemption notice) saves a checkpoint and exits 75;"
       " Ctrl-C saves and exits 130; the same command resumes. A workdir"

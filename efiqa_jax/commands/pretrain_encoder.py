@@ -24,8 +24,9 @@ def run(args) -> int:
   from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
   from efiqa_jax import trainer  # pylint: disable=g-import-not-at-top
   from efiqa_jax.encoders import pretrain  # pylint: disable=g-import-not-at-top
+  # A ConfigError propagates: the CLI prints "config error: ..." (exit 2).
+  cfg = config_util.config_from_args(args)
   try:
-    cfg = config_util.config_from_args(args)
     res = pretrain.pretrain_mim(args.inputs, args.out, cfg,
                                 progress=not args.quiet,
                                 workdir=args.workdir)

@@ -23,8 +23,9 @@ def run(args) -> int:
   from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
   from efiqa_jax import trainer  # pylint: disable=g-import-not-at-top
   from efiqa_jax.student import train  # pylint: disable=g-import-not-at-top
+  # A ConfigError propagates: the CLI prints "config error: ..." (exit 2).
+  cfg = config_util.config_from_args(args, args.positional_overrides)
   try:
-    cfg = config_util.config_from_args(args, args.positional_overrides)
     res = train.train_and_evaluate(cfg, args.workdir)
   except trainer.NonFiniteLossError as e:
     print(f"efiqa {NAME}: error: {e}", file=sys.stderr)

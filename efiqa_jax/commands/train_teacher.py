@@ -23,8 +23,9 @@ def run(args) -> int:
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
   from efiqa_jax.teacher import train  # pylint: disable=g-import-not-at-top
+  # A ConfigError propagates: the CLI prints "config error: ..." (exit 2).
+  config = config_util.config_from_args(args)
   try:
-    config = config_util.config_from_args(args)
     res = train.train_and_evaluate(config, args.workdir)
   except train.NonFiniteLossError as e:
     print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
