@@ -47,8 +47,8 @@ CORE = [
     # Python < 3.9; without it every data/ builder fails to prepare.
     "importlib-resources==7.1.0",
     "ml-collections==1.1.0",
-    # Metrics and writers; without TensorFlow the trainers write
-    # WORKDIR/metrics.jsonl and panels/*.png instead of TensorBoard events.
+    # Metrics; the trainers always write WORKDIR/metrics.jsonl, and
+    # TensorBoard events with the `tf` extra (else panels/*.png).
     "clu==0.0.12",
     "numpy==2.4.6",
     "pillow==13.0.0",
@@ -58,12 +58,14 @@ CORE = [
     "matplotlib==3.11.2",
 ]
 
-# TensorFlow: only for TensorBoard event files from the trainers (clu's
-# writer; without it they write metrics.jsonl and panels/*.png). The CPU
-# wheel is enough (TF never touches the accelerator here).
+# The `tf` extra. The trainers' TensorBoard event files need only the
+# `tensorboard` package (efiqa_jax.metric_writers writes them without
+# importing TensorFlow; without it: metrics.jsonl and panels/*.png). Where
+# TensorFlow is wanted the CPU wheel is enough (it never touches the
+# accelerator).
 TF = [
     "tensorflow-cpu==2.21.0",
-    "tensorboard==2.21.0",  # clu's writer imports it; tensorflow-cpu does not pull it in
+    "tensorboard==2.21.0",  # tensorflow-cpu does not pull it in
 ]
 
 PORT = [

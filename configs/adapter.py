@@ -46,16 +46,28 @@ def get_config(arg=None):
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.01
+  c.optimizer.grad_clip_norm = 0.0  # 0 = off
+  # Learning rate: constant (the paper); cosine | linear decay to
+  # end_fraction * lr; linear warm-up over warmup_steps.
+  c.schedule = ml_collections.ConfigDict(
+      dict(kind="constant", warmup_steps=0, end_fraction=0.0))
   c.epochs = 20
   c.seed = 504
   c.augment_flip = False         # image batching only
   c.label_resize = "error"       # label grid != output grid: error | nearest
-  c.mesh = (("data", -1),)
-  c.param_sharding = ()          # end_to_end: "(regex, spec)" encoder rules
+  # Device mesh; the batch is split over data (and fsdp). end_to_end: a
+  # large frozen encoder can be sharded over `model` by rules, e.g.
+  # mesh.model=2 with ("encoder/.*mlp/fc1/kernel", "(None, 'model')") first.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  c.sharding = ml_collections.ConfigDict()
+  # (regex, spec) on 'adapter/linear/kernel', 'encoder/blocks/0/...' paths
+  # (re.fullmatch, first match wins, every parameter must match).
+  c.sharding.params = [(".*", "replicate")]
   c.checkpoint_every = 200       # steps
   c.keep_checkpoints = 2
   c.log_every = 20
-  c.max_steps = -1               # > 0: stop there (no export); resumable
+  c.max_steps = -1               # > 0: stop there (checkpoint, no export)
+  c.profile_steps = ""           # "A:B": jax.profiler trace of steps A+1..B
   c.data_threads = 2
   # `efiqa distill`'s pseudo-labels: a pixel is anomalous when |f(x)| >
   # threshold, a cell positive when >= relax of it is. None: the teacher's

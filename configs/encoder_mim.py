@@ -32,14 +32,21 @@ def get_config(arg=None):
   c.flip = True
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 2e-3
-  c.optimizer.warmup_steps = 50
-  c.optimizer.final_lr_fraction = 0.05
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.95
   c.optimizer.weight_decay = 0.05
+  # Linear warm-up, then cosine decay to end_fraction * lr.
+  c.schedule = ml_collections.ConfigDict(
+      dict(kind="cosine", warmup_steps=50, end_fraction=0.05))
   c.seed = 0
-  c.mesh = (("data", -1),)
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.params = [(".*", "replicate")]  # README "Sharding"
   c.log_every = 25
+  c.checkpoint_every = 100  # checkpoints in OUT/train; a rerun resumes
+  c.keep_checkpoints = 2
+  c.max_steps = -1  # > 0: stop after this step (checkpoint saved)
+  c.profile_steps = ""  # "A:B": jax.profiler trace of steps A+1..B
   if arg == "tiny":
     c.encoder.hidden_size = 16
     c.encoder.depth = 1
@@ -50,8 +57,9 @@ def get_config(arg=None):
     c.work_size = 96
     c.batch_size = 8
     c.steps = 4
-    c.optimizer.warmup_steps = 1
+    c.schedule.warmup_steps = 1
     c.log_every = 1
+    c.checkpoint_every = 2
   elif arg == "wide":
     # Full-resolution tokens: the 512 FOV crop in 16-px patches (32x32
     # tokens), 768 pixel values per token into D = 384, one block. Used

@@ -88,12 +88,20 @@ def get_config(arg=None):
   c.mask.transition_start = 20
   c.mask.transition_end = 80
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # devices on the data axis (-1 = all)
+  # Learning rate: constant (the paper); kind cosine | linear decay to
+  # end_fraction * lr; linear warm-up over warmup_steps.
+  c.schedule = ml_collections.ConfigDict(
+      dict(kind="constant", warmup_steps=0, end_fraction=0.0))
+
+  # Device mesh (-1 = the remaining devices); the batch is split over data
+  # and fsdp. README "Sharding" for the rule format.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   c.sharding = ml_collections.ConfigDict()
-  # (regex over 'a/b/kernel' parameter paths, spec); first match wins.
-  # spec: 'replicate' or a tuple literal of mesh axes per dim, e.g.
-  # "(None, None, None, 'data')". Optimizer moments follow their parameter.
+  # (regex, spec), re.fullmatch on 'conv1/conv_a/kernel' paths, first match
+  # wins, every parameter must match; spec: 'replicate', 'fsdp',
+  # 'fsdp(min_mb=N)' or a tuple literal like "(None, None, None, 'model')".
+  # Optimizer moments follow their parameter. With mesh.fsdp > 1:
+  # [(".*", "fsdp")].
   c.sharding.params = [(".*", "replicate")]
 
   c.log_every = 50
@@ -102,6 +110,8 @@ def get_config(arg=None):
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2
   c.progress_bar = True
+  c.profile_steps = ""  # "A:B": jax.profiler trace of steps A+1..B
+  c.max_steps = -1  # > 0: stop after this step (checkpoint saved; resumable)
 
   if arg == "tiny":
     c.num_epochs = 4

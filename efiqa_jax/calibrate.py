@@ -74,34 +74,44 @@ def fit_weighted_pooling(maps: np.ndarray, acceptable: np.ndarray, *,
                          steps: int = 50000, batch: int = 32,
                          lr: float = 3e-4, weight_decay: float = 0.0,
                          seed: int = 0) -> WeightedPooling:
-  """Logistic fit of p(acceptable) = sigmoid(tau - <W, Q>) with AdamW."""
-  import jax
+  """Logistic fit of p(acceptable) = sigmoid(tau - <W, Q>) with AdamW.
+
+  A task on `efiqa_jax.trainer`, in memory on one local device: batch s
+  draws `batch` maps with replacement from `default_rng([seed, s])`; 1000
+  steps per jitted call."""
   import jax.numpy as jnp
   import optax
+  from efiqa_jax import trainer
 
-  x = jnp.asarray(maps, jnp.float32)
-  y = jnp.asarray(acceptable, jnp.float32)
+  x = np.asarray(maps, np.float32)
+  y = np.asarray(acceptable, np.float32)
   n, gh, gw = x.shape
+  b = min(batch, n)
   # Start at "mean of the map": W uniform, tau at the data's mean pooled map.
-  w0 = jnp.full((gh, gw), 1.0 / (gh * gw), jnp.float32)
-  params = {"w": w0, "tau": jnp.mean(jnp.sum(x * w0, (1, 2)))}
-  tx = optax.adamw(lr, weight_decay=weight_decay)
-  idx = jax.random.randint(jax.random.key(seed), (steps, min(batch, n)), 0, n)
+  w0 = np.full((gh, gw), 1.0 / (gh * gw), np.float32)
+  tau0 = np.float32(np.mean(np.sum(x * w0, (1, 2))))
 
-  def loss_fn(p, xb, yb):
-    z = p["tau"] - jnp.sum(p["w"] * xb, (1, 2))
-    return jnp.mean(optax.sigmoid_binary_cross_entropy(z, yb))
+  def batches():
+    for s in range(steps):
+      idx = np.random.default_rng([seed, s]).integers(0, n, b)
+      yield {"x": x[idx], "y": y[idx]}
 
-  def step(carry, ib):
-    p, s = carry
-    g = jax.grad(loss_fn)(p, x[ib], y[ib])
-    u, s = tx.update(g, s, p)
-    return (optax.apply_updates(p, u), s), None
+  def loss(p, bt, rng, step):
+    del rng, step
+    z = p["tau"] - jnp.sum(p["w"] * bt["x"], (1, 2))
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(z, bt["y"])), {}
 
-  (params, _), _ = jax.jit(lambda c, i: jax.lax.scan(step, c, i))(
-      (params, tx.init(params)), idx)
-  return WeightedPooling(np.asarray(params["w"], np.float64),
-                         float(params["tau"]))
+  res = trainer.fit(
+      trainer.Task(name="calibrate", loss=loss, batches=batches,
+                   global_batch=b,
+                   build=lambda: {"w": jnp.asarray(w0), "tau": jnp.asarray(
+                       tau0)}),
+      trainer.TrainConfig(total_steps=steps, seed=seed, lr=lr,
+                          weight_decay=weight_decay, mesh="local",
+                          log_every=steps, steps_per_call=min(1000, steps),
+                          progress=False), None)
+  return WeightedPooling(np.asarray(res.params["w"], np.float64),
+                         float(res.params["tau"]))
 
 
 def check_student_run(scores: list[dict], assess_dir: str) -> None:

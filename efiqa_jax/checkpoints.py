@@ -90,6 +90,7 @@ def save_model(path: str | os.PathLike, model, meta: dict | None = None, *,
   import orbax.checkpoint as ocp
   from flax import nnx
 
+  from efiqa_jax import runtime
   from efiqa_jax import sharding
 
   path = pathlib.Path(path).absolute()
@@ -98,12 +99,12 @@ def save_model(path: str | os.PathLike, model, meta: dict | None = None, *,
   # Multi-host: every process checks before anyone writes; orbax's save is
   # collective; the sidecar has one writer (two racing os.replace calls of
   # the same temporary file kill one process and hang the other).
-  sharding.barrier(f"efiqa_save_model_check:{path}")
+  runtime.barrier(f"efiqa_save_model_check:{path}")
   name, kwargs = architecture_of(model)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  # Plain host float arrays: the file does not depend on the saving devices.
-  import jax
-  params = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
+  # Plain host float arrays: the file does not depend on the saving devices
+  # (gathered where a parameter is sharded across processes).
+  params = sharding.to_host(params)
   path.mkdir(parents=True, exist_ok=True)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path / PARAMS, params, force=True)
@@ -114,11 +115,11 @@ def save_model(path: str | os.PathLike, model, meta: dict | None = None, *,
     if k in sidecar:
       raise ValueError(f"meta key {k!r} is reserved")
     sidecar[k] = v
-  if sharding.is_primary():
+  if runtime.is_primary():
     tmp = path / (SIDECAR + ".tmp")
     tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
     tmp.replace(path / SIDECAR)
-  sharding.barrier(f"efiqa_save_model_done:{path}")
+  runtime.barrier(f"efiqa_save_model_done:{path}")
   return path
 
 
@@ -153,12 +154,62 @@ def cast_frozen_kernels(model) -> None:
   for path, var in nnx.iter_graph(model):
     if (isinstance(var, nnx.Param) and path and path[-1] == "kernel"
         and jnp.issubdtype(var[...].dtype, jnp.floating)):
-      var.value = var[...].astype(dtype)  # (`var[...] =` keeps the dtype)
+      var.set_value(var[...].astype(dtype))  # (`var[...] =` keeps the dtype)
+
+
+def _check_stored(path: pathlib.Path, name: str, want: dict, got: dict):
+  missing = sorted("/".join(map(str, k)) for k in want.keys() - got.keys())
+  extra = sorted("/".join(map(str, k)) for k in got.keys() - want.keys())
+  bad = sorted(f"{'/'.join(map(str, k))}: stored {tuple(got[k].shape)} != "
+               f"model {tuple(want[k].shape)}"
+               for k in want.keys() & got.keys()
+               if tuple(got[k].shape) != tuple(want[k].shape))
+  if missing or extra or bad:
+    raise ValueError(f"{path}: parameters do not match the {name} "
+                     f"architecture; missing={missing} extra={extra} "
+                     f"shape mismatches={bad}")
+
+
+def _nest(flat: dict) -> dict:
+  nested: dict = {}
+  for k, v in flat.items():
+    d = nested
+    for part in k[:-1]:
+      d = d.setdefault(part, {})
+    d[k[-1]] = v
+  return nested
+
+
+def restore_params(path: str | os.PathLike, target: dict) -> dict:
+  """The stored parameter tree restored into `target`'s shardings.
+
+  `target`: a pure dict of `jax.ShapeDtypeStruct`s with shardings (e.g.
+  `sharding.abstract_with(params, shardings)`). Each process reads only the
+  shards its devices hold; nothing is assembled on one device. Paths and
+  shapes are checked strictly against the stored tree first."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  path = pathlib.Path(path).absolute()
+  ckptr = ocp.StandardCheckpointer()
+  stored = ckptr.metadata(path / PARAMS)
+  stored = getattr(getattr(stored, "item_metadata", stored), "tree", stored)
+  _check_stored(path, read_meta(path)["architecture"], _flat(target),
+                _flat(stored))
+  # Stored as float32: restore in the stored dtype, cast afterwards.
+  f32 = jax.tree.map(lambda t, m: jax.ShapeDtypeStruct(
+      t.shape, m.dtype, sharding=t.sharding), target, _nest(_flat(stored)))
+  got = ckptr.restore(path / PARAMS, f32)
+  return jax.tree.map(
+      lambda a, t: a if a.dtype == t.dtype else jax.jit(
+          lambda x: x.astype(t.dtype), out_shardings=t.sharding)(a),
+      got, target)
 
 
 def load_model(path: str | os.PathLike, *, dtype: Any = None,
                architecture: str | None = None, frozen: bool = False,
-               kind: str | tuple[str, ...] | None = None):
+               kind: str | tuple[str, ...] | None = None,
+               mesh: Any = None, rules: Any = None):
   """Rebuild the module described by `path/efiqa.json` and load its params.
 
   Args:
@@ -168,6 +219,10 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None,
       these kinds; `efiqa_jax.registry`), checked before anything is built.
     frozen: the weights will not be trained: with a 16-bit compute dtype the
       kernels are stored in it (`cast_frozen_kernels`).
+    mesh, rules: place the parameters on `mesh` by sharding rules
+      (`efiqa_jax.sharding`; default: replicated) straight from the
+      checkpoint, shard by shard. Without a mesh they land on the default
+      device.
   Returns:
     (model, meta) with meta the sidecar dict.
   """
@@ -194,28 +249,18 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None,
   if "dtype" in kwargs:
     kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
   model = build_abstract(name, kwargs)
-  want = _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  restored = ocp.StandardCheckpointer().restore(path / PARAMS)
-  got = _flat(restored)
-  missing = sorted("/".join(map(str, k)) for k in want.keys() - got.keys())
-  extra = sorted("/".join(map(str, k)) for k in got.keys() - want.keys())
-  bad = sorted(f"{'/'.join(map(str, k))}: stored {tuple(got[k].shape)} != "
-               f"model {tuple(want[k].shape)}"
-               for k in want.keys() & got.keys()
-               if tuple(got[k].shape) != tuple(want[k].shape))
-  if missing or extra or bad:
-    raise ValueError(f"{path}: parameters do not match the {name} "
-                     f"architecture; missing={missing} extra={extra} "
-                     f"shape mismatches={bad}")
-  values = {k: jnp.asarray(np.asarray(got[k]), dtype=want[k].dtype)
-            for k in want}
   state = nnx.state(model, nnx.Param)
-  nested: dict = {}
-  for k, v in values.items():
-    d = nested
-    for part in k[:-1]:
-      d = d.setdefault(part, {})
-    d[k[-1]] = v
+  want = nnx.to_pure_dict(state)
+  if mesh is not None:
+    from efiqa_jax import sharding  # pylint: disable=g-import-not-at-top
+    shardings = sharding.tree_shardings(
+        want, rules if rules is not None else sharding.REPLICATE_ALL, mesh)
+    nested = restore_params(path, sharding.abstract_with(want, shardings))
+  else:
+    got = _flat(ocp.StandardCheckpointer().restore(path / PARAMS))
+    _check_stored(path, name, _flat(want), got)
+    nested = _nest({k: jnp.asarray(np.asarray(got[k]), dtype=w.dtype)
+                    for k, w in _flat(want).items()})
   nnx.replace_by_pure_dict(state, nested)
   nnx.update(model, state)
   if frozen:

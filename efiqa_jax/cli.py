@@ -1,4 +1,12 @@
-"""The `efiqa` command: one subcommand per module in `efiqa_jax.commands`."""
+"""The `efiqa` command: one subcommand per module in `efiqa_jax.commands`.
+
+Global options come before the command:
+  efiqa [--coordinator-address HOST:PORT --num-processes N --process-id I]
+        [--log-level LEVEL] COMMAND ...
+Without the three process options a multi-process launcher (TPU pod slice,
+SLURM, Open MPI, JAX_* environment variables) is detected
+(`efiqa_jax.runtime.initialize`); a partial set is an error.
+"""
 import argparse
 import importlib
 import pkgutil
@@ -6,6 +14,16 @@ import sys
 
 from efiqa_jax import __version__
 from efiqa_jax import commands as _commands
+from efiqa_jax import runtime
+
+EXIT_CODES = (
+    "Exit codes: 0 done; 1 the run failed (e.g. a non-finite loss); 2 bad "
+    "arguments, config or multi-process configuration, or a workdir holding "
+    "a run with other settings; 3 done, but some inputs could not be used "
+    "(listed); 4 the inputs named no image; 75 stopped by SIGTERM or a "
+    "preemption notice after saving a checkpoint (rerun the same command to "
+    "resume); 130 stopped by Ctrl-C after saving a checkpoint (a second "
+    "Ctrl-C exits at once).")
 
 
 def _command_modules():
@@ -38,10 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
       prog="efiqa",
       description=("Label-free, explainable fundus image quality assessment "
                    "(EFIQA) in JAX."),
+      epilog=EXIT_CODES,
       formatter_class=HelpFormatter,
   )
   parser.add_argument("--version", action="version",
                       version=f"efiqa-jax {__version__}")
+  g = parser.add_argument_group(
+      "multi-process runs (TPU pod slices, GPU clusters)",
+      "All three, or none: without them a TPU pod slice, SLURM (srun), "
+      "Open MPI (mpirun) or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / "
+      "JAX_PROCESS_ID are detected; --num-processes 1 alone forces one "
+      "process.")
+  g.add_argument("--coordinator-address", metavar="HOST:PORT",
+                 help="address of process 0's coordinator")
+  g.add_argument("--num-processes", type=int, metavar="N",
+                 help="how many processes run this command")
+  g.add_argument("--process-id", type=int, metavar="I",
+                 help="this process's index in [0, N)")
+  parser.add_argument("--log-level", default="info",
+                      choices=runtime.LOG_LEVELS,
+                      help="our log lines at this level; absl/orbax/jax "
+                           "INFO only with debug (default: info)")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   for mod in _command_modules():
     # argparse %-formats `help` (not `description`): a literal % must be %%.
@@ -66,9 +101,22 @@ def main(argv=None) -> int:
   args.config_overrides = overrides
   if not getattr(args, "_run", None):
     parser.print_help()
-    return 2
+    return runtime.EXIT_USAGE
+  runtime.setup_logging(args.log_level)
+  try:
+    runtime.initialize(args.coordinator_address, args.num_processes,
+                       args.process_id)
+  except (runtime.DistributedConfigError, runtime.DistributedStartError) as e:
+    print(f"efiqa: error: {e}", file=sys.stderr)
+    return runtime.EXIT_USAGE
   try:
     return int(args._run(args) or 0)
+  except runtime.Interrupted as e:
+    print(f"efiqa {args.command}: {e}", file=sys.stderr)
+    return e.exit_code
+  except KeyboardInterrupt:  # Ctrl-C outside a training loop
+    print(f"efiqa {args.command}: interrupted", file=sys.stderr)
+    return runtime.EXIT_INTERRUPTED
   except ValueError as e:
     # A config typo, unknown variant or broken constraint: one line, not a
     # traceback (the loader names the key or the variant).
@@ -76,7 +124,7 @@ def main(argv=None) -> int:
     if not isinstance(e, config_util.ConfigError):
       raise
     print(f"efiqa {args.command}: config error: {e}", file=sys.stderr)
-    return 2
+    return runtime.EXIT_USAGE
 
 
 if __name__ == "__main__":

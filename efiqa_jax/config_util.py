@@ -207,9 +207,25 @@ def add_config_arguments(parser, default: str | None = None, *,
                    "--set config.KEY=VALUE.")
 
 
+def add_trainer_arguments(parser) -> None:
+  """Options every training command shares (they set config fields)."""
+  parser.add_argument(
+      "--profile-steps", metavar="A:B", default=None,
+      help="write a jax.profiler trace of steps A+1..B to WORKDIR/profile "
+           "(sets config.profile_steps; default: no trace)")
+  parser.epilog = (parser.epilog or "") + (
+      " SIGTERM (or a preemption notice) saves a checkpoint and exits 75;"
+      " Ctrl-C saves and exits 130; the same command resumes. A workdir"
+      " holding a run with other settings is refused (exit 2).")
+
+
 def config_from_args(args, extra: Sequence[str] = ()
                      ) -> ml_collections.ConfigDict:
   """The config that `add_config_arguments`' arguments describe."""
+  flags = []
+  if getattr(args, "profile_steps", None):
+    flags.append(f"config.profile_steps={args.profile_steps}")
   return load_config(args.config, list(getattr(args, "overrides", []) or [])
                      + list(extra)
-                     + list(getattr(args, "config_overrides", None) or []))
+                     + list(getattr(args, "config_overrides", None) or [])
+                     + flags)

@@ -39,14 +39,12 @@ shape and dtype); everything else is recomputed.
 """
 from __future__ import annotations
 
-import ast
 import csv
 import dataclasses
 import glob as glob_lib
 import io
 import json
 import os
-import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -120,94 +118,90 @@ class PrepareEncoderInput(sources.PrepareFundus):
 # ------------------------------------------------------- parameter sharding
 
 
-def parse_param_rules(rules: Sequence[Any] | None
-                      ) -> list[tuple[str, tuple]]:
-  """Rules as (regex, partition spec tuple); strings are Python literals.
-
-  e.g. "('.*mlp.*kernel', (None, 'model'))". A spec entry is None, an axis
-  name or a tuple of axis names."""
-  out = []
-  for r in rules or ():
-    val = ast.literal_eval(r) if isinstance(r, str) else r
-    if (not isinstance(val, (tuple, list)) or len(val) != 2
-        or not isinstance(val[0], str)
-        or not isinstance(val[1], (tuple, list))):
-      raise ValueError(f"parameter sharding rule {r!r} is not "
-                       "(regex, (axis|None, ...))")
-    re.compile(val[0])
-    out.append((val[0], tuple(tuple(a) if isinstance(a, list) else a
-                              for a in val[1])))
-  return out
+def parse_param_rules(rules: Sequence[Any] | None) -> list[tuple[str, Any]]:
+  """The CLI's `--param-sharding` rules, then the catch-all ('.*',
+  'replicate'): the one rule format of `efiqa_jax.sharding`
+  ("('.*mlp.*kernel', (None, 'model'))"; re.fullmatch on the whole path,
+  first match wins)."""
+  from efiqa_jax import sharding
+  return sharding.with_rules(rules, sharding.REPLICATE_ALL)
 
 
-def param_specs(state_dict: dict, rules: Sequence[tuple[str, tuple]],
-                mesh) -> dict:
-  """Pure param dict -> same-shaped dict of PartitionSpecs (first rule whose
-  regex matches the '/'-joined path with re.search wins; else replicated).
-  Errors name the parameter when a rule does not fit its shape."""
+def param_specs(state_dict: dict, rules: Sequence[Any], mesh) -> dict:
+  """Pure param dict -> same-shaped dict of PartitionSpecs by `rules`
+  (`sharding.tree_shardings`: unmatched parameters are an error). Errors
+  name the parameter when a rule does not fit its shape."""
   import jax
-  from jax.sharding import PartitionSpec as P
-
-  def spec(path, leaf):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
-    for pat, sp in rules:
-      if re.search(pat, name):
-        shape = np.shape(leaf)
-        if len(sp) > len(shape):
-          raise ValueError(f"rule {pat!r} spec {sp} has more entries than "
-                           f"{name} has dimensions {shape}")
-        for dim, ax in zip(shape, sp):
-          if ax is None:
-            continue
-          axes = ax if isinstance(ax, tuple) else (ax,)
-          for a in axes:
-            if a not in mesh.axis_names:
-              raise ValueError(f"rule {pat!r}: axis {a!r} not in mesh "
-                               f"{mesh.axis_names}")
-          n = int(np.prod([mesh.shape[a] for a in axes]))
-          if dim % n:
-            raise ValueError(f"rule {pat!r}: {name} dim {dim} of {shape} "
-                             f"is not divisible by {axes} ({n})")
-        return P(*sp)
-    return P()
-
-  return jax.tree_util.tree_map_with_path(spec, state_dict)
+  from efiqa_jax import sharding
+  return jax.tree.map(lambda s: s.spec,
+                      sharding.tree_shardings(state_dict, rules, mesh))
 
 
-def shard_model(model, mesh, rules: Sequence[tuple[str, tuple]] = ()):
-  """(graphdef, state) with every array placed on `mesh` by `rules`.
+def sharding_rules_text(rules: Sequence[Any] | None) -> list[list[str]]:
+  from efiqa_jax import sharding
+  return sharding.rules_text(parse_param_rules(rules))
 
-  Uses `make_array_from_callback`, which works when the mesh spans other
-  processes (every process holds the full host copy of the weights)."""
-  import jax
+
+def shard_model(model, mesh, rules: Sequence[Any] = ()):
+  """(graphdef, state) with every array placed on `mesh` by `rules` (the
+  catch-all replicate appended).
+
+  Uses `make_array_from_callback` per shard, which works when the mesh
+  spans other processes (every process holds the full host copy)."""
   from flax import nnx
-  from jax.sharding import NamedSharding
+  from efiqa_jax import sharding
 
   graphdef, state = nnx.split(model)
   pure = nnx.to_pure_dict(state)
-  specs = param_specs(pure, rules, mesh)
-
-  def place(x, sp):
-    host = np.asarray(jax.device_get(x))
-    sh = NamedSharding(mesh, sp)
-    return jax.make_array_from_callback(host.shape, sh, lambda i: host[i])
-
-  placed = jax.tree.map(place, pure, specs,
-                        is_leaf=lambda x: not isinstance(x, dict))
+  shardings = sharding.tree_shardings(pure, parse_param_rules(rules), mesh)
+  placed = sharding.place(sharding.to_host(pure), shardings)
   nnx.replace_by_pure_dict(state, placed)
   return graphdef, state
 
 
-def place_frozen_encoder(model, mesh, rules: Sequence[tuple[str, tuple]] = ()):
+def replicates_everything(model, mesh, rules: Sequence[Any] = ()) -> bool:
+  """True when `rules` (plus the catch-all) shard no parameter of `model`."""
+  import jax
+  from flax import nnx
+  from efiqa_jax import sharding
+  pure = nnx.to_pure_dict(nnx.state(model))
+  return all(s.is_fully_replicated for s in jax.tree.leaves(
+      sharding.tree_shardings(pure, parse_param_rules(rules), mesh)))
+
+
+def place_frozen_encoder(model, mesh, rules: Sequence[Any] = ()):
   """`shard_model` for a frozen encoder that is only run.
 
-  Replicated (no rules), it first takes its inference form
+  Replicated (the rules shard nothing), it first takes its inference form
   (`VisionTransformer.to_inference_form`: q/k/v fused, kernels held
-  (out, in); the same outputs, faster). With rules it keeps the checkpoint's
-  parameter tree, which the rules name."""
-  if not rules and hasattr(model, "to_inference_form"):
+  (out, in); the same outputs, faster). Sharded by rules, it keeps the
+  checkpoint's parameter tree, which the rules name."""
+  if hasattr(model, "to_inference_form") and replicates_everything(
+      model, mesh, rules):
     model.to_inference_form()
   return shard_model(model, mesh, rules)
+
+
+def load_frozen_encoder(path, *, dtype: str, mesh, rules: Sequence[Any] = ()):
+  """(model placed on `mesh`, sidecar meta) of a frozen encoder checkpoint.
+
+  Sharded by rules, the parameters are restored straight into their shards
+  (`checkpoints.load_model(mesh=...)`), never whole on one device;
+  replicated, the encoder fits a device and takes its inference form
+  (`place_frozen_encoder`)."""
+  from flax import nnx
+  from efiqa_jax import checkpoints
+  # The kind first (one line naming what `path` holds), before any build.
+  meta = checkpoints.check_kind(path, "encoder")
+  import jax.numpy as jnp
+  abstract = checkpoints.build_abstract(
+      meta["architecture"], dict(meta["kwargs"], dtype=jnp.dtype(dtype)))
+  if replicates_everything(abstract, mesh, rules):
+    model, meta = checkpoints.load_model(path, dtype=dtype, frozen=True)
+    graphdef, state = place_frozen_encoder(model, mesh, rules)
+    return nnx.merge(graphdef, state), meta
+  return checkpoints.load_model(path, dtype=dtype, frozen=True, mesh=mesh,
+                                rules=parse_param_rules(rules))
 
 
 # ------------------------------------------------------------------- outputs
@@ -410,8 +404,10 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
     raise ValueError("no inputs")
   ids = sources.unique_ids(paths)
 
-  model, enc_meta = checkpoints.load_model(encoder, dtype=dtype,
-                                          frozen=True, kind="encoder")
+  mesh = sh.make_mesh(mesh_axes)
+  rules = parse_param_rules(param_sharding)
+  model, enc_meta = load_frozen_encoder(encoder, dtype=dtype, mesh=mesh,
+                                        rules=rules)
   if getattr(model, "ARCH", None) != "vit":
     raise ValueError(f"{encoder} holds a {enc_meta['architecture']!r} model; "
                      "extract needs a ViT encoder (efiqa port dinov3 ...)")
@@ -424,7 +420,6 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
   grid = [gh, gw, model.cfg["hidden_size"]]
   sdt = np.dtype(save_dtype)
 
-  mesh = sh.make_mesh(mesh_axes)
   dsh = sh.data_sharding(mesh)
   pc, pi = jax.process_count(), jax.process_index()
   unit = math.lcm(sh.batch_shards(dsh), pc)
@@ -445,7 +440,7 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
       "batch_size": gbatch, "mesh": dict(mesh.shape),
       "matmul_precision": matmul_precision or (
           "float32" if dtype == "float32" else "default"),
-      "param_sharding": [list(r) for r in parse_param_rules(param_sharding)],
+      "param_sharding": sharding_rules_text(param_sharding),
       "versions": _versions(),
   }
   os.makedirs(os.path.join(out_dir, ROWS_DIR), exist_ok=True)
@@ -499,9 +494,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
                          shard_size, log_row) if fmt == "arrayrecord" else None)
   try:
     if todo:
-      rules = parse_param_rules(param_sharding)
-      graphdef, state = place_frozen_encoder(model, mesh, rules)
       from flax import nnx
+      graphdef, state = nnx.split(model)
 
       def fwd(state, x):
         m = nnx.merge(graphdef, state)

@@ -1,9 +1,7 @@
-"""efiqa calibrate-teacher: the pseudo-label rule fitted on erasures, where
-it is read back (pseudo-label, distill), and the teacher trainer's metric
-writer on machines without TensorFlow."""
-import builtins
+"""efiqa calibrate-teacher: the pseudo-label rule fitted on erasures, and
+where it is read back (pseudo-label, distill). (The trainers' metric writer
+without TensorFlow: tests/test_trainer.py.)"""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -160,35 +158,3 @@ def test_calibrate_teacher_rejects_an_encoder(tmp_path, capsys):
   assert cli.main(["calibrate-teacher", enc, "--out",
                    str(tmp_path / "o"), "--quiet"]) == 2
   assert "expected a teacher model" in capsys.readouterr().err
-
-
-def test_teacher_metric_writer_without_tensorflow(tmp_path, monkeypatch):
-  from efiqa_jax.teacher import train
-  real_import = builtins.__import__
-
-  def no_clu(name, *a, **k):
-    if name == "clu" or name.startswith("clu."):
-      raise ImportError("No module named 'tensorflow'")
-    return real_import(name, *a, **k)
-
-  monkeypatch.setattr(builtins, "__import__", no_clu)
-  w = train._metric_writer(str(tmp_path), just_logging=False)
-  assert isinstance(w, train._JsonlWriter)
-  w.write_hparams({"lr": 0.001})
-  w.write_scalars(5, {"loss": np.float32(0.5)})
-  w.write_scalars(10, {"loss": 0.25})
-  w.write_images(10, {"anomaly": np.zeros((2, 8, 8, 1), np.float32),
-                      "input": np.ones((2, 8, 8, 3), np.float32)})
-  w.flush()
-  w.close()
-  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  assert rows == [{"step": 5, "loss": 0.5}, {"step": 10, "loss": 0.25}]
-  assert json.load(open(tmp_path / "hparams.json")) == {"lr": 0.001}
-  im = np.asarray(Image.open(tmp_path / "panels" / "00000010_input.png"))
-  assert im.shape == (8, 16, 3) and im.min() == 255
-  assert os.path.exists(tmp_path / "panels" / "00000010_anomaly.png")
-  # Other processes only log.
-  w2 = train._metric_writer(str(tmp_path / "p1"), just_logging=True)
-  os.makedirs(tmp_path / "p1")
-  w2.write_scalars(1, {"loss": 1.0})
-  assert not os.path.exists(tmp_path / "p1" / "metrics.jsonl")

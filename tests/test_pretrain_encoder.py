@@ -90,6 +90,41 @@ def test_pretrain_learns_and_saves_a_loadable_encoder(tmp_path):
   assert a.shape == (2, 4, 4, 16) and np.abs(a - b).max() > 1e-3
 
 
+def test_pretrain_resumes_bit_exactly(tmp_path):
+  """Stopped after 3 of 6 steps (max_steps: checkpoint, no export), the
+  same call resumes and ends where an uninterrupted run ends."""
+  imgs = _photos(tmp_path / "imgs", 4)
+  over = ["--config.steps=6", "--config.checkpoint_every=2"]
+  full = pretrain.pretrain_mim(str(imgs), str(tmp_path / "full"),
+                               config_util.load_config(TINY, over),
+                               progress=False)
+  out = tmp_path / "part"
+  part = pretrain.pretrain_mim(str(imgs), str(out), config_util.load_config(
+      TINY, over + ["--config.max_steps=3"]), progress=False)
+  assert part.steps == 3
+  with pytest.raises(FileNotFoundError):  # stopped early: no model yet
+    checkpoints.read_meta(out)
+  assert sorted(os.listdir(out / "train" / "checkpoints"), key=int) == [
+      "2", "3"]
+  res = pretrain.pretrain_mim(str(imgs), str(out),
+                              config_util.load_config(TINY, over),
+                              progress=False)
+  assert res.steps == full.steps == 6 and res.final_loss == full.final_loss
+  a, _ = checkpoints.load_model(out)
+  b, _ = checkpoints.load_model(tmp_path / "full")
+  from flax import nnx
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(a, nnx.Param),
+               nnx.state(b, nnx.Param))
+  # The loss curve covers every step once, across the two calls.
+  curve = json.load(open(out / "pretrain_loss.json"))
+  assert [s for s, _ in curve] == list(range(1, 7))
+  assert curve == json.load(open(tmp_path / "full" / "pretrain_loss.json"))
+  # A changed config is refused with the difference.
+  with pytest.raises(ValueError, match=r"mask_ratio 0\.6 -> 0\.5"):
+    pretrain.pretrain_mim(str(imgs), str(out), config_util.load_config(
+        TINY, over + ["--config.mask_ratio=0.5"]), progress=False)
+
+
 def test_cli_pretrain_encoder(tmp_path, capsys):
   imgs = _photos(tmp_path / "imgs", 4)
   rc = cli.main(["pretrain-encoder", str(imgs), "--out", str(tmp_path / "e"),

@@ -13,11 +13,8 @@ HELP = ("Patch features (gh, gw, D) of a ported ViT encoder for every input "
 def _mesh(text: str | None):
   if not text:
     return None
-  axes = []
-  for part in text.split(","):
-    name, _, n = part.partition(":")
-    axes.append((name.strip(), int(n)))
-  return axes
+  from efiqa_jax import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.parse_mesh(text)
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -57,9 +54,10 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="mesh axes, e.g. 'data:-1,model:2' (default all "
                       "devices on data)")
   p.add_argument("--param-sharding", action="append", default=None,
-                 help="rule \"('.*mlp.*kernel', (None, 'model'))\"; "
-                      "repeatable; unmatched parameters are replicated "
-                      "(default: all replicated)")
+                 help="rule \"('.*mlp.*kernel', (None, 'model'))\" "
+                      "(re.fullmatch on the whole parameter path, first "
+                      "match wins); repeatable; followed by ('.*', "
+                      "'replicate') (default: all replicated)")
   p.add_argument("--read-threads", type=int, default=4,
                  help="decode/FOV threads")
   p.add_argument("--num-workers", type=int, default=0,
@@ -71,11 +69,12 @@ def run(args) -> int:
   from efiqa_jax import features
   from efiqa_jax import sources
   try:
+    mesh = _mesh(args.mesh)
     res = features.extract_features(
         args.inputs, args.encoder, args.out, size=args.size,
         work_size=args.work_size, preprocess=args.preprocess,
         dtype=args.dtype, save_dtype=args.save_dtype,
-        batch_size=args.batch_size, fmt=args.format, mesh_axes=_mesh(args.mesh),
+        batch_size=args.batch_size, fmt=args.format, mesh_axes=mesh,
         param_sharding=args.param_sharding, shard_size=args.shard_size,
         read_threads=args.read_threads, num_workers=args.num_workers,
         progress=True)

@@ -1,33 +1,45 @@
 """efiqa pretrain-encoder: label-free masked-image pretraining of a small ViT."""
 NAME = "pretrain-encoder"
 HELP = ("Pretrain a small ViT encoder self-supervised (masked image "
-        "modelling) on photographs; writes a model `--encoder` accepts.")
+        "modelling) on photographs; writes a model `--encoder` accepts "
+        "(checkpoints in OUT/train: a rerun resumes).")
 
 
 def add_arguments(p):
   p.add_argument("inputs", nargs="+", help="photographs: files, folders, "
                  "globs or a CSV with a 'path' column")
   p.add_argument("--out", required=True, help="encoder model directory")
+  p.add_argument("--workdir", default=None,
+                 help="checkpoints and metrics (default OUT/train)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   config_util.add_config_arguments(p, "encoder_mim")
+  config_util.add_trainer_arguments(p)
 
 
 def run(args) -> int:
   import sys  # pylint: disable=g-import-not-at-top
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
   from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import trainer  # pylint: disable=g-import-not-at-top
   from efiqa_jax.encoders import pretrain  # pylint: disable=g-import-not-at-top
+  # A ConfigError propagates: the CLI prints "config error: ..." (exit 2).
+  cfg = config_util.config_from_args(args)
   try:
-    cfg = config_util.config_from_args(args)
     res = pretrain.pretrain_mim(args.inputs, args.out, cfg,
-                                progress=not args.quiet)
+                                progress=not args.quiet,
+                                workdir=args.workdir)
   except sources.NoInputsError as e:
     return sources.no_inputs_exit(NAME, e)
+  except trainer.NonFiniteLossError as e:
+    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
+    return runtime.EXIT_FAILED
   except (FileNotFoundError, ValueError) as e:
-    print(f"efiqa pretrain-encoder: error: {e}", file=sys.stderr)
-    return 2
-  print(f"{res.n_images} photographs, {res.steps} steps, loss "
-        f"{res.first_loss:.4f} -> {res.final_loss:.4f} in {res.seconds:.0f} s; "
-        f"encoder: {res.out_dir}")
+    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
+    return runtime.EXIT_USAGE
+  if runtime.is_primary():
+    print(f"{res.n_images} photographs, {res.steps} steps, loss "
+          f"{res.first_loss:.4f} -> {res.final_loss:.4f} in "
+          f"{res.seconds:.0f} s; encoder: {res.out_dir}")
   return 0 if not res.failed else 3

@@ -17,6 +17,7 @@ def add_arguments(p):
                  "('fov', the default: the FOV crop; 'efiqa': the whole "
                  "photograph); with features, their metadata.json decides "
                  "and this must agree. The adapter records it")
+  config_util.add_trainer_arguments(p)
   p.add_argument("positional_overrides", nargs="*", metavar="config.KEY=VALUE",
                  help="config overrides (like --set)")
 
@@ -24,17 +25,24 @@ def add_arguments(p):
 def run(args) -> int:
   import sys  # pylint: disable=g-import-not-at-top
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import trainer  # pylint: disable=g-import-not-at-top
   from efiqa_jax.student import train  # pylint: disable=g-import-not-at-top
+  # A ConfigError propagates: the CLI prints "config error: ..." (exit 2).
+  cfg = config_util.config_from_args(args, args.positional_overrides)
   try:
-    cfg = config_util.config_from_args(args, args.positional_overrides)
     if args.preprocess:
       with cfg.unlocked():
         cfg.preprocess = args.preprocess
     res = train.train_and_evaluate(cfg, args.workdir)
+  except trainer.NonFiniteLossError as e:
+    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
+    return runtime.EXIT_FAILED
   except (FileNotFoundError, ValueError) as e:
-    print(f"efiqa train-adapter: error: {e}", file=sys.stderr)
-    return 2
-  print(f"step {res.step}/{res.total_steps} loss {res.final_loss:.5f}"
-        + (f"; adapter: {res.adapter_dir}" if res.adapter_dir else
-           " (stopped early; run again to resume)"))
-  return 0
+    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
+    return runtime.EXIT_USAGE
+  if runtime.is_primary():
+    print(f"step {res.step}/{res.total_steps} loss {res.final_loss:.5f}"
+          + (f"; adapter: {res.adapter_dir}" if res.adapter_dir else
+             " (stopped early; run again to resume)"))
+  return runtime.EXIT_OK

@@ -11,28 +11,30 @@ def add_arguments(parser):
       help="a bundled config by name[:variant] (teacher, teacher:tiny, "
       "teacher:b32) or a config file[:variant]")
   parser.add_argument("--workdir", required=True,
-                      help="checkpoints, TensorBoard logs and the export go here")
+                      help="checkpoints, metrics, TensorBoard events and the "
+                           "export go here (a rerun resumes)")
+  config_util.add_trainer_arguments(parser)
   parser.epilog += (" E.g. --config.data.source=folder "
                     "--config.data.path=maps/")
 
 
 def run(args) -> int:
-  import logging  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
   from efiqa_jax.teacher import train  # pylint: disable=g-import-not-at-top
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  try:  # Multi-host when launched under a coordinator; no-op on one host.
-    jax.distributed.initialize()
-  except (ValueError, RuntimeError):
-    pass
+  # A ConfigError propagates: the CLI prints "config error: ..." (exit 2).
   config = config_util.config_from_args(args)
   try:
     res = train.train_and_evaluate(config, args.workdir)
   except train.NonFiniteLossError as e:
-    print(f"error: {e}")
-    return 1
-  print(f"trained {res.step}/{res.total_steps} steps; "
-        f"final loss {res.history[-1][1] if res.history else float('nan'):.5g}; "
-        f"model exported to {res.export_dir}")
-  return 0
+    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
+    return runtime.EXIT_FAILED
+  except (FileNotFoundError, ValueError) as e:
+    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
+    return runtime.EXIT_USAGE
+  if runtime.is_primary():
+    last = res.history[-1][1] if res.history else float("nan")
+    print(f"trained {res.step}/{res.total_steps} steps; final loss "
+          f"{last:.5g}; model exported to {res.export_dir}")
+  return runtime.EXIT_OK

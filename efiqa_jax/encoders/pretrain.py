@@ -16,11 +16,12 @@ SimMIM-style masked image modelling on photographs.
     (MAE's `norm_pix_loss`).
 Nothing but photographs is read: no labels, no degradation masks.
 
-The step is one jax.jit over a device mesh (batch split over 'data' with
-`NamedSharding`, parameters replicated), AdamW with linear warm-up and cosine
-decay. Batch s is a function of (seed, s). The encoder alone is written with
+A task on `efiqa_jax.trainer` (mesh and parameter sharding from
+`config.mesh` / `config.sharding.params`, AdamW with the warm-up + cosine
+schedule of `config.schedule`), with checkpoints, metrics and the run
+fingerprint in OUT/train: a stopped run resumes where it was. Batch s is a
+function of (seed, s). The encoder alone is written with
 `checkpoints.save_model`, so `efiqa extract / distill --encoder DIR` load it.
-No mid-run checkpoints: runs are minutes long; a killed run starts again.
 """
 from __future__ import annotations
 
@@ -129,102 +130,115 @@ def build_encoder(config):
 
 
 def pretrain_mim(inputs: Sequence[str] | str, out_dir: str, config, *,
-                 progress: bool = True) -> PretrainResult:
-  """Pretrains `config.encoder` on `inputs` and saves it to `out_dir`."""
+                 progress: bool = True,
+                 workdir: str | None = None) -> PretrainResult:
+  """Pretrains `config.encoder` on `inputs` and saves it to `out_dir`.
+
+  A task on `efiqa_jax.trainer`: checkpoints, metrics and the run
+  fingerprint live in `workdir` (default OUT_DIR/train); the same call
+  resumes there. Raises `runtime.Interrupted` when stopped by SIGTERM /
+  Ctrl-C (after a checkpoint).
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import sharding as sh  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import metric_writers  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import trainer  # pylint: disable=g-import-not-at-top
 
   t0 = time.time()
+  runtime.initialize()
+  workdir = os.path.abspath(workdir or os.path.join(out_dir, "train"))
   size, work = int(config.size), int(config.work_size)
-  pixels, ok_paths, failed = load_pixels(inputs, size, work, progress)
-  for p, msg in failed:
-    print(f"pretrain-encoder: left out {p}: {msg}", file=sys.stderr)
-  enc = build_encoder(config)
-  p = enc.cfg["patch_size"]
+  pixels, ok_paths, failed = load_pixels(
+      inputs, size, work, progress and runtime.is_primary())
+  if runtime.is_primary():
+    for p, msg in failed:
+      print(f"pretrain-encoder: left out {p}: {msg}", file=sys.stderr)
+  abstract = nnx.eval_shape(lambda: build_encoder(config))
+  p = abstract.cfg["patch_size"]
   if size % p:
     raise ValueError(f"size {size} is not a multiple of patch {p}")
   gh = gw = size // p
-  d = enc.cfg["hidden_size"]
-  c = enc.cfg["in_channels"]
-  dec = nnx.Linear(d, p * p * c, rngs=nnx.Rngs(int(config.seed) + 1))
-  model = nnx.Dict({"encoder": enc, "decoder": dec})
-  graphdef, params = nnx.split(model, nnx.Param)
-
-  mesh = sh.make_mesh([tuple(a) for a in config.mesh])
-  dsh, rep = sh.data_sharding(mesh), sh.replicated(mesh)
-  bsz, steps = int(config.batch_size), int(config.steps)
-  if bsz % sh.batch_shards(dsh):
-    raise ValueError(f"batch_size {bsz} is not divisible by the "
-                     f"{sh.batch_shards(dsh)} data shards")
-  params = jax.device_put(nnx.to_pure_dict(params), rep)
-  oc = config.optimizer
-  warm = min(int(oc.warmup_steps), max(steps - 1, 1))
-  sched = optax.warmup_cosine_decay_schedule(0.0, oc.lr, warm, max(steps, 2),
-                                             oc.lr * oc.final_lr_fraction)
-  tx = optax.adamw(sched, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay)
-  opt_state = jax.jit(tx.init, out_shardings=rep)(params)
-  key0 = jax.random.key(int(config.seed))
+  d = abstract.cfg["hidden_size"]
+  c = abstract.cfg["in_channels"]
   ratio = float(config.mask_ratio)
+  random_patch_mask(jax.random.key(0), 1, gh, gw, ratio)  # checks the ratio
 
-  def step_fn(params, opt_state, x, step):
-    mask = random_patch_mask(jax.random.fold_in(key0, step), x.shape[0], gh,
-                             gw, ratio)
+  def build():
+    return nnx.Dict({"encoder": build_encoder(config),
+                     "decoder": nnx.Linear(d, p * p * c,
+                                           rngs=nnx.Rngs(int(config.seed) + 1))})
 
-    def loss_fn(pr):
-      m = nnx.merge(graphdef, pr)
-      return mim_loss(m["encoder"], m["decoder"], x, mask, p)
+  def loss(model, batch, rng, step):
+    del step
+    x = batch["x"]
+    mask = random_patch_mask(rng, x.shape[0], gh, gw, ratio)
+    return mim_loss(model["encoder"], model["decoder"], x, mask, p), {}
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    upd, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, upd), opt_state, loss
-
-  jstep = jax.jit(step_fn, donate_argnums=(0, 1),
-                  out_shardings=(rep, rep, rep))
-  losses = []
-  log_every = max(1, int(config.log_every))
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=steps, desc="pretrain-encoder", unit="step",
-               file=sys.stderr)
+  bsz, steps = int(config.batch_size), int(config.steps)
+  pc, pi = jax.process_count(), jax.process_index()
+  if bsz % pc:
+    raise ValueError(f"batch_size {bsz} is not divisible by the {pc} "
+                     "processes")
+  lo, hi = bsz * pi // pc, bsz * (pi + 1) // pc
   flip = bool(config.flip)
-  with jax.set_mesh(mesh):
-    for s in range(steps):
-      # Every process draws the same global batch and feeds its own rows.
-      x = host_batch(pixels, bsz, int(config.seed), s, flip)
-      xb = sh.global_from_full({"x": x}, dsh)["x"]
-      params, opt_state, loss = jstep(params, opt_state, xb, jnp.int32(s))
-      if (s + 1) % log_every == 0 or s == 0 or s == steps - 1:
-        lv = float(loss)
-        if not np.isfinite(lv):
-          raise FloatingPointError(f"pretrain-encoder: loss {lv} at step {s}")
-        losses.append((s + 1, lv))
-        if bar is not None:
-          bar.set_postfix(loss=f"{lv:.4f}")
-      if bar is not None:
-        bar.update(1)
-  if bar is not None:
-    bar.close()
-  host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
-  trained = nnx.merge(graphdef, host)
-  meta = {"pretraining": {
-      "method": "masked image modelling (SimMIM-style, norm_pix_loss)",
-      "config": json.loads(json.dumps(config.to_dict(), default=str)),
-      "images": len(ok_paths), "left_out": [list(f) for f in failed],
-      "steps": steps, "first_loss": losses[0][1], "final_loss": losses[-1][1],
-      "preprocessing": {"size": size, "work_size": work, "mode": "efiqa"}}}
-  os.makedirs(out_dir, exist_ok=True)
-  checkpoints.save_model(out_dir, trained["encoder"], meta, overwrite=True)
-  if sh.is_primary():  # one writer (save_model has synchronised the rest)
-    with open(os.path.join(out_dir, "pretrain_loss.json"), "w") as f:
-      json.dump(losses, f)
-  return PretrainResult(os.path.abspath(out_dir), steps, losses[-1][1],
-                        losses[0][1], len(ok_paths), failed,
-                        time.time() - t0)
+
+  def batches():
+    import grain  # pylint: disable=g-import-not-at-top
+    # Every process draws the same global batch (a function of the step)
+    # and keeps its contiguous share of rows.
+    ds = grain.MapDataset.range(steps).map(lambda s: {"x": host_batch(
+        pixels, bsz, int(config.seed), s, flip)[lo:hi]})
+    return iter(ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=2, prefetch_buffer_size=4)))
+
+  def export(model, res):
+    curve = [(int(r["step"]), float(r["loss"]))
+             for r in metric_writers.read_metrics(workdir) if "loss" in r]
+    meta = {"pretraining": {
+        "method": "masked image modelling (SimMIM-style, norm_pix_loss)",
+        "config": json.loads(json.dumps(config.to_dict(), default=str)),
+        "images": len(ok_paths), "left_out": [list(f) for f in failed],
+        "steps": steps, "first_loss": curve[0][1] if curve else None,
+        "final_loss": res.final_loss,
+        "preprocessing": {"size": size, "work_size": work, "mode": "efiqa"}}}
+    os.makedirs(out_dir, exist_ok=True)
+    checkpoints.save_model(out_dir, model["encoder"], meta, overwrite=True)
+    if runtime.is_primary():  # one writer (save_model synchronised the rest)
+      with open(os.path.join(out_dir, "pretrain_loss.json"), "w") as f:
+        json.dump(curve, f)
+    return curve
+
+  oc = config.optimizer
+  sched = trainer.schedule_config(config)
+  tc = trainer.TrainConfig(
+      total_steps=steps, seed=int(config.seed), lr=float(oc.lr),
+      b1=float(oc.b1), b2=float(oc.b2), eps=float(oc.get("eps", 1e-8)),
+      weight_decay=float(oc.weight_decay),
+      grad_clip_norm=float(oc.get("grad_clip_norm", 0.0) or 0.0),
+      schedule=sched, mesh=config.mesh, rules=list(config.sharding.params),
+      checkpoint_every=int(config.checkpoint_every),
+      keep_checkpoints=int(config.get("keep_checkpoints", 2)),
+      log_every=max(1, int(config.log_every)), progress=progress,
+      profile_steps=str(config.get("profile_steps", "") or ""),
+      max_steps=int(config.get("max_steps", -1)))
+  names = hashlib.sha256("\n".join(sorted(
+      os.path.basename(q) for q in ok_paths)).encode()).hexdigest()[:16]
+  task = trainer.Task(
+      name="pretrain-encoder", build=build, loss=loss, batches=batches,
+      global_batch=bsz, device_keys=["x"], export=export,
+      fingerprint=trainer.config_fingerprint(
+          config, dict(images=len(ok_paths), image_names_sha=names)),
+      jit_key=json.dumps(dict(encoder=config.encoder.to_dict(), seed=int(
+          config.seed), size=size, mask_ratio=ratio), sort_keys=True,
+                         default=str))
+  res = trainer.fit(task, tc, workdir)
+  curve = res.export or [(res.step, res.final_loss)]
+  return PretrainResult(os.path.abspath(out_dir), res.step, res.final_loss,
+                        curve[0][1], len(ok_paths), failed, time.time() - t0)
 
 
 def default_encoder_kwargs() -> dict[str, Any]:

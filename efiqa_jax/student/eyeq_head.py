@@ -60,40 +60,43 @@ def fit_eyeq_head(features: np.ndarray, labels: np.ndarray,
                   score_maps: np.ndarray, *, epochs: int = 120,
                   batch: int = 32, lr: float = 1e-3, lam: float = 1.0,
                   weight_decay: float = 0.01, seed: int = 0):
-  """-> (EyeQHead, history of per-epoch mean loss)."""
-  import optax
+  """-> (EyeQHead, history of per-epoch mean loss).
+
+  A task on `efiqa_jax.trainer`, in memory (no workdir) on one local device:
+  epoch e visits the images in the order `default_rng([seed, e])`, dropping
+  the ragged tail (static shapes); one jitted call per epoch."""
+  from efiqa_jax import trainer
   n, gh, gw, d = features.shape
   if score_maps.shape != (n, gh, gw):
     raise ValueError(f"score maps {score_maps.shape} do not match the token "
                      f"grid {(n, gh, gw)}")
-  head = EyeQHead(d, rngs=nnx.Rngs(seed))
-  graphdef, params = nnx.split(head, nnx.Param)
-  params = nnx.to_pure_dict(params)
-  tx = optax.adamw(lr, weight_decay=weight_decay)
-  opt = tx.init(params)
-  x, y, q = (jnp.asarray(features, jnp.float32), jnp.asarray(labels),
-             jnp.asarray(score_maps, jnp.float32))
-
-  @jax.jit
-  def step(params, opt, idx):
-    def loss_fn(p):
-      il, ll = nnx.merge(graphdef, p)(x[idx])
-      return head_loss(il, ll, y[idx], q[idx], lam)[0]
-    loss, g = jax.value_and_grad(loss_fn)(params)
-    u, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, u), opt, loss
-
-  rng = np.random.default_rng(seed)
-  history = []
+  x = np.asarray(features, np.float32)
+  y = np.asarray(labels, np.int32)
+  q = np.asarray(score_maps, np.float32)
   b = min(batch, n)
-  for _ in range(epochs):
-    perm = rng.permutation(n)
-    losses = []
-    for s in range(0, n - b + 1, b):  # drop the ragged tail (static shapes)
-      params, opt, loss = step(params, opt, jnp.asarray(perm[s:s + b]))
-      losses.append(float(loss))
-    history.append(float(np.mean(losses)))
-  return nnx.merge(graphdef, params), history
+  spe = n // b
+
+  def batches():
+    for s in range(spe * epochs):
+      e, k = divmod(s, spe)
+      idx = np.random.default_rng([seed, e]).permutation(n)[k * b:(k + 1) * b]
+      yield {"x": x[idx], "y": y[idx], "q": q[idx]}
+
+  def loss(head, bt, rng, step):
+    del rng, step
+    il, ll = head(bt["x"])
+    total, ce = head_loss(il, ll, bt["y"], bt["q"], lam)
+    return total, {"ce": ce}
+
+  task = trainer.Task(
+      name="eyeq-head", build=lambda: EyeQHead(d, rngs=nnx.Rngs(seed)),
+      loss=loss, batches=batches, global_batch=b,
+      jit_key=("eyeq_head", d, float(lam), seed))
+  res = trainer.fit(task, trainer.TrainConfig(
+      total_steps=spe * epochs, seed=seed, lr=lr, weight_decay=weight_decay,
+      mesh="local", log_every=spe, steps_per_call=spe, progress=False),
+                    None)
+  return res.model(), [l for _, l in res.history]
 
 
 def train_eyeq_head(features_dir: str, adapter_dir: str, labels_csv: str,

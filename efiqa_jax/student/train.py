@@ -8,6 +8,13 @@ Two modes (config.mode):
   end_to_end  photographs + pseudo-labels; the frozen encoder runs inside the
               jitted step (optionally in bfloat16), always per image.
 
+A task on `efiqa_jax.trainer`. Only the adapter is differentiated (the
+trainable filter): the encoder is a frozen part of the model, restored from
+its checkpoint straight into the shardings `config.sharding.params` gives
+it (replicated, it runs in its inference form), and neither gradients nor
+optimizer state exist for its parameters. Batches are split over the
+mesh's batch axes (`config.mesh`).
+
 Preprocessing (`config.preprocess`, efiqa | fov, `encoders.preprocess`): in
 features mode the features' metadata.json says what they were made with
 (an explicit config value must agree); end to end it is the config's
@@ -17,23 +24,19 @@ Labels made by `efiqa pseudo-label --from-photos` are on the FOV crop's
 frame: training them against efiqa (whole-photograph) inputs is refused
 (`efiqa distill --preprocess efiqa` maps them to the photograph's frame).
 
-Only the adapter is differentiated: the encoder's (graphdef, state) is a
-plain, non-differentiated argument of the step, the optimizer is built on
-the adapter's parameter dict alone, so neither gradients nor optimizer state
-exist for encoder parameters. Batches are data-parallel over the mesh's
-'data' axis (`sharding.to_global`), parameters replicated.
-
 Workdir:
-  checkpoints/<step>/   orbax CheckpointManager: {params, opt_state}; the
-                        data order is a function of (seed, step), so the
-                        step is all the data state there is.
-  metrics.jsonl         clu-averaged loss per `log_every` steps.
+  checkpoints/<step>/   async orbax checkpoints: state, data-iterator state,
+                        run fingerprint (a changed config is refused).
+  metrics.jsonl         loss (skipped nnPU batches left out), lr, norms per
+                        `log_every` steps; TensorBoard events beside it.
+  run.json              the run fingerprint.
   data.json             what was matched / left out, class balance.
   adapter/              final adapter (efiqa model format) for `assess`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -95,9 +98,9 @@ def resolve_preprocess(config, features_meta: dict | None
   return pp.DEFAULT_PREPROCESS, "default"
 
 
-def _load_training_data(config):
-  """-> (make_batch, n_items, token grid (gh, gw, D), report dict, enc)."""
-  from efiqa_jax import checkpoints, sources
+def _load_training_data(config, enc_meta=None):
+  """-> (items, report, token grid (gh, gw, D), labels, source metadata)."""
+  from efiqa_jax import sources
   mode = config.mode
   labels = data_lib.label_files(config.labels_dir)
   if mode == "features":
@@ -111,7 +114,7 @@ def _load_training_data(config):
     if first.ndim != 3:
       raise ValueError(f"features must be (gh, gw, D), got {first.shape}")
     grid = tuple(int(s) for s in first.shape)
-    return files, rep, grid, labels, None, meta
+    return files, rep, grid, labels, meta
   if mode == "end_to_end":
     paths = sources.list_inputs([config.images])
     ids = sources.unique_ids(paths)
@@ -120,55 +123,87 @@ def _load_training_data(config):
     if not rep.matched:
       raise ValueError(f"no photograph in {config.images} has a label in "
                        f"{config.labels_dir}")
-    enc, enc_meta = checkpoints.load_model(config.encoder,
-                                           dtype=config.encoder_dtype,
-                                           frozen=True, kind="encoder")
-    if getattr(enc, "ARCH", None) != "vit":
-      raise ValueError(f"{config.encoder} is not a ViT encoder")
-    p = enc.cfg["patch_size"]
+    p = int(enc_meta["kwargs"]["patch_size"])
     if config.size % p:
       raise ValueError(f"size {config.size} is not a multiple of {p}")
-    grid = (config.size // p, config.size // p, enc.cfg["hidden_size"])
-    return by_id, rep, grid, labels, enc, enc_meta
+    grid = (config.size // p, config.size // p,
+            int(enc_meta["kwargs"]["hidden_size"]))
+    return by_id, rep, grid, labels, enc_meta
   raise ValueError(f"config.mode must be 'features' or 'end_to_end', got "
                    f"{mode!r}")
 
 
-def _logged_loss(metrics_path: str, upto: int) -> float:
-  """The last loss logged at or before step `upto` (a run resumed at its end
-  re-exports the adapter with the loss it finished with, not NaN)."""
-  loss = float("nan")
-  if upto > 0 and os.path.exists(metrics_path):
-    with open(metrics_path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except ValueError:
-          continue  # a line cut by a kill
-        if row.get("step", upto + 1) <= upto:
-          loss = float(row["loss"])
-  return loss
+@functools.lru_cache(maxsize=None)
+def _encoder_adapter_cls():
+  from flax import nnx
+
+  class EncoderAdapter(nnx.Module):
+    """The frozen encoder (end to end; None on cached features) and the
+    trained adapter, as one model for the trainer."""
+
+    def __init__(self, encoder, adapter):
+      self.encoder = encoder
+      self.adapter = adapter
+
+  return EncoderAdapter
+
+
+def train_config(config, total_steps: int):
+  """The trainer's settings from an adapter config."""
+  from efiqa_jax import trainer
+  oc = config.optimizer
+  return trainer.TrainConfig(
+      total_steps=total_steps, seed=int(config.seed), lr=float(oc.lr),
+      b1=float(oc.b1), b2=float(oc.b2), eps=float(oc.eps),
+      weight_decay=float(oc.weight_decay),
+      grad_clip_norm=float(oc.get("grad_clip_norm", 0.0) or 0.0),
+      schedule=trainer.schedule_config(config), mesh=config.mesh,
+      rules=list(config.sharding.params),
+      checkpoint_every=int(config.checkpoint_every),
+      keep_checkpoints=int(config.keep_checkpoints),
+      log_every=int(config.log_every), progress=bool(config.progress),
+      profile_steps=str(config.get("profile_steps", "") or ""),
+      max_steps=int(config.max_steps))
+
+
+# Paths may move (a copied workdir, another mount); what they hold is in
+# the fingerprint (matched ids, the encoder's sha).
+_PATH_KEYS = ("features_dir", "labels_dir", "images", "encoder")
 
 
 def train_and_evaluate(config, workdir: str) -> TrainResult:
-  """Trains the adapter described by `config` into `workdir` (resumes)."""
+  """Trains the adapter described by `config` into `workdir` (resumes).
+
+  Raises `runtime.Interrupted` when stopped by SIGTERM / Ctrl-C (after a
+  checkpoint), ValueError on a bad config or a workdir holding a run with
+  other settings.
+  """
+  import hashlib
+
   import jax
   import jax.numpy as jnp
-  import optax
-  import orbax.checkpoint as ocp
-  from clu import metrics as clu_metrics
   from flax import nnx
 
   from efiqa_jax import checkpoints
+  from efiqa_jax import runtime
   from efiqa_jax import sharding as sh
+  from efiqa_jax import trainer
   from efiqa_jax.models import adapters
+  from efiqa_jax.models import vit
   from efiqa_jax.student import losses
 
+  runtime.initialize()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  e2e = config.mode == "end_to_end"
+  enc_meta = None
+  if e2e:
+    enc_meta = checkpoints.check_kind(config.encoder, "encoder")
+    if enc_meta["architecture"] != "vit":
+      raise ValueError(f"{config.encoder} is not a ViT encoder")
+  items, rep, (gh, gw, d), labels, src_meta = _load_training_data(
+      config, enc_meta)
   from efiqa_jax.encoders import preprocess as pp
-  items, rep, (gh, gw, d), labels, encoder, src_meta = _load_training_data(
-      config)
   preprocess, origin = resolve_preprocess(
       config, src_meta if config.mode == "features" else None)
   if preprocess is None:
@@ -182,10 +217,9 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
         f"{'FOV crop' if frame == 'fov' else 'whole photograph'} but the "
         f"encoder inputs are {preprocess} ({origin}); use labels of the same "
         "frame (efiqa distill --preprocess efiqa maps them)")
-  adapter = adapters.build_adapter(config.adapter.name, d,
-                                   seed=int(config.seed),
-                                   **dict(config.adapter.kwargs))
-  oh, ow = adapter.output_grid(gh, gw)
+  ada_kwargs = dict(config.adapter.kwargs)
+  oh, ow = nnx.eval_shape(lambda: adapters.build_adapter(
+      config.adapter.name, d, **ada_kwargs)).output_grid(gh, gw)
   ids = rep.matched
   ys = []
   for i in ids:
@@ -238,161 +272,92 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                 token_grid=[gh, gw, d], label_grid=[oh, ow],
                 positive_fraction=pos, steps_per_epoch=spe,
                 total_steps=total)
-  if sh.is_primary():
-    with open(os.path.join(workdir, "data.json"), "w") as f:
-      json.dump(report, f, indent=2)
+  if runtime.is_primary():
+    _atomic_json(os.path.join(workdir, "data.json"), report)
   for k in ("features_without_label", "labels_without_features", "not_ok"):
     if report[k]:
       print(f"train-adapter: {len(report[k])} {k.replace('_', ' ')} (listed "
             f"in {workdir}/data.json)", file=sys.stderr)
 
-  mesh = sh.make_mesh([tuple(a) for a in config.mesh])
-  dsh = sh.data_sharding(mesh)
-  rep_sh = sh.replicated(mesh)
-  if bsz % sh.batch_shards(dsh):
-    raise ValueError(f"batch_size {bsz} is not divisible by the "
-                     f"{sh.batch_shards(dsh)} data shards")
+  tc = train_config(config, total)
+  mesh = sh.mesh_from_config(tc.mesh)
+  rules = sh.parse_rules(tc.rules)
+  enc_dtype = jnp.dtype(config.encoder_dtype)
+  replicated_encoder = True
+  enc_kwargs = None
+  if e2e:
+    enc_kwargs = dict(enc_meta["kwargs"], dtype=enc_dtype)
+    abstract_enc = checkpoints.build_abstract("vit", enc_kwargs)
+    enc_sh = sh.tree_shardings(
+        {"encoder": nnx.to_pure_dict(nnx.state(abstract_enc, nnx.Param))},
+        rules, mesh)
+    replicated_encoder = all(s.is_fully_replicated
+                             for s in jax.tree.leaves(enc_sh))
+  EncoderAdapter_ = _encoder_adapter_cls()
 
-  graphdef, params = nnx.split(adapter, nnx.Param)
-  params = jax.device_put(nnx.to_pure_dict(params), rep_sh)
-  oc = config.optimizer
-  tx = optax.adamw(oc.lr, b1=oc.b1, b2=oc.b2, eps=oc.eps,
-                   weight_decay=oc.weight_decay)
-  opt_state = jax.jit(tx.init, out_shardings=rep_sh)(params)
-  if encoder is not None:
-    # Replicated, or sharded over the mesh by regex rules (large encoders),
-    # exactly as `efiqa extract` places them.
-    from efiqa_jax import features as feats_lib
-    enc_graphdef, enc_state = feats_lib.place_frozen_encoder(
-        encoder, mesh, feats_lib.parse_param_rules(
-            list(config.get("param_sharding", ()))))
-  else:
-    enc_graphdef, enc_state = None, None
+  def build():
+    enc = None
+    if e2e:
+      enc = vit.VisionTransformer(**enc_kwargs, rngs=nnx.Rngs(0))
+      # As loaded for inference: 16-bit kernels in the compute dtype; the
+      # fused inference form where the encoder is replicated.
+      checkpoints.cast_frozen_kernels(enc)
+      if replicated_encoder:
+        enc.to_inference_form()
+    ada = adapters.build_adapter(config.adapter.name, d,
+                                 seed=int(config.seed), **ada_kwargs)
+    return EncoderAdapter_(enc, ada)
+
+  def load_frozen(abs_frozen, f_sh):
+    """The encoder checkpoint, straight into its shardings."""
+    target = nnx.to_pure_dict(abs_frozen)["encoder"]
+    shard = nnx.to_pure_dict(f_sh)["encoder"]
+    if replicated_encoder:
+      enc, _ = checkpoints.load_model(config.encoder, dtype=enc_dtype,
+                                      frozen=True)
+      enc.to_inference_form()
+      vals = sh.place(sh.to_host(nnx.to_pure_dict(nnx.state(enc, nnx.Param))),
+                      shard)
+    else:
+      vals = checkpoints.restore_params(config.encoder,
+                                        sh.abstract_with(target, shard))
+    frozen = jax.tree.map(lambda a: a, abs_frozen)
+    nnx.replace_by_pure_dict(frozen, {"encoder": vals})
+    return frozen
+
   lc = config.loss
-  seed_key = jax.random.key(int(config.seed))
   stochastic = config.adapter.name not in ("linear", "sc_linear", "mlp")
 
-  def features_of(enc_state, batch):
-    if enc_graphdef is None:
-      return batch["x"]
-    enc = nnx.merge(enc_graphdef, enc_state)
-    z = enc.patch_features(batch["pixels"])
-    # Frozen: no gradient can flow into the encoder from the adapter loss.
-    return jax.lax.stop_gradient(z.astype(jnp.float32))
-
-  def train_step(params, opt_state, enc_state, batch, step):
-    z = features_of(enc_state, batch)
-    key = jax.random.fold_in(seed_key, step) if stochastic else None
-
-    def loss_fn(p):
-      logits = nnx.merge(graphdef, p)(z, key=key)
-      return losses.distill_loss(lc.name, logits, batch["y"], batch["mask"],
-                                 pos_weight=lc.pos_weight, pi=lc.pi,
-                                 beta=lc.beta)
-
-    (loss, valid), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, new_opt = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
+  def loss(model, batch, rng, step):
+    del step
+    if model.encoder is None:
+      z = batch["x"]
+    else:
+      # Frozen: no gradient can flow into the encoder from the adapter loss.
+      z = jax.lax.stop_gradient(
+          model.encoder.patch_features(batch["pixels"]).astype(jnp.float32))
+    logits = model.adapter(z, key=rng if stochastic else None)
+    l, valid = losses.distill_loss(lc.name, logits, batch["y"], batch["mask"],
+                                   pos_weight=lc.pos_weight, pi=lc.pi,
+                                   beta=lc.beta)
     # A batch the loss skips (nnPU without P or U) makes no optimizer step.
-    keep = valid > 0
-    new_params = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_params,
-                              params)
-    new_opt = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_opt,
-                           opt_state)
-    return new_params, new_opt, loss, valid
+    return l, {"skip_update": valid <= 0}
 
-  step_fn = jax.jit(train_step, donate_argnums=(0, 1),
-                    out_shardings=(rep_sh, rep_sh, rep_sh, rep_sh))
+  pc, pi = jax.process_count(), jax.process_index()
+  if bsz % pc:
+    raise ValueError(f"batch_size {bsz} is not divisible by the {pc} "
+                     "processes")
+  lo, hi = bsz * pi // pc, bsz * (pi + 1) // pc
 
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      max_to_keep=int(config.keep_checkpoints),
-      save_interval_steps=int(config.checkpoint_every)))
-  # What a resume must agree with: the data order and the optimisation.
-  fp = {"ids": ids, "items": n_items, "batch_size": bsz,
-        "seed": int(config.seed), "epochs": int(config.epochs),
-        "adapter": config.adapter.to_dict(), "loss": config.loss.to_dict(),
-        "optimizer": config.optimizer.to_dict(), "mode": config.mode,
-        "batching": batching, "preprocess": preprocess}
-  fp = _jsonable(fp)
-  fp_path = os.path.join(workdir, "run.json")
-  if mngr.latest_step() is not None and os.path.exists(fp_path):
-    with open(fp_path) as f:
-      old = json.load(f)
-    # Runs from before the setting: their data decided it, as it still does.
-    old.setdefault("preprocess", fp["preprocess"])
-    diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
-    if diff:
-      raise ValueError(f"{workdir} holds a run with different {diff}; "
-                       "resume needs the same data and config (use a new "
-                       "--workdir)")
-  # Every process has read run.json before the primary rewrites it.
-  sh.barrier("efiqa_train_adapter_fingerprint")
-  if sh.is_primary():
-    with open(fp_path, "w") as f:
-      json.dump(fp, f)
-  start = 0
-  if mngr.latest_step() is not None:
-    start = int(mngr.latest_step())
-    target = {"params": params, "opt_state": opt_state}
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
-    params, opt_state = restored["params"], restored["opt_state"]
-    print(f"train-adapter: resumed at step {start}/{total}", file=sys.stderr)
-  stop = total
-  if int(config.max_steps) > 0:
-    stop = min(total, int(config.max_steps))
+  def batches():
+    # Every process draws the same global batch (a function of the step)
+    # and keeps its contiguous share of rows.
+    rows = lambda b: {k: np.ascontiguousarray(v[lo:hi]) for k, v in b.items()}
+    return iter(data_lib.step_dataset(
+        lambda s: rows(make_batch(s)), 0, total,
+        threads=int(config.data_threads)))
 
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  Avg = clu_metrics.Average.from_output("loss")
-  avg = None
-  last_loss = _logged_loss(metrics_path, start)
-  keys = ["pixels" if encoder is not None else "x", "y", "mask"]
-  bar = None
-  if config.get("progress", True) and stop > start:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=stop - start, desc="train-adapter", unit="step",
-               file=sys.stderr)
-  it = data_lib.step_dataset(make_batch, start, stop,
-                             threads=int(config.data_threads))
-  step = start
-  with jax.set_mesh(mesh), open(metrics_path, "a") as mf:
-    if bsz % jax.process_count():
-      raise ValueError(f"batch_size {bsz} is not divisible by the "
-                       f"{jax.process_count()} processes")
-    for host in it:
-      # Every process builds the whole global batch and feeds its rows.
-      batch = sh.global_from_full(host, dsh, keys)
-      params, opt_state, loss, valid = step_fn(params, opt_state, enc_state,
-                                               batch, jnp.int32(step))
-      step += 1
-      # Accumulated on device (no host sync per step); skipped nnPU batches
-      # are masked out of the average.
-      upd = Avg.from_model_output(loss=loss[None], mask=(valid > 0)[None])
-      avg = upd if avg is None else avg.merge(upd)
-      if step % int(config.log_every) == 0 or step == stop:
-        if avg is not None and float(avg.count) > 0:
-          last_loss = float(avg.compute())
-          mf.write(json.dumps({"step": step, "epoch": step / spe,
-                               "loss": last_loss}) + "\n")
-          mf.flush()
-        avg = None
-      mngr.save(step, args=ocp.args.StandardSave(
-          {"params": params, "opt_state": opt_state}),
-                force=(step == total))
-      if bar is not None:
-        bar.update(1)
-        if step % int(config.log_every) == 0:
-          bar.set_postfix(loss=f"{last_loss:.4f}")
-  if bar is not None:
-    bar.close()
-  mngr.wait_until_finished()
-  mngr.close()
-
-  host_params = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
-  adapter_dir = None
-  if step >= total:
-    final = nnx.merge(graphdef, host_params)
+  def export(model, res):
     adapter_dir = os.path.join(workdir, "adapter")
     if config.mode == "features":
       size = src_meta.get("size") or src_meta.get("image_size")
@@ -406,16 +371,48 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     elif preprocess is not None:
       feats["preprocess"] = preprocess
     meta = {"training": {"config": config.to_dict(), "steps": total,
-                         "final_loss": last_loss, "data": report,
+                         "final_loss": res.final_loss, "data": report,
                          "preprocess_from": origin},
             "features": feats}
-    checkpoints.save_model(adapter_dir, final, _jsonable(meta),
+    checkpoints.save_model(adapter_dir, model.adapter, _jsonable(meta),
                            overwrite=True)
-  to_host = lambda t: jax.tree.map(lambda a: np.asarray(jax.device_get(a)), t)
-  return TrainResult(workdir, step, total, last_loss, adapter_dir,
-                     host_params, to_host(opt_state),
-                     None if enc_state is None else to_host(
-                         nnx.to_pure_dict(enc_state)))
+    return adapter_dir
+
+  enc_sha = None
+  if e2e:
+    with open(os.path.join(config.encoder, checkpoints.SIDECAR), "rb") as f:
+      enc_sha = hashlib.sha256(f.read()).hexdigest()
+  fp = trainer.config_fingerprint(
+      config, dict(ids=ids, items=n_items, encoder_sha=enc_sha,
+                   preprocess=preprocess),
+      volatile=trainer.VOLATILE_KEYS + _PATH_KEYS)
+  task = trainer.Task(
+      name="train-adapter", build=build, loss=loss, batches=batches,
+      global_batch=bsz, device_keys=["pixels" if e2e else "x", "y", "mask"],
+      trainable=nnx.All(nnx.Param, nnx.PathContains("adapter")),
+      load_frozen=load_frozen if e2e else None, export=export,
+      fingerprint=fp,
+      jit_key=json.dumps(dict(
+          adapter=config.adapter.to_dict(), d=d, grid=[gh, gw],
+          loss=config.loss.to_dict(), mode=config.mode, seed=int(config.seed),
+          encoder=enc_kwargs and {k: str(v) for k, v in enc_kwargs.items()},
+          replicated_encoder=replicated_encoder), sort_keys=True,
+                         default=str))
+  res = trainer.fit(task, tc, workdir)
+  params = nnx.to_pure_dict(res.params)["adapter"]
+  opt_state = res.opt_state
+  enc_state = None
+  if e2e:
+    enc_state = nnx.to_pure_dict(res.frozen)["encoder"]
+  return TrainResult(workdir, res.step, total, res.final_loss, res.export,
+                     params, opt_state, enc_state)
+
+
+def _atomic_json(path: str, obj) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
 
 
 def _jsonable(obj):
