@@ -33,6 +33,7 @@ from efiqa_jax import runtime
 from efiqa_jax import trainer
 from efiqa_jax.teacher import augment as aug_lib
 from efiqa_jax.teacher import data as data_lib
+from efiqa_jax.teacher import inference
 from efiqa_jax.teacher import masking
 
 ARCHITECTURE = "unet_res"
@@ -92,8 +93,8 @@ def panel_fn(model, batch, rng, step, *, mcfg, channels):
   del step
   x = to_input(batch["vmap"], channels)
   xm, _ = _mask_batch(rng, x, batch["min_ratio"], mcfg)
-  f = model.body(xm).astype(jnp.float32)
-  a = jnp.mean(jnp.abs(f), axis=-1, keepdims=True)
+  f = inference.residual(model, xm).astype(jnp.float32)
+  a = inference.anomaly_of_residual(f)[..., None]
   return dict(masked=jnp.clip(xm, 0, 1), output=jnp.clip(xm + f, 0, 1),
               target=x, anomaly=a / jnp.maximum(jnp.max(a), 1e-6))
 
