@@ -140,7 +140,7 @@ def write_atomic(path, data: bytes) -> None:
   path = epath.Path(path)
   tmp = path.parent / f"{path.name}.tmp-{uuid.uuid4().hex[:8]}"
   tmp.write_bytes(data)
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def write_npy(path, arr: np.ndarray) -> None:
@@ -384,13 +384,14 @@ class LocalDataParallel:
   """A jitted function data-parallel over this process's devices only
   (each process computes its own rows; no cross-process collective).
 
-  `LocalDataParallel(fn, keys)(host)` puts `host[k]` for k in keys on a
-  1-D mesh of the local devices, split over the batch, and returns the
-  outputs as numpy. The local batch must be a multiple of `unit` (the
+  `LocalDataParallel(fn, keys, params)(host)` puts `host[k]` for k in keys
+  on a 1-D mesh of the local devices, split over the batch, calls
+  `fn(params, *arrays)` (or `fn(*arrays)` without params; params
+  replicated), and returns the outputs as numpy. The local batch must be a multiple of `unit` (the
   number of local devices): pass `unit * process_count` as `Task.unit`.
   """
 
-  def __init__(self, fn: Callable, keys: Sequence[str]):
+  def __init__(self, fn: Callable, keys: Sequence[str], params: Any = None):
     import jax  # pylint: disable=g-import-not-at-top
     devices = jax.local_devices()
     self.unit = len(devices)
@@ -399,6 +400,9 @@ class LocalDataParallel:
         mesh, jax.sharding.PartitionSpec("data"))
     self.keys = tuple(keys)
     self._fn = jax.jit(fn)
+    # Parameters (if any) are replicated on the local devices, passed first.
+    self._params = None if params is None else jax.device_put(
+        params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
   @property
   def global_unit(self) -> int:
@@ -408,4 +412,6 @@ class LocalDataParallel:
     import jax  # pylint: disable=g-import-not-at-top
     args = [jax.device_put(np.asarray(host[k]), self.sharding)
             for k in self.keys]
+    if self._params is not None:
+      args.insert(0, self._params)
     return jax.tree.map(np.asarray, self._fn(*args))

@@ -39,7 +39,7 @@ def _write_whole(path: epath.Path, data: str) -> None:
   """Temporary name, then rename (readers never see half a file)."""
   tmp = path.parent / f"{path.name}.tmp-{uuid.uuid4().hex[:8]}"
   tmp.write_text(data)
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 class Journal:
@@ -203,7 +203,10 @@ def identity(path) -> dict:
   side = p / "efiqa.json"
   if side.exists():
     h.update(side.read_bytes())
-  for f in sorted(p.rglob("*")):
-    if f.is_file():
-      h.update(f"{f.relative_to(p)}:{f.stat().length}\n".encode())
+  listing = []
+  for root, _, names in p.walk():
+    for name in names:
+      f = epath.Path(root) / name
+      listing.append(f"{f.relative_to(p)}:{f.stat().length}")
+  h.update("\n".join(sorted(listing)).encode())
   return {"path": os.fspath(p), "sha256": h.hexdigest()}

@@ -21,7 +21,13 @@ def add_arguments(p):
                  help="share of a cell that must be anomalous (default: the "
                  "teacher's calibrated one, else the reference's 0.9)")
   p.add_argument("--mode", choices=("hard", "soft"), default="hard")
-  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--batch-size", type=int, default=8,
+                 help="inputs per step over all processes (default 8)")
+  p.add_argument("--threads", type=int, default=4,
+                 help="decode threads (default 4)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="redo everything when OUT holds labels made with "
+                 "another rule, teacher or input kind (refused otherwise)")
   p.add_argument("--quiet", action="store_true")
 
 
@@ -37,10 +43,11 @@ def run(args) -> int:
   try:
     res = pseudo_labels.write_pseudo_labels(
         args.inputs, args.teacher, args.out, from_photos=args.from_photos,
-        spec=spec, batch_size=args.batch_size, progress=not args.quiet)
-  except ValueError as e:
+        spec=spec, batch_size=args.batch_size, progress=not args.quiet,
+        overwrite=args.overwrite, read_threads=args.threads)
+  except (FileNotFoundError, ValueError) as e:
     print(f"efiqa pseudo-label: error: {e}", file=sys.stderr)
     return 2
-  print(f"{res['total']} inputs: {res['ok']} labelled, {res['failed']} failed;"
-        f" {args.out}/manifest.csv")
+  print(f"{res['total']} inputs: {res['ok']} labelled, {res['failed']} failed"
+        f" ({res['skipped']} already done); {args.out}/manifest.csv")
   return 0 if res["failed"] == 0 else 3
