@@ -81,6 +81,8 @@ class Task:
   done_files: journal row -> files (relative to the output folder) that must
     exist for the record to count as done on a rerun.
   clear: relative paths/globs removed by `overwrite` (with the journals).
+  temporaries: relative globs of what a killed run may leave (temporary
+    names), removed by process 0 before any process writes.
   finish: (rows in input order, output folder) -> None; process 0 only,
     after every process finished.
   drain: -> rows now durable that `write` deferred (e.g. ArrayRecord shard
@@ -96,6 +98,7 @@ class Task:
   write: Callable[[dict, Any], dict | None]
   done_files: Callable[[dict], Sequence[str]] = lambda row: ()
   clear: Sequence[str] = ()
+  temporaries: Sequence[str] = ("*.tmp-*",)
   finish: Callable[[list[dict], epath.Path], None] | None = None
   drain: Callable[[bool], list[dict]] | None = None
   unit: int = 1
@@ -202,6 +205,7 @@ def _decide(task: Task, out: epath.Path, paths, ids, overwrite: bool) -> dict:
         "folder")
   if not same:
     fp.write(out)
+  _remove(out, task.temporaries)
   journal = files.Journal.read(out)
   done = np.zeros(len(paths), bool)
   for i, (p, id_) in enumerate(zip(paths, ids)):
@@ -366,9 +370,9 @@ def run(task: Task, paths: Sequence[str], out_dir, *, ids=None,
   for p, id_ in zip(paths, ids):
     r = journal_rows.get(id_)
     if r is None or r.get("image") != p:
-      r = {"image": p, "id": id_, "status": "missing",
-           "message": "no result was recorded (a run stopped early): run "
-                      "the same command again"}
+      r = {"image": p, "id": id_, "status": "pending",
+           "message": "not processed yet (a run stopped early): run the "
+                      "same command again"}
     rows.append(r)
   if pi == 0 and task.finish is not None:
     task.finish(rows, out)

@@ -286,6 +286,7 @@ def write_pseudo_labels(inputs, teacher: str, out_dir: str, *,
       done_files=lambda r: [f"anomaly/{r['id']}.npy",
                             f"labels/{r['id']}.png"],
       clear=("anomaly/*", "labels/*", "manifest.csv", "spec.json"),
+      temporaries=("anomaly/*.tmp-*", "labels/*.tmp-*", "*.tmp-*"),
       finish=finish, unit=step.global_unit)
   res = driver.run(task, paths, out, batch_size=batch_size,
                    overwrite=overwrite, progress=progress,

@@ -39,6 +39,9 @@ def add_arguments(p):
                  "0 = threads in this process). Decoding is GIL-bound in "
                  "threads: on a many-core GPU/TPU host use ~one per core")
   p.add_argument("--no-overlays", action="store_true")
+  p.add_argument("--overwrite", action="store_true",
+                 help="redo everything when OUT holds results of another "
+                 "model or settings (refused otherwise, with the difference)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -52,6 +55,7 @@ def run(args) -> int:
                         overlays=not args.no_overlays,
                         progress=not args.quiet,
                         save_logits=args.save_logits,
+                        overwrite=args.overwrite,
                         model_kwargs={"encoder": args.encoder,
                                       "adapter": args.adapter,
                                       "calibration": args.calibration,
