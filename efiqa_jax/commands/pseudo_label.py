@@ -12,6 +12,9 @@ def add_arguments(p):
   p.add_argument("--from-photos", action="store_true",
                  help="inputs are photographs: compute label-free vessel "
                  "maps first")
+  p.add_argument("--work-size", type=int, default=512,
+                 help="--from-photos: FOV crop side before the vessel map "
+                 "(default 512)")
   p.add_argument("--threshold", type=float, default=None,
                  help="pixel |f(x)| threshold (default: the teacher's "
                  "calibrated one, else the reference's 0.02)")
@@ -44,7 +47,8 @@ def run(args) -> int:
     res = pseudo_labels.write_pseudo_labels(
         args.inputs, args.teacher, args.out, from_photos=args.from_photos,
         spec=spec, batch_size=args.batch_size, progress=not args.quiet,
-        overwrite=args.overwrite, read_threads=args.threads)
+        overwrite=args.overwrite, read_threads=args.threads,
+        work_size=args.work_size)
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa pseudo-label: error: {e}", file=sys.stderr)
     return 2
