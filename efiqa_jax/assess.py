@@ -7,7 +7,8 @@ Output contract (also in the README):
   DIR/overlays/<id>.png heat-map overlay on the FOV crop
   DIR/logits/<id>.npy   (save_logits, student only) float32 (gh, gw) raw
                         adapter logits before any post-processing
-  DIR/report.html       contact sheet sorted by quality
+  DIR/report.html       the report (report.write_report); its pictures in
+                        DIR/report/ (<id>.jpg FOV crop, <id>.png map layer)
 
   DIR/run.json          the settings the results were made with
 
@@ -144,13 +145,16 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
     _write_csv(out / "scores.csv", final)
     report_lib.write_report(os.fspath(out / "report.html"), final,
                             f"efiqa assess — {len(final)} images, model "
-                            f"{model_name}")
+                            f"{model_name}",
+                            grading=quality_model.grading)
 
   task = driver.Task(
       command="assess", fingerprint=fingerprint,
-      prepare=AssessPrepare(quality_model.work_size), step=step, write=write,
+      prepare=sources.PrepareFundus(quality_model.work_size), step=step,
+      write=write,
       done_files=done_files,
-      clear=("maps", "overlays", "logits", "scores.csv", "report.html"),
+      clear=("maps", "overlays", "logits", report_lib.REPORT_FILES,
+             "scores.csv", "report.html"),
       temporaries=tuple(f"{sub}/*.tmp-*" for sub in subs) + ("*.tmp-*",),
       finish=finish)
   # Writers (PNG encoding releases the GIL) get their own thread count:
@@ -168,34 +172,6 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
     code = EXIT_OK if res.failed == 0 else EXIT_SOME_FAILED
   return AssessResult(os.fspath(out), res.total, res.ok, res.failed,
                       res.skipped, code, os.fspath(out / "scores.csv"))
-
-
-class AssessPrepare:
-  """Grain transform: path -> row, plus the `circular` flag of the FOV."""
-
-  def __init__(self, size: int):
-    from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
-    self._inner = sources.PrepareFundus(size)
-    self.size = size
-
-  def blank(self, status: str, message: str = "", path: str = "") -> dict:
-    row = self._inner.blank(status, message, path)
-    row["circular"] = np.bool_(False)
-    return row
-
-  def map(self, element):
-    from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
-    circular = []
-
-    def load(src, size, **kw):
-      p = fundus.prepare_fundus(src, size, **kw)
-      circular.append(p.circular)
-      return p
-
-    inner = type(self._inner)(self.size, load_fn=load)
-    row = inner.map(element)
-    row["circular"] = np.bool_(circular[0] if circular else False)
-    return row
 
 
 def _assess_step(quality_model, batch, overlays, save_logits):
@@ -245,28 +221,24 @@ def _write_record(out, rec, res, quality_model, subs):
   id_ = rec["id"]
   names = {"logits": out / "logits" / f"{id_}.npy",
            "overlays": out / "overlays" / f"{id_}.png",
+           "report_jpg": out / report_lib.REPORT_FILES / f"{id_}.jpg",
+           "report_png": out / report_lib.REPORT_FILES / f"{id_}.png",
            "maps": out / "maps" / f"{id_}.npy"}
   if not rec["ok"]:
     for f in names.values():
       if f.exists():
         f.unlink()
-    return _failure_row(rec["image"], id_, rec["status"], rec["message"],
+    return _failure_row(rec["path"], id_, rec["status"], rec["message"],
                         quality_model.name)
   qmap, w = res["map"], res["w"]
   message = rec["message"]
   # A calibrated model pools its own way (efiqa calibrate).
   q, frac = getattr(quality_model, "summarise", quality_lib.summarise)(
       qmap, w)
-  circular = bool(rec["circular"])
-  if res["probs"] is not None:  # EyeQ head: its class; never good off-circle
+  if res["probs"] is not None:  # EyeQ head: its class
     grade = quality_lib.GRADES[int(np.argmax(res["probs"]))]
-    if grade == "good" and not circular:
-      grade = "usable"
   else:
-    grade = quality_model.grading.grade(q, circular)
-  if not circular:
-    note = "no circular field of view: never graded good"
-    message = f"{message}; {note}" if message else note
+    grade = quality_model.grading.grade(q)
   cx, cy, r = (float(v) for v in rec["fov"])
   x0, y0, side = (int(v) for v in rec["crop"][:3])
   if "logits" in subs:
@@ -274,10 +246,12 @@ def _write_record(out, rec, res, quality_model, subs):
   if res["overlay"] is not None:
     driver.write_atomic(names["overlays"],
                         report_lib.encode_png(np.asarray(res["overlay"])))
+  report_lib.write_card_files(os.fspath(out), id_, np.asarray(rec["image"]),
+                              np.asarray(qmap, np.float32))
   # The map goes last: its presence marks the image as finished.
   driver.write_npy(names["maps"], np.asarray(qmap, np.float32))
   return {
-      "image": rec["image"], "id": id_, "status": "ok", "message": message,
+      "image": rec["path"], "id": id_, "status": "ok", "message": message,
       "quality": round(q, 6), "grade": grade,
       "degraded_fraction": round(frac, 6),
       "fov_cx": round(cx, 3), "fov_cy": round(cy, 3), "fov_r": round(r, 3),

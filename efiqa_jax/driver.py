@@ -75,8 +75,9 @@ class Task:
     EVERY batch (also all-padding ones), so it may run collectives.
   write: (record, outputs of that row or None) -> journal row (a dict with
     at least `status`), or None when the row is released later by `drain`.
-    `record` holds `index` (position in the inputs), `image`, `id`,
-    `status`, `message`, `ok` and the row's other host entries. Runs in a
+    `record` holds `index` (position in the inputs), `path`, `id`,
+    `status`, `message`, `ok` and the row's other host entries (e.g. the
+    `image` array); the journal row gets `image` (the path), `id`, `index`. Runs in a
     thread pool; must write its files tmp-then-rename.
   done_files: journal row -> files (relative to the output folder) that must
     exist for the record to count as done on a rerun.
@@ -183,7 +184,9 @@ def _remove(out: epath.Path, patterns: Sequence[str]) -> None:
 
 
 def _decide(task: Task, out: epath.Path, paths, ids, overwrite: bool) -> dict:
-  """Process 0: fingerprint check and the todo mask (the decision)."""
+  """Process 0: fingerprint check and the todo mask (the decision). Writes
+  only the token; what changes the folder happens in `_prepare`, once every
+  process agreed."""
   token = uuid.uuid4().hex
   (out / TOKEN).write_text(token)
   fp = files.RunFingerprint(task.command, task.fingerprint)
@@ -193,20 +196,14 @@ def _decide(task: Task, out: epath.Path, paths, ids, overwrite: bool) -> dict:
     if not overwrite:
       raise
     same = False
-  if overwrite and (same or files.RunFingerprint.read(out) is not None
-                    or files.Journal.exists(out)):
-    files.Journal.clear(out)
-    _remove(out, task.clear)
-    same = False
-  elif not same and files.Journal.exists(out):
+  clear = overwrite and (files.RunFingerprint.read(out) is not None
+                         or files.Journal.exists(out))
+  if not clear and not same and files.Journal.exists(out):
     raise files.FingerprintMismatch(
         f"{out} holds results without a record of their settings (made by "
         "an older version): use --overwrite to redo them, or another output "
         "folder")
-  if not same:
-    fp.write(out)
-  _remove(out, task.temporaries)
-  journal = files.Journal.read(out)
+  journal = {} if clear else files.Journal.read(out)
   done = np.zeros(len(paths), bool)
   for i, (p, id_) in enumerate(zip(paths, ids)):
     r = journal.get(id_)
@@ -214,8 +211,20 @@ def _decide(task: Task, out: epath.Path, paths, ids, overwrite: bool) -> dict:
       continue
     done[i] = all((out / f).exists() for f in task.done_files(r))
   return {"ok": True, "token": token, "inputs": _inputs_sha(paths),
+          "clear": bool(clear), "write_fingerprint": bool(clear or not same),
           "done": base64.b64encode(zlib.compress(
               np.packbits(done).tobytes())).decode(), "n": len(paths)}
+
+
+def _prepare(task: Task, out: epath.Path, decision: dict) -> None:
+  """Process 0, after the agreement: --overwrite's clearing, the
+  fingerprint, a killed run's temporaries."""
+  if decision["clear"]:
+    files.Journal.clear(out)
+    _remove(out, task.clear)
+  if decision["write_fingerprint"]:
+    files.RunFingerprint(task.command, task.fingerprint).write(out)
+  _remove(out, task.temporaries)
 
 
 def _agree(task: Task, out_arg, paths, ids, overwrite) -> tuple[
@@ -259,6 +268,9 @@ def _agree(task: Task, out_arg, paths, ids, overwrite) -> tuple[
                                                  problem) if p]
   if problems:
     raise NoSharedFilesystem(problems[0])
+  if pi == 0:
+    _prepare(task, out, decision)
+  runtime.barrier(f"{task.command}-prepared")  # nobody writes before that
   done = np.unpackbits(np.frombuffer(zlib.decompress(base64.b64decode(
       decision["done"])), np.uint8), count=len(paths)).astype(bool)
   return out, done
@@ -266,7 +278,7 @@ def _agree(task: Task, out_arg, paths, ids, overwrite) -> tuple[
 
 def _record_of(host: dict, j: int, i: int, path: str, id_: str) -> dict:
   rec = {k: v[j] for k, v in host.items()}
-  rec.update(index=i, image=path, id=id_, status=str(host["status"][j]),
+  rec.update(index=i, path=path, id=id_, status=str(host["status"][j]),
              message=str(host["message"][j]), ok=bool(host["ok"][j]))
   return rec
 
@@ -330,7 +342,7 @@ def run(task: Task, paths: Sequence[str], out_dir, *, ids=None,
                f"{e.strerror or e}"}
       if row is None:
         return None
-      return dict(row, index=rec["index"], image=rec["image"], id=rec["id"])
+      return dict(row, index=rec["index"], image=rec["path"], id=rec["id"])
 
     pool = concurrent.futures.ThreadPoolExecutor(n_writers)
     try:

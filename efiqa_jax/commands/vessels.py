@@ -27,18 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   import sys  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import runtime, vessels  # pylint: disable=g-import-not-at-top
-  from efiqa_jax.sources import list_inputs  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import runtime, sources, vessels  # pylint: disable=g-import-not-at-top
   try:
-    paths = list_inputs(args.inputs)
-    if not paths:
-      print("efiqa vessels: error: the inputs name no image", file=sys.stderr)
-      return 4
+    paths = sources.list_inputs(args.inputs)
     res = vessels.segment_paths(paths, args.out, size=args.size,
                                 batch_size=args.batch_size,
                                 overwrite=args.overwrite,
                                 read_threads=args.threads,
                                 progress=not args.quiet)
+  except sources.NoInputsError as e:
+    return sources.no_inputs_exit(NAME, e)
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa vessels: error: {e}", file=sys.stderr)
     return runtime.EXIT_USAGE
