@@ -18,7 +18,8 @@ def add_arguments(p):
                  help="e.g. efiqa_jax/assets/teacher_default")
   p.add_argument("--workdir", default="runs/teacher_default",
                  help="checkpoints and cached vessel maps (resumes)")
-  p.add_argument("--quiet", action="store_true")
+  p.add_argument("--quiet", action="store_true",
+                 help="no progress bars (default: off)")
 
 
 def run(args) -> int:
