@@ -5,7 +5,7 @@ import pytest
 
 from efiqa_jax import cli
 from efiqa_jax import config_util
-from efiqa_jax import quality_model
+from efiqa_jax.teacher import inference
 
 
 def _variants():
@@ -39,8 +39,9 @@ def test_variant_meets_downstream_constraints(name, variant, repo_root):
     # assess / calibrate-teacher / pseudo-label pool |f(x)| into a 64x64
     # map: the teacher's side must reshape into it (size 32 crashed).
     a = np.zeros((1, s, s), np.float32)
-    maps = np.asarray(quality_model.pool_anomaly(a, a + 1, threshold=0.1))
-    assert maps.shape == (1, quality_model.MAP_SIZE, quality_model.MAP_SIZE)
+    maps = np.asarray(inference.pool(
+        a, a + 1, inference.MapRule(threshold=0.1, window=3)))
+    assert maps.shape == (1, inference.MAP_SIZE, inference.MAP_SIZE)
     assert cfg.data.load_size >= s
   elif name == "encoder_mim":
     assert cfg.size % cfg.encoder.patch_size == 0
