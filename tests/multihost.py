@@ -76,7 +76,7 @@ def _wait(procs, timeout, what, kill_when=None):
   return [log(p) for p in procs], killed
 
 
-def run_workers(script: str, args_of, nproc: int = 2, timeout: int = 600,
+def run_workers(script: str, args_of, nproc: int = 2, timeout: int = 900,
                 what: str = "multi-process test") -> list[str]:
   """Starts `script` (in tests/) once per process i with argv
   `[i, nproc, port, *args_of(i)]`; returns the workers' logs."""

@@ -232,7 +232,7 @@ def test_two_processes_exactly_once(encoder, photos, full_run, tmp_path):
   out = tmp_path / "mp"
   multihost.run_workers("extract_worker.py",
                         lambda i: [encoder, out, 4, *photos], nproc,
-                        timeout=600, what="2-process extraction")
+                        timeout=900, what="2-process extraction")
   reps = [json.loads((out / f"report{i}.json").read_text())
           for i in range(nproc)]
   assert sum(r["written"] for r in reps) == 11
