@@ -282,7 +282,7 @@ def test_two_processes_exactly_once_killed_and_resumed(
   args = _command(cmd, inputs, out, teacher, encoder)
   # Killed (SIGKILL, both processes) once the first rows are journaled.
   res, killed = multihost.run_efiqa(
-      lambda i: args, 2, devices=1, timeout=600, what=f"2-process {cmd}",
+      lambda i: args, 2, devices=1, timeout=900, what=f"2-process {cmd}",
       kill_when=lambda: len(_journal_rows(out)) >= 2)
   assert killed, "finished before the kill: " + res[0][1][-2000:]
   assert not os.path.exists(os.path.join(out, _TABLE[cmd]))
@@ -290,7 +290,7 @@ def test_two_processes_exactly_once_killed_and_resumed(
                   if r["status"] == "ok"})
   assert 0 < n_before < n_ok
   res, _ = multihost.run_efiqa(
-      lambda i: args, 2, devices=1, timeout=600, what=f"2-process {cmd} rerun",
+      lambda i: args, 2, devices=1, timeout=900, what=f"2-process {cmd} rerun",
       kill_when=lambda: False)
   assert [c for c, _ in res] == [3, 3], res[0][1][-3000:] + res[1][1][-3000:]
   # One table, every input once, in input order, as the 1-process run.
@@ -340,7 +340,7 @@ def test_processes_without_a_shared_folder_refuse_with_one_line(photos,
   inputs = [str(photos / "eye00.png"), str(photos / "eye01.png")]
   res, _ = multihost.run_efiqa(
       lambda i: ["vessels", *inputs, "--out", tmp_path / f"host{i}",
-                 "--size", "96", "--quiet"], 2, devices=1, timeout=600,
+                 "--size", "96", "--quiet"], 2, devices=1, timeout=900,
       what="2-process vessels without a shared folder",
       kill_when=lambda: False)
   for code, log in res:
