@@ -54,6 +54,12 @@ def as_path(path: PathLike) -> epath.Path:
   return epath.Path(s if is_remote(s) else os.path.expanduser(s))
 
 
+def abs_path(path: PathLike) -> epath.Path:
+  """`as_path`, made absolute when local (a cloud URI is absolute already)."""
+  p = as_path(path)
+  return p if is_remote(p) else epath.Path(os.path.abspath(os.fspath(p)))
+
+
 def join(base: PathLike, *parts: str) -> str:
   """`base/parts...` as a string, for a local path or a cloud URI alike."""
   return os.fspath(as_path(base).joinpath(*parts))
@@ -72,11 +78,37 @@ def isfile(path: PathLike) -> bool:
   return p.exists() and not p.is_dir()
 
 
+def output_dir(path: PathLike) -> str:
+  """An output folder or workdir, created, as a string: an absolute local
+  path, or the cloud URI as given (without a trailing '/')."""
+  s = os.fspath(path)
+  if is_remote(s):
+    s = s.rstrip("/")
+  else:
+    s = os.path.abspath(os.path.expanduser(s))
+  makedirs(s)
+  return s
+
+
 def makedirs(path: PathLike) -> epath.Path:
   """Creates `path` and its parents (a no-op for a cloud prefix); returns it."""
   p = as_path(path)
   p.mkdir(parents=True, exist_ok=True)
   return p
+
+
+def size_mtime(path: PathLike) -> tuple[int, float] | None:
+  """(size in bytes, modification time) of a file; None when it is missing."""
+  s = os.fspath(as_path(path))
+  if not is_remote(s):
+    if not os.path.exists(s):
+      return None
+    return os.path.getsize(s), os.path.getmtime(s)
+  p = as_path(s)
+  if not p.exists():
+    return None
+  st = p.stat()
+  return int(st.length or 0), float(st.mtime)
 
 
 def read_bytes(path: PathLike) -> bytes:
