@@ -20,9 +20,10 @@ EXIT_CODES = (
     "Exit codes: 0 done; 1 the run failed (e.g. a non-finite loss); 2 bad "
     "arguments, config or multi-process configuration, or a workdir holding "
     "a run with other settings; 3 done, but some inputs could not be used "
-    "(listed); 75 stopped by SIGTERM or a preemption notice after saving a "
-    "checkpoint (rerun the same command to resume); 130 stopped by Ctrl-C "
-    "after saving a checkpoint (a second Ctrl-C exits at once).")
+    "(listed); 4 the inputs named no image; 75 stopped by SIGTERM or a "
+    "preemption notice after saving a checkpoint (rerun the same command to "
+    "resume); 130 stopped by Ctrl-C after saving a checkpoint (a second "
+    "Ctrl-C exits at once).")
 
 
 def _command_modules():
@@ -34,12 +35,29 @@ def _command_modules():
   return sorted(mods, key=lambda m: m.NAME)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows each option's default, except where there is none to show (None,
+  a store_true flag) or the help text already says it in words."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if (any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        or "default" in text.lower() or action.required
+        or not action.option_strings):
+      return text
+    return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+  """The whole command line. Imports every command module but nothing heavy
+  (jax, flax, TensorFlow stay inside the commands' `run`), so `--help` is
+  instant; tests/test_cli.py holds it to that."""
   parser = argparse.ArgumentParser(
       prog="efiqa",
       description=("Label-free, explainable fundus image quality assessment "
                    "(EFIQA) in JAX."),
       epilog=EXIT_CODES,
+      formatter_class=HelpFormatter,
   )
   parser.add_argument("--version", action="version",
                       version=f"efiqa-jax {__version__}")
@@ -51,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
       "process.")
   g.add_argument("--coordinator-address", metavar="HOST:PORT",
                  help="address of process 0's coordinator")
-  g.add_argument("--num-processes", type=int, metavar="N")
+  g.add_argument("--num-processes", type=int, metavar="N",
+                 help="how many processes run this command")
   g.add_argument("--process-id", type=int, metavar="I",
                  help="this process's index in [0, N)")
   parser.add_argument("--log-level", default="info",
@@ -62,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
   for mod in _command_modules():
     # argparse %-formats `help` (not `description`): a literal % must be %%.
     p = sub.add_parser(mod.NAME, help=mod.HELP.replace("%", "%%"),
-                       description=mod.HELP)
+                       description=mod.HELP, formatter_class=HelpFormatter)
     mod.add_arguments(p)
     p.set_defaults(_run=mod.run)
   return parser
@@ -98,6 +117,14 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:  # Ctrl-C outside a training loop
     print(f"efiqa {args.command}: interrupted", file=sys.stderr)
     return runtime.EXIT_INTERRUPTED
+  except ValueError as e:
+    # A config typo, unknown variant or broken constraint: one line, not a
+    # traceback (the loader names the key or the variant).
+    from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+    if not isinstance(e, config_util.ConfigError):
+      raise
+    print(f"efiqa {args.command}: config error: {e}", file=sys.stderr)
+    return runtime.EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -188,7 +188,8 @@ def load_frozen_encoder(path, *, dtype: str, mesh, rules: Sequence[Any] = ()):
   (`place_frozen_encoder`)."""
   from flax import nnx
   from efiqa_jax import checkpoints
-  meta = checkpoints.read_meta(path)
+  # The kind first (one line naming what `path` holds), before any build.
+  meta = checkpoints.check_kind(path, "encoder")
   import jax.numpy as jnp
   abstract = checkpoints.build_abstract(
       meta["architecture"], dict(meta["kwargs"], dtype=jnp.dtype(dtype)))
@@ -334,8 +335,19 @@ class ExtractResult:
   metadata: dict
 
 
+def recorded_input_size(meta: dict, default: int = 224) -> int:
+  """The input side an encoder's sidecar records: what `efiqa
+  pretrain-encoder` trained it at, or what `efiqa port` says EFIQA feeds it;
+  else `default` (224, the paper's)."""
+  for pre in (meta.get("pretraining", {}).get("preprocessing", {}),
+              meta.get("preprocessing", {}).get("efiqa", {})):
+    if isinstance(pre, dict) and pre.get("size"):
+      return int(pre["size"])
+  return int(default)
+
+
 def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
-                     out_dir: str | os.PathLike, *, size: int = 224,
+                     out_dir: str | os.PathLike, *, size: int | None = None,
                      work_size: int = 512, crop: bool = True,
                      dtype: str = "float32", save_dtype: str = "float32",
                      batch_size: int = 32, fmt: str = "npy",
@@ -352,7 +364,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
     inputs: files, folders, globs, CSVs with a `path` column
       (`sources.list_inputs`); ids are `sources.unique_ids` of the paths.
     encoder: an efiqa model directory holding a `vit` (`efiqa port ...`).
-    size: encoder input side (multiple of the patch size).
+    size: encoder input side (multiple of the patch size); None: the size
+      the encoder records (`recorded_input_size`), else 224.
     work_size: side of the FOV crop before the encoder resize (crop mode).
     crop: FOV crop (default) or the whole photograph.
     dtype: compute dtype (float32 | bfloat16); with bfloat16 the frozen
@@ -403,6 +416,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
     raise ValueError(f"{encoder} holds a {enc_meta['architecture']!r} model; "
                      "extract needs a ViT encoder (efiqa port dinov3 ...)")
   p = model.cfg["patch_size"]
+  if size is None:
+    size = recorded_input_size(enc_meta)
   if size % p:
     raise ValueError(f"size {size} is not a multiple of the patch size {p}")
   gh = gw = size // p

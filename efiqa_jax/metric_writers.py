@@ -287,8 +287,9 @@ def create(workdir, *, primary: bool, resume_step: int = 0,
     except ImportError as e:
       if tensorboard:
         raise
-      log.info("TensorBoard events off (%s); metrics in %s/%s, panels in "
-               "%s/panels", e, workdir, METRICS, workdir)
+      log.info("TensorBoard events off (%s: they need the tensorboard "
+               "package, pip install 'efiqa-jax[tf]'); metrics in %s/%s, "
+               "panels in %s/panels", e, workdir, METRICS, workdir)
   writers = [JsonlWriter(workdir, png_panels=tb is None)]
   if tb is not None:
     writers.append(tb)

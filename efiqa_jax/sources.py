@@ -32,27 +32,48 @@ import numpy as np
 from efiqa_jax import files
 
 IMAGE_EXTENSIONS = files.IMAGE_EXTENSIONS
+# CSV inputs: the first of these columns names the image (relative paths are
+# relative to the CSV). `image` is what the project's own CSVs use (synth's
+# labels.csv, assess's scores.csv).
+CSV_PATH_COLUMNS = ("path", "image")
+
+EXIT_NO_INPUTS = 4  # every command taking inputs: the inputs named no image
+
+
+class NoInputsError(ValueError):
+  """The inputs named no image: an empty folder, a glob matching no image
+  file, a CSV without rows, or nothing at all. Commands exit with
+  EXIT_NO_INPUTS (4) on it."""
+
+
+def no_inputs_exit(command: str, error: Exception) -> int:
+  """Prints the one line for NoInputsError and returns its exit status."""
+  import sys  # pylint: disable=g-import-not-at-top
+  print(f"efiqa {command}: no image: {error}", file=sys.stderr)
+  return EXIT_NO_INPUTS
 
 
 def _read_csv(csv_path: str) -> list[str]:
   fieldnames, rows = files.read_csv(csv_path)
-  if "path" not in fieldnames:
+  col = next((c for c in CSV_PATH_COLUMNS if c in fieldnames), None)
+  if col is None:
     raise ValueError(
-        f"{csv_path}: a CSV input needs a `path` column; found columns "
-        f"{fieldnames or None}")
-  remote = files.is_remote(csv_path)
-  base = (os.fspath(files.as_path(csv_path).parent) if remote
+        f"{csv_path}: a CSV input needs a `path` or `image` column; found "
+        f"columns {fieldnames or None}")
+  base = (os.fspath(files.as_path(csv_path).parent)
+          if files.is_remote(csv_path)
           else os.path.dirname(os.path.abspath(csv_path)))
   out = []
   for line, row in enumerate(rows, start=2):
-    p = (row["path"] or "").strip()
+    p = (row[col] or "").strip()
     if not p:
-      raise ValueError(f"{csv_path}:{line}: empty `path`")
-    if files.is_remote(p):
-      out.append(p)
-      continue
-    p = os.path.expanduser(p)
-    out.append(p if os.path.isabs(p) else files.join(base, p))
+      raise ValueError(f"{csv_path}:{line}: empty `{col}`")
+    if not files.is_remote(p):
+      p = os.path.expanduser(p)
+      p = p if os.path.isabs(p) else files.join(base, p)
+    out.append(p)
+  if not out:
+    raise NoInputsError(f"{csv_path} has no rows")
   return out
 
 
@@ -60,26 +81,28 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
   """Expands inputs into an ordered list of image paths (local or `gs://`).
 
   Each input is, in this order of checks:
-    * a CSV file (`.csv`): its `path` column, in file order; relative paths
-      are resolved against the CSV's folder (a bucket prefix for a `gs://`
-      CSV);
+    * a CSV file (`.csv`): its `path` column (else its `image` column), in
+      file order; relative paths are resolved against the CSV's folder (its
+      bucket prefix for a `gs://` CSV);
     * a folder (or bucket prefix): every image file below it (recursive;
       extensions in `IMAGE_EXTENSIONS`, case-insensitive), sorted by relative
-      path; a folder without images raises ValueError;
+      path; a folder without images raises NoInputsError;
     * an existing file: taken as is (whatever its extension, so a mistyped
       file still gets a status row from the decoder instead of vanishing);
-    * a glob pattern (`*`, `?`, `[`, `**`): its matches, sorted; folders that
-      match are expanded as above, non-image files are skipped. A glob
-      matching no image raises ValueError.
+    * a glob pattern (`*`, `?`, `[`; `**` spans folders): its matches,
+      sorted; folders that match are expanded as above, non-image files are
+      skipped. A glob matching no image raises NoInputsError.
     * anything else (a path that does not exist): returned AS IS, so the
       caller writes a `not_found` status row for it. Inputs never vanish.
 
   Inputs keep the order given; expansions are sorted within each input.
-  Duplicates are kept (each occurrence is one record). Listing goes through
-  `efiqa_jax.files` (etils.epath).
+  Duplicates are kept (each occurrence is one record). No input at all
+  raises NoInputsError. Listing goes through `efiqa_jax.files` (etils.epath).
   """
   if isinstance(inputs, (str, os.PathLike)):
     inputs = [inputs]
+  if not inputs:
+    raise NoInputsError("no input was given")
   out: list[str] = []
   for raw in inputs:
     item = os.fspath(raw)
@@ -90,15 +113,15 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
     elif files.isdir(item):
       found = files.list_images(item)
       if not found:
-        raise ValueError(f"folder {item!r} holds no image files "
-                         f"({', '.join(IMAGE_EXTENSIONS)})")
+        raise NoInputsError(f"folder {item!r} holds no image files "
+                            f"({', '.join(IMAGE_EXTENSIONS)})")
       out.extend(found)
     elif files.isfile(item):
       out.append(item)
     elif files.has_glob(item):
       found = files.glob_images(item)
       if not found:
-        raise ValueError(f"glob {item!r} matches no image files")
+        raise NoInputsError(f"glob {item!r} matches no image files")
       out.extend(found)
     else:
       out.append(item)  # Missing: kept for a `not_found` row downstream.

@@ -23,7 +23,7 @@ def main():
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                              num_processes=nproc, process_id=pid,
-                             initialization_timeout=60)
+                             initialization_timeout=300)
   from efiqa_jax import features  # pylint: disable=g-import-not-at-top
   assert jax.process_count() == nproc and len(jax.devices()) == 2 * nproc
   res = features.extract_features(inputs, enc, out, size=64, crop=False,

@@ -76,7 +76,7 @@ def _wait(procs, timeout, what, kill_when=None):
   return [log(p) for p in procs], killed
 
 
-def run_workers(script: str, args_of, nproc: int = 2, timeout: int = 120,
+def run_workers(script: str, args_of, nproc: int = 2, timeout: int = 600,
                 what: str = "multi-process test") -> list[str]:
   """Starts `script` (in tests/) once per process i with argv
   `[i, nproc, port, *args_of(i)]`; returns the workers' logs."""
@@ -92,7 +92,7 @@ def run_workers(script: str, args_of, nproc: int = 2, timeout: int = 120,
 
 
 def run_efiqa(args_of, nproc: int = 2, *, devices: int = 2,
-              timeout: int = 300, what: str = "multi-process efiqa",
+              timeout: int = 900, what: str = "multi-process efiqa",
               kill_when=None):
   """`efiqa --coordinator-address 127.0.0.1:PORT --num-processes N
   --process-id i ARGS...` once per process i (cwd: the repository), each

@@ -24,7 +24,7 @@ def main():
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                              num_processes=nproc, process_id=pid,
-                             initialization_timeout=60)
+                             initialization_timeout=300)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 

@@ -13,7 +13,7 @@ def test_two_processes_every_index_once(tmp_path, n, gb):
   nproc = 2
   outs = [tmp_path / f"p{i}.json" for i in range(nproc)]
   multihost.run_workers("multiprocess_worker.py",
-                        lambda i: [n, gb, outs[i]], nproc, timeout=120,
+                        lambda i: [n, gb, outs[i]], nproc, timeout=600,
                         what="multi-process pipeline")
   reps = [json.loads(o.read_text()) for o in outs]
   steps = -(-n // gb)

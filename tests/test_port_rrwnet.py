@@ -14,7 +14,7 @@ from efiqa_jax import checkpoints, cli  # noqa: E402
 from efiqa_jax.models import rrwnet as rr  # noqa: E402
 from efiqa_jax.port import common  # noqa: E402
 from efiqa_jax.port import rrwnet as port_rr  # noqa: E402
-from tests.torch_reference import RefRRWNet  # noqa: E402
+from efiqa_jax.reference.unet import RefRRWNet  # noqa: E402
 
 pytestmark = pytest.mark.port
 TOL = 1e-4  # measured max |diff| ~1e-7 (logits, all stages, base 8, 64x64)

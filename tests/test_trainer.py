@@ -176,6 +176,31 @@ def test_metric_writers_without_tensorboard(tmp_path):
   assert not (tmp_path / "p1").exists()
 
 
+def test_without_the_tensorboard_package_one_line_names_the_extra(
+    tmp_path, monkeypatch, caplog):
+  """README "Installing": without `[tf]` the trainers write metrics.jsonl
+  and panels/*.png and log one line naming the extra."""
+  import builtins  # pylint: disable=g-import-not-at-top
+  real_import = builtins.__import__
+
+  def no_tensorboard(name, *a, **k):
+    if name == "tensorboard" or name.startswith("tensorboard."):
+      raise ImportError("No module named 'tensorboard'")
+    return real_import(name, *a, **k)
+
+  monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+  with caplog.at_level("INFO", logger=metric_writers.__name__):
+    w = metric_writers.create(tmp_path, primary=True)
+  w.write_scalars(1, {"loss": 0.5})
+  w.write_images(1, {"panel": np.zeros((1, 4, 4, 1), np.float32)})
+  w.close()
+  lines = [r.getMessage() for r in caplog.records]
+  assert len(lines) == 1 and "pip install 'efiqa-jax[tf]'" in lines[0], lines
+  assert metric_writers.read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}]
+  assert (tmp_path / "panels" / "00000001_panel.png").exists()
+  assert not [f for f in os.listdir(tmp_path) if "tfevents" in f]
+
+
 def test_tensorboard_events_without_tensorflow(tmp_path):
   w = metric_writers.create(tmp_path, primary=True, tensorboard=True)
   w.write_scalars(3, {"loss": 0.5})

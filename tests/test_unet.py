@@ -67,7 +67,7 @@ def test_residual_identity_when_body_is_zero(small):
 
 def test_param_count_matches_reference():
   # 31,031,875 = torch RefUNetRes(3, 3, 64) parameter count (checked against
-  # tests/torch_reference.py, counting each duplicated tensor once).
+  # efiqa_jax/reference/unet.py, counting each duplicated tensor once).
   m = nnx.eval_shape(lambda: UNet(3, 3, 64, rngs=nnx.Rngs(0)))
   assert num_params(m) == 31_031_875
 
@@ -121,7 +121,7 @@ def test_checkpoint_roundtrip_and_strict_sidecar(small, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(FileExistsError):
     checkpoints.save_model(out, small)
-  with pytest.raises(ValueError, match="expected 'rrwnet'"):
+  with pytest.raises(ValueError, match="architecture 'rrwnet'"):
     checkpoints.load_model(out, architecture="rrwnet")
   side = out / "efiqa.json"
   cfg = json.loads(side.read_text())

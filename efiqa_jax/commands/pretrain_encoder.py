@@ -11,9 +11,9 @@ def add_arguments(p):
   p.add_argument("--out", required=True, help="encoder model directory")
   p.add_argument("--workdir", default=None,
                  help="checkpoints and metrics (default OUT/train)")
-  p.add_argument("--quiet", action="store_true")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
-  config_util.add_config_arguments(p, "configs/encoder_mim.py")
+  config_util.add_config_arguments(p, "encoder_mim")
   config_util.add_trainer_arguments(p)
 
 
@@ -21,13 +21,17 @@ def run(args) -> int:
   import sys  # pylint: disable=g-import-not-at-top
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
   from efiqa_jax import trainer  # pylint: disable=g-import-not-at-top
   from efiqa_jax.encoders import pretrain  # pylint: disable=g-import-not-at-top
+  # A ConfigError propagates: the CLI prints "config error: ..." (exit 2).
+  cfg = config_util.config_from_args(args)
   try:
-    cfg = config_util.config_from_args(args)
     res = pretrain.pretrain_mim(args.inputs, args.out, cfg,
                                 progress=not args.quiet,
                                 workdir=args.workdir)
+  except sources.NoInputsError as e:
+    return sources.no_inputs_exit(NAME, e)
   except trainer.NonFiniteLossError as e:
     print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
     return runtime.EXIT_FAILED

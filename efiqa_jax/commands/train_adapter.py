@@ -7,8 +7,11 @@ HELP = ("Train the student adapter on teacher pseudo-labels (cached features "
 def add_arguments(p):
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   config_util.add_config_arguments(
-      p, help="configs/adapter.py[:tiny] or configs/adapter_cp.py")
-  p.add_argument("--workdir", required=True)
+      p, help="adapter[:tiny] or adapter_cp (bundled configs by name) or a "
+      "config file[:variant]")
+  p.add_argument("--workdir", required=True,
+                 help="checkpoints, metrics.jsonl and the adapter (a rerun "
+                 "resumes)")
   config_util.add_trainer_arguments(p)
   p.add_argument("positional_overrides", nargs="*", metavar="config.KEY=VALUE",
                  help="config overrides (like --set)")
@@ -20,8 +23,9 @@ def run(args) -> int:
   from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
   from efiqa_jax import trainer  # pylint: disable=g-import-not-at-top
   from efiqa_jax.student import train  # pylint: disable=g-import-not-at-top
+  # A ConfigError propagates: the CLI prints "config error: ..." (exit 2).
+  cfg = config_util.config_from_args(args, args.positional_overrides)
   try:
-    cfg = config_util.config_from_args(args, args.positional_overrides)
     res = train.train_and_evaluate(cfg, args.workdir)
   except trainer.NonFiniteLossError as e:
     print(f"efiqa {NAME}: error: {e}", file=sys.stderr)

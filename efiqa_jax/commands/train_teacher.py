@@ -7,8 +7,9 @@ HELP = ("Train the VUAD teacher U-Net by masked inpainting of vessel maps "
 def add_arguments(parser):
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   config_util.add_config_arguments(
-      parser, "configs/teacher.py",
-      help="config file[:variant], e.g. configs/teacher.py:tiny")
+      parser, "teacher",
+      help="a bundled config by name[:variant] (teacher, teacher:tiny, "
+      "teacher:b32) or a config file[:variant]")
   parser.add_argument("--workdir", required=True,
                       help="checkpoints, metrics, TensorBoard events and the "
                            "export go here (a rerun resumes)")
@@ -22,8 +23,9 @@ def run(args) -> int:
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
   from efiqa_jax.teacher import train  # pylint: disable=g-import-not-at-top
+  # A ConfigError propagates: the CLI prints "config error: ..." (exit 2).
+  config = config_util.config_from_args(args)
   try:
-    config = config_util.config_from_args(args)
     res = train.train_and_evaluate(config, args.workdir)
   except train.NonFiniteLossError as e:
     print(f"efiqa {NAME}: error: {e}", file=sys.stderr)

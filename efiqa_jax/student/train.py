@@ -150,7 +150,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   e2e = config.mode == "end_to_end"
   enc_meta = None
   if e2e:
-    enc_meta = checkpoints.read_meta(config.encoder)
+    enc_meta = checkpoints.check_kind(config.encoder, "encoder")
     if enc_meta["architecture"] != "vit":
       raise ValueError(f"{config.encoder} is not a ViT encoder")
   items, rep, (gh, gw, d), labels, src_meta = _load_training_data(
