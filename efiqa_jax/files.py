@@ -5,11 +5,14 @@ Local paths, `gs://` (and whatever else `etils.epath` maps: `s3://`, `az://`,
 `epath.Path`, and the helpers below read, write and list through it.
 
 Backend: `etils.epath` sends `gs://` to `tf.io.gfile` whenever TensorFlow is
-importable (it is, for clu and TFDS), and to fsspec/`gcsfs` otherwise. Importing
-this module sets `EPATH_USE_TF=false` (unless the environment already sets it), so
-`gcsfs` is what runs: it honours `STORAGE_EMULATOR_HOST`, the same credentials
-as `gsutil`/`gcloud`, and needs no TensorFlow. It is set before any remote path
-is touched because epath decides once per process.
+importable (the `tf` extra) and to fsspec/`gcsfs` otherwise. Importing
+`efiqa_jax` sets `EPATH_USE_TF=false` when `gcsfs` is installed (the `gcs`
+extra) and the environment does not set it, so `gcsfs` is what runs: it
+honours `STORAGE_EMULATOR_HOST` and the usual Google credentials, and needs no
+TensorFlow. (epath decides once per process, at the first remote path.)
+Checkpoint arrays go to `gs://` through orbax's tensorstore, which has its own
+GCS client: with `STORAGE_EMULATOR_HOST` set, `TENSORSTORE_GCS_HTTP_URL`
+defaults to it, so both clients talk to the same emulator.
 
 Atomic writes: a local file is written under a temporary name in its folder and
 renamed over the target (a reader never sees half a file; a kill leaves at most
@@ -28,8 +31,10 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-# Must precede the first remote path (epath caches the choice); see the docstring.
-os.environ.setdefault("EPATH_USE_TF", "false")
+from efiqa_jax import _configure_storage as configure_backends  # noqa: E402
+
+# Repeated here for code that imports this module after changing os.environ.
+configure_backends()
 
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
