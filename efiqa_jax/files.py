@@ -261,7 +261,12 @@ def glob(pattern: PathLike) -> list[str]:
   """Matches of a glob pattern (`**` recursive), sorted; local or remote."""
   pattern = os.fspath(pattern)
   if is_remote(pattern):
-    return sorted(_remote_uri(p, pattern) for p in _fs(pattern).glob(pattern))
+    # As Python's glob: a wildcard does not match a name starting with '.'.
+    literal = set(pattern.split("/"))
+    return sorted(
+        u for u in (_remote_uri(p, pattern) for p in _fs(pattern).glob(pattern))
+        if not any(part.startswith(".") and part not in literal
+                   for part in u.split("/")))
   return sorted(glob_lib.glob(os.path.expanduser(pattern), recursive=True))
 
 
