@@ -6,7 +6,7 @@ photograph files and write the same per-image outputs:
   ours       efiqa_jax.assess.assess(paths, out_dir, quality_model=...): grain
              decode + FOV crop threads ahead of the jitted batched vessel map
              + teacher + pooling, map .npy + overlay PNG in a thread pool,
-             progress.jsonl, scores.csv, report.html.
+             the journal, scores.csv, report.html.
   reference  efiqa_jax.reference.assess.ReferenceAssessor: per image
              (batch 1, like penway/EFIQA's scripts) prepare_fundus (PIL decode
              + our numpy FOV crop: the same code as ours), the label-free
@@ -191,9 +191,10 @@ def breakdown(qmod, ref, paths, batch, threads) -> dict:
   (prepare, input pipeline, batched device maps, writes) and the
   reference's torch maps at batch 1."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import assess as assess_lib  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import driver  # pylint: disable=g-import-not-at-top
   from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
   from efiqa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
   from efiqa_jax import report as report_lib  # pylint: disable=g-import-not-at-top
   n = len(paths)
   t0 = time.perf_counter()
@@ -202,7 +203,7 @@ def breakdown(qmod, ref, paths, batch, threads) -> dict:
   # The input pipeline alone, as assess builds it (threads + prefetch).
   t0 = time.perf_counter()
   for _ in input_pipeline.inference_batches(
-      paths, batch, prepare=assess_lib.AssessPrepare(qmod.work_size),
+      paths, batch, prepare=sources.PrepareFundus(qmod.work_size),
       process_index=0, process_count=1, read_threads=threads):
     pass
   pipeline = (time.perf_counter() - t0) / n
@@ -224,7 +225,11 @@ def breakdown(qmod, ref, paths, batch, threads) -> dict:
       ovs = np.asarray(report_lib.overlay_batch(
           ims[s:s + batch], maps[s:s + batch], fov[s:s + batch]))
       for k in range(batch):
-        assess_lib._write_outputs(d, f"x{s + k}", maps[s + k], ovs[k])  # pylint: disable=protected-access
+        # What assess's writer does per image (overlay PNG, then the map).
+        driver.write_atomic(os.path.join(d, "overlays", f"x{s + k}.png"),
+                            report_lib.encode_png(ovs[k]))
+        driver.write_npy(os.path.join(d, "maps", f"x{s + k}.npy"),
+                         np.asarray(maps[s + k], np.float32))
     writes = (time.perf_counter() - t0) / (n - n % batch)
   return {k: round(v * 1e3, 1) for k, v in dict(
       prepare_serial_ms=serial_prepare, input_pipeline_ms=pipeline,

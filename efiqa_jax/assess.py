@@ -10,25 +10,25 @@ Output contract (also in the README):
   DIR/report.html       the report (report.write_report); its pictures in
                         DIR/report/ (<id>.jpg FOV crop, <id>.png map layer)
 
-Resumability: each finished image is appended to DIR/progress[-pK].jsonl after
-its map and overlay are on disk (one JSON line, flushed and fsynced per batch).
-A re-run skips ids already there; a line cut by a kill is ignored and that image
-redone. scores.csv and report.html are rewritten from the progress rows in input
-order at the end, so an interrupted-then-resumed run ends with the same
-scores.csv as an uninterrupted one.
+  DIR/run.json          the settings the results were made with
 
-Multi-host: every process takes its slice of the inputs, writes its own progress
-file and maps; process 0 writes scores.csv after a barrier.
+Runs on the inference driver (`efiqa_jax.driver`). Resumability: each
+finished image's row enters the journal (DIR/.journal/) after its map and
+overlay are on disk. A re-run with the same settings skips finished ids; a
+line cut by a kill is ignored and that image redone; another model or
+settings is refused with the difference unless overwrite=True. scores.csv
+and report.html are rewritten from the journal in input order at the end,
+so an interrupted-then-resumed run ends with the same scores.csv as an
+uninterrupted one.
+
+Multi-host: the work still to do is decided once by process 0; every
+process takes its strided share, writes its own journal and maps; process 0
+writes scores.csv and the report after a barrier.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import csv
 import dataclasses
-import json
 import os
-import sys
-import time
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -58,40 +58,6 @@ class AssessResult:
   scores_csv: str
 
 
-def _progress_path(out_dir: str, process_index: int, process_count: int):
-  if process_count == 1:
-    return os.path.join(out_dir, "progress.jsonl")
-  return os.path.join(out_dir, f"progress-p{process_index}.jsonl")
-
-
-def read_progress(out_dir: str) -> dict[str, dict]:
-  """Rows already finished in out_dir (all processes), keyed by id."""
-  done = {}
-  if not os.path.isdir(out_dir):
-    return done
-  for name in sorted(os.listdir(out_dir)):
-    if not (name.startswith("progress") and name.endswith(".jsonl")):
-      continue
-    with open(os.path.join(out_dir, name)) as f:
-      for line in f:
-        line = line.strip()
-        if not line:
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # a line cut by a kill: that image is redone
-        if isinstance(row, dict) and "id" in row:
-          done[row["id"]] = row
-  return done
-
-
-def _row_complete(out_dir: str, row: dict) -> bool:
-  if row.get("status") != "ok":
-    return True
-  return os.path.exists(os.path.join(out_dir, "maps", row["id"] + ".npy"))
-
-
 def _failure_row(path, id_, status, message, model_name):
   row = {c: "" for c in SCORE_COLUMNS}
   row.update(image=path, id=id_, status=status, message=message,
@@ -110,7 +76,9 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
            overlays: bool = True,
            progress: bool = True, quality_model=None,
            save_logits: bool = False,
-           model_kwargs: dict | None = None) -> AssessResult:
+           model_kwargs: dict | None = None,
+           overwrite: bool = False,
+           max_steps: int | None = None) -> AssessResult:
   """Assesses photographs; see the module docstring for the contract.
 
   model_kwargs go to `quality_model.load_quality_model` (for the student:
@@ -118,214 +86,180 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
   default min(4, CPU cores); more threads than cores only take the cores the
   jitted maps run on (2 cores: 4 threads gave 14-15 img/s on camera-size
   JPEGs, 2 threads 17). The writer pool has max(num_threads, min(8, cores))
-  threads."""
-  import jax  # pylint: disable=g-import-not-at-top
+  threads. batch_size: photographs per step over all processes. A folder
+  holding results of another model or settings is refused
+  (`driver.UsageError`, with the difference) unless `overwrite`.
+  """
+  from efiqa_jax import driver  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import files  # pylint: disable=g-import-not-at-top
   from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
 
   if num_threads is None:
     num_threads = default_num_threads()
-  if isinstance(inputs, str):
+  if isinstance(inputs, (str, os.PathLike)):
     inputs = [inputs]
-  paths = sources.list_inputs(list(inputs))
+  paths = sources.list_inputs([os.fspath(p) for p in inputs])
   ids = sources.unique_ids(paths)
-  os.makedirs(out_dir, exist_ok=True)
+  out = driver.output_dir(out_dir)
+  model_kwargs = {k: v for k, v in (model_kwargs or {}).items()
+                  if v is not None}
   if quality_model is None:
     from efiqa_jax import quality_model as qm_lib  # pylint: disable=g-import-not-at-top
-    quality_model = qm_lib.load_quality_model(model, **(model_kwargs or {}))
+    quality_model = qm_lib.load_quality_model(model, **model_kwargs)
   model_name = quality_model.name
   if save_logits and not hasattr(quality_model, "predict_logits"):
     raise ValueError(f"model {model_name!r} has no logits (--save-logits is "
                      "for --model student)")
-  for sub in ("maps", "overlays") + (("logits",) if save_logits else ()):
-    os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+  model_files = {}
+  if model not in ("default", "teacher", "student"):
+    model_files["model"] = files.identity(model)
+  for k in ("encoder", "adapter", "calibration"):
+    if k in model_kwargs:
+      model_files[k] = files.identity(model_kwargs[k])
+  fingerprint = {
+      "model": model_name, "model_files": model_files,
+      "model_options": {k: v for k, v in model_kwargs.items()
+                        if k not in model_files},
+      "model_meta": getattr(quality_model, "meta", {}),
+      "work_size": quality_model.work_size,
+      "overlays": bool(overlays), "save_logits": bool(save_logits),
+  }
+  subs = ("maps", "overlays") + (("logits",) if save_logits else ())
+  for sub in subs:
+    (out / sub).mkdir(parents=True, exist_ok=True)
 
-  pidx, pcount = jax.process_index(), jax.process_count()
-  done = {k: v for k, v in read_progress(out_dir).items()
-          if _row_complete(out_dir, v)}
-  # Contiguous per-process slices of the global input list.
-  lo = len(paths) * pidx // pcount
-  hi = len(paths) * (pidx + 1) // pcount
-  todo = [i for i in range(lo, hi) if ids[i] not in done]
-  skipped = (hi - lo) - len(todo)
+  def step(host):
+    return _assess_step(quality_model, host, overlays, save_logits)
 
-  prog_path = _progress_path(out_dir, pidx, pcount)
-  bar = _progress_bar(len(todo), progress and pidx == 0, "assess")
-  if todo:
-    # Decoding and FOV cropping run in grain threads (or worker processes)
-    # ahead of the device; this process's slice only, padded to whole
-    # batches, every record exactly once.
-    from efiqa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
-    batches = input_pipeline.inference_batches(
-        [paths[i] for i in todo], batch_size,
-        prepare=sources.PrepareFundus(quality_model.work_size),
-        process_index=0, process_count=1, num_workers=num_workers,
-        read_threads=num_threads)
-    # Writers (PNG encoding releases the GIL) get their own thread count:
-    # with decode worker processes num_threads is per worker (often 1), and
-    # one writer thread capped a 16-core GPU host at ~64 img/s with overlays
-    # (151 without).
-    writers = max(1, num_threads, min(8, os.cpu_count() or 1))
-    with open(prog_path, "a") as prog, concurrent.futures.ThreadPoolExecutor(
-        writers) as pool:
+  def write(rec, res):
+    return _write_record(out, rec, res, quality_model, subs)
 
-      def record(rows, writes):
-        # A row enters the progress file only once its outputs are on disk.
-        for fut in writes:
-          fut.result()
-        for row in rows:
-          prog.write(json.dumps(row) + "\n")
-        prog.flush()
-        os.fsync(prog.fileno())
-        bar.update(len(rows))
+  def done_files(row):
+    return [f"{sub}/{row['id']}{'.png' if sub == 'overlays' else '.npy'}"
+            for sub in subs]
 
-      # The writes of batch k (overlay PNG, map) run in the pool while the
-      # device works on batch k+1; their rows are recorded after that, in
-      # batch order. Before, the loop waited for them first, so the device
-      # idled for the whole PNG encoding of every batch.
-      pending = None
-      for batch in batches:
-        done_now = _assess_batch(quality_model, batch, todo, paths, ids,
-                                 out_dir, overlays, pool, save_logits)
-        if pending is not None:
-          record(*pending)
-        pending = done_now
-      if pending is not None:
-        record(*pending)
-  bar.close()
-
-  if pcount > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("efiqa_assess_done")
-
-  all_rows = read_progress(out_dir)
-  final = []
-  for p, i in zip(paths, ids):
-    row = all_rows.get(i)
-    if row is None:  # only possible if another process died mid-run
-      row = _failure_row(p, i, "missing", "no result was recorded", model_name)
-    row = dict(row, image=p)
-    final.append(row)
-  scores_csv = os.path.join(out_dir, "scores.csv")
-  if pidx == 0:
-    _write_csv(scores_csv, final)
-    report_lib.write_report(os.path.join(out_dir, "report.html"), final,
+  def finish(rows, out):
+    final = [dict(r, image=p) if r.get("status") != "pending" else
+             _failure_row(p, r["id"], "pending", r["message"], model_name)
+             for r, p in zip(rows, paths)]
+    _write_csv(out / "scores.csv", final)
+    report_lib.write_report(os.fspath(out / "report.html"), final,
                             f"efiqa assess — {len(final)} images, model "
                             f"{model_name}",
                             grading=quality_model.grading)
-  n_ok = sum(1 for r in final if r["status"] == "ok")
-  n_fail = len(final) - n_ok
-  if not final:
+
+  task = driver.Task(
+      command="assess", fingerprint=fingerprint,
+      prepare=sources.PrepareFundus(quality_model.work_size), step=step,
+      write=write,
+      done_files=done_files,
+      clear=("maps", "overlays", "logits", report_lib.REPORT_FILES,
+             "scores.csv", "report.html"),
+      temporaries=tuple(f"{sub}/*.tmp-*" for sub in subs) + ("*.tmp-*",),
+      finish=finish)
+  # Writers (PNG encoding releases the GIL) get their own thread count:
+  # with decode worker processes num_threads is per worker (often 1), and
+  # one writer thread capped a 16-core GPU host at ~64 img/s with overlays
+  # (151 without).
+  res = driver.run(task, paths, out, ids=ids, batch_size=batch_size,
+                   overwrite=overwrite, num_workers=num_workers,
+                   read_threads=num_threads,
+                   writers=max(1, num_threads, min(8, os.cpu_count() or 1)),
+                   progress=progress, max_steps=max_steps)
+  if not res.rows:
     code = EXIT_NO_INPUTS
   else:
-    code = EXIT_OK if n_fail == 0 else EXIT_SOME_FAILED
-  return AssessResult(out_dir, len(final), n_ok, n_fail, skipped, code,
-                      scores_csv)
+    code = EXIT_OK if res.failed == 0 else EXIT_SOME_FAILED
+  return AssessResult(os.fspath(out), res.total, res.ok, res.failed,
+                      res.skipped, code, os.fspath(out / "scores.csv"))
 
 
-def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
-                  pool, save_logits=False):
-  """(rows, write futures) of one batch; the caller waits for the writes
-  before recording the rows."""
+def _assess_step(quality_model, batch, overlays, save_logits):
+  """One batch on the device: masked maps, FOV weights, overlays, logits,
+  class probabilities (rows that are not ok hold zeros); None when no row
+  is ok."""
   valid = np.asarray(batch["valid"], bool)
   ok = np.asarray(batch["ok"], bool) & valid
-  maps = logits = probs = None
-  if ok.any() and hasattr(quality_model, "predict_all"):
+  if not ok.any():
+    return None
+  logits = probs = None
+  if hasattr(quality_model, "predict_all"):
     # The student: logits, maps and (with an EyeQ head) class probabilities
     # from one encoder pass.
     out = quality_model.predict_all(batch["image"], batch["fov_mask"])
     maps, probs = out["maps"], out.get("class_probs")
     logits = out["logits"] if save_logits else None
-  elif ok.any() and save_logits:
+  elif save_logits:
     logits = quality_model.predict_logits(batch["image"], batch["fov_mask"])
     maps = quality_model.maps_from_logits(logits, batch["fov_mask"])
-  elif ok.any():
+  else:
     maps = quality_model.predict(batch["image"], batch["fov_mask"])
-  rows, writes, outputs = [], [], []
-  for k in np.flatnonzero(valid):
-    i = todo[int(batch["index"][k])]
-    status, message = str(batch["status"][k]), str(batch["message"][k])
-    if not ok[k]:
-      rows.append(_failure_row(paths[i], ids[i], status, message,
-                               quality_model.name))
-      continue
-    fov_mask = np.asarray(batch["fov_mask"][k], bool)
-    qmap = np.asarray(maps[k], np.float32)
-    w = quality_lib.fov_at(fov_mask, qmap.shape)
-    qmap = np.where(w > 0, qmap, 0.0).astype(np.float32)
-    # A calibrated model pools its own way (efiqa calibrate).
-    q, frac = getattr(quality_model, "summarise", quality_lib.summarise)(
-        qmap, w)
-    if probs is not None:  # EyeQ head: its class
-      grade = quality_lib.GRADES[int(np.argmax(probs[k]))]
-    else:
-      grade = quality_model.grading.grade(q)
-    cx, cy, r = (float(v) for v in batch["fov"][k])
-    x0, y0, side = (int(v) for v in batch["crop"][k][:3])
-    rows.append({
-        "image": paths[i], "id": ids[i], "status": "ok", "message": message,
-        "quality": round(q, 6), "grade": grade,
-        "degraded_fraction": round(frac, 6),
-        "fov_cx": round(cx, 3), "fov_cy": round(cy, 3), "fov_r": round(r, 3),
-        "crop_x0": x0, "crop_y0": y0, "crop_size": side,
-        "model": quality_model.name, "version": __version__,
-    })
-    outputs.append((k, ids[i], qmap))
+  maps = np.asarray(maps, np.float32)
+  qmaps, ws = np.zeros_like(maps), np.zeros_like(maps)
+  for k in np.flatnonzero(ok):
+    w = quality_lib.fov_at(np.asarray(batch["fov_mask"][k], bool),
+                           maps[k].shape)
+    qmaps[k] = np.where(w > 0, maps[k], 0.0)
+    ws[k] = w
   ovs = None
-  if overlays and outputs:
+  if overlays:
     # One jitted call renders the batch's overlays next to the maps (the
     # host threads only encode PNGs); `report.overlay` is the per-image
     # numpy form of the same picture.
-    qmaps = np.zeros((len(valid),) + outputs[0][2].shape, np.float32)
-    for k, _, qmap in outputs:
-      qmaps[k] = qmap
     ovs = np.asarray(report_lib.overlay_batch(
         batch["image"], qmaps, np.asarray(batch["fov_mask"], bool)))
-  for k, id_, qmap in outputs:
-    writes.append(pool.submit(
-        _write_outputs, out_dir, id_, qmap,
-        None if ovs is None else ovs[k],
-        None if logits is None else np.asarray(logits[k], np.float32)))
-    writes.append(pool.submit(report_lib.write_card_files, out_dir, id_,
-                              np.asarray(batch["image"][k]), qmap))
-  return rows, writes
+  return {"map": qmaps, "w": ws, "overlay": ovs,
+          "logits": None if logits is None else np.asarray(logits,
+                                                           np.float32),
+          "probs": None if probs is None else np.asarray(probs)}
 
 
-def _write_outputs(out_dir, id_, qmap, overlay=None, logits=None):
-  if logits is not None:
-    lp = os.path.join(out_dir, "logits", id_ + ".npy")
-    np.save(lp + ".tmp.npy", logits)
-    os.replace(lp + ".tmp.npy", lp)
-  if overlay is not None:
-    report_lib.write_png(os.path.join(out_dir, "overlays", id_ + ".png"),
-                         overlay)
+def _write_record(out, rec, res, quality_model, subs):
+  """Files of one photograph (the map last) and its scores.csv row; a
+  photograph that now fails loses the files of an earlier run."""
+  from efiqa_jax import driver  # pylint: disable=g-import-not-at-top
+  id_ = rec["id"]
+  names = {"logits": out / "logits" / f"{id_}.npy",
+           "overlays": out / "overlays" / f"{id_}.png",
+           "report_jpg": out / report_lib.REPORT_FILES / f"{id_}.jpg",
+           "report_png": out / report_lib.REPORT_FILES / f"{id_}.png",
+           "maps": out / "maps" / f"{id_}.npy"}
+  if not rec["ok"]:
+    for f in names.values():
+      if f.exists():
+        f.unlink()
+    return _failure_row(rec["path"], id_, rec["status"], rec["message"],
+                        quality_model.name)
+  qmap, w = res["map"], res["w"]
+  message = rec["message"]
+  # A calibrated model pools its own way (efiqa calibrate).
+  q, frac = getattr(quality_model, "summarise", quality_lib.summarise)(
+      qmap, w)
+  if res["probs"] is not None:  # EyeQ head: its class
+    grade = quality_lib.GRADES[int(np.argmax(res["probs"]))]
+  else:
+    grade = quality_model.grading.grade(q)
+  cx, cy, r = (float(v) for v in rec["fov"])
+  x0, y0, side = (int(v) for v in rec["crop"][:3])
+  if "logits" in subs:
+    driver.write_npy(names["logits"], np.asarray(res["logits"], np.float32))
+  if res["overlay"] is not None:
+    driver.write_atomic(names["overlays"],
+                        report_lib.encode_png(np.asarray(res["overlay"])))
+  report_lib.write_card_files(os.fspath(out), id_, np.asarray(rec["image"]),
+                              np.asarray(qmap, np.float32))
   # The map goes last: its presence marks the image as finished.
-  path = os.path.join(out_dir, "maps", id_ + ".npy")
-  tmp = path + ".tmp.npy"
-  np.save(tmp, qmap)
-  os.replace(tmp, path)
+  driver.write_npy(names["maps"], np.asarray(qmap, np.float32))
+  return {
+      "image": rec["path"], "id": id_, "status": "ok", "message": message,
+      "quality": round(q, 6), "grade": grade,
+      "degraded_fraction": round(frac, 6),
+      "fov_cx": round(cx, 3), "fov_cy": round(cy, 3), "fov_r": round(r, 3),
+      "crop_x0": x0, "crop_y0": y0, "crop_size": side,
+      "model": quality_model.name, "version": __version__,
+  }
 
 
-def _write_csv(path: str, rows: Iterable[dict]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=SCORE_COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-      w.writerow({c: r.get(c, "") for c in SCORE_COLUMNS})
-  os.replace(tmp, path)
-
-
-class _NullBar:
-  def update(self, n):
-    pass
-
-  def close(self):
-    pass
-
-
-def _progress_bar(total, enabled, desc):
-  if not enabled or total == 0:
-    return _NullBar()
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+def _write_csv(path, rows: Iterable[dict]) -> None:
+  from efiqa_jax import driver  # pylint: disable=g-import-not-at-top
+  driver.write_csv(path, SCORE_COLUMNS, rows)

@@ -22,19 +22,22 @@ Outputs in `out_dir`:
                   message, crop_x0, crop_y0, crop_size, orig_h, orig_w, file;
   metadata.json   encoder, source (checkpoint sidecar), size, dtypes, the
                   preprocessing chain, grid, versions.
-  .rows/p<k>.jsonl  the per-process journal the manifest is built from.
+  run.json        the settings that change results (fingerprint).
+  .journal/       the per-process journals the manifest is built from.
 
-Exactly once, multi-host: inputs are split by `input_pipeline.
-inference_batches` (strided, padded), each jitted step runs on the global
-batch (data-parallel over the mesh's 'data' axis, parameters replicated or
-sharded by rules), and each process writes only the valid rows it fed
-(`sharding.to_host_local`).
+Runs on the inference driver (`efiqa_jax.driver`). Exactly once,
+multi-host: the todo list is decided once by process 0, split strided and
+padded by `input_pipeline.inference_batches`, each jitted step runs on the
+global batch (data-parallel over the mesh's 'data' axis, parameters
+replicated or sharded by rules), and each process writes only the valid
+rows it fed (`sharding.to_host_local`).
 
 Resumable: a unit of output (one .npy, or one ArrayRecord shard) is written
 to a temporary name and renamed; its journal rows are appended after the
 rename. On restart, an id counts as done when its journal row says ok for
-the same path and its file is present (and, for .npy, has the expected
-shape and dtype); everything else is recomputed.
+the same path and its file is present; everything else is recomputed.
+Other settings (encoder, size, crop, dtypes, format) are refused with the
+difference unless overwrite=True.
 """
 from __future__ import annotations
 
@@ -54,7 +57,6 @@ from efiqa_jax import sources
 
 MANIFEST = "manifest.csv"
 METADATA = "metadata.json"
-ROWS_DIR = ".rows"
 MANIFEST_FIELDS = ("image", "id", "status", "message", "crop_x0", "crop_y0",
                    "crop_size", "orig_h", "orig_w", "file")
 FORMATS = ("npy", "arrayrecord")
@@ -204,21 +206,6 @@ def load_frozen_encoder(path, *, dtype: str, mesh, rules: Sequence[Any] = ()):
 # ------------------------------------------------------------------- outputs
 
 
-def _atomic_save_npy(path: str, arr: np.ndarray) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.save(f, arr)
-  os.replace(tmp, path)
-
-
-def _npy_ok(path: str, shape: tuple, dtype: np.dtype) -> bool:
-  try:
-    a = np.load(path, mmap_mode="r")
-    return tuple(a.shape) == tuple(shape) and a.dtype == dtype
-  except Exception:  # pylint: disable=broad-except
-    return False
-
-
 def encode_record(id_: str, index: int, features: np.ndarray) -> bytes:
   """One ArrayRecord record: the bytes of an .npz with id, index, features."""
   buf = io.BytesIO()
@@ -240,7 +227,8 @@ def iter_arrayrecord(out_dir: str | os.PathLike
   journaled) can sit in two shards, and the journal says which one counts."""
   from array_record.python.array_record_module import ArrayRecordReader
   out_dir = os.fspath(out_dir)
-  journal = _read_journal(out_dir)
+  from efiqa_jax import files
+  journal = files.Journal.read(out_dir)
   for path in sorted(glob_lib.glob(os.path.join(out_dir,
                                                 "features-*.array_record"))):
     name = os.path.basename(path)
@@ -257,54 +245,46 @@ def iter_arrayrecord(out_dir: str | os.PathLike
 
 class _ShardWriter:
   """ArrayRecord shards of at most `shard_size` records, tmp-then-rename;
-  journal rows of a shard are released only after its rename."""
+  the rows of a shard become journal rows (`drain`) only after its rename.
+  Thread-safe (the driver's writer pool calls `add`)."""
 
-  def __init__(self, out_dir: str, tag: str, shard_size: int, journal):
+  def __init__(self, out_dir: str, tag: str, shard_size: int):
+    import threading
     self.out_dir, self.tag, self.shard_size = out_dir, tag, shard_size
-    self.journal = journal
     self.k = 0
     self.writer = None
     self.pending: list[dict] = []
+    self.ready: list[dict] = []
+    self._lock = threading.Lock()
 
   def add(self, id_: str, index: int, feats: np.ndarray, row: dict):
     from array_record.python.array_record_module import ArrayRecordWriter
-    if self.writer is None:
-      self.name = f"features-{self.tag}-{self.k:05d}.array_record"
-      self.tmp = os.path.join(self.out_dir, self.name + ".tmp")
-      self.writer = ArrayRecordWriter(self.tmp, "group_size:1")
-    self.writer.write(encode_record(id_, index, feats))
-    self.pending.append(dict(row, file=self.name))
-    if len(self.pending) >= self.shard_size:
-      self.close()
+    with self._lock:
+      if self.writer is None:
+        self.name = f"features-{self.tag}-{self.k:05d}.array_record"
+        self.tmp = os.path.join(self.out_dir, self.name + ".tmp")
+        self.writer = ArrayRecordWriter(self.tmp, "group_size:1")
+      self.writer.write(encode_record(id_, index, feats))
+      self.pending.append(dict(row, file=self.name))
+      if len(self.pending) >= self.shard_size:
+        self._close()
 
-  def close(self):
+  def _close(self):
     if self.writer is None:
       return
     self.writer.close()
     os.replace(self.tmp, os.path.join(self.out_dir, self.name))
-    for r in self.pending:
-      self.journal(r)
+    self.ready += self.pending
     self.writer, self.pending = None, []
     self.k += 1
 
-
-def _read_journal(out_dir: str) -> dict[str, dict]:
-  """Latest journal row per id over every process and run."""
-  rows: dict[str, dict] = {}
-  for f in sorted(glob_lib.glob(os.path.join(out_dir, ROWS_DIR, "*.jsonl"))):
-    with open(f) as fh:
-      for line in fh:
-        line = line.strip()
-        if not line:
-          continue
-        try:
-          r = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # a line cut by a kill
-        old = rows.get(r["id"])
-        if old is None or r["t"] >= old["t"]:
-          rows[r["id"]] = r
-  return rows
+  def drain(self, final: bool) -> list[dict]:
+    """Rows of the shards closed so far (and of the open one if final)."""
+    with self._lock:
+      if final:
+        self._close()
+      rows, self.ready = self.ready, []
+    return rows
 
 
 def _versions() -> dict:
@@ -333,6 +313,7 @@ class ExtractResult:
   failed: int         # status rows other than ok (this process, this run)
   manifest: str
   metadata: dict
+  failed_total: int = 0  # manifest rows other than ok (all processes)
 
 
 def recorded_input_size(meta: dict, default: int = 224) -> int:
@@ -357,7 +338,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
                      num_workers: int = 0,
                      matmul_precision: str | None = None,
                      max_steps: int | None = None,
-                     progress: bool = False) -> ExtractResult:
+                     progress: bool = False,
+                     overwrite: bool = False) -> ExtractResult:
   """Patch features of every input with the encoder checkpoint `encoder`.
 
   Args:
@@ -384,15 +366,14 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
   Returns ExtractResult. The manifest is rebuilt (process 0) at the end.
   """
   import hashlib
-  import math
-
   import jax
   import jax.numpy as jnp
-  from jax.experimental import multihost_utils
 
   from efiqa_jax import checkpoints
-  from efiqa_jax import input_pipeline as ip
   from efiqa_jax import sharding as sh
+
+  from efiqa_jax import driver
+  from efiqa_jax import files
 
   if fmt not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -407,6 +388,7 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
   if not paths:
     raise ValueError("no inputs")
   ids = sources.unique_ids(paths)
+  out = driver.output_dir(out_dir)
 
   mesh = sh.make_mesh(mesh_axes)
   rules = parse_param_rules(param_sharding)
@@ -425,13 +407,13 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
   sdt = np.dtype(save_dtype)
 
   dsh = sh.data_sharding(mesh)
-  pc, pi = jax.process_count(), jax.process_index()
-  unit = math.lcm(sh.batch_shards(dsh), pc)
-  gbatch = -(-int(batch_size) // unit) * unit
+  pi = jax.process_index()
+  gbatch = driver.global_batch(batch_size, sh.batch_shards(dsh))
 
   side = os.path.join(encoder, checkpoints.SIDECAR)
   with open(side, "rb") as f:
     enc_sha = hashlib.sha256(f.read()).hexdigest()
+  prec = matmul_precision or ("float32" if dtype == "float32" else "default")
   meta = {
       "encoder": encoder, "encoder_sha": enc_sha,
       "architecture": enc_meta["architecture"], "kwargs": enc_meta["kwargs"],
@@ -440,144 +422,98 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
       "dtype": dtype, "save_dtype": save_dtype, "format": fmt, "grid": grid,
       "token_order": "patch tokens after the final norm, row-major (gh, gw, D)",
       "batch_size": gbatch, "mesh": dict(mesh.shape),
-      "matmul_precision": matmul_precision or (
-          "float32" if dtype == "float32" else "default"),
+      "matmul_precision": prec,
       "param_sharding": sharding_rules_text(param_sharding),
       "versions": _versions(),
   }
-  os.makedirs(os.path.join(out_dir, ROWS_DIR), exist_ok=True)
-  meta_path = os.path.join(out_dir, METADATA)
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      old = json.load(f)
-    bad = {k: (old.get(k), meta[k]) for k in _RESUME_KEYS
-           if json.dumps(old.get(k)) != json.dumps(meta[k])}
-    if bad:
-      raise ValueError(f"{out_dir} holds features made with other settings "
-                       f"(stored, requested): {bad}; use another --out")
 
-  # Done ids: journal says ok for the same path and the file is there.
-  journal = _read_journal(out_dir)
-  done = set()
-  for i, (pth, id_) in enumerate(zip(paths, ids)):
-    r = journal.get(id_)
-    if not r or r["status"] != "ok" or r["image"] != pth:
-      continue
-    f = os.path.join(out_dir, r["file"])
-    if fmt == "npy" and _npy_ok(f, grid, sdt):
-      done.add(i)
-    elif fmt == "arrayrecord" and os.path.isfile(f):
-      done.add(i)
-  if pi == 0:  # temporaries of a killed run (nobody writes before the barrier)
-    for f in (glob_lib.glob(os.path.join(out_dir, "*.npy.tmp-*"))
-              + glob_lib.glob(os.path.join(out_dir, "*.array_record.tmp"))):
-      os.remove(f)
-  # Every process must see the same `done` before anyone writes.
-  multihost_utils.sync_global_devices("efiqa_extract_scan")
-  if pi == 0:
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(meta, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, meta_path)
+  from flax import nnx
+  graphdef, state = nnx.split(model)
 
-  todo = [i for i in range(len(paths)) if i not in done]
-  rows_file = open(os.path.join(out_dir, ROWS_DIR, f"p{pi}.jsonl"), "a")
+  def fwd(state, x):
+    m = nnx.merge(graphdef, state)
+    return m.patch_features(x).astype(jnp.dtype(save_dtype))
 
-  def log_row(r: dict):
-    rows_file.write(json.dumps(r) + "\n")
-    rows_file.flush()
+  fwd_jit = jax.jit(fwd, out_shardings=dsh)
 
-  written = failed = 0
+  def step(host):
+    # Every process calls it on every batch: the mesh may span processes.
+    g = sh.to_global(host, dsh, keys=["pixels"])
+    # float32 means float32: GPUs would otherwise use TF32 matmuls (the
+    # PyTorch references do not), costing ~1e-3 of parity.
+    with jax.default_matmul_precision(prec):
+      return {"features": sh.to_host_local(fwd_jit(state, g["pixels"]))}
+
   shards = (_ShardWriter(out_dir, f"{int(time.time() * 1e3)}-p{pi}",
-                         shard_size, log_row) if fmt == "arrayrecord" else None)
-  try:
-    if todo:
-      from flax import nnx
-      graphdef, state = nnx.split(model)
+                         shard_size) if fmt == "arrayrecord" else None)
 
-      def fwd(state, x):
-        m = nnx.merge(graphdef, state)
-        return m.patch_features(x).astype(jnp.dtype(save_dtype))
+  def write(rec, res):
+    c = rec["crop"]
+    row = {"status": rec["status"], "message": rec["message"],
+           "crop_x0": int(c[0]), "crop_y0": int(c[1]),
+           "crop_size": int(c[2]), "orig_h": int(c[3]),
+           "orig_w": int(c[4]), "file": ""}
+    if not crop:
+      row.update(crop_x0="", crop_y0="", crop_size="")
+    if not rec["ok"]:
+      # No crop for a failed photograph; keep the size if it was read.
+      row.update(crop_x0="", crop_y0="", crop_size="")
+      if row["orig_h"] <= 0:
+        row.update(orig_h="", orig_w="")
+      return row
+    f = np.asarray(res["features"], sdt)
+    if fmt == "npy":
+      name = f"{rec['id']}.npy"
+      driver.write_npy(out / name, f)
+      return dict(row, file=name)
+    shards.add(rec["id"], rec["index"], f,
+               dict(row, image=rec["path"], id=rec["id"],
+                    index=rec["index"]))
+    return None  # journaled when its shard is renamed (`drain`)
 
-      step = jax.jit(fwd, out_shardings=dsh)
-      # float32 means float32: GPUs would otherwise use TF32 matmuls (the
-      # PyTorch references do not), costing ~1e-3 of parity.
-      prec = matmul_precision or ("float32" if dtype == "float32"
-                                  else "default")
-      prep = PrepareEncoderInput(size, work_size=work_size, crop=crop)
-      batches = ip.inference_batches(
-          [paths[i] for i in todo], gbatch, prepare=prep, sharding=dsh,
-          read_threads=read_threads, num_workers=num_workers)
-      it = batches
-      if progress and pi == 0:
-        from tqdm import tqdm
-        it = tqdm(batches, total=batches.steps, desc="extract")
-      for k, host in enumerate(it):
-        if max_steps is not None and k >= max_steps:
-          break
-        g = sh.to_global(host, dsh, keys=["pixels"])
-        with jax.default_matmul_precision(prec):
-          feats = sh.to_host_local(step(state, g["pixels"]))
-        for j in range(len(host["valid"])):
-          if not host["valid"][j]:
-            continue
-          i = todo[int(host["index"][j])]
-          c = host["crop"][j]
-          row = {"image": paths[i], "id": ids[i], "index": i,
-                 "status": str(host["status"][j]),
-                 "message": str(host["message"][j]),
-                 "crop_x0": int(c[0]), "crop_y0": int(c[1]),
-                 "crop_size": int(c[2]), "orig_h": int(c[3]),
-                 "orig_w": int(c[4]), "file": "", "t": time.time()}
-          if not crop:
-            row.update(crop_x0="", crop_y0="", crop_size="")
-          if not host["ok"][j]:
-            # No crop for a failed photograph; keep the size if it was read.
-            row.update(crop_x0="", crop_y0="", crop_size="")
-            if row["orig_h"] <= 0:
-              row.update(orig_h="", orig_w="")
-            failed += 1
-            log_row(row)
-            continue
-          f = np.asarray(feats[j], sdt)
-          if fmt == "npy":
-            name = f"{ids[i]}.npy"
-            _atomic_save_npy(os.path.join(out_dir, name), f)
-            log_row(dict(row, file=name))
-          else:
-            shards.add(ids[i], i, f, row)
-          written += 1
-    if shards is not None:
-      shards.close()
-  finally:
-    rows_file.close()
+  def finish(rows, out):
+    write_manifest(out_dir, paths, ids, rows)
+    driver.write_atomic(out / METADATA, json.dumps(
+        meta, indent=2, sort_keys=True, default=str).encode())
 
-  multihost_utils.sync_global_devices("efiqa_extract_done")
-  manifest = os.path.join(out_dir, MANIFEST)
-  if pi == 0:
-    write_manifest(out_dir, paths, ids)
-  multihost_utils.sync_global_devices("efiqa_extract_manifest")
-  return ExtractResult(n=len(paths), written=written, skipped=len(done),
-                       failed=failed, manifest=manifest, metadata=meta)
+  task = driver.Task(
+      command="extract",
+      fingerprint={"encoder": files.identity(encoder),
+                   **{k: meta[k] for k in _RESUME_KEYS if k != "encoder_sha"}},
+      prepare=PrepareEncoderInput(size, work_size=work_size, crop=crop),
+      step=step, write=write,
+      done_files=lambda r: [r.get("file") or "-"],
+      clear=("*.npy", "features-*.array_record", MANIFEST, METADATA),
+      temporaries=("*.tmp-*", "*.array_record.tmp"),
+      finish=finish, drain=None if shards is None else shards.drain,
+      unit=sh.batch_shards(dsh), sharding=dsh)
+  res = driver.run(task, paths, out, ids=ids, batch_size=gbatch,
+                   overwrite=overwrite, num_workers=num_workers,
+                   read_threads=read_threads, progress=progress,
+                   max_steps=max_steps)
+  return ExtractResult(n=len(paths), written=res.written - res.failed_here,
+                       skipped=res.skipped, failed=res.failed_here,
+                       manifest=os.path.join(out_dir, MANIFEST),
+                       metadata=meta, failed_total=res.failed)
 
 
-def write_manifest(out_dir: str, paths: Sequence[str], ids: Sequence[str]
-                   ) -> str:
+def write_manifest(out_dir: str, paths: Sequence[str], ids: Sequence[str],
+                   rows: Sequence[dict] | None = None) -> str:
   """manifest.csv in input order from the journal; inputs without a row
   (a run stopped early) get status 'pending'."""
-  journal = _read_journal(out_dir)
-  path = os.path.join(out_dir, MANIFEST)
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-    w.writeheader()
+  from efiqa_jax import driver
+  from efiqa_jax import files
+  if rows is None:
+    journal = files.Journal.read(out_dir)
+    rows = []
     for pth, id_ in zip(paths, ids):
       r = journal.get(id_)
-      if r is None or r["image"] != pth:
+      if r is None or r.get("image") != pth:
         r = {"image": pth, "id": id_, "status": "pending",
              "message": "not processed yet (run extract again)"}
-      w.writerow({k: r.get(k, "") for k in MANIFEST_FIELDS})
-  os.replace(tmp, path)
+      rows.append(r)
+  path = os.path.join(out_dir, MANIFEST)
+  driver.write_csv(path, MANIFEST_FIELDS, rows)
   return path
 
 

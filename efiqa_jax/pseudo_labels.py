@@ -12,7 +12,8 @@ Everything here is that, batched; `anomaly` runs inside jit.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import io
+import json
 import os
 
 import numpy as np
@@ -162,132 +163,134 @@ def resize_linear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
   return top * (1 - fy) + bot * fy
 
 
+class PrepareVesselMap:
+  """Grain transform: a vessel-map image path -> row with `x`, the
+  reference's teacher input (`reference_vessel_input`), and a status."""
+
+  def __init__(self, size: int):
+    self.size = int(size)
+
+  def blank(self, status: str, message: str = "", path: str = "") -> dict:
+    from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+    row = sources.blank_row(1, status, message, path)
+    del row["image"], row["fov_mask"]
+    row["x"] = np.zeros((self.size, self.size, 3), np.float32)
+    return row
+
+  def map(self, element) -> dict:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    path = element["path"]
+    try:
+      with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+      return self.blank("not_found", f"no such file: {path}", path)
+    except Exception as e:  # pylint: disable=broad-except
+      return self.blank("unreadable", f"{type(e).__name__}: {e}", path)
+    row = self.blank("ok", "", path)
+    row["x"] = reference_vessel_input(arr, self.size)
+    row["ok"] = np.bool_(True)
+    return row
+
+
+MANIFEST_FIELDS = ("image", "id", "status", "message")
+
+
 def write_pseudo_labels(inputs, teacher: str, out_dir: str, *,
                         from_photos: bool = False, spec: LabelSpec = LabelSpec(),
                         batch_size: int = 8, work_size: int = 512,
-                        progress: bool = True) -> dict:
-  """`efiqa pseudo-label`: anomaly maps and patch labels for every input.
+                        progress: bool = True, overwrite: bool = False,
+                        num_workers: int = 0, read_threads: int = 4,
+                        max_steps: int | None = None) -> dict:
+  """`efiqa pseudo-label`: anomaly maps and patch labels for every input, on
+  the inference driver (`efiqa_jax.driver`: multi-process exactly once,
+  resumable, tmp-then-rename, one manifest).
 
   Writes DIR/anomaly/<id>.npy (float32 mean_c |f(x)| at the teacher's
-  resolution), DIR/labels/<id>.png (grid x grid uint8) and DIR/manifest.csv
-  (image, id, status, message) with a row for every input, failures included.
-  Inputs are vessel-map images (the reference's convention) or, with
-  from_photos, photographs whose label-free vessel maps are computed first.
-  Re-running into the same folder with the same rule resumes (inputs with
-  both files are kept); another rule is an error. Returns counts {'total',
-  'ok', 'failed'}.
+  resolution), DIR/labels/<id>.png (grid x grid uint8), DIR/spec.json (the
+  rule) and DIR/manifest.csv (image, id, status, message) with a row for
+  every input, failures included. Inputs are vessel-map images (the
+  reference's convention) or, with from_photos, photographs whose
+  label-free vessel maps are computed first. Re-running into the same
+  folder resumes; another rule, teacher or input kind is refused unless
+  `overwrite`. batch_size: inputs per step over all processes. Returns
+  counts {'total', 'ok', 'failed', 'skipped'}.
   """
-  import csv  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
-  from efiqa_jax import checkpoints, sources  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import checkpoints, driver, files, sources  # pylint: disable=g-import-not-at-top
 
-  if isinstance(inputs, str):
+  if isinstance(inputs, (str, os.PathLike)):
     inputs = [inputs]
-  paths = sources.list_inputs(list(inputs))
-  ids = sources.unique_ids(paths)
+  paths = sources.list_inputs([os.fspath(p) for p in inputs])
+  out = driver.output_dir(out_dir)
   model, meta = checkpoints.load_model(teacher, kind="teacher")
   size = int(meta.get("image_size", 256))
   graphdef, state = nnx.split(model)
 
-  @jax.jit
   def anomaly_fn(state, x):
     m = nnx.merge(graphdef, state)
     return jnp.mean(jnp.abs(m(x) - x), axis=-1)
 
   if from_photos:
-    from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
     from efiqa_jax import quality_model  # pylint: disable=g-import-not-at-top
-    vessel_fn = jax.jit(functools.partial(quality_model.teacher_input,
-                                          teacher_size=size))
 
-  for sub in ("anomaly", "labels"):
-    os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-  import json  # pylint: disable=g-import-not-at-top
-  # Resume: a re-run into the same folder with the same rule keeps the
-  # inputs whose anomaly and label files are already there.
+    def fn(state, images, fov_mask):
+      return anomaly_fn(state, quality_model.teacher_input(
+          images, fov_mask, teacher_size=size))
+    step = driver.LocalDataParallel(fn, ("image", "fov_mask"), params=state)
+    prepare = sources.PrepareFundus(work_size)
+  else:
+    step = driver.LocalDataParallel(anomaly_fn, ("x",), params=state)
+    prepare = PrepareVesselMap(size)
+
+  def run_step(host):
+    if not np.asarray(host["ok"]).any():
+      return None
+    return {"anomaly": step(host)}
+
+  def write(rec, res):
+    names = (out / "anomaly" / f"{rec['id']}.npy",
+             out / "labels" / f"{rec['id']}.png")
+    if not rec["ok"]:
+      for f in names:
+        if f.exists():
+          f.unlink()
+      return {"status": rec["status"], "message": rec["message"]}
+    a = np.asarray(res["anomaly"], np.float32)
+    driver.write_npy(names[0], a)
+    buf = io.BytesIO()
+    Image.fromarray(patch_labels(a, spec)).save(buf, "PNG")
+    driver.write_atomic(names[1], buf.getvalue())
+    return {"status": "ok", "message": ""}
+
   rule = dict(dataclasses.asdict(spec), teacher=os.path.abspath(teacher),
               from_photos=bool(from_photos))
-  spec_path = os.path.join(out_dir, "spec.json")
-  if os.path.exists(spec_path):
-    with open(spec_path) as f:
-      old = json.load(f)
-    if old != rule:
-      diff = {k: (old.get(k), v) for k, v in rule.items() if old.get(k) != v}
-      raise ValueError(f"{out_dir} holds pseudo-labels made with another "
-                       f"rule (was, now): {diff}; use another output folder")
-  else:
-    with open(spec_path + ".tmp", "w") as f:
-      json.dump(rule, f, indent=1)
-    os.replace(spec_path + ".tmp", spec_path)
 
-  def done(i):
-    return all(os.path.exists(os.path.join(out_dir, sub, ids[i] + ext))
-               for sub, ext in (("anomaly", ".npy"), ("labels", ".png")))
-  rows = []
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=len(paths), desc="pseudo-label", unit="img")
-  for s in range(0, len(paths), batch_size):
-    batch_idx = list(range(s, min(s + batch_size, len(paths))))
-    status = {i: ("ok", "") for i in batch_idx if done(i)}
-    idx = [i for i in batch_idx if i not in status]
-    xs, good = [], []
-    if from_photos:
-      preps = [fundus.prepare_fundus(paths[i], size=work_size) for i in idx]
-      okp = [(i, p) for i, p in zip(idx, preps) if p.status == "ok"]
-      for i, p in zip(idx, preps):
-        if p.status != "ok":
-          status[i] = (p.status, p.message)
-      if okp:
-        imgs = np.stack([p.image for _, p in okp])
-        fovs = np.stack([p.fov_mask for _, p in okp])
-        v = np.asarray(vessel_fn(imgs, fovs))
-        xs = list(v)
-        good = [i for i, _ in okp]
-    else:
-      for i in idx:
-        try:
-          with Image.open(paths[i]) as im:
-            arr = np.asarray(im.convert("RGB"))
-          xs.append(reference_vessel_input(arr, size))
-          good.append(i)
-        except FileNotFoundError:
-          status[i] = ("not_found", f"no such file: {paths[i]}")
-        except Exception as e:  # pylint: disable=broad-except
-          status[i] = ("unreadable", f"{type(e).__name__}: {e}")
-    if good:
-      batch = np.stack(xs).astype(np.float32)
-      pad = batch_size - len(good)
-      if pad:
-        batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:],
-                                                np.float32)])
-      an = np.asarray(anomaly_fn(state, batch))[:len(good)]
-      for i, a in zip(good, an):
-        # Each file appears whole (tmp + rename): a resumed run trusts them.
-        dst = os.path.join(out_dir, "anomaly", ids[i] + ".npy")
-        with open(dst + ".tmp", "wb") as f:
-          np.save(f, a.astype(np.float32))
-        os.replace(dst + ".tmp", dst)
-        dst = os.path.join(out_dir, "labels", ids[i] + ".png")
-        Image.fromarray(patch_labels(a, spec)).save(dst + ".tmp", "PNG")
-        os.replace(dst + ".tmp", dst)
-        status[i] = ("ok", "")
-    for i in batch_idx:
-      st, msg = status[i]
-      rows.append({"image": paths[i], "id": ids[i], "status": st,
-                   "message": msg})
-    if bar is not None:
-      bar.update(len(batch_idx))
-  if bar is not None:
-    bar.close()
-  with open(os.path.join(out_dir, "manifest.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=["image", "id", "status", "message"])
-    w.writeheader()
-    w.writerows(rows)
-  n_ok = sum(r["status"] == "ok" for r in rows)
-  return {"total": len(rows), "ok": n_ok, "failed": len(rows) - n_ok}
+  def finish(rows, out):
+    driver.write_atomic(out / "spec.json", json.dumps(rule, indent=1).encode())
+    driver.write_csv(out / "manifest.csv", MANIFEST_FIELDS, rows)
+
+  for sub in ("anomaly", "labels"):
+    (out / sub).mkdir(parents=True, exist_ok=True)
+  task = driver.Task(
+      command="pseudo-label",
+      fingerprint={"rule": dataclasses.asdict(spec),
+                   "teacher": files.identity(teacher),
+                   "teacher_size": size, "from_photos": bool(from_photos),
+                   "work_size": int(work_size) if from_photos else None},
+      prepare=prepare, step=run_step, write=write,
+      done_files=lambda r: [f"anomaly/{r['id']}.npy",
+                            f"labels/{r['id']}.png"],
+      clear=("anomaly/*", "labels/*", "manifest.csv", "spec.json"),
+      temporaries=("anomaly/*.tmp-*", "labels/*.tmp-*", "*.tmp-*"),
+      finish=finish, unit=step.global_unit)
+  res = driver.run(task, paths, out, batch_size=batch_size,
+                   overwrite=overwrite, progress=progress,
+                   num_workers=num_workers, read_threads=read_threads,
+                   max_steps=max_steps)
+  return {"total": res.total, "ok": res.ok, "failed": res.failed,
+          "skipped": res.skipped}

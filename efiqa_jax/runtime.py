@@ -327,3 +327,59 @@ def process_slice(n: int, process_index: int | None = None,  # pylint: disable=r
   if not 0 <= p < pc:
     raise ValueError(f"process_index {p} not in [0, {pc})")
   return slice(p, n, pc)
+
+
+_kv_counts: dict[str, int] = {}
+
+
+def _kv_key(name: str) -> str:
+  k = _kv_counts.get(name, 0)
+  _kv_counts[name] = k + 1
+  return f"efiqa-kv:{name}#{k}"
+
+
+def _kv_timeout_ms(timeout_s: float | None) -> int:
+  if timeout_s is None:
+    timeout_s = float(os.environ.get("EFIQA_BARRIER_TIMEOUT_S", 1800))
+  return int(timeout_s * 1000)
+
+
+def broadcast_bytes(name: str, data: bytes | None,
+                    timeout_s: float | None = None) -> bytes:
+  """Process 0's `data` on every process (others pass None): a decision
+  made once, through the coordination service's key-value store (no
+  device work). Every process must call it with the same names in the
+  same order."""
+  if process_count() <= 1:
+    return data
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  key = _kv_key(name)
+  if client is None:  # pragma: no cover - no coordination service
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    n = int(multihost_utils.broadcast_one_to_all(
+        np.int64(len(data) if is_primary() else 0)))
+    buf = np.frombuffer(data, np.uint8) if is_primary() else np.zeros(
+        n, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf)))
+  if is_primary():
+    client.key_value_set_bytes(key, data)
+    return data
+  return client.blocking_key_value_get_bytes(key, _kv_timeout_ms(timeout_s))
+
+
+def all_gather_text(name: str, text: str,
+                    timeout_s: float | None = None) -> list[str]:
+  """Every process's `text`, in process order, on every process."""
+  if process_count() <= 1:
+    return [text]
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  key = _kv_key(name)
+  if client is None:  # pragma: no cover - no coordination service
+    raise RuntimeError("all_gather_text needs jax.distributed's client")
+  client.key_value_set(f"{key}/p{process_index()}", text)
+  return [client.blocking_key_value_get(f"{key}/p{i}",
+                                        _kv_timeout_ms(timeout_s))
+          for i in range(process_count())]

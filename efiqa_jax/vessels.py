@@ -558,110 +558,89 @@ def vessel_map_for_teacher(images: jax.Array, fov_masks: jax.Array,
   return _teacher_jit(images, fov_masks, size=int(size), config=config)
 
 
-MANIFEST_FIELDS = ("image", "id", "status", "message")
-
-
-def _unique_ids(paths: Sequence[str]) -> list[str]:
-  from efiqa_jax.sources import unique_ids  # pylint: disable=g-import-not-at-top
-  return list(unique_ids(paths))
+MANIFEST_FIELDS = ("image", "id", "status", "message", "crop_x0", "crop_y0",
+                   "crop_size", "orig_h", "orig_w", "fov_cx", "fov_cy",
+                   "fov_r", "file")
 
 
 def segment_paths(paths: Sequence[str], out_dir: str | os.PathLike,
                   size: int = 512, batch_size: int = 8, *,
                   prepare: Callable[..., Any] | None = None,
                   config: VesselConfig = DEFAULT_CONFIG,
-                  log: Callable[[str], None] | None = None) -> pathlib.Path:
-  """Segments photographs into out_dir/<id>.png plus out_dir/manifest.csv.
+                  overwrite: bool = False, progress: bool = False,
+                  num_workers: int = 0, read_threads: int = 4,
+                  max_steps: int | None = None):
+  """`efiqa vessels`: out_dir/<id>.png for every photograph, on the
+  inference driver (`efiqa_jax.driver`: multi-process exactly once,
+  resumable, tmp-then-rename, one manifest).
 
-  Each input is FOV-cropped by efiqa_jax.fundus.prepare_fundus at `size`;
-  its PNG is the uint8 (0..255) vessel probability at that crop resolution.
-  Batches are padded to `batch_size` so that one compiled shape serves the
-  whole run. manifest.csv has one row per input, in input order, failures
-  included (status = prepare_fundus's status, or "error" for a failure while
-  segmenting or writing).
-
-  Args:
-    paths: image files (already expanded, e.g. by sources.list_inputs).
-    out_dir: output folder (created).
-    size: crop side in pixels.
-    batch_size: images per jitted call.
-    prepare: the cropper, `prepare(path, size) -> Prepared`; defaults to
-      efiqa_jax.fundus.prepare_fundus.
-    config: segmenter constants.
-    log: optional progress callback.
-
-  Returns:
-    Path of manifest.csv.
+  Each input is FOV-cropped at `size` (`prepare(path, size) -> Prepared`,
+  default `fundus.prepare_fundus`); its PNG is the uint8 (0..255) vessel
+  probability at that crop resolution. manifest.csv has one row per input
+  of this run, in input order, failures included, with the crop box in the
+  original photograph (crop_x0, crop_y0, crop_size, orig_h, orig_w) and the
+  FOV circle; below them, the rows of earlier runs into the same folder
+  whose PNGs are still there (every PNG in the folder has its row). A
+  photograph that now fails loses its old PNG. Another size or segmenter
+  config is refused unless `overwrite`. batch_size: images per step over
+  all processes. Returns the driver's Result (`.out_dir / "manifest.csv"`).
   """
+  import dataclasses as dc  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import driver, files, sources  # pylint: disable=g-import-not-at-top
+
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if prepare is None:
-    try:
-      from efiqa_jax.fundus import prepare_fundus as prepare  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise RuntimeError("segment_paths needs efiqa_jax.fundus "
-                         "(prepare_fundus) or an explicit prepare=") from e
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  step = driver.LocalDataParallel(
+      lambda im, m: vessel_probability(im, m, config=config),
+      ("image", "fov_mask"))
 
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  paths = [str(p) for p in paths]
-  ids = _unique_ids(paths)
-  rows: list[dict[str, str]] = [
-      {"image": p, "id": i, "status": "", "message": ""}
-      for p, i in zip(paths, ids)]
-  pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+  def run_step(host):
+    if not np.asarray(host["ok"]).any():
+      return None
+    return {"prob": step(host)}
 
-  def flush():
-    if not pending:
-      return
-    n = len(pending)
-    imgs = np.zeros((batch_size, size, size, 3), np.uint8)
-    masks = np.zeros((batch_size, size, size), bool)
-    for k, (_, im, m) in enumerate(pending):
-      imgs[k], masks[k] = im, m
-    try:
-      probs = np.asarray(vessel_probability(imgs, masks, config=config))
-    except Exception as e:  # pylint: disable=broad-except
-      for idx, _, _ in pending:
-        rows[idx].update(status="error", message=f"segmentation failed: {e}")
-      pending.clear()
-      return
-    for k in range(n):
-      idx = pending[k][0]
-      try:
-        u8 = np.round(np.clip(probs[k], 0, 1) * 255).astype(np.uint8)
-        Image.fromarray(u8).save(out / f"{rows[idx]['id']}.png")
-        rows[idx].update(status="ok", message="")
-      except Exception as e:  # pylint: disable=broad-except
-        rows[idx].update(status="error", message=f"write failed: {e}")
-    pending.clear()
+  def write(rec, out):
+    png = out_dir / f"{rec['id']}.png"
+    crop, fov = rec["crop"], rec["fov"]
+    row = {"status": rec["status"], "message": rec["message"],
+           "orig_h": int(crop[3]) if crop[3] > 0 else "",
+           "orig_w": int(crop[4]) if crop[4] > 0 else ""}
+    if not rec["ok"]:
+      if png.exists():  # a photograph that now fails keeps no old map
+        png.unlink()
+      return row
+    u8 = np.round(np.clip(out["prob"], 0, 1) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(u8).save(buf, "PNG")
+    driver.write_atomic(png, buf.getvalue())
+    return dict(row, crop_x0=int(crop[0]), crop_y0=int(crop[1]),
+                crop_size=int(crop[2]), fov_cx=round(float(fov[0]), 3),
+                fov_cy=round(float(fov[1]), 3), fov_r=round(float(fov[2]), 3),
+                file=png.name)
 
-  for idx, path in enumerate(paths):
-    try:
-      prep = prepare(path, size)
-    except Exception as e:  # pylint: disable=broad-except
-      # prepare_fundus never raises; a custom preparer might.
-      rows[idx].update(status="error", message=f"prepare failed: {e}")
-      continue
-    if prep.status != "ok" or prep.image is None or prep.fov_mask is None:
-      rows[idx].update(status=prep.status if prep.status != "ok" else "error",
-                       message=prep.message or "no image returned")
-      continue
-    if prep.image.shape != (size, size, 3):
-      rows[idx].update(status="error",
-                       message=f"crop has shape {prep.image.shape}")
-      continue
-    pending.append((idx, prep.image, prep.fov_mask))
-    if len(pending) == batch_size:
-      flush()
-      if log:
-        log(f"{idx + 1}/{len(paths)} images")
-  flush()
+  def finish(rows, out):
+    listed = {r["id"] for r in rows}
+    earlier = sorted((r for r in files.Journal.read(out).values()
+                      if r["id"] not in listed and r.get("status") == "ok"
+                      and (out / r.get("file", "-")).exists()),
+                     key=lambda r: r["image"])
+    driver.write_csv(out / "manifest.csv", MANIFEST_FIELDS, rows + earlier)
 
-  manifest = out / "manifest.csv"
-  with open(manifest, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-  return manifest
+  out_dir = driver.output_dir(out_dir)
+  prep = (sources.PrepareFundus(size) if prepare is None else
+          sources.PrepareFundus(size, load_fn=prepare))
+  task = driver.Task(
+      command="vessels",
+      fingerprint={"size": int(size), "config": dc.asdict(config),
+                   "prepare": "fundus.prepare_fundus" if prepare is None
+                   else getattr(prepare, "__name__", repr(prepare))},
+      prepare=prep, step=run_step, write=write,
+      done_files=lambda r: [r.get("file") or "-"],
+      clear=("*.png", "manifest.csv"), finish=finish,
+      unit=step.global_unit)
+  return driver.run(task, [str(p) for p in paths], out_dir,
+                    batch_size=batch_size, overwrite=overwrite,
+                    progress=progress, num_workers=num_workers,
+                    read_threads=read_threads, max_steps=max_steps)

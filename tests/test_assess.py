@@ -1,5 +1,6 @@
 """efiqa assess: the output contract, bad inputs, and exact resume."""
 import csv
+import glob
 import json
 import os
 import shutil
@@ -90,7 +91,7 @@ def test_resume_after_kill_gives_identical_scores(setup):
   shutil.copytree(full, part)
   os.remove(os.path.join(part, "scores.csv"))
   os.remove(os.path.join(part, "report.html"))
-  prog = os.path.join(part, "progress.jsonl")
+  (prog,) = glob.glob(os.path.join(part, ".journal", "p0-*.jsonl"))
   lines = open(prog).read().splitlines()
   with open(prog, "w") as f:
     f.write("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])
@@ -133,11 +134,12 @@ def test_sigkill_mid_run_then_resume(setup):
       os.environ.get("PYTHONPATH", "").split(os.pathsep)))
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-  prog = os.path.join(out, "progress.jsonl")
+  journal = os.path.join(out, ".journal", "p0-*.jsonl")
   deadline = time.time() + 240
   try:
     while time.time() < deadline and proc.poll() is None:
-      if os.path.exists(prog) and len(open(prog).read().splitlines()) >= 2:
+      if sum(len(open(f).read().splitlines())
+             for f in glob.glob(journal)) >= 2:
         break
       time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"

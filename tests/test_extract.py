@@ -102,7 +102,7 @@ def test_exactly_once_8_devices_with_failures(encoder, photos, full_run):
              if k not in ("corrupt", "missing"))
   assert all(r["message"] for r in rows if r["status"] != "ok")
   # Each ok image written once (one journal row), with its own features.
-  journal = [json.loads(l) for f in (out / ".rows").iterdir()
+  journal = [json.loads(l) for f in (out / ".journal").glob("*.jsonl")
              for l in f.read_text().splitlines()]
   ok_ids = [r["id"] for r in journal if r["status"] == "ok"]
   assert sorted(ok_ids) == sorted(set(ok_ids)) and len(ok_ids) == 11
@@ -154,7 +154,7 @@ def test_arrayrecord_matches_npy_and_resumes(encoder, photos, full_run,
   # A kill between a shard's rename and its journal rows: the shard's ids
   # are redone, and the stale copy must not be yielded twice.
   stale = sorted(out.glob("features-*.array_record"))[0]
-  journal = out / ".rows" / "p0.jsonl"
+  (journal,) = (out / ".journal").glob("p0-*.jsonl")
   kept = [l for l in journal.read_text().splitlines()
           if json.loads(l)["file"] != stale.name]
   journal.write_text("".join(l + "\n" for l in kept))
@@ -241,9 +241,8 @@ def test_two_processes_exactly_once(encoder, photos, full_run, tmp_path):
   # Journal: every image by exactly one process.
   ids = []
   for i in range(nproc):
-    rows = [json.loads(l) for l in
-            (out / ".rows" / f"p{i}.jsonl").read_text().splitlines()]
-    ids += [r["id"] for r in rows]
+    (f,) = (out / ".journal").glob(f"p{i}-*.jsonl")
+    ids += [json.loads(l)["id"] for l in f.read_text().splitlines()]
   assert sorted(ids) == sorted(set(ids)) and len(ids) == 13
   assert features.read_manifest(out) == features.read_manifest(ref_out)
   for f in _files(ref_out):

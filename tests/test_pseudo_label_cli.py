@@ -58,7 +58,18 @@ def test_pseudo_label_vessel_maps_and_photos(teacher, tmp_path, capsys):
   code = cli.main(["pseudo-label", str(vm), "--teacher", teacher, "--out",
                    str(out), "--grid", "4", "--threshold", "0.05", "--quiet"])
   assert code == 2
-  assert "another rule" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "other settings" in err and "rule.threshold" in err, err
+  assert len(err.strip().splitlines()) == 1, err
+  # --overwrite redoes everything with the new rule.
+  code = cli.main(["pseudo-label", str(vm), "--teacher", teacher, "--out",
+                   str(out), "--grid", "4", "--threshold", "0.05", "--quiet",
+                   "--overwrite"])
+  assert code == 3
+  a = np.load(out / "anomaly" / (rows[1]["id"] + ".npy"))
+  np.testing.assert_array_equal(
+      np.asarray(Image.open(out / "labels" / (rows[1]["id"] + ".png"))),
+      pl.patch_labels(a, pl.LabelSpec(threshold=0.05, grid=4)))
 
   photos = tmp_path / "photos"
   photos.mkdir()

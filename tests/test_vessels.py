@@ -216,6 +216,10 @@ class _Prep:
   def __init__(self, status, message="", image=None, fov_mask=None):
     self.status, self.message = status, message
     self.image, self.fov_mask = image, fov_mask
+    self.fov = None
+    side = -1 if image is None else image.shape[0]
+    self.crop_x0 = self.crop_y0 = 0 if image is not None else -1
+    self.crop_size = self.orig_h = self.orig_w = side
 
 
 def _test_preparer(path, size):
@@ -250,8 +254,9 @@ def test_segment_paths_writes_maps_and_full_manifest(tmp_path):
   paths.append(str(tmp_path / "missing.jpg"))
   out = tmp_path / "out"
   # size/batch as in the other tests: the compiled shape is reused.
-  manifest = vessels.segment_paths(paths, out, size=256, batch_size=2,
-                                   prepare=_test_preparer)
+  res = vessels.segment_paths(paths, out, size=256, batch_size=2,
+                              prepare=_test_preparer)
+  manifest = res.out_dir / "manifest.csv"
   with open(manifest, newline="") as f:
     rows = list(csv.DictReader(f))
   assert [r["image"] for r in rows] == paths, "a row per input, in order"
@@ -277,7 +282,7 @@ def test_vessels_cli_end_to_end(tmp_path, fundus_dir):
   missing = tmp_path / "nope.png"
   rc = cli.main(["vessels", str(img), str(missing), "--out",
                  str(tmp_path / "o"), "--size", "256", "--batch-size", "2"])
-  assert rc == 0
+  assert rc == 3  # done, one input could not be used
   with open(tmp_path / "o" / "manifest.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   assert [r["status"] for r in rows][0] == "ok" and len(rows) == 2, rows

@@ -46,6 +46,9 @@ def add_arguments(p):
   p.add_argument("--no-overlays", action="store_true",
                  help="write no overlays/<id>.png (the report does not "
                  "use them: it layers report/<id>.png over report/<id>.jpg)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="redo everything when OUT holds results of another "
+                 "model or settings (refused otherwise, with the difference)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -60,6 +63,7 @@ def run(args) -> int:
                         overlays=not args.no_overlays,
                         progress=not args.quiet,
                         save_logits=args.save_logits,
+                        overwrite=args.overwrite,
                         model_kwargs={"encoder": args.encoder,
                                       "adapter": args.adapter,
                                       "calibration": args.calibration,

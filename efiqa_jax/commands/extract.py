@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 NAME = "extract"
 HELP = ("Patch features (gh, gw, D) of a ported ViT encoder for every input "
@@ -53,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="decode/FOV threads")
   p.add_argument("--num-workers", type=int, default=0,
                  help="grain decode worker processes (0 = threads only)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="redo everything when OUT holds features made with "
+                      "other settings (refused otherwise, with the "
+                      "difference)")
+  p.add_argument("--quiet", action="store_true", help="no progress")
 
 
 def run(args) -> int:
@@ -68,7 +74,7 @@ def run(args) -> int:
         fmt=args.format, mesh_axes=mesh,
         param_sharding=args.param_sharding, shard_size=args.shard_size,
         read_threads=args.read_threads, num_workers=args.num_workers,
-        progress=True)
+        progress=not args.quiet, overwrite=args.overwrite)
   except sources.NoInputsError as e:
     return sources.no_inputs_exit(NAME, e)
   except (FileNotFoundError, ValueError) as e:
@@ -77,4 +83,4 @@ def run(args) -> int:
   print(json.dumps({"out": args.out, "inputs": res.n, "written": res.written,
                     "skipped": res.skipped, "failed": res.failed,
                     "manifest": res.manifest}))
-  return 0
+  return 0 if res.failed_total == 0 else 3

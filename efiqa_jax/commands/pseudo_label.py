@@ -15,6 +15,9 @@ def add_arguments(p):
   p.add_argument("--from-photos", action="store_true",
                  help="inputs are photographs: compute label-free vessel "
                  "maps first")
+  p.add_argument("--work-size", type=int, default=512,
+                 help="--from-photos: FOV crop side before the vessel map "
+                 "(default 512)")
   p.add_argument("--threshold", type=float, default=None,
                  help="pixel |f(x)| threshold (default: the teacher's "
                  "calibrated one, else the reference's 0.02)")
@@ -29,7 +32,12 @@ def add_arguments(p):
                  help="hard: 0/255 per cell; soft: the cell's mean of "
                  "clip((|f(x)| - t) / t, 0, 1)")
   p.add_argument("--batch-size", type=int, default=8,
-                 help="maps per jitted call")
+                 help="inputs per step over all processes (default 8)")
+  p.add_argument("--threads", type=int, default=4,
+                 help="decode threads (default 4)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="redo everything when OUT holds labels made with "
+                 "another rule, teacher or input kind (refused otherwise)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -49,12 +57,14 @@ def run(args) -> int:
             f"{spec.relax:g} ({origin})", file=sys.stderr)
     res = pseudo_labels.write_pseudo_labels(
         args.inputs, args.teacher, args.out, from_photos=args.from_photos,
-        spec=spec, batch_size=args.batch_size, progress=not args.quiet)
+        spec=spec, batch_size=args.batch_size, progress=not args.quiet,
+        overwrite=args.overwrite, read_threads=args.threads,
+        work_size=args.work_size)
   except sources.NoInputsError as e:
     return sources.no_inputs_exit(NAME, e)
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa pseudo-label: error: {e}", file=sys.stderr)
     return 2
-  print(f"{res['total']} inputs: {res['ok']} labelled, {res['failed']} failed;"
-        f" {args.out}/manifest.csv")
+  print(f"{res['total']} inputs: {res['ok']} labelled, {res['failed']} failed"
+        f" ({res['skipped']} already done); {args.out}/manifest.csv")
   return 0 if res["failed"] == 0 else 3

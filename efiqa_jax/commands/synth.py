@@ -40,8 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
   import sys
+  from efiqa_jax import driver
   from efiqa_jax.synth import write_dataset
   try:
+    driver.output_dir(args.out)  # a file or a read-only folder: one line
     path = write_dataset(args.out, args.n, args.seed, args.size,
                          clean_fraction=args.clean_fraction,
                          lesion_fraction=args.lesion_fraction,

@@ -4,39 +4,46 @@ import argparse
 NAME = "vessels"
 HELP = ("Segment retinal vessels without weights (multi-scale Hessian); "
         "writes OUT/<id>.png (uint8 probability at the crop size) and "
-        "OUT/manifest.csv.")
+        "OUT/manifest.csv (with the crop box). Resumable, multi-process.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("inputs", nargs="+",
                       help="image files, folders, globs or a CSV with a "
                       "`path` column")
-  parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--out", required=True, help="output folder (re-running "
+                      "into it skips finished images)")
   parser.add_argument("--size", type=int, default=512,
                       help="FOV crop side in pixels (default 512)")
   parser.add_argument("--batch-size", type=int, default=8,
-                      help="images per jitted call (default 8)")
+                      help="images per step over all processes (default 8)")
+  parser.add_argument("--threads", type=int, default=4,
+                      help="decode/FOV threads (default 4)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="redo everything when OUT holds maps made with "
+                      "other settings (refused otherwise)")
+  parser.add_argument("--quiet", action="store_true", help="no progress")
 
 
 def run(args: argparse.Namespace) -> int:
-  import csv  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import vessels  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import runtime, sources, vessels  # pylint: disable=g-import-not-at-top
   try:
     paths = sources.list_inputs(args.inputs)
+    res = vessels.segment_paths(paths, args.out, size=args.size,
+                                batch_size=args.batch_size,
+                                overwrite=args.overwrite,
+                                read_threads=args.threads,
+                                progress=not args.quiet)
   except sources.NoInputsError as e:
     return sources.no_inputs_exit(NAME, e)
-  except ValueError as e:
+  except (FileNotFoundError, ValueError) as e:
     print(f"efiqa vessels: error: {e}", file=sys.stderr)
-    return 2
-  manifest = vessels.segment_paths(paths, args.out, size=args.size,
-                                   batch_size=args.batch_size, log=print)
-  with open(manifest, newline="") as f:
-    rows = list(csv.DictReader(f))
-  ok = sum(r["status"] == "ok" for r in rows)
-  print(f"efiqa vessels: {ok}/{len(rows)} segmented; manifest {manifest}")
-  for r in rows:
-    if r["status"] != "ok":
-      print(f"  {r['status']}: {r['image']}: {r['message']}")
-  return 0 if ok else 1
+    return runtime.EXIT_USAGE
+  if not args.quiet:
+    for r in res.rows:
+      if r["status"] != "ok":
+        print(f"  {r['status']}: {r['image']}: {r['message']}")
+  print(f"efiqa vessels: {res.ok}/{res.total} segmented ({res.skipped} "
+        f"already done); manifest {res.out_dir / 'manifest.csv'}")
+  return 0 if res.failed == 0 else 3
