@@ -22,6 +22,7 @@ already (the object appears, whole, when the upload finishes), and a GCS
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob as glob_lib
@@ -29,6 +30,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -134,6 +137,24 @@ def read_json(path: PathLike) -> Any:
 def load_npy(path: PathLike) -> np.ndarray:
   """`np.load` of a `.npy` file, local or remote (no pickles)."""
   return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+
+
+@contextlib.contextmanager
+def local_copy(path: PathLike):
+  """A local file path holding `path`'s bytes (for readers that take only
+  local files, such as ArrayRecord): the path itself when local, else a
+  temporary copy removed on exit."""
+  if not is_remote(path):
+    yield os.fspath(as_path(path))
+    return
+  d = tempfile.mkdtemp(prefix="efiqa-copy-")
+  try:
+    local = os.path.join(d, os.fspath(path).rsplit("/", 1)[-1])
+    with open(local, "wb") as f:
+      f.write(read_bytes(path))
+    yield local
+  finally:
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _tmp_name(p: epath.Path) -> epath.Path:

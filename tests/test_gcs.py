@@ -216,3 +216,94 @@ def test_train_teacher_gs_workdir_killed_and_resumed(gcs, tmp_path,
   # checkpoint were flushed with it, later ones were redone.
   steps = [r["step"] for r in metric_writers.read_metrics(wd)]
   assert steps == list(range(5, 121, 5)), steps
+
+
+# ------------------------------------------- assess, extract, pseudo-label
+
+
+@pytest.fixture(scope="module")
+def bucket_photos(gcs):
+  """Three clean synthetic photographs in gs://.../photos/ (one in a
+  sub-folder)."""
+  root = f"{gcs}/photos"
+  for i, name in enumerate(("p0.png", "p1.png", "sub/p2.png")):
+    files.atomic_write_bytes(f"{root}/{name}", _png(i))
+  return root
+
+
+def test_assess_gs_in_gs_out_and_resume(gcs, bucket_photos, tmp_path,
+                                        monkeypatch):
+  """`efiqa assess gs://b/photos --out gs://b/out --model gs://b/teacher`:
+  scores.csv, maps, overlays, report and journal land in the bucket; a
+  rerun finds everything done; nothing local is named `gs:`."""
+  from efiqa_jax import cli
+  from tests.assess_fixtures import tiny_teacher
+  monkeypatch.chdir(tmp_path)
+  teacher = tiny_teacher(f"{gcs}/models/teacher")  # saved by orbax to GCS
+  out = f"{gcs}/assess_out"
+  argv = ["assess", bucket_photos, "--out", out, "--model", teacher,
+          "--batch-size", "2", "--quiet"]
+  assert cli.main(argv) == 0
+  _, rows = files.read_csv(f"{out}/scores.csv")
+  assert [r["image"] for r in rows] == [f"{bucket_photos}/p0.png",
+                                        f"{bucket_photos}/p1.png",
+                                        f"{bucket_photos}/sub/p2.png"]
+  assert [r["status"] for r in rows] == ["ok"] * 3, rows
+  for r in rows:
+    m = files.load_npy(f"{out}/maps/{r['id']}.npy")
+    assert m.ndim == 2 and np.isfinite(m).all()
+    assert files.isfile(f"{out}/overlays/{r['id']}.png")
+    assert files.isfile(f"{out}/report/{r['id']}.jpg")
+  html = files.read_text(f"{out}/report.html")
+  assert "report/p0.jpg" in html
+  assert files.glob(f"{out}/*.tmp-*") == []
+  before = files.read_bytes(f"{out}/maps/p0.npy")
+  assert cli.main(argv) == 0  # all done: nothing redone, same files
+  assert files.read_bytes(f"{out}/maps/p0.npy") == before
+  _no_local_gs(tmp_path, multihost.REPO)
+
+
+def test_extract_and_pseudo_label_on_gcs(gcs, bucket_photos, tmp_path,
+                                         monkeypatch):
+  """`efiqa extract` (npy and ArrayRecord) and `efiqa pseudo-label` with
+  inputs, models and outputs in the bucket."""
+  from efiqa_jax import cli, features
+  from tests.assess_fixtures import tiny_teacher
+  from tests.test_extract import _tiny_encoder
+  monkeypatch.chdir(tmp_path)
+  enc = f"{gcs}/models/encoder"
+  _tiny_encoder(enc)
+  for fmt in ("npy", "arrayrecord"):
+    out = f"{gcs}/feats_{fmt}"
+    assert cli.main(["extract", bucket_photos, "--encoder", enc, "--out", out,
+                     "--size", "64", "--batch-size", "2", "--format", fmt,
+                     "--quiet"]) == 0
+    rows = features.read_manifest(out)
+    assert [r["status"] for r in rows] == ["ok"] * 3, rows
+    assert files.isfile(f"{out}/{features.METADATA}")
+    if fmt == "npy":
+      got = {r["id"]: files.load_npy(f"{out}/{r['file']}") for r in rows}
+    else:
+      got2 = {i: f for i, _, f in features.iter_arrayrecord(out)}
+  assert sorted(got) == sorted(got2) == ["p0", "p1", "p2"]
+  for k in got:
+    assert got[k].shape[-1] == got2[k].shape[-1] and got[k].ndim == 3
+    np.testing.assert_array_equal(got[k], got2[k])
+
+  teacher = tiny_teacher(f"{gcs}/models/pl_teacher")
+  out = f"{gcs}/pseudo"
+  assert cli.main(["pseudo-label", bucket_photos, "--from-photos",
+                   "--teacher", teacher, "--out", out, "--grid", "4",
+                   "--quiet"]) == 0
+  _, rows = files.read_csv(f"{out}/manifest.csv")
+  assert [r["status"] for r in rows] == ["ok"] * 3, rows
+  from PIL import Image
+  from efiqa_jax import pseudo_labels as pl
+  for r in rows:
+    a = files.load_npy(f"{out}/anomaly/{r['id']}.npy")
+    lab = np.asarray(Image.open(io.BytesIO(
+        files.read_bytes(f"{out}/labels/{r['id']}.png"))))
+    np.testing.assert_array_equal(lab, pl.patch_labels(a, pl.LabelSpec(
+        grid=4)))
+  assert files.read_json(f"{out}/spec.json")["teacher"] == teacher
+  _no_local_gs(tmp_path, multihost.REPO)

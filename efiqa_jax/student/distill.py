@@ -43,13 +43,14 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
   from efiqa_jax import pseudo_labels
   from efiqa_jax.student import train
 
+  from efiqa_jax import files
   from efiqa_jax import sources
   sources.list_inputs(list(inputs))  # no image: NoInputsError before any work
-  workdir = os.path.abspath(workdir)
+  workdir = os.fspath(files.abs_path(workdir))
   oh, ow = label_grid(config, encoder)
   if oh != ow:
     raise ValueError(f"non-square label grid {oh}x{ow}")
-  pdir = os.path.join(workdir, "pseudo")
+  pdir = files.join(workdir, "pseudo")
   pl = config.get("pseudo_labels", {})
   spec, origin = pseudo_labels.teacher_label_spec(
       teacher, oh, threshold=pl.get("threshold"), relax=pl.get("relax"))
@@ -63,7 +64,7 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
   if res["failed"]:
     print(f"distill: {res['failed']} of {res['total']} photographs got no "
           f"pseudo-label (see {pdir}/manifest.csv)", file=sys.stderr)
-  fdir = os.path.join(workdir, "features")
+  fdir = files.join(workdir, "features")
   features.extract_features(list(inputs), encoder, fdir, size=config.size,
                             work_size=config.work_size, batch_size=batch_size,
                             progress=progress)
@@ -72,4 +73,4 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
     config.features_dir = fdir
     config.labels_dir = pdir
     config.progress = progress and config.progress
-  return train.train_and_evaluate(config, os.path.join(workdir, "train"))
+  return train.train_and_evaluate(config, files.join(workdir, "train"))
