@@ -277,6 +277,27 @@ def list_images(folder: PathLike) -> list[str]:
                 key=lambda p: os.path.relpath(p, folder).replace(os.sep, "/"))
 
 
+def file_sizes(folder: PathLike) -> list[tuple[str, int]]:
+  """(path relative to `folder` with '/' separators, size in bytes) of every
+  file below it, sorted; a remote folder in one recursive listing."""
+  folder = os.fspath(as_path(folder))
+  if is_remote(folder):
+    base = folder.rstrip("/")
+    fs = _fs(base)
+    out = []
+    for p, info in fs.find(base, detail=True).items():
+      if info.get("type") != "directory":
+        out.append((_relkey(_remote_uri(p, base), base), int(info["size"])))
+    return sorted(out)
+  out = []
+  for root, _, names in os.walk(folder):
+    for n in names:
+      f = os.path.join(root, n)
+      out.append((os.path.relpath(f, folder).replace(os.sep, "/"),
+                  os.path.getsize(f)))
+  return sorted(out)
+
+
 def has_glob(path: PathLike) -> bool:
   return bool(_GLOB_CHARS & set(os.fspath(path)))
 
@@ -494,10 +515,6 @@ def identity(path) -> dict:
   side = p / "efiqa.json"
   if side.exists():
     h.update(side.read_bytes())
-  listing = []
-  for root, _, names in p.walk():
-    for name in names:
-      f = epath.Path(root) / name
-      listing.append(f"{f.relative_to(p)}:{f.stat().length}")
+  listing = [f"{rel}:{size}" for rel, size in file_sizes(p)]
   h.update("\n".join(sorted(listing)).encode())
   return {"path": os.fspath(p), "sha256": h.hexdigest()}
