@@ -153,8 +153,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
       prepare=sources.PrepareFundus(quality_model.work_size), step=step,
       write=write,
       done_files=done_files,
-      clear=("maps", "overlays", "logits", report_lib.REPORT_FILES,
-             "scores.csv", "report.html"),
+      clear=("maps/*", "overlays/*", "logits/*",
+             f"{report_lib.REPORT_FILES}/*", "scores.csv", "report.html"),
       temporaries=tuple(f"{sub}/*.tmp-*" for sub in subs) + ("*.tmp-*",),
       finish=finish)
   # Writers (PNG encoding releases the GIL) get their own thread count:

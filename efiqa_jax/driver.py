@@ -4,14 +4,16 @@ One run, on every process of a multi-process job:
   1. the output folder is checked (a file, or not writable: one clear
      `UsageError`);
   2. process 0 writes a token, checks the run fingerprint (`DIR/run.json`:
-     other settings are refused with the difference unless `overwrite`,
-     which clears the old outputs), reads every journal and decides the
-     list of work still to do -- ONCE; the decision (an index mask, the
-     token, a hash of the input list) reaches every process through
-     `runtime.broadcast_bytes`;
+     other settings are refused with the difference unless `overwrite`),
+     reads every journal and decides the list of work still to do -- ONCE;
+     the decision (an index mask, the token, a hash of the input list)
+     reaches every process through `runtime.broadcast_bytes`;
   3. every process checks that it sees the same inputs and process 0's token
      (no shared filesystem, or hosts listing different inputs, is refused
-     with one line on every process: `runtime.all_gather_text`);
+     with one line on every process: `runtime.all_gather_text`); only then
+     does process 0 change the folder (`overwrite` clears the old outputs,
+     the fingerprint is written, a killed run's temporaries are removed),
+     and a barrier;
   4. `input_pipeline.inference_batches` gives this process its strided share
      of the todo list (`runtime.process_slice`, THE rule), padded to whole
      batches, every record exactly once;
@@ -141,10 +143,7 @@ def output_dir(out, what: str = "--out") -> epath.Path:
 def write_atomic(path, data: bytes) -> None:
   """Bytes to `path` under a temporary name, then renamed: a reader (or a
   resumed run) never sees half a file."""
-  path = epath.Path(path)
-  tmp = path.parent / f"{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.write_bytes(data)
-  tmp.replace(path)
+  files.atomic_write_bytes(path, data)  # one upload in a bucket (atomic)
 
 
 def write_npy(path, arr: np.ndarray) -> None:
@@ -244,6 +243,12 @@ def _agree(task: Task, out_arg, paths, ids, overwrite) -> tuple[
       decision = _decide(task, out, paths, ids, overwrite)
     except (UsageError, files.FingerprintMismatch) as e:
       decision = {"ok": False, "error": str(e)}
+    except Exception as e:  # pylint: disable=broad-except
+      if runtime.process_count() == 1:
+        raise
+      # The others wait for a decision: they must not hang on this one.
+      decision = {"ok": False, "error": f"process 0 could not read {out_arg}"
+                                        f": {type(e).__name__}: {e}"}
     data = json.dumps(decision).encode()
   else:
     data = None

@@ -158,13 +158,16 @@ def local_copy(path: PathLike):
 
 
 def _tmp_name(p: epath.Path) -> epath.Path:
-  return p.parent / f".{p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  # `NAME.tmp-*`: what the driver's cleanup of a killed run's temporaries
+  # matches.
+  return p.parent / f"{p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> epath.Path:
   """Writes `data` to `path` so that a reader sees the old file or the new one.
 
-  Local: a temporary file in the same folder, fsync, then `os.replace`. Cloud:
+  Local: a temporary file in the same folder, then `os.replace` (a killed
+  writer leaves at most `NAME.tmp-*`, never half a NAME). Cloud:
   one object upload (atomic by itself). Parent folders are created.
   """
   p = as_path(path)
@@ -179,8 +182,6 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> epath.Path:
   try:
     with open(tmp, "wb") as f:
       f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
     os.replace(tmp, os.fspath(p))
   except BaseException:
     if os.path.exists(tmp):
