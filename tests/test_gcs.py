@@ -172,6 +172,7 @@ def _committed_steps(workdir: str) -> list[int]:
       f"{workdir}/checkpoints/*/commit_success.txt"))
 
 
+@pytest.mark.slow
 def test_train_teacher_gs_workdir_killed_and_resumed(gcs, tmp_path,
                                                      _fast_compile):
   """`efiqa train-teacher --workdir gs://...` is SIGKILLed once a checkpoint
