@@ -124,7 +124,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
       "work_size": quality_model.work_size,
       "overlays": bool(overlays), "save_logits": bool(save_logits),
   }
-  subs = ("maps", "overlays") + (("logits",) if save_logits else ())
+  subs = (("maps",) + (("overlays",) if overlays else ())
+          + (("logits",) if save_logits else ()))
   for sub in subs:
     (out / sub).mkdir(parents=True, exist_ok=True)
 

@@ -43,6 +43,8 @@ import io
 import json
 import math
 import os
+import signal
+import threading
 import uuid
 import zlib
 from typing import Any, Callable, Sequence
@@ -350,6 +352,11 @@ def run(task: Task, paths: Sequence[str], out_dir, *, ids=None,
       return dict(row, index=rec["index"], image=rec["path"], id=rec["id"])
 
     pool = concurrent.futures.ThreadPoolExecutor(n_writers)
+    old_sigint = None
+    if threading.current_thread() is threading.main_thread():
+      # Ctrl-C stops here, also when the process started with SIGINT
+      # ignored (e.g. a background job of a script).
+      old_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
       for k, host in enumerate(batches):
         if max_steps is not None and k >= max_steps:
@@ -376,6 +383,8 @@ def run(task: Task, paths: Sequence[str], out_dir, *, ids=None,
           "the same command again to resume)", runtime.EXIT_INTERRUPTED
       ) from None
     finally:
+      if old_sigint is not None:
+        signal.signal(signal.SIGINT, old_sigint)
       pool.shutdown(wait=True)
       journal.close()
       if bar is not None:
@@ -408,8 +417,9 @@ class LocalDataParallel:
   `LocalDataParallel(fn, keys, params)(host)` puts `host[k]` for k in keys
   on a 1-D mesh of the local devices, split over the batch, calls
   `fn(params, *arrays)` (or `fn(*arrays)` without params; params
-  replicated), and returns the outputs as numpy. The local batch must be a multiple of `unit` (the
-  number of local devices): pass `unit * process_count` as `Task.unit`.
+  replicated), and returns the outputs as numpy. The local batch must be a
+  multiple of `unit` (the number of local devices): pass `global_unit`
+  (`unit * process_count`) as `Task.unit`.
   """
 
   def __init__(self, fn: Callable, keys: Sequence[str], params: Any = None):

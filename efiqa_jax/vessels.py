@@ -581,7 +581,8 @@ def segment_paths(paths: Sequence[str], out_dir: str | os.PathLike,
   original photograph (crop_x0, crop_y0, crop_size, orig_h, orig_w) and the
   FOV circle; below them, the rows of earlier runs into the same folder
   whose PNGs are still there (every PNG in the folder has its row). A
-  photograph that now fails loses its old PNG. Another size or segmenter
+  photograph that fails when it is done loses any PNG of an earlier run
+  (e.g. one written but not journaled before a kill). Another size or segmenter
   config is refused unless `overwrite`. batch_size: images per step over
   all processes. Returns the driver's Result (`.out_dir / "manifest.csv"`).
   """

@@ -191,7 +191,7 @@ def test_param_sharding_2d_mesh(encoder, photos, full_run, tmp_path):
           "--size", "64", "--no-crop", "--batch-size", "8",
           "--mesh", "data:4,model:2", "--param-sharding", rules[0],
           "--param-sharding", repr(rules[1])]
-  assert cli.main(argv) == 0
+  assert cli.main(argv) == 3  # done; the corrupt and the missing input failed
   meta = json.loads((out / "metadata.json").read_text())
   assert meta["mesh"] == {"data": 4, "model": 2}
   # The two rules, then the catch-all ('.*', 'replicate').
