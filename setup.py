@@ -80,7 +80,13 @@ PORT = [
 
 DICOM = ["pydicom==3.0.2"]
 
-TEST = TF + PORT + DICOM + [
+# gs:// through etils.epath's fsspec backend (efiqa_jax.files); orbax writes
+# checkpoint arrays to gs:// through tensorstore, which needs nothing more.
+GCS = ["gcsfs==2026.10.1", "fsspec==2026.9.0"]
+
+TEST = TF + PORT + DICOM + GCS + [
+    # tests/test_gcs.py: a GCS JSON API on 127.0.0.1.
+    "gcp-storage-emulator==2026.7.19",
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",
     "nbclient==0.11.0",
@@ -106,6 +112,7 @@ setup(
     include_package_data=True,
     install_requires=[compatible(p) for p in CORE],
     extras_require={k: [compatible(p) for p in v] for k, v in (
-        ("tf", TF), ("port", PORT), ("dicom", DICOM), ("test", TEST))},
+        ("tf", TF), ("port", PORT), ("dicom", DICOM), ("gcs", GCS),
+        ("test", TEST))},
     entry_points={"console_scripts": ["efiqa=efiqa_jax.cli:main"]},
 )

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 
@@ -54,8 +53,8 @@ class WeightedPooling:
 
 
 def load_calibration(path: str) -> dict:
-  with open(path) as f:
-    cal = json.load(f)
+  from efiqa_jax import files  # pylint: disable=g-import-not-at-top
+  cal = files.read_json(path)
   if cal.get("format") != FORMAT:
     raise ValueError(f"{path} is not an efiqa calibration file")
   return cal
@@ -138,8 +137,9 @@ def calibrate(assess_dir: str, labels_csv: str, out_path: str, *,
   from efiqa_jax import evaluate as ev
   from efiqa_jax import metrics
 
-  scores_csv = os.path.join(assess_dir, "scores.csv")
-  if not os.path.isfile(scores_csv):
+  from efiqa_jax import files  # pylint: disable=g-import-not-at-top
+  scores_csv = files.join(assess_dir, "scores.csv")
+  if not files.isfile(scores_csv):
     raise FileNotFoundError(f"{assess_dir} has no scores.csv (give the "
                             "folder `efiqa assess --model student` wrote)")
   scores = ev.read_csv(scores_csv)
@@ -147,11 +147,11 @@ def calibrate(assess_dir: str, labels_csv: str, out_path: str, *,
   pairs, info = ev.join(scores, ev.read_csv(labels_csv), label_column)
   maps, y = [], []
   for sr, lr_ in pairs:
-    mp = os.path.join(assess_dir, "maps", sr["id"] + ".npy")
-    if not os.path.exists(mp):
+    mp = files.join(assess_dir, "maps", sr["id"] + ".npy")
+    if not files.exists(mp):
       info.setdefault("map_missing", []).append(sr["id"])
       continue
-    maps.append(np.load(mp))
+    maps.append(files.load_npy(mp))
     y.append(lr_[label_column].strip() == positive)
   if not maps:
     raise ValueError("no labelled image has a map")
@@ -188,7 +188,5 @@ def calibrate(assess_dir: str, labels_csv: str, out_path: str, *,
          "cv": cv, "fit": {"n": int(len(y)), "acceptable": int(y.sum()),
                            "steps": steps, "batch": batch, "lr": lr,
                            "seed": seed, **info}}
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  with open(out_path, "w") as f:
-    json.dump(cal, f, indent=1)
+  files.atomic_write_text(out_path, json.dumps(cal, indent=1))
   return cal

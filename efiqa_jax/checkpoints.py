@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any, Callable
 
+from etils import epath
+
+from efiqa_jax import files
 from efiqa_jax import registry
 
 FORMAT = "efiqa-model"
@@ -84,7 +86,7 @@ def _flat(tree, prefix=()) -> dict[tuple, Any]:
 
 
 def save_model(path: str | os.PathLike, model, meta: dict | None = None, *,
-               overwrite: bool = False) -> pathlib.Path:
+               overwrite: bool = False) -> epath.Path:
   """Write `model`'s parameters and the JSON sidecar to directory `path`."""
   import numpy as np
   import orbax.checkpoint as ocp
@@ -93,7 +95,7 @@ def save_model(path: str | os.PathLike, model, meta: dict | None = None, *,
   from efiqa_jax import runtime
   from efiqa_jax import sharding
 
-  path = pathlib.Path(path).absolute()
+  path = files.abs_path(path)
   if path.exists() and any(path.iterdir()) and not overwrite:
     raise FileExistsError(f"{path} exists and is not empty (overwrite=False)")
   # Multi-host: every process checks before anyone writes; orbax's save is
@@ -116,15 +118,14 @@ def save_model(path: str | os.PathLike, model, meta: dict | None = None, *,
       raise ValueError(f"meta key {k!r} is reserved")
     sidecar[k] = v
   if runtime.is_primary():
-    tmp = path / (SIDECAR + ".tmp")
-    tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path / SIDECAR)
+    files.atomic_write_text(path / SIDECAR,
+                            json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
   runtime.barrier(f"efiqa_save_model_done:{path}")
   return path
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-  path = pathlib.Path(path)
+  path = files.abs_path(path)
   f = path / SIDECAR
   if not f.is_file():
     raise FileNotFoundError(f"{path} is not an efiqa model directory (no "
@@ -157,7 +158,7 @@ def cast_frozen_kernels(model) -> None:
       var.set_value(var[...].astype(dtype))  # (`var[...] =` keeps the dtype)
 
 
-def _check_stored(path: pathlib.Path, name: str, want: dict, got: dict):
+def _check_stored(path: epath.Path, name: str, want: dict, got: dict):
   missing = sorted("/".join(map(str, k)) for k in want.keys() - got.keys())
   extra = sorted("/".join(map(str, k)) for k in got.keys() - want.keys())
   bad = sorted(f"{'/'.join(map(str, k))}: stored {tuple(got[k].shape)} != "
@@ -190,7 +191,7 @@ def restore_params(path: str | os.PathLike, target: dict) -> dict:
   import jax
   import orbax.checkpoint as ocp
 
-  path = pathlib.Path(path).absolute()
+  path = files.abs_path(path)
   ckptr = ocp.StandardCheckpointer()
   stored = ckptr.metadata(path / PARAMS)
   stored = getattr(getattr(stored, "item_metadata", stored), "tree", stored)
@@ -226,7 +227,7 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None,
   Returns:
     (model, meta) with meta the sidecar dict.
   """
-  path = pathlib.Path(path).absolute()
+  path = files.abs_path(path)
   meta = read_meta(path)
   name = meta["architecture"]
   # Checked on the sidecar alone, before anything is imported or built.

@@ -50,6 +50,14 @@ def resolve(spec: str) -> tuple[str, str | None]:
   of the repository's (`configs/NAME.py`) is the bundled NAME, so the
   README's commands work from any folder."""
   path, arg = spec, None
+  if "://" in spec:  # a config file in a bucket: gs://b/c.py[:variant]
+    from efiqa_jax import files  # pylint: disable=g-import-not-at-top
+    scheme, rest = spec.split("://", 1)
+    if ":" in rest:
+      path, arg = f"{scheme}://" + rest.rsplit(":", 1)[0], rest.rsplit(":", 1)[1]
+    if files.isfile(path):
+      return path, arg
+    raise ConfigError(f"config file not found: {path}")
   if ":" in spec and not os.path.isfile(spec):
     path, arg = spec.split(":", 1)
   if os.path.isfile(path):
@@ -67,12 +75,20 @@ def resolve(spec: str) -> tuple[str, str | None]:
 
 
 def _import_file(path: str):
-  if not os.path.isfile(path):
+  from efiqa_jax import files  # pylint: disable=g-import-not-at-top
+  if not files.isfile(path):
     raise ConfigError(f"config file not found: {path}")
   name = "efiqa_config_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  if files.is_remote(path):
+    # A config in a bucket: its source, run as a module of that name.
+    import types  # pylint: disable=g-import-not-at-top
+    mod = types.ModuleType(name)
+    mod.__file__ = path
+    exec(compile(files.read_text(path), path, "exec"), mod.__dict__)  # pylint: disable=exec-used
+  else:
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
   if not hasattr(mod, "get_config"):
     raise ConfigError(f"{path} defines no get_config(arg=None)")
   return mod

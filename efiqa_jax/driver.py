@@ -145,10 +145,7 @@ def output_dir(out, what: str = "--out") -> epath.Path:
 def write_atomic(path, data: bytes) -> None:
   """Bytes to `path` under a temporary name, then renamed: a reader (or a
   resumed run) never sees half a file."""
-  path = epath.Path(path)
-  tmp = path.parent / f"{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.write_bytes(data)
-  tmp.replace(path)
+  files.atomic_write_bytes(path, data)  # one upload in a bucket (atomic)
 
 
 def write_npy(path, arr: np.ndarray) -> None:

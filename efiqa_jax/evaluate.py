@@ -28,13 +28,14 @@ Output: DIR/metrics.json and DIR/metrics.md.
 """
 from __future__ import annotations
 
-import csv
+import io
 import json
 import os
 from typing import Callable, Sequence
 
 import numpy as np
 
+from efiqa_jax import files
 from efiqa_jax import metrics as rank_metrics
 
 BINS = 10000
@@ -206,8 +207,7 @@ def _stem(x: str) -> str:
 
 
 def read_csv(path: str) -> list[dict]:
-  with open(path, newline="") as f:
-    return list(csv.DictReader(f))
+  return files.read_csv(path)[1]
 
 
 def labels_from_tfds(spec: str, data_dir: str | None = None,
@@ -459,28 +459,28 @@ def evaluate(scores_csv: str, labels_csv: str, out_dir: str, *,
   elif task == "pixel":
     from PIL import Image
     if not maps_dir:  # assess writes maps/ beside scores.csv
-      maps_dir = os.path.join(os.path.dirname(os.path.abspath(scores_csv)),
-                              "maps")
+      maps_dir = files.join(files.abs_path(scores_csv).parent, "maps")
     if not annotations_dir:
       raise ValueError("task pixel needs --annotations")
-    ann = {_stem(f): os.path.join(annotations_dir, f)
-           for f in sorted(os.listdir(annotations_dir))
+    ann = {_stem(f): files.join(annotations_dir, f)
+           for f in sorted(p.name for p in
+                           files.as_path(annotations_dir).iterdir())
            if f.lower().endswith(".png")}
     hists, missing, failed = [], [], []
     for key, ap in ann.items():
       sr = next((r for r in scores if r["id"] == key), None)
-      mp = os.path.join(maps_dir, key + ".npy")
-      if sr is None or not os.path.exists(mp):
+      mp = files.join(maps_dir, key + ".npy")
+      if sr is None or not files.exists(mp):
         missing.append(key)
         continue
       if sr.get("status", "ok") != "ok":
         failed.append(key)
         continue
-      a = np.asarray(Image.open(ap))
+      a = np.asarray(Image.open(io.BytesIO(files.read_bytes(ap))))
       if a.ndim != 2:
         raise ValueError(f"{ap}: annotations must be indexed (palette) PNGs")
       hists.append(pixel_histograms(
-          np.load(mp), a, (sr["crop_x0"], sr["crop_y0"], sr["crop_size"])))
+          files.load_npy(mp), a, (sr["crop_x0"], sr["crop_y0"], sr["crop_size"])))
     if not hists:
       raise ValueError("no annotation has a map")
     info = {"evaluated": len(hists), "labels_without_score": missing,
@@ -489,15 +489,14 @@ def evaluate(scores_csv: str, labels_csv: str, out_dir: str, *,
                          n_boot=min(bootstrap, 200))
   else:
     raise ValueError(f"task must be binary, eyeq or pixel, got {task!r}")
-  res = {"task": task, "scores": os.path.abspath(scores_csv),
+  res = {"task": task, "scores": os.fspath(files.abs_path(scores_csv)),
          "labels": (labels_csv if (labels_csv or "").startswith("tfds:")
-                    else os.path.abspath(labels_csv) if labels_csv else None),
+                    else os.fspath(files.abs_path(labels_csv)) if labels_csv
+                    else None),
          "bootstrap": bootstrap, "seed": seed, **info, **res}
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(res, f, indent=2)
-  with open(os.path.join(out_dir, "metrics.md"), "w") as f:
-    f.write(markdown(res))
+  files.atomic_write_text(files.join(out_dir, "metrics.json"),
+                          json.dumps(res, indent=2))
+  files.atomic_write_text(files.join(out_dir, "metrics.md"), markdown(res))
   return res
 
 

@@ -42,18 +42,19 @@ difference unless overwrite=True.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import glob as glob_lib
 import io
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from efiqa_jax import files
 from efiqa_jax import sources
 
 MANIFEST = "manifest.csv"
@@ -232,24 +233,27 @@ def iter_arrayrecord(out_dir: str | os.PathLike
   out_dir = os.fspath(out_dir)
   from efiqa_jax import files
   journal = files.Journal.read(out_dir)
-  for path in sorted(glob_lib.glob(os.path.join(out_dir,
-                                                "features-*.array_record"))):
-    name = os.path.basename(path)
-    reader = ArrayRecordReader(path)
-    try:
-      for i in range(reader.num_records()):
-        id_, index, feats = decode_record(reader.read([i])[0])
-        r = journal.get(id_)
-        if r is not None and r.get("status") == "ok" and r.get("file") == name:
-          yield id_, index, feats
-    finally:
-      reader.close()
+  for path in files.glob(files.join(out_dir, "features-*.array_record")):
+    name = path.rsplit("/", 1)[-1]
+    with files.local_copy(path) as local:  # ArrayRecord reads local files
+      reader = ArrayRecordReader(local)
+      try:
+        for i in range(reader.num_records()):
+          id_, index, feats = decode_record(reader.read([i])[0])
+          r = journal.get(id_)
+          if (r is not None and r.get("status") == "ok"
+              and r.get("file") == name):
+            yield id_, index, feats
+      finally:
+        reader.close()
 
 
 class _ShardWriter:
   """ArrayRecord shards of at most `shard_size` records, tmp-then-rename;
   the rows of a shard become journal rows (`drain`) only after its rename.
-  Thread-safe (the driver's writer pool calls `add`)."""
+  Thread-safe (the driver's writer pool calls `add`). ArrayRecord writes
+  local files: for a cloud `out_dir` a shard is written in a local temporary
+  folder and uploaded whole when it closes."""
 
   def __init__(self, out_dir: str, tag: str, shard_size: int):
     import threading
@@ -265,7 +269,11 @@ class _ShardWriter:
     with self._lock:
       if self.writer is None:
         self.name = f"features-{self.tag}-{self.k:05d}.array_record"
-        self.tmp = os.path.join(self.out_dir, self.name + ".tmp")
+        if files.is_remote(self.out_dir):
+          self._local_dir = tempfile.mkdtemp(prefix="efiqa-shard-")
+          self.tmp = os.path.join(self._local_dir, self.name + ".tmp")
+        else:
+          self.tmp = os.path.join(self.out_dir, self.name + ".tmp")
         self.writer = ArrayRecordWriter(self.tmp, "group_size:1")
       self.writer.write(encode_record(id_, index, feats))
       self.pending.append(dict(row, file=self.name))
@@ -276,7 +284,12 @@ class _ShardWriter:
     if self.writer is None:
       return
     self.writer.close()
-    os.replace(self.tmp, os.path.join(self.out_dir, self.name))
+    if files.is_remote(self.out_dir):
+      with open(self.tmp, "rb") as f:
+        files.atomic_write_bytes(files.join(self.out_dir, self.name), f.read())
+      shutil.rmtree(self._local_dir, ignore_errors=True)
+    else:
+      os.replace(self.tmp, os.path.join(self.out_dir, self.name))
     self.ready += self.pending
     self.writer, self.pending = None, []
     self.k += 1
@@ -369,7 +382,6 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
   from efiqa_jax.encoders import preprocess as pp
   pp.check_preprocess(preprocess)
   from efiqa_jax import driver
-  from efiqa_jax import files
 
   if fmt not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -378,8 +390,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
                      f"{save_dtype!r}")
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  encoder = os.path.abspath(os.fspath(encoder))
+  out_dir = os.fspath(files.abs_path(out_dir))
+  encoder = os.fspath(files.abs_path(encoder))
   paths = sources.list_inputs(inputs)
   if not paths:
     raise ValueError("no inputs")
@@ -406,9 +418,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
   pi = jax.process_index()
   gbatch = driver.global_batch(batch_size, sh.batch_shards(dsh))
 
-  side = os.path.join(encoder, checkpoints.SIDECAR)
-  with open(side, "rb") as f:
-    enc_sha = hashlib.sha256(f.read()).hexdigest()
+  enc_sha = hashlib.sha256(files.read_bytes(
+      files.join(encoder, checkpoints.SIDECAR))).hexdigest()
   prec = matmul_precision or ("float32" if dtype == "float32" else "default")
   meta = {
       "encoder": encoder, "encoder_sha": enc_sha,
@@ -492,7 +503,7 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
                    max_steps=max_steps)
   return ExtractResult(n=len(paths), written=res.written - res.failed_here,
                        skipped=res.skipped, failed=res.failed_here,
-                       manifest=os.path.join(out_dir, MANIFEST),
+                       manifest=files.join(out_dir, MANIFEST),
                        metadata=meta, failed_total=res.failed)
 
 
@@ -511,11 +522,11 @@ def write_manifest(out_dir: str, paths: Sequence[str], ids: Sequence[str],
         r = {"image": pth, "id": id_, "status": "pending",
              "message": "not processed yet (run extract again)"}
       rows.append(r)
-  path = os.path.join(out_dir, MANIFEST)
+  path = files.join(out_dir, MANIFEST)
   driver.write_csv(path, MANIFEST_FIELDS, rows)
   return path
 
 
 def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
-  with open(os.path.join(os.fspath(out_dir), MANIFEST), newline="") as f:
-    return list(csv.DictReader(f))
+  from efiqa_jax import files
+  return files.read_csv(files.join(out_dir, MANIFEST))[1]

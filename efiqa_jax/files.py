@@ -1,15 +1,330 @@
-"""Files: every path through `etils.epath` (local, gs://, ...)."""
+"""Files: every path the package reads or writes goes through `etils.epath`.
+
+Local paths, `gs://` (and whatever else `etils.epath` maps: `s3://`, `az://`,
+`hf://`, given their fsspec package) are handled alike: `as_path(str)` gives an
+`epath.Path`, and the helpers below read, write and list through it.
+
+Backend: `etils.epath` sends `gs://` to `tf.io.gfile` whenever TensorFlow is
+importable (the `tf` extra) and to fsspec/`gcsfs` otherwise. Importing
+`efiqa_jax` sets `EPATH_USE_TF=false` when `gcsfs` is installed (the `gcs`
+extra) and the environment does not set it, so `gcsfs` is what runs: it
+honours `STORAGE_EMULATOR_HOST` and the usual Google credentials, and needs no
+TensorFlow. (epath decides once per process, at the first remote path.)
+Checkpoint arrays go to `gs://` through orbax's tensorstore, which has its own
+GCS client: with `STORAGE_EMULATOR_HOST` set, `TENSORSTORE_GCS_HTTP_URL`
+defaults to it, so both clients talk to the same emulator.
+
+Atomic writes: a local file is written under a temporary name in its folder and
+renamed over the target (a reader never sees half a file; a kill leaves at most
+a `.tmp-*` file). A cloud object is written directly: an object upload is atomic
+already (the object appears, whole, when the upload finishes), and a GCS
+"rename" is a copy plus a delete, which would only double the traffic.
+"""
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
+import glob as glob_lib
 import hashlib
+import io
 import json
 import os
+import shutil
+import tempfile
 import time
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from etils import epath
+from efiqa_jax import _configure_storage as configure_backends  # noqa: E402
+
+# Repeated here for code that imports this module after changing os.environ.
+configure_backends()
+
+import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
+
+PathLike = str | os.PathLike
+REMOTE_PREFIXES = ("gs://", "s3://", "az://", "hf://")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif",
+                    ".dcm")
+_GLOB_CHARS = set("*?[")
+
+
+def is_remote(path: PathLike) -> bool:
+  """True for a cloud URI (`gs://...`), False for a local path."""
+  return os.fspath(path).startswith(REMOTE_PREFIXES)
+
+
+def as_path(path: PathLike) -> epath.Path:
+  """An `epath.Path` for a local path (`~` expanded) or a cloud URI."""
+  if isinstance(path, epath.Path):
+    return path
+  s = os.fspath(path)
+  return epath.Path(s if is_remote(s) else os.path.expanduser(s))
+
+
+def abs_path(path: PathLike) -> epath.Path:
+  """`as_path`, made absolute when local (a cloud URI is absolute already)."""
+  p = as_path(path)
+  return p if is_remote(p) else epath.Path(os.path.abspath(os.fspath(p)))
+
+
+def join(base: PathLike, *parts: str) -> str:
+  """`base/parts...` as a string, for a local path or a cloud URI alike."""
+  return os.fspath(as_path(base).joinpath(*parts))
+
+
+def exists(path: PathLike) -> bool:
+  return as_path(path).exists()
+
+
+def isdir(path: PathLike) -> bool:
+  return as_path(path).is_dir()
+
+
+def isfile(path: PathLike) -> bool:
+  p = as_path(path)
+  return p.exists() and not p.is_dir()
+
+
+def output_dir(path: PathLike) -> str:
+  """An output folder or workdir, created, as a string: an absolute local
+  path, or the cloud URI as given (without a trailing '/')."""
+  s = os.fspath(path)
+  if is_remote(s):
+    s = s.rstrip("/")
+  else:
+    s = os.path.abspath(os.path.expanduser(s))
+  makedirs(s)
+  return s
+
+
+def makedirs(path: PathLike) -> epath.Path:
+  """Creates `path` and its parents (a no-op for a cloud prefix); returns it."""
+  p = as_path(path)
+  p.mkdir(parents=True, exist_ok=True)
+  return p
+
+
+def size_mtime(path: PathLike) -> tuple[int, float] | None:
+  """(size in bytes, modification time) of a file; None when it is missing."""
+  s = os.fspath(as_path(path))
+  if not is_remote(s):
+    if not os.path.exists(s):
+      return None
+    return os.path.getsize(s), os.path.getmtime(s)
+  p = as_path(s)
+  if not p.exists():
+    return None
+  st = p.stat()
+  return int(st.length or 0), float(st.mtime)
+
+
+def read_bytes(path: PathLike) -> bytes:
+  return as_path(path).read_bytes()
+
+
+def read_text(path: PathLike) -> str:
+  return as_path(path).read_text()
+
+
+def read_json(path: PathLike) -> Any:
+  return json.loads(read_text(path))
+
+
+def load_npy(path: PathLike) -> np.ndarray:
+  """`np.load` of a `.npy` file, local or remote (no pickles)."""
+  return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+
+
+@contextlib.contextmanager
+def local_copy(path: PathLike):
+  """A local file path holding `path`'s bytes (for readers that take only
+  local files, such as ArrayRecord): the path itself when local, else a
+  temporary copy removed on exit."""
+  if not is_remote(path):
+    yield os.fspath(as_path(path))
+    return
+  d = tempfile.mkdtemp(prefix="efiqa-copy-")
+  try:
+    local = os.path.join(d, os.fspath(path).rsplit("/", 1)[-1])
+    with open(local, "wb") as f:
+      f.write(read_bytes(path))
+    yield local
+  finally:
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _tmp_name(p: epath.Path) -> epath.Path:
+  # `NAME.tmp-*`: what the driver's cleanup of a killed run's temporaries
+  # matches.
+  return p.parent / f"{p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> epath.Path:
+  """Writes `data` to `path` so that a reader sees the old file or the new one.
+
+  Local: a temporary file in the same folder, then `os.replace` (a killed
+  writer leaves at most `NAME.tmp-*`, never half a NAME). Cloud:
+  one object upload (atomic by itself). Parent folders are created.
+  """
+  p = as_path(path)
+  if is_remote(p):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("wb") as f:
+      f.write(data)
+    return p
+  parent = os.fspath(p.parent)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.fspath(_tmp_name(p))
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, os.fspath(p))
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return p
+
+
+def atomic_write_text(path: PathLike, text: str) -> epath.Path:
+  return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: PathLike, obj: Any, **kwargs) -> epath.Path:
+  kwargs.setdefault("indent", 2)
+  return atomic_write_text(path, json.dumps(obj, **kwargs) + "\n")
+
+
+def atomic_write_npy(path: PathLike, array: np.ndarray) -> epath.Path:
+  buf = io.BytesIO()
+  np.save(buf, np.asarray(array), allow_pickle=False)
+  return atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_csv(path: PathLike, fieldnames: Sequence[str],
+                     rows: Iterable[dict[str, Any]]) -> epath.Path:
+  """A CSV with a header row (`csv.DictWriter`, '\\n' line ends)."""
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=list(fieldnames), lineterminator="\n")
+  w.writeheader()
+  for r in rows:
+    w.writerow(r)
+  return atomic_write_text(path, buf.getvalue())
+
+
+def read_csv(path: PathLike) -> tuple[list[str], list[dict[str, str]]]:
+  """(fieldnames, rows) of a CSV with a header row; local or remote."""
+  reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+  rows = list(reader)
+  return list(reader.fieldnames or []), rows
+
+
+def is_image_name(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _fs(path: str):
+  """The fsspec filesystem epath uses for a remote path (listings cache cleared).
+
+  Another process may have written since this one last listed; gcsfs caches
+  listings per process, so each listing starts from the bucket.
+  """
+  fs = epath.backend.fsspec_backend.fs(path)
+  fs.invalidate_cache()
+  return fs
+
+
+def _remote_uri(path: str, like: str) -> str:
+  scheme = like.split("://", 1)[0]
+  return path if "://" in path else f"{scheme}://{path}"
+
+
+def _relkey(p: str, folder: str) -> str:
+  return p[len(folder):].lstrip("/") if p.startswith(folder) else p
+
+
+def list_images(folder: PathLike) -> list[str]:
+  """Image files under `folder`, recursively, sorted by relative path.
+
+  Extensions in `IMAGE_EXTENSIONS` (case-insensitive); hidden files and
+  folders (a name starting with '.') are skipped. Sorting on the '/'-separated
+  relative path gives the same order on every OS, file system and bucket. A
+  remote folder is listed in one recursive listing (`find`), not per level.
+  """
+  folder = os.fspath(as_path(folder))
+  if is_remote(folder):
+    base = folder.rstrip("/")
+    fs = _fs(base)
+    found = []
+    for p in fs.find(base):
+      uri = _remote_uri(p, base)
+      rel = _relkey(uri, base)
+      parts = rel.split("/")
+      if any(part.startswith(".") for part in parts) or not is_image_name(rel):
+        continue
+      found.append(uri)
+    return sorted(found, key=lambda u: _relkey(u, base))
+  found = []
+  for root, dirs, names in os.walk(folder):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    for f in names:
+      if not f.startswith(".") and is_image_name(f):
+        found.append(os.path.join(root, f))
+  return sorted(found,
+                key=lambda p: os.path.relpath(p, folder).replace(os.sep, "/"))
+
+
+def file_sizes(folder: PathLike) -> list[tuple[str, int]]:
+  """(path relative to `folder` with '/' separators, size in bytes) of every
+  file below it, sorted; a remote folder in one recursive listing."""
+  folder = os.fspath(as_path(folder))
+  if is_remote(folder):
+    base = folder.rstrip("/")
+    fs = _fs(base)
+    out = []
+    for p, info in fs.find(base, detail=True).items():
+      if info.get("type") != "directory":
+        out.append((_relkey(_remote_uri(p, base), base), int(info["size"])))
+    return sorted(out)
+  out = []
+  for root, _, names in os.walk(folder):
+    for n in names:
+      f = os.path.join(root, n)
+      out.append((os.path.relpath(f, folder).replace(os.sep, "/"),
+                  os.path.getsize(f)))
+  return sorted(out)
+
+
+def has_glob(path: PathLike) -> bool:
+  return bool(_GLOB_CHARS & set(os.fspath(path)))
+
+
+def glob(pattern: PathLike) -> list[str]:
+  """Matches of a glob pattern (`**` recursive), sorted; local or remote."""
+  pattern = os.fspath(pattern)
+  if is_remote(pattern):
+    # As Python's glob: a wildcard does not match a name starting with '.'.
+    literal = set(pattern.split("/"))
+    return sorted(
+        u for u in (_remote_uri(p, pattern) for p in _fs(pattern).glob(pattern))
+        if not any(part.startswith(".") and part not in literal
+                   for part in u.split("/")))
+  return sorted(glob_lib.glob(os.path.expanduser(pattern), recursive=True))
+
+
+def glob_images(pattern: PathLike) -> list[str]:
+  """Image files matching a glob; folders that match are expanded."""
+  found = []
+  for m in glob(pattern):
+    if isdir(m):
+      found.extend(list_images(m))
+    elif is_image_name(m):
+      found.append(m)
+  return found
 
 
 # ------------------------------------------------- journals and fingerprints
@@ -36,10 +351,8 @@ def _is_local(path: epath.Path) -> bool:
 
 
 def _write_whole(path: epath.Path, data: str) -> None:
-  """Temporary name, then rename (readers never see half a file)."""
-  tmp = path.parent / f"{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.write_text(data)
-  tmp.replace(path)
+  """Readers never see half a file (see `atomic_write_bytes`)."""
+  atomic_write_text(path, data)
 
 
 class Journal:
@@ -203,10 +516,6 @@ def identity(path) -> dict:
   side = p / "efiqa.json"
   if side.exists():
     h.update(side.read_bytes())
-  listing = []
-  for root, _, names in p.walk():
-    for name in names:
-      f = epath.Path(root) / name
-      listing.append(f"{f.relative_to(p)}:{f.stat().length}")
+  listing = [f"{rel}:{size}" for rel, size in file_sizes(p)]
   h.update("\n".join(sorted(listing)).encode())
   return {"path": os.fspath(p), "sha256": h.hexdigest()}

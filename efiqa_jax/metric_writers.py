@@ -30,6 +30,8 @@ from typing import Any, Mapping
 import numpy as np
 from etils import epath
 
+from efiqa_jax import files
+
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
@@ -56,9 +58,7 @@ def _png(a: np.ndarray) -> bytes:
 
 
 def _atomic_write_text(path: epath.Path, text: str) -> None:
-  tmp = path.parent / (path.name + f".tmp{os.getpid()}")
-  tmp.write_text(text)
-  tmp.replace(path)
+  files.atomic_write_text(path, text)
 
 
 class NullWriter:
@@ -81,17 +81,42 @@ class NullWriter:
 
 
 class JsonlWriter(NullWriter):
-  """Scalars as JSON lines; images as PNG files when `png_panels`."""
+  """Scalars as JSON lines; images as PNG files when `png_panels`.
+
+  Local: appended and flushed row by row. An object store has no append
+  (gcsfs's mode 'a' overwrites): the rows are kept in memory, after the
+  rows already there, and the whole object is rewritten on `flush` (the
+  trainer flushes at every checkpoint, so a resumed run finds every row up
+  to its checkpoint) and at most every `REMOTE_FLUSH_S` seconds.
+  """
+
+  REMOTE_FLUSH_S = 30.0
 
   def __init__(self, workdir, *, png_panels: bool):
     self.workdir = epath.Path(workdir)
     self.png_panels = png_panels
-    self._f = (self.workdir / METRICS).open("a")
+    self._path = self.workdir / METRICS
+    self._remote = files.is_remote(self._path)
+    if self._remote:
+      self._text = self._path.read_text() if self._path.exists() else ""
+      if self._text and not self._text.endswith("\n"):
+        self._text += "\n"  # a row cut by a kill stays one bad line
+      self._dirty, self._last = False, time.monotonic()
+      self._f = None
+    else:
+      self._f = self._path.open("a")
 
   def write_scalars(self, step, scalars):
     row = {"step": int(step)}
     row.update({k: float(v) for k, v in scalars.items()})
-    self._f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    if self._remote:
+      self._text += line
+      self._dirty = True
+      if time.monotonic() - self._last > self.REMOTE_FLUSH_S:
+        self.flush()
+      return
+    self._f.write(line)
     self._f.flush()
 
   def write_images(self, step, images):
@@ -100,7 +125,8 @@ class JsonlWriter(NullWriter):
     d = self.workdir / "panels"
     d.mkdir(parents=True, exist_ok=True)
     for name, v in images.items():
-      (d / f"{int(step):08d}_{name}.png").write_bytes(_png(_row_image(v)))
+      files.atomic_write_bytes(d / f"{int(step):08d}_{name}.png",
+                               _png(_row_image(v)))
 
   def write_hparams(self, hparams):
     _atomic_write_text(self.workdir / HPARAMS,
@@ -108,10 +134,16 @@ class JsonlWriter(NullWriter):
                                   default=str))
 
   def flush(self):
-    self._f.flush()
+    if not self._remote:
+      self._f.flush()
+    elif self._dirty:
+      files.atomic_write_text(self._path, self._text)
+      self._dirty, self._last = False, time.monotonic()
 
   def close(self):
-    self._f.close()
+    self.flush()
+    if self._f is not None:
+      self._f.close()
 
 
 class TensorBoardWriter(NullWriter):

@@ -179,9 +179,10 @@ class PrepareVesselMap:
 
   def map(self, element) -> dict:
     from PIL import Image  # pylint: disable=g-import-not-at-top
+    from efiqa_jax import files  # pylint: disable=g-import-not-at-top
     path = element["path"]
     try:
-      with Image.open(path) as im:
+      with Image.open(io.BytesIO(files.read_bytes(path))) as im:
         arr = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
       return self.blank("not_found", f"no such file: {path}", path)
@@ -268,7 +269,8 @@ def write_pseudo_labels(inputs, teacher: str, out_dir: str, *,
     driver.write_atomic(names[1], buf.getvalue())
     return {"status": "ok", "message": ""}
 
-  rule = dict(dataclasses.asdict(spec), teacher=os.path.abspath(teacher),
+  rule = dict(dataclasses.asdict(spec),
+              teacher=os.fspath(files.abs_path(teacher)),
               from_photos=bool(from_photos))
 
   def finish(rows, out):

@@ -45,7 +45,8 @@ def load_quality_model(name_or_path: str = "default", **kwargs):
           f"the bundled default model is missing from {path}; reinstall "
           "efiqa-jax or pass --model PATH")
     return TeacherQualityModel.from_checkpoint(path, name="default", **kwargs)
-  if os.path.isdir(name_or_path):
+  from efiqa_jax import files  # pylint: disable=g-import-not-at-top
+  if files.isdir(name_or_path):
     from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
     try:
       checkpoints.check_kind(name_or_path, "teacher")
@@ -237,6 +238,7 @@ class StudentQualityModel:
                        dtype: str | None = None, **kwargs):
     """kwargs go to the constructor (preprocess=None: the adapter's)."""
     from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    from efiqa_jax import files  # pylint: disable=g-import-not-at-top
     from efiqa_jax.models import adapters  # pylint: disable=g-import-not-at-top
     if not encoder or not adapter:
       raise ValueError("--model student needs --encoder DIR and --adapter DIR")
@@ -264,8 +266,9 @@ class StudentQualityModel:
     head = None
     if calibration and cal.get("eyeq_head"):
       hp = cal["eyeq_head"]
-      if not os.path.isabs(hp):  # relative to the calibration file
-        hp = os.path.join(os.path.dirname(os.path.abspath(calibration)), hp)
+      if not (os.path.isabs(hp) or files.is_remote(hp)):
+        # relative to the calibration file
+        hp = files.join(files.abs_path(calibration).parent, hp)
       head, head_meta = checkpoints.load_model(hp, architecture="eyeq_head")
       meta["eyeq_head"] = head_meta
       if head.in_dim != enc.cfg["hidden_size"]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import math
 import os
 import struct
@@ -12,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from efiqa_jax import files as files_lib
 
 # A perceptual ramp (black-red-yellow-white), enough for a quality heat map and
 # free of a matplotlib import on the hot path.
@@ -188,14 +191,14 @@ def write_png(path: str, arr: np.ndarray) -> None:
   """Writes `encode_png(arr)` (other dtypes/shapes through Pillow) to path,
   atomically: a reader never sees a partial file."""
   a = np.asarray(arr)
-  tmp = path + ".tmp.png"
   if a.dtype == np.uint8 and (a.ndim == 2 or (
       a.ndim == 3 and a.shape[2] in _PNG_COLOR_TYPE)):
-    with open(tmp, "wb") as f:
-      f.write(encode_png(a))
+    data = encode_png(a)
   else:
-    Image.fromarray(a).save(tmp, optimize=False, compress_level=1)
-  os.replace(tmp, path)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG", optimize=False, compress_level=1)
+    data = buf.getvalue()
+  files_lib.atomic_write_bytes(path, data)
 
 
 # ------------------------------------------------------------- HTML report
@@ -221,13 +224,13 @@ def write_card_files(out_dir: str, id_: str, crop: np.ndarray,
   """The report's two small files of one image (`efiqa assess` calls this
   per image): DIR/report/<id>.jpg, the FOV crop the map covers, and
   DIR/report/<id>.png, the map layer (`map_layer`). Atomic writes."""
-  d = os.path.join(out_dir, REPORT_FILES)
-  os.makedirs(d, exist_ok=True)
-  jpg = os.path.join(d, id_ + ".jpg")
+  d = files_lib.join(out_dir, REPORT_FILES)
+  buf = io.BytesIO()
   Image.fromarray(np.asarray(crop, np.uint8)).save(
-      jpg + ".tmp", format="JPEG", quality=jpeg_quality)
-  os.replace(jpg + ".tmp", jpg)
-  write_png(os.path.join(d, id_ + ".png"), map_layer(qmap))
+      buf, format="JPEG", quality=jpeg_quality)
+  files_lib.atomic_write_bytes(files_lib.join(d, id_ + ".jpg"),
+                               buf.getvalue())
+  write_png(files_lib.join(d, id_ + ".png"), map_layer(qmap))
 
 
 _CSS = """
@@ -360,14 +363,23 @@ class _Files:
     self.out_dir, self.page_dir = out_dir, page_dir
     self.files_dir, self.overlay_dir = files_dir, overlay_dir
     self.self_contained = self_contained
+    self._listed: dict[str, set[str]] = {}
+
+  def _exists(self, path: str) -> bool:
+    if not files_lib.is_remote(path):
+      return os.path.isfile(path)
+    # In a bucket: one listing per folder, not one request per picture.
+    folder = path.rsplit("/", 1)[0]
+    if folder not in self._listed:
+      self._listed[folder] = set(files_lib.glob(folder + "/*"))
+    return path in self._listed[folder]
 
   def _url(self, path: str, mime: str) -> str | None:
-    if not os.path.isfile(path):
+    if not self._exists(path):
       return None
     if self.self_contained:
-      with open(path, "rb") as f:
-        return (f"data:{mime};base64,"
-                + base64.b64encode(f.read()).decode("ascii"))
+      return (f"data:{mime};base64,"
+              + base64.b64encode(files_lib.read_bytes(path)).decode("ascii"))
     rel = os.path.relpath(path, self.page_dir).replace(os.sep, "/")
     return urllib.parse.quote(rel)
 
@@ -384,8 +396,9 @@ class _Files:
                                   id_ + ".png"), "image/png")
 
   def original(self, image: str) -> str | None:
-    if self.self_contained or not image or not os.path.isfile(image):
-      return None
+    if (self.self_contained or not image or files_lib.is_remote(image)
+        or files_lib.is_remote(self.page_dir) or not os.path.isfile(image)):
+      return None  # no relative link between a bucket and a disk
     rel = os.path.relpath(os.path.abspath(image), self.page_dir)
     return urllib.parse.quote(rel.replace(os.sep, "/"))
 
@@ -447,16 +460,14 @@ def _page(title: str, body: Sequence[str], grading=None) -> str:
 
 
 def _atomic_write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  files_lib.atomic_write_text(path, text)
 
 
 def write_report(path: str, rows: Sequence[dict], title: str, *,
                  grading=None, files_dir: str = REPORT_FILES,
                  overlay_dir: str = "overlays", page_size: int = PAGE_SIZE,
-                 self_contained: bool = False) -> list[str]:
+                 self_contained: bool = False,
+                 out_dir: str | None = None) -> list[str]:
   """The HTML report of an `efiqa assess` folder; returns the files written.
 
   `path` is DIR/report.html; the pictures are the ones `write_card_files`
@@ -474,8 +485,12 @@ def write_report(path: str, rows: Sequence[dict], title: str, *,
   self_contained: one file with every picture inside (data URIs), for a
   notebook's iframe or an e-mail; it holds the summary and the first page
   only (it says so when there are more).
+  out_dir: the assess folder, when `path` is not in it (default: its folder).
+  `path` and out_dir may be local or in a bucket (`gs://...`).
   """
-  out_dir = os.path.dirname(os.path.abspath(path))
+  if out_dir is None:
+    out_dir = (path.rsplit("/", 1)[0] if files_lib.is_remote(path)
+               else os.path.dirname(os.path.abspath(path)))
   page_size = max(1, int(page_size))
   ok = sorted((r for r in rows if r.get("status") == "ok"),
               key=lambda r: -float(r["quality"]))
@@ -565,7 +580,7 @@ def write_report(path: str, rows: Sequence[dict], title: str, *,
   _atomic_write(path, _page(title, body, grading))
   written.append(path)
   if n_pages > 1 or n_fail_pages:
-    os.makedirs(pages_dir, exist_ok=True)
+    files_lib.makedirs(pages_dir)
   files_sub = _Files(out_dir, pages_dir, files_dir, overlay_dir, False)
   for k in range(2, n_pages + 1):
     chunk = ok[(k - 1) * page_size:k * page_size]
@@ -591,18 +606,17 @@ def self_contained_report(out_dir: str, *, title: str | None = None,
   """The report of an `efiqa assess` folder as one HTML string with every
   picture inside: what a notebook shows (an iframe has no folder to load
   pictures from). Reads DIR/scores.csv."""
-  import csv  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(out_dir, "scores.csv"), newline="") as f:
-    rows = list(csv.DictReader(f))
+  out_dir = os.fspath(files_lib.abs_path(out_dir))
+  rows = files_lib.read_csv(files_lib.join(out_dir, "scores.csv"))[1]
   if grading is None and rows:
     grading = _grading_of_run(out_dir)
   title = title or f"efiqa assess — {len(rows)} images"
-  fd, tmp = tempfile.mkstemp(suffix=".html", dir=out_dir)
+  fd, tmp = tempfile.mkstemp(suffix=".html")
   os.close(fd)
   try:
     write_report(tmp, rows, title, grading=grading, page_size=page_size,
-                 self_contained=True)
+                 self_contained=True, out_dir=out_dir)
     with open(tmp, encoding="utf-8") as f:
       return f.read()
   finally:
@@ -614,11 +628,10 @@ def _grading_of_run(out_dir: str):
   tag), for the self-contained copy; None without a report."""
   import re  # pylint: disable=g-import-not-at-top
   from efiqa_jax import quality as quality_lib  # pylint: disable=g-import-not-at-top
-  p = os.path.join(out_dir, "report.html")
-  if not os.path.isfile(p):
+  p = files_lib.join(out_dir, "report.html")
+  if not files_lib.isfile(p):
     return None
-  with open(p, encoding="utf-8") as f:
-    m = re.search(r"<meta name='efiqa-grading' content='([^,']+),([^']+)'>",
-                  f.read(4096))
+  m = re.search(r"<meta name='efiqa-grading' content='([^,']+),([^']+)'>",
+                files_lib.read_text(p)[:4096])
   return quality_lib.Grading(float(m.group(1)), float(m.group(2))) if m \
       else None

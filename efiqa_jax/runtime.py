@@ -43,7 +43,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C: checkpoint saved (if any step ran), rerun
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 # Third-party loggers that are quiet (WARNING) unless --log-level debug.
 _NOISY = ("absl", "orbax", "jax", "grain", "tensorflow", "tensorboard",
-          "etils", "clu", "PIL", "matplotlib", "urllib3")
+          "etils", "clu", "PIL", "matplotlib", "urllib3", "gcsfs", "fsspec",
+          "google", "aiohttp")
 
 
 class Interrupted(Exception):

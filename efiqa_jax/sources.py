@@ -22,8 +22,6 @@ Row schema (every row, ok, failed or padding, has every key, fixed shapes):
 """
 from __future__ import annotations
 
-import csv
-import glob as glob_lib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,9 +29,9 @@ from typing import Any
 import grain
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif",
-                    ".dcm")
-_GLOB_CHARS = set("*?[")
+from efiqa_jax import files
+
+IMAGE_EXTENSIONS = files.IMAGE_EXTENSIONS
 # CSV inputs: the first of these columns names the image (relative paths are
 # relative to the CSV). `image` is what the project's own CSVs use (synth's
 # labels.csv, assess's scores.csv).
@@ -55,68 +53,51 @@ def no_inputs_exit(command: str, error: Exception) -> int:
   return EXIT_NO_INPUTS
 
 
-def _is_image(name: str) -> bool:
-  return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _walk_images(folder: str) -> list[str]:
-  """Image files under `folder`, recursively, sorted by relative path.
-
-  Sorting on the relative path (with '/' separators) makes the order the same
-  on every OS and file system; hidden files and folders are skipped.
-  """
-  found = []
-  for root, dirs, files in os.walk(folder):
-    dirs[:] = [d for d in dirs if not d.startswith(".")]
-    for f in files:
-      if not f.startswith(".") and _is_image(f):
-        found.append(os.path.join(root, f))
-  return sorted(found,
-                key=lambda p: os.path.relpath(p, folder).replace(os.sep, "/"))
-
-
 def _read_csv(csv_path: str) -> list[str]:
-  with open(csv_path, newline="") as f:
-    reader = csv.DictReader(f)
-    col = next((c for c in CSV_PATH_COLUMNS
-                if c in (reader.fieldnames or ())), None)
-    if col is None:
-      raise ValueError(
-          f"{csv_path}: a CSV input needs a `path` or `image` column; found "
-          f"columns {reader.fieldnames}")
-    base = os.path.dirname(os.path.abspath(csv_path))
-    out = []
-    for line, row in enumerate(reader, start=2):
-      p = (row[col] or "").strip()
-      if not p:
-        raise ValueError(f"{csv_path}:{line}: empty `{col}`")
+  fieldnames, rows = files.read_csv(csv_path)
+  col = next((c for c in CSV_PATH_COLUMNS if c in fieldnames), None)
+  if col is None:
+    raise ValueError(
+        f"{csv_path}: a CSV input needs a `path` or `image` column; found "
+        f"columns {fieldnames or None}")
+  base = (os.fspath(files.as_path(csv_path).parent)
+          if files.is_remote(csv_path)
+          else os.path.dirname(os.path.abspath(csv_path)))
+  out = []
+  for line, row in enumerate(rows, start=2):
+    p = (row[col] or "").strip()
+    if not p:
+      raise ValueError(f"{csv_path}:{line}: empty `{col}`")
+    if not files.is_remote(p):
       p = os.path.expanduser(p)
-      out.append(p if os.path.isabs(p) else os.path.join(base, p))
-    if not out:
-      raise NoInputsError(f"{csv_path} has no rows")
-    return out
+      p = p if os.path.isabs(p) else files.join(base, p)
+    out.append(p)
+  if not out:
+    raise NoInputsError(f"{csv_path} has no rows")
+  return out
 
 
 def list_inputs(inputs: Sequence[str] | str) -> list[str]:
-  """Expands inputs into an ordered list of image paths.
+  """Expands inputs into an ordered list of image paths (local or `gs://`).
 
   Each input is, in this order of checks:
     * a CSV file (`.csv`): its `path` column (else its `image` column), in
-      file order; relative paths are resolved against the CSV's folder;
-    * a folder: every image file below it (recursive; extensions in
-      `IMAGE_EXTENSIONS`, case-insensitive), sorted by relative path; a
-      folder without images raises NoInputsError;
+      file order; relative paths are resolved against the CSV's folder (its
+      bucket prefix for a `gs://` CSV);
+    * a folder (or bucket prefix): every image file below it (recursive;
+      extensions in `IMAGE_EXTENSIONS`, case-insensitive), sorted by relative
+      path; a folder without images raises NoInputsError;
     * an existing file: taken as is (whatever its extension, so a mistyped
       file still gets a status row from the decoder instead of vanishing);
-    * a glob pattern (`*`, `?`, `[`): its matches, sorted; folders that match
-      are expanded as above, non-image files are skipped. A glob matching
-      no image raises NoInputsError.
+    * a glob pattern (`*`, `?`, `[`; `**` spans folders): its matches,
+      sorted; folders that match are expanded as above, non-image files are
+      skipped. A glob matching no image raises NoInputsError.
     * anything else (a path that does not exist): returned AS IS, so the
       caller writes a `not_found` status row for it. Inputs never vanish.
 
   Inputs keep the order given; expansions are sorted within each input.
   Duplicates are kept (each occurrence is one record). No input at all
-  raises NoInputsError.
+  raises NoInputsError. Listing goes through `efiqa_jax.files` (etils.epath).
   """
   if isinstance(inputs, (str, os.PathLike)):
     inputs = [inputs]
@@ -124,25 +105,21 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
     raise NoInputsError("no input was given")
   out: list[str] = []
   for raw in inputs:
-    item = os.path.expanduser(os.fspath(raw))
-    if item.lower().endswith(".csv") and os.path.isfile(item):
+    item = os.fspath(raw)
+    if not files.is_remote(item):
+      item = os.path.expanduser(item)
+    if item.lower().endswith(".csv") and files.isfile(item):
       out.extend(_read_csv(item))
-    elif os.path.isdir(item):
-      found = _walk_images(item)
+    elif files.isdir(item):
+      found = files.list_images(item)
       if not found:
         raise NoInputsError(f"folder {item!r} holds no image files "
                             f"({', '.join(IMAGE_EXTENSIONS)})")
       out.extend(found)
-    elif os.path.isfile(item):
+    elif files.isfile(item):
       out.append(item)
-    elif _GLOB_CHARS & set(item):
-      matches = sorted(glob_lib.glob(item, recursive=True))
-      found = []
-      for m in matches:
-        if os.path.isdir(m):
-          found.extend(_walk_images(m))
-        elif _is_image(m):
-          found.append(m)
+    elif files.has_glob(item):
+      found = files.glob_images(item)
       if not found:
         raise NoInputsError(f"glob {item!r} matches no image files")
       out.extend(found)

@@ -51,6 +51,7 @@ import optax
 from etils import epath
 from flax import nnx
 
+from efiqa_jax import files
 from efiqa_jax import metric_writers
 from efiqa_jax import progress as progress_lib
 from efiqa_jax import runtime
@@ -743,6 +744,7 @@ def _fit(task, tc, workdir, stopper, _stop_after_steps):
         if _crossed(prev, step, tc.checkpoint_every) and step < total:
           _check_finite(pending, mngr)  # never checkpoint a NaN state
           _save(mngr, step, state, it, grain_iter, fp, ocp)
+          writer.flush()  # an object store keeps the rows up to here
         if _stop_after_steps is not None and done_here >= _stop_after_steps:
           return FitResult(os.fspath(wd) if wd else None, step, total,
                            history, float("nan"), None, None, None, graphdef,
@@ -867,9 +869,8 @@ def _read_fingerprint(mngr, step, ocp):
 
 
 def _atomic_json(path: epath.Path, obj) -> None:
-  tmp = path.parent / (path.name + f".tmp{os.getpid()}")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-  tmp.replace(path)
+  files.atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True)
+                          + "\n")
 
 
 def _logged_loss(wd, upto: int) -> float:

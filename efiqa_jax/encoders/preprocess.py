@@ -93,7 +93,9 @@ def _to_pil(image):
   if isinstance(image, Image.Image):
     return image.convert("RGB")
   if isinstance(image, (str, os.PathLike)):
-    with Image.open(image) as im:
+    import io  # pylint: disable=g-import-not-at-top
+    from efiqa_jax import files  # pylint: disable=g-import-not-at-top
+    with Image.open(io.BytesIO(files.read_bytes(image))) as im:
       return im.convert("RGB")
   arr = np.asarray(image)
   if arr.dtype != np.uint8:

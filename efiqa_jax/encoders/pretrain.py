@@ -144,13 +144,14 @@ def pretrain_mim(inputs: Sequence[str] | str, out_dir: str, config, *,
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import files  # pylint: disable=g-import-not-at-top
   from efiqa_jax import metric_writers  # pylint: disable=g-import-not-at-top
   from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
   from efiqa_jax import trainer  # pylint: disable=g-import-not-at-top
 
   t0 = time.time()
   runtime.initialize()
-  workdir = os.path.abspath(workdir or os.path.join(out_dir, "train"))
+  workdir = files.output_dir(workdir or files.join(out_dir, "train"))
   size, work = int(config.size), int(config.work_size)
   pixels, ok_paths, failed = load_pixels(
       inputs, size, work, progress and runtime.is_primary())
@@ -205,11 +206,11 @@ def pretrain_mim(inputs: Sequence[str] | str, out_dir: str, config, *,
         "steps": steps, "first_loss": curve[0][1] if curve else None,
         "final_loss": res.final_loss,
         "preprocessing": {"size": size, "work_size": work, "mode": "efiqa"}}}
-    os.makedirs(out_dir, exist_ok=True)
+    files.makedirs(out_dir)
     checkpoints.save_model(out_dir, model["encoder"], meta, overwrite=True)
     if runtime.is_primary():  # one writer (save_model synchronised the rest)
-      with open(os.path.join(out_dir, "pretrain_loss.json"), "w") as f:
-        json.dump(curve, f)
+      files.atomic_write_text(files.join(out_dir, "pretrain_loss.json"),
+                              json.dumps(curve))
     return curve
 
   oc = config.optimizer
@@ -237,7 +238,8 @@ def pretrain_mim(inputs: Sequence[str] | str, out_dir: str, config, *,
                          default=str))
   res = trainer.fit(task, tc, workdir)
   curve = res.export or [(res.step, res.final_loss)]
-  return PretrainResult(os.path.abspath(out_dir), res.step, res.final_loss,
+  return PretrainResult(os.fspath(files.abs_path(out_dir)), res.step,
+                        res.final_loss,
                         curve[0][1], len(ok_paths), failed, time.time() - t0)
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from efiqa_jax import files
+
 # 120 MP: well above any fundus camera (the largest are ~24 MP) and still a
 # bounded allocation (~360 MB RGB).
 DEFAULT_MAX_PIXELS = 120_000_000
@@ -63,14 +65,14 @@ def _read_source(source, meta) -> tuple[bytes | None, Decoded | None]:
                        f"source of type {type(source).__name__} is neither a "
                        "path nor bytes", meta)
   meta["source"] = path
-  if not os.path.exists(path):
-    return None, _fail(NOT_FOUND, f"file not found: {path}", meta)
-  if os.path.isdir(path):
-    return None, _fail(UNREADABLE, f"is a directory, not an image: {path}",
-                       meta)
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    p = files.as_path(path)
+    if not p.exists():
+      return None, _fail(NOT_FOUND, f"file not found: {path}", meta)
+    if p.is_dir():
+      return None, _fail(UNREADABLE, f"is a directory, not an image: {path}",
+                         meta)
+    data = p.read_bytes()
   except OSError as e:
     return None, _fail(UNREADABLE, f"cannot read {path}: {e}", meta)
   return data, None

@@ -14,12 +14,14 @@ the fixed batch size with `mask` = 0 rows (static shapes for jit).
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import os
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+
+from efiqa_jax import files as files_lib
 
 
 @dataclasses.dataclass
@@ -39,18 +41,19 @@ class DataReport:
 def label_files(labels_dir: str) -> dict[str, str]:
   """id -> PNG path; `labels_dir` is a pseudo-label output dir (with a
   labels/ subfolder) or a folder of grid PNGs."""
-  d = labels_dir
-  if os.path.isdir(os.path.join(d, "labels")):
-    d = os.path.join(d, "labels")
-  if not os.path.isdir(d):
+  d = os.fspath(labels_dir)
+  if files_lib.isdir(files_lib.join(d, "labels")):
+    d = files_lib.join(d, "labels")
+  if not files_lib.isdir(d):
     raise FileNotFoundError(f"label folder not found: {labels_dir}")
-  return {os.path.splitext(f)[0]: os.path.join(d, f)
-          for f in sorted(os.listdir(d)) if f.lower().endswith(".png")}
+  names = sorted(p.name for p in files_lib.as_path(d).iterdir())
+  return {os.path.splitext(f)[0]: files_lib.join(d, f)
+          for f in names if f.lower().endswith(".png")}
 
 
 def read_label(path: str) -> np.ndarray:
   """Grid PNG -> (gh, gw) float32 in {0, 1} (> 0 is positive = degraded)."""
-  a = np.asarray(Image.open(path))
+  a = np.asarray(Image.open(io.BytesIO(files_lib.read_bytes(path))))
   if a.ndim == 3:
     a = a[..., 0]
   return (a > 0).astype(np.float32)
@@ -69,11 +72,11 @@ def feature_files(features_dir: str) -> tuple[dict[str, str], list, dict]:
   """(id -> .npy path (or, for ArrayRecord output, the array), not-ok
   manifest rows, metadata) of `efiqa extract` output."""
   from efiqa_jax import features as feats_lib
-  meta_path = os.path.join(features_dir, feats_lib.METADATA)
+  features_dir = os.fspath(features_dir)
+  meta_path = files_lib.join(features_dir, feats_lib.METADATA)
   meta = {}
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
+  if files_lib.exists(meta_path):
+    meta = files_lib.read_json(meta_path)
   out, bad = {}, []
   if meta.get("format", "npy") == "arrayrecord":
     # Shards are read into memory once (id -> (gh, gw, D) array).
@@ -87,16 +90,17 @@ def feature_files(features_dir: str) -> tuple[dict[str, str], list, dict]:
     return out, bad, meta
   if meta.get("format", "npy") != "npy":
     raise ValueError(f"{features_dir}: unknown format {meta.get('format')!r}")
-  if os.path.exists(os.path.join(features_dir, feats_lib.MANIFEST)):
+  if files_lib.exists(files_lib.join(features_dir, feats_lib.MANIFEST)):
     for r in feats_lib.read_manifest(features_dir):
       if r["status"] == "ok" and r.get("file"):
-        out[r["id"]] = os.path.join(features_dir, r["file"])
+        out[r["id"]] = files_lib.join(features_dir, r["file"])
       else:
         bad.append((r["id"], r["status"]))
   else:  # a plain folder of <id>.npy (e.g. the reference extractor's)
-    for f in sorted(os.listdir(features_dir)):
+    for f in sorted(p.name for p in
+                    files_lib.as_path(features_dir).iterdir()):
       if f.endswith(".npy"):
-        out[f[:-4]] = os.path.join(features_dir, f)
+        out[f[:-4]] = files_lib.join(features_dir, f)
   if not out:
     raise ValueError(f"no feature files in {features_dir}")
   return out, bad, meta
@@ -112,8 +116,8 @@ def match(left: dict[str, str], labels: dict[str, str], not_ok=()
 
 def load_features(f) -> np.ndarray:
   """A feature entry (path of an .npy or an in-memory array) as float32."""
-  return (np.load(f) if isinstance(f, str) else np.asarray(f)).astype(
-      np.float32)
+  return (files_lib.load_npy(f) if isinstance(f, str)
+          else np.asarray(f)).astype(np.float32)
 
 
 def steps_per_epoch(n: int, batch: int) -> int:

@@ -133,14 +133,16 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
   from efiqa_jax.encoders import preprocess as pp
   from efiqa_jax.student import train
 
+  from efiqa_jax import files
+  from efiqa_jax import sources
   preprocess = pp.check_preprocess(
       preprocess or config.get("preprocess") or pp.DEFAULT_PREPROCESS)
   sources.list_inputs(list(inputs))  # no image: NoInputsError before any work
-  workdir = os.path.abspath(workdir)
+  workdir = os.fspath(files.abs_path(workdir))
   oh, ow = label_grid(config, encoder)
   if oh != ow:
     raise ValueError(f"non-square label grid {oh}x{ow}")
-  pdir = os.path.join(workdir, "pseudo")
+  pdir = files.join(workdir, "pseudo")
   pl = config.get("pseudo_labels", {})
   spec, origin = pseudo_labels.teacher_label_spec(
       teacher, oh, threshold=pl.get("threshold"), relax=pl.get("relax"))
@@ -159,7 +161,7 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
     photograph_labels(pdir, edir, spec, work_size=config.work_size,
                       progress=progress)
     pdir = edir
-  fdir = os.path.join(workdir, "features")
+  fdir = files.join(workdir, "features")
   features.extract_features(list(inputs), encoder, fdir, size=config.size,
                             work_size=config.work_size, batch_size=batch_size,
                             preprocess=preprocess, progress=progress)
@@ -169,4 +171,4 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
     config.labels_dir = pdir
     config.preprocess = preprocess
     config.progress = progress and config.progress
-  return train.train_and_evaluate(config, os.path.join(workdir, "train"))
+  return train.train_and_evaluate(config, files.join(workdir, "train"))

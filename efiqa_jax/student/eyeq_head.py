@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from efiqa_jax import checkpoints
+from efiqa_jax import files as files_lib
 
 CLASSES = ("good", "usable", "reject")
 CALIBRATION = "calibration.json"
@@ -119,7 +120,7 @@ def train_eyeq_head(features_dir: str, adapter_dir: str, labels_csv: str,
     if key not in files:
       missing.append(key)
       continue
-    feats.append(np.load(files[key]).astype(np.float32))
+    feats.append(data_lib.load_features(files[key]))
     ys.append(ev.EYEQ_CLASSES[v])
   if not feats:
     raise ValueError("no labelled image has features")
@@ -130,7 +131,7 @@ def train_eyeq_head(features_dir: str, adapter_dir: str, labels_csv: str,
   meta = {"training": {"n": len(ys), "labels_without_features": missing,
                        "epochs": epochs, "batch": batch, "lr": lr,
                        "lambda": lam, "final_loss": hist[-1],
-                       "adapter": os.path.abspath(adapter_dir),
+                       "adapter": os.fspath(files_lib.abs_path(adapter_dir)),
                        "features": {k: fmeta.get(k) for k in (
                            "size", "work_size", "grid") if k in fmeta}},
           "classes": list(CLASSES)}
@@ -138,7 +139,8 @@ def train_eyeq_head(features_dir: str, adapter_dir: str, labels_csv: str,
   # The file `efiqa assess --model student --calibration` reads: the grade
   # becomes the head's class (path relative to this file).
   from efiqa_jax import calibrate
-  with open(os.path.join(out_dir, CALIBRATION), "w") as f:
-    json.dump({"format": calibrate.FORMAT, "version": 1, "eyeq_head": "."},
-              f, indent=1)
+  files_lib.atomic_write_text(
+      files_lib.join(out_dir, CALIBRATION),
+      json.dumps({"format": calibrate.FORMAT, "version": 1, "eyeq_head": "."},
+                 indent=1))
   return meta

@@ -38,12 +38,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import sys
 from typing import Any
 
 import numpy as np
 
+from efiqa_jax import files as files_lib
 from efiqa_jax.student import data as data_lib
 
 
@@ -110,7 +110,9 @@ def _load_training_data(config, enc_meta=None):
       raise ValueError(f"no feature file in {config.features_dir} has a "
                        f"label in {config.labels_dir}")
     f0 = files[rep.matched[0]]
-    first = np.load(f0, mmap_mode="r") if isinstance(f0, str) else f0
+    first = (files_lib.load_npy(f0) if isinstance(f0, str) and
+             files_lib.is_remote(f0) else np.load(f0, mmap_mode="r")
+             if isinstance(f0, str) else f0)
     if first.ndim != 3:
       raise ValueError(f"features must be (gh, gw, D), got {first.shape}")
     grid = tuple(int(s) for s in first.shape)
@@ -193,8 +195,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   from efiqa_jax.student import losses
 
   runtime.initialize()
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = files_lib.output_dir(workdir)
   e2e = config.mode == "end_to_end"
   enc_meta = None
   if e2e:
@@ -273,7 +274,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
                 positive_fraction=pos, steps_per_epoch=spe,
                 total_steps=total)
   if runtime.is_primary():
-    _atomic_json(os.path.join(workdir, "data.json"), report)
+    _atomic_json(files_lib.join(workdir, "data.json"), report)
   for k in ("features_without_label", "labels_without_features", "not_ok"):
     if report[k]:
       print(f"train-adapter: {len(report[k])} {k.replace('_', ' ')} (listed "
@@ -358,7 +359,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
         threads=int(config.data_threads)))
 
   def export(model, res):
-    adapter_dir = os.path.join(workdir, "adapter")
+    adapter_dir = files_lib.join(workdir, "adapter")
     if config.mode == "features":
       size = src_meta.get("size") or src_meta.get("image_size")
       ws = src_meta.get("work_size")
@@ -380,8 +381,8 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
 
   enc_sha = None
   if e2e:
-    with open(os.path.join(config.encoder, checkpoints.SIDECAR), "rb") as f:
-      enc_sha = hashlib.sha256(f.read()).hexdigest()
+    enc_sha = hashlib.sha256(files_lib.read_bytes(
+        files_lib.join(config.encoder, checkpoints.SIDECAR))).hexdigest()
   fp = trainer.config_fingerprint(
       config, dict(ids=ids, items=n_items, encoder_sha=enc_sha,
                    preprocess=preprocess),
@@ -409,10 +410,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
 
 
 def _atomic_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+  files_lib.atomic_write_json(path, obj)
 
 
 def _jsonable(obj):

@@ -27,6 +27,7 @@ import csv
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from efiqa_jax import files as files_lib
 from efiqa_jax.teacher import augment as aug_lib
 
 
@@ -161,7 +163,7 @@ def _folder_maps(dc) -> tuple[np.ndarray, np.ndarray, list[dict]]:
   if dc.vessels == "precomputed":
     for f in files:
       try:
-        with Image.open(f) as im:
+        with Image.open(io.BytesIO(files_lib.read_bytes(f))) as im:
           g = np.asarray(im.convert("L"))
       except Exception as e:  # pylint: disable=broad-except
         skipped.append(dict(path=f, status="unreadable", message=str(e)))
@@ -198,8 +200,8 @@ def data_key(dc) -> str:
   blob = json.dumps(dc.to_dict(), sort_keys=True, default=str)
   if dc.source == "folder" and dc.path:
     files = _folder_inputs(dc)
-    blob += json.dumps([(f, os.path.getsize(f), os.path.getmtime(f))
-                        for f in files if os.path.exists(f)])
+    stats = [(f, files_lib.size_mtime(f)) for f in files]
+    blob += json.dumps([(f, *st) for f, st in stats if st is not None])
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -207,9 +209,10 @@ def load_vessel_maps(dc, cache_dir: str | None = None
                      ) -> tuple[np.ndarray, np.ndarray, dict]:
   """Returns (maps (N,L,L) uint8, original diameters (N,), description)."""
   key = data_key(dc)
-  cache = os.path.join(cache_dir, f"vessel_maps_{key}.npz") if cache_dir else None
-  if cache and os.path.exists(cache):
-    z = np.load(cache, allow_pickle=False)
+  cache = (files_lib.join(cache_dir, f"vessel_maps_{key}.npz") if cache_dir
+           else None)
+  if cache and files_lib.exists(cache):
+    z = np.load(io.BytesIO(files_lib.read_bytes(cache)), allow_pickle=False)
     desc = json.loads(str(z["desc"]))
     return z["maps"], z["diam"], desc
   if dc.source == "synthetic":
@@ -232,21 +235,17 @@ def load_vessel_maps(dc, cache_dir: str | None = None
     logging.warning("skipped %d of %d inputs (see data_skipped.csv): %s",
                     len(skipped), len(skipped) + len(maps), skipped[:3])
     if cache_dir:
-      os.makedirs(cache_dir, exist_ok=True)
-      with open(os.path.join(cache_dir, "data_skipped.csv"), "w",
-                newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "status", "message"])
-        w.writeheader()
-        w.writerows(skipped)
+      files_lib.atomic_write_csv(files_lib.join(cache_dir, "data_skipped.csv"),
+                                 ["path", "status", "message"], skipped)
   desc = dict(description=what, num_maps=int(len(maps)),
               num_skipped=len(skipped), load_size=int(dc.load_size),
               gray_threshold=int(dc.gray_threshold),
               min_component=min_component, data_key=key)
   if cache:
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = cache + f".tmp{os.getpid()}.npz"  # several hosts may share workdir
-    np.savez(tmp, maps=maps, diam=diam, desc=json.dumps(desc))
-    os.replace(tmp, cache)
+    # Several hosts may share the workdir: each writes whole (atomic) files.
+    buf = io.BytesIO()
+    np.savez(buf, maps=maps, diam=diam, desc=json.dumps(desc))
+    files_lib.atomic_write_bytes(cache, buf.getvalue())
   return maps, diam, desc
 
 

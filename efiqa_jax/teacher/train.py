@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any
 
 import jax
@@ -29,6 +28,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from efiqa_jax import files
 from efiqa_jax import runtime
 from efiqa_jax import trainer
 from efiqa_jax.teacher import augment as aug_lib
@@ -175,12 +175,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   _check_config(config)
   runtime.initialize()
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = files.output_dir(workdir)
   pi, pc = jax.process_index(), jax.process_count()
 
   maps, diam, desc = data_lib.load_vessel_maps(
-      config.data, cache_dir=os.path.join(workdir, "data"))
+      config.data, cache_dir=files.join(workdir, "data"))
   n = len(maps)
   gbs = int(config.batch_size)
   total_steps = int(config.num_epochs) * n // gbs
@@ -256,6 +255,6 @@ def export_model(config, workdir, model, desc, step, total_steps,
       final_loss=float(history[-1][1]) if history else None,
       config=json.loads(config.to_json_best_effort()),
   )
-  out = os.path.join(workdir, "export")
+  out = files.join(workdir, "export")
   checkpoints.save_model(out, model, meta, overwrite=True)
   return out
