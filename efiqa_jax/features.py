@@ -198,12 +198,13 @@ def shard_model(model, mesh, rules: Sequence[tuple[str, tuple]] = ()):
 def place_frozen_encoder(model, mesh, rules: Sequence[tuple[str, tuple]] = ()):
   """`shard_model` for a frozen encoder that is only run.
 
-  Replicated (no rules), it first takes its inference form
-  (`VisionTransformer.to_inference_form`: q/k/v fused, kernels held
+  Replicated (no rules), a ViT runs in its inference form
+  (`kernels.vit_inference.inference_model`: q/k/v fused, kernels held
   (out, in); the same outputs, faster). With rules it keeps the checkpoint's
   parameter tree, which the rules name."""
-  if not rules and hasattr(model, "to_inference_form"):
-    model.to_inference_form()
+  if not rules and getattr(model, "ARCH", None) == "vit":
+    from efiqa_jax.kernels import vit_inference  # pylint: disable=g-import-not-at-top
+    model = vit_inference.inference_model(model)
   return shard_model(model, mesh, rules)
 
 

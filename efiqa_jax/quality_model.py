@@ -169,7 +169,7 @@ def pool_anomaly(anomaly, fov_t, *, threshold, map_size=MAP_SIZE):
 def _teacher_maps(graphdef, state, images, fov, *, threshold, teacher_size,
                   map_size):
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  from efiqa_jax.kernels import xla_cpu  # pylint: disable=g-import-not-at-top
   teacher = nnx.merge(graphdef, state)
 
   def maps(images, fov):
@@ -256,7 +256,8 @@ class StudentQualityModel:
                                            frozen=True)
     if getattr(enc, "ARCH", None) != "vit":
       raise ValueError(f"{encoder} is not a ViT encoder")
-    enc.to_inference_form()  # replicated and only run: fused q/k/v
+    from efiqa_jax.kernels import vit_inference  # pylint: disable=g-import-not-at-top
+    enc = vit_inference.inference_model(enc)  # replicated and only run
     ada, ada_meta = checkpoints.load_model(adapter)
     if not adapters.is_adapter_architecture(ada_meta["architecture"]):
       raise ValueError(f"{adapter} holds a {ada_meta['architecture']!r} "
