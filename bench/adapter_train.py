@@ -89,10 +89,8 @@ def main():
   head = adapters.ModernHead64to16(256, mid_channels=128, drop_path=0.0,
                                    rngs=nnx.Rngs(0))
   tj = jax_case(head, x, y, "nnpu", max(3, a.steps // 5))
-  import os, sys  # the torch head of the parity test
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-  from test_port_adapter import _torch_head  # pylint: disable=g-import-not-at-top
-  ref = _torch_head(torch, 256, 128, 1.0).model
+  from efiqa_jax.reference.adapters import SpaceAdmiralCNN  # pylint: disable=g-import-not-at-top
+  ref = SpaceAdmiralCNN(256, 128, 1.0).model
 
   def nnpu(z, t, pi=0.05):
     z, t = z[:, 0].reshape(-1), t.reshape(-1) > 0.5

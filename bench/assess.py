@@ -7,7 +7,7 @@ photograph files and write the same per-image outputs:
              decode + FOV crop threads ahead of the jitted batched vessel map
              + teacher + pooling, map .npy + overlay PNG in a thread pool,
              progress.jsonl, scores.csv, report.html.
-  reference  tests/torch_assess_reference.ReferenceAssessor: per image
+  reference  efiqa_jax.reference.assess.ReferenceAssessor: per image
              (batch 1, like penway/EFIQA's scripts) prepare_fundus (PIL decode
              + our numpy FOV crop: the same code as ours), the label-free
              Hessian vessel segmenter ported line by line to torch, RefUNetRes
@@ -342,8 +342,7 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from efiqa_jax import quality_model as qm_lib  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(REPO))
-  from tests.torch_assess_reference import ReferenceAssessor  # pylint: disable=g-import-not-at-top
+  from efiqa_jax.reference.assess import ReferenceAssessor  # pylint: disable=g-import-not-at-top
 
   qmod = qm_lib.load_quality_model("default", batch_size=args.batch)
   ref = ReferenceAssessor(qmod)

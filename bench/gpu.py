@@ -60,7 +60,7 @@ def bench_unet(args, tdev, extra):
 
   from efiqa_jax.models.unet import UNet
   from efiqa_jax.port.vuad import port_unet_state_dict
-  from tests.torch_reference import RefUNetRes
+  from efiqa_jax.reference.unet import RefUNetRes
 
   torch.backends.cudnn.benchmark = True
   torch.manual_seed(0)

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
   from flax import nnx
 
   from efiqa_jax.port.vuad import port_unet_state_dict
-  from tests.torch_reference import RefUNetRes
+  from efiqa_jax.reference.unet import RefUNetRes
 
   torch.manual_seed(0)
   ref = RefUNetRes(3, 3, args.base)

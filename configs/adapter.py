@@ -10,6 +10,10 @@ seed 504. Pseudo-labels must be on the same 14x14 grid
 """
 import ml_collections
 
+VARIANTS = ("", "tiny")
+_ADAPTERS = ("linear", "sc_linear", "mlp", "modern_head_64to16", "sa_cnn",
+             "cnn")  # efiqa_jax.models.adapters (tests check the list)
+
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
@@ -64,3 +68,27 @@ def get_config(arg=None):
   elif arg not in (None, ""):
     raise ValueError(f"unknown variant {arg!r} (known: tiny)")
   return c
+
+
+def check(c):
+  """Choices train-adapter and distill accept (run after the overrides)."""
+  for key, allowed in (("mode", ("features", "end_to_end")),
+                       ("batching", ("patch", "image")),
+                       ("loss.name", ("bce", "nnpu")),
+                       ("label_resize", ("error", "nearest")),
+                       ("adapter.name", _ADAPTERS)):
+    v = c
+    for k in key.split("."):
+      v = v[k]
+    if v not in allowed:
+      raise ValueError(f"{key} {v!r} is not one of {', '.join(allowed)}")
+  for key in ("size", "work_size", "batch_size", "epochs"):
+    if c[key] <= 0:
+      raise ValueError(f"{key} must be positive, got {c[key]}")
+  if c.batching == "patch" and c.mode == "end_to_end":
+    raise ValueError("mode 'end_to_end' trains on whole photographs: set "
+                     "batching='image'")
+  if c.batching == "patch" and c.adapter.name in ("modern_head_64to16",
+                                                  "sa_cnn", "cnn"):
+    raise ValueError(f"adapter {c.adapter.name!r} sees whole token grids: "
+                     "set batching='image'")

@@ -16,6 +16,9 @@ _spec = importlib.util.spec_from_file_location(
 base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(base)
 
+VARIANTS = ("", "tiny")
+check = base.check
+
 
 def get_config(arg=None):
   c = base.get_config()

@@ -1,4 +1,4 @@
-"""Adapter for the synthetic distillation experiment (bench/distill_synthetic.py).
+"""Adapter for the synthetic distillation experiment (experiments/distill_synthetic.py).
 
 configs/adapter.py (patch batching, class-weighted BCE, AdamW 1e-3, seed 504,
 14x14 tokens) with the changes a tiny self-supervised encoder
@@ -11,11 +11,17 @@ instead of the 1x1 linear head, batches of 1024 patches, 30 epochs, and
 12 epochs).
 `configs/adapter_synth.py:tiny`: a few steps for tests.
 """
+import importlib.util
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import adapter as _adapter  # pylint: disable=g-import-not-at-top
+_spec = importlib.util.spec_from_file_location(
+    "efiqa_config_adapter",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "adapter.py"))
+_adapter = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_adapter)
+
+VARIANTS = ("", "linear", "wide", "tiny")
+check = _adapter.check
 
 
 def get_config(arg=None):

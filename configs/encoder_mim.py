@@ -15,6 +15,8 @@ import ml_collections
 
 from efiqa_jax.encoders import pretrain as _pretrain
 
+VARIANTS = ("", "tiny", "wide")
+
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
@@ -53,7 +55,7 @@ def get_config(arg=None):
   elif arg == "wide":
     # Full-resolution tokens: the 512 FOV crop in 16-px patches (32x32
     # tokens), 768 pixel values per token into D = 384, one block. Used
-    # randomly initialised by bench/distill_synthetic.py --no-pretrain: token
+    # randomly initialised by experiments/distill_synthetic.py --no-pretrain: token
     # resolution, not pretraining, was what limited the tiny encoders there.
     c.encoder.hidden_size = 384
     c.encoder.depth = 1
@@ -64,3 +66,17 @@ def get_config(arg=None):
   elif arg not in (None, ""):
     raise ValueError(f"unknown variant {arg!r} (known: tiny, wide)")
   return c
+
+
+def check(c):
+  """What pretrain-encoder needs and what the encoder it writes must offer
+  `extract`/`assess` (whole patches, heads that divide the width)."""
+  e = c.encoder
+  if c.size % e.patch_size:
+    raise ValueError(f"size {c.size} is not a multiple of "
+                     f"encoder.patch_size {e.patch_size}")
+  if e.hidden_size % e.num_heads:
+    raise ValueError(f"encoder.hidden_size {e.hidden_size} is not divisible "
+                     f"by encoder.num_heads {e.num_heads}")
+  if not 0 < c.mask_ratio < 1:
+    raise ValueError(f"mask_ratio {c.mask_ratio} must be in (0, 1)")

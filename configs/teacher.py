@@ -18,6 +18,8 @@ the same command.
 """
 import ml_collections
 
+VARIANTS = ("", "tiny", "b32")  # "" = the paper's settings
+
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
@@ -91,7 +93,7 @@ def get_config(arg=None):
   if arg == "tiny":
     c.num_epochs = 4
     c.batch_size = 8
-    c.image_size = 32
+    c.image_size = 64  # the smallest side `check` allows
     c.model.base_channels = 4
     c.data.load_size = 64
     c.data.num_threads = 0
@@ -106,7 +108,7 @@ def get_config(arg=None):
     c.image_every = 4
     c.checkpoint_every = 3
   elif arg == "b32":
-    # The teacher of bench/distill_synthetic.py's headline run (bench/README):
+    # The teacher of experiments/distill_synthetic.py's headline run (bench/README):
     # the paper's settings at base 32 (7.8 M parameters, 31 MB) and 80
     # epochs, the schedules at the paper's 20-80 % of training. 80 s on one
     # H200; ~2 h on 2 CPU cores. Then `efiqa calibrate-teacher`.
@@ -119,5 +121,20 @@ def get_config(arg=None):
     c.image_every = 2500
     c.checkpoint_every = 1250
   elif arg not in (None, ""):
-    raise ValueError(f"unknown variant {arg!r} (use '', 'b32' or 'tiny')")
+    raise ValueError(f"unknown variant {arg!r} (known: "
+                     f"{', '.join(v for v in VARIANTS if v)})")
   return c
+
+
+def check(c):
+  """What the commands downstream of a teacher need; `config_util` runs it
+  after the overrides, so a teacher that `assess` or `calibrate-teacher`
+  would refuse is refused before training starts."""
+  if c.image_size < 64 or c.image_size % 64:
+    raise ValueError(
+        f"image_size {c.image_size} must be a multiple of 64: assess, "
+        "calibrate-teacher and pseudo-label pool the teacher's |f(x)| into "
+        "a 64x64 map")
+  if c.data.load_size < c.image_size:
+    raise ValueError(f"data.load_size {c.data.load_size} is smaller than "
+                     f"image_size {c.image_size}")

@@ -51,6 +51,21 @@ def mask_feature() -> tfds.features.Image:
                              encoding_format="png", use_colormap=True)
 
 
+def image_features(**extra) -> tfds.features.FeaturesDict:
+  """What every builder here stores, `image` (see rgb_bytes) and
+  `image/filename`, then the dataset's own features."""
+  return tfds.features.FeaturesDict({
+      "image": rgb_image_feature(),
+      "image/filename": tfds.features.Text(),
+      **extra,
+  })
+
+
+def image_example(path: pathlib.Path, **extra) -> dict:
+  """An example of `image_features`: the photograph at `path`, then `extra`."""
+  return {"image": rgb_bytes(path), "image/filename": path.name, **extra}
+
+
 def is_image_file(path: pathlib.Path) -> bool:
   return path.is_file() and path.suffix.lower() in IMAGE_EXTS and (
       not path.name.startswith("."))
@@ -103,6 +118,11 @@ def resolve_images(names: Sequence[str], index: Mapping[str, list[pathlib.Path]]
   if problems:
     raise DataLayoutError("\n".join(problems))
   return found
+
+
+def match_images(names: Sequence[str], root: pathlib.Path) -> list[pathlib.Path]:
+  """The images under `root` (any depth) named by `names`, matched by stem."""
+  return resolve_images(names, index_by_stem(list_images(root)), str(root))
 
 
 def _head(items: Sequence[str], n: int = 10) -> str:
@@ -180,6 +200,23 @@ def find_dir(root: pathlib.Path, names: Sequence[str],
   if required:
     raise DataLayoutError(f"none of the folders {list(names)} found in {root}")
   return None
+
+
+def find_root(manual_dir, folders: Sequence[str]) -> pathlib.Path:
+  """The manual dir, or its one sub-folder, that holds all of `folders`
+  (case-insensitive): archives often add a folder level (DRIVE/, DRIMDB/)."""
+  manual_dir = local(manual_dir)
+  has_all = lambda d: all(find_dir(d, [f], required=False) for f in folders)
+  if has_all(manual_dir):
+    return manual_dir
+  subs = sorted(p for p in manual_dir.iterdir() if p.is_dir() and has_all(p))
+  if len(subs) == 1:
+    return subs[0]
+  wanted = " and ".join(f"{f}/" for f in folders)
+  if not subs:
+    raise DataLayoutError(f"no {wanted} in {manual_dir} or one sub-folder of it")
+  raise DataLayoutError(f"several sub-folders of {manual_dir} hold {wanted} "
+                        f"(keep one): {_head([p.name for p in subs])}")
 
 
 def read_xlsx(path: pathlib.Path) -> list[tuple[str, list[str], list[dict[str, str]]]]:

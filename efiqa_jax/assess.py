@@ -7,7 +7,8 @@ Output contract (also in the README):
   DIR/overlays/<id>.png heat-map overlay on the FOV crop
   DIR/logits/<id>.npy   (save_logits, student only) float32 (gh, gw) raw
                         adapter logits before any post-processing
-  DIR/report.html       contact sheet sorted by quality
+  DIR/report.html       the report (report.write_report); its pictures in
+                        DIR/report/ (<id>.jpg FOV crop, <id>.png map layer)
 
 Resumability: each finished image is appended to DIR/progress[-pK].jsonl after
 its map and overlay are on disk (one JSON line, flushed and fsynced per batch).
@@ -154,9 +155,10 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
     # ahead of the device; this process's slice only, padded to whole
     # batches, every record exactly once.
     from efiqa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
     batches = input_pipeline.inference_batches(
         [paths[i] for i in todo], batch_size,
-        prepare=AssessPrepare(quality_model.work_size),
+        prepare=sources.PrepareFundus(quality_model.work_size),
         process_index=0, process_count=1, num_workers=num_workers,
         read_threads=num_threads)
     # Writers (PNG encoding releases the GIL) get their own thread count:
@@ -209,7 +211,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
     _write_csv(scores_csv, final)
     report_lib.write_report(os.path.join(out_dir, "report.html"), final,
                             f"efiqa assess — {len(final)} images, model "
-                            f"{model_name}")
+                            f"{model_name}",
+                            grading=quality_model.grading)
   n_ok = sum(1 for r in final if r["status"] == "ok")
   n_fail = len(final) - n_ok
   if not final:
@@ -218,34 +221,6 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
     code = EXIT_OK if n_fail == 0 else EXIT_SOME_FAILED
   return AssessResult(out_dir, len(final), n_ok, n_fail, skipped, code,
                       scores_csv)
-
-
-class AssessPrepare:
-  """Grain transform: path -> row, plus the `circular` flag of the FOV."""
-
-  def __init__(self, size: int):
-    from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
-    self._inner = sources.PrepareFundus(size)
-    self.size = size
-
-  def blank(self, status: str, message: str = "", path: str = "") -> dict:
-    row = self._inner.blank(status, message, path)
-    row["circular"] = np.bool_(False)
-    return row
-
-  def map(self, element):
-    from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
-    circular = []
-
-    def load(src, size, **kw):
-      p = fundus.prepare_fundus(src, size, **kw)
-      circular.append(p.circular)
-      return p
-
-    inner = type(self._inner)(self.size, load_fn=load)
-    row = inner.map(element)
-    row["circular"] = np.bool_(circular[0] if circular else False)
-    return row
 
 
 def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
@@ -281,16 +256,10 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
     # A calibrated model pools its own way (efiqa calibrate).
     q, frac = getattr(quality_model, "summarise", quality_lib.summarise)(
         qmap, w)
-    circular = bool(batch["circular"][k])
-    if probs is not None:  # EyeQ head: its class; never good off-circle
+    if probs is not None:  # EyeQ head: its class
       grade = quality_lib.GRADES[int(np.argmax(probs[k]))]
-      if grade == "good" and not circular:
-        grade = "usable"
     else:
-      grade = quality_model.grading.grade(q, circular)
-    if not circular:
-      note = "no circular field of view: never graded good"
-      message = f"{message}; {note}" if message else note
+      grade = quality_model.grading.grade(q)
     cx, cy, r = (float(v) for v in batch["fov"][k])
     x0, y0, side = (int(v) for v in batch["crop"][k][:3])
     rows.append({
@@ -317,6 +286,8 @@ def _assess_batch(quality_model, batch, todo, paths, ids, out_dir, overlays,
         _write_outputs, out_dir, id_, qmap,
         None if ovs is None else ovs[k],
         None if logits is None else np.asarray(logits[k], np.float32)))
+    writes.append(pool.submit(report_lib.write_card_files, out_dir, id_,
+                              np.asarray(batch["image"][k]), qmap))
   return rows, writes
 
 

@@ -67,8 +67,8 @@ def run_benchmark(inputs, *, model: str = "default", kinds=None,
 
   if isinstance(inputs, str):
     inputs = [inputs]
+  paths = sources.list_inputs(list(inputs))  # before the model: exit 4 fast
   qm = quality_model or qm_lib.load_quality_model(model)
-  paths = sources.list_inputs(list(inputs))
   kinds = list(kinds) if kinds else list(synth.KINDS)
   vfn = jax.jit(vessels.vessel_probability)
 

@@ -104,6 +104,21 @@ def fit_weighted_pooling(maps: np.ndarray, acceptable: np.ndarray, *,
                          float(params["tau"]))
 
 
+def check_student_run(scores: list[dict], assess_dir: str) -> None:
+  """Refuses, before any fitting, a run that `assess --calibration` could not
+  use: the calibration is the student's pooling (its map grid), and assess
+  takes --calibration only with --model student."""
+  models = sorted({r.get("model", "") for r in scores
+                   if r.get("status") == "ok"})
+  others = [m for m in models if m and m != "student"]
+  if others:
+    raise ValueError(
+        f"{assess_dir} was assessed with model {others[0]!r}, not the "
+        "student: `efiqa calibrate` fits the student's pooling, which only "
+        "`efiqa assess --model student --calibration` reads (a teacher's "
+        "cut-offs come from `efiqa calibrate-teacher`)")
+
+
 def calibrate(assess_dir: str, labels_csv: str, out_path: str, *,
               label_column: str = "label", positive: str = "1",
               folds: int = 5, steps: int = 50000, batch: int = 32,
@@ -113,7 +128,12 @@ def calibrate(assess_dir: str, labels_csv: str, out_path: str, *,
   from efiqa_jax import evaluate as ev
   from efiqa_jax import metrics
 
-  scores = ev.read_csv(os.path.join(assess_dir, "scores.csv"))
+  scores_csv = os.path.join(assess_dir, "scores.csv")
+  if not os.path.isfile(scores_csv):
+    raise FileNotFoundError(f"{assess_dir} has no scores.csv (give the "
+                            "folder `efiqa assess --model student` wrote)")
+  scores = ev.read_csv(scores_csv)
+  check_student_run(scores, assess_dir)
   pairs, info = ev.join(scores, ev.read_csv(labels_csv), label_column)
   maps, y = [], []
   for sr, lr_ in pairs:

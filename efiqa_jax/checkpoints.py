@@ -16,40 +16,45 @@ every parameter must be stored. The teacher trainer, `efiqa port` and
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import pathlib
 from typing import Any, Callable
+
+from efiqa_jax import registry
 
 FORMAT = "efiqa-model"
 VERSION = 1
 SIDECAR = "efiqa.json"
 PARAMS = "params"
 
-# architecture name -> "module:attribute" of a factory taking (**kwargs, rngs=).
-# Later issues add entries with `register_architecture`.
-_ARCHITECTURES: dict[str, str | Callable[..., Any]] = {
-    "unet": "efiqa_jax.models.unet:UNet",
-    "rrwnet": "efiqa_jax.models.rrwnet:RRWNet",
-    "vit": "efiqa_jax.models.vit:VisionTransformer",
-}
-
-
-def register_architecture(name: str, factory: str | Callable[..., Any]):
-  """Register `factory(**kwargs, rngs=nnx.Rngs)` under `name`."""
-  _ARCHITECTURES[name] = factory
+def register_architecture(name: str, factory: Callable[..., Any]):
+  """Adds `factory(**kwargs, rngs=nnx.Rngs)` under `name` at run time (the
+  library's own architectures are listed in `efiqa_jax.registry`)."""
+  registry.register(name, factory)
 
 
 def architecture_factory(name: str) -> Callable[..., Any]:
-  if name not in _ARCHITECTURES:
-    raise ValueError(f"unknown architecture {name!r}; known: "
-                     f"{sorted(_ARCHITECTURES)}")
-  f = _ARCHITECTURES[name]
-  if isinstance(f, str):
-    mod, attr = f.split(":")
-    f = getattr(importlib.import_module(mod), attr)
-  return f
+  return registry.factory(name)
+
+
+def check_kind(path: str | os.PathLike, kind: str | tuple[str, ...],
+               meta: dict | None = None) -> dict:
+  """The sidecar of `path` if it holds a model of `kind`, else ValueError
+  with one line saying what it holds and what was expected. Reads only the
+  JSON: nothing is built or imported."""
+  kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+  meta = read_meta(path) if meta is None else meta
+  name = meta.get("architecture")
+  try:
+    got = registry.kind_of(name)
+  except ValueError:
+    got = None
+  if got not in kinds:
+    want = " or ".join(registry.KINDS.get(k, k) for k in kinds)
+    raise ValueError(f"{path} holds {registry.describe(name)}; expected "
+                     f"{want}")
+  return meta
 
 
 def architecture_of(model) -> tuple[str, dict]:
@@ -151,29 +156,37 @@ def cast_frozen_kernels(model) -> None:
 
 
 def load_model(path: str | os.PathLike, *, dtype: Any = None,
-               architecture: str | None = None, frozen: bool = False):
+               architecture: str | None = None, frozen: bool = False,
+               kind: str | tuple[str, ...] | None = None):
   """Rebuild the module described by `path/efiqa.json` and load its params.
 
   Args:
     dtype: override the compute dtype stored in the sidecar (e.g. bfloat16).
     architecture: if given, the stored architecture must equal it.
+    kind: if given, the stored architecture must be of this kind (or one of
+      these kinds; `efiqa_jax.registry`), checked before anything is built.
     frozen: the weights will not be trained: with a 16-bit compute dtype the
       kernels are stored in it (`cast_frozen_kernels`).
   Returns:
     (model, meta) with meta the sidecar dict.
   """
+  path = pathlib.Path(path).absolute()
+  meta = read_meta(path)
+  name = meta["architecture"]
+  # Checked on the sidecar alone, before anything is imported or built.
+  if kind is not None:
+    check_kind(path, kind, meta)
+  if architecture is not None and name != architecture:
+    raise ValueError(f"{path} holds {registry.describe(name)}; expected "
+                     f"{registry.describe(architecture)}")
+  registry.info(name)
+
   import jax
   import jax.numpy as jnp
   import numpy as np
   import orbax.checkpoint as ocp
   from flax import nnx
 
-  path = pathlib.Path(path).absolute()
-  meta = read_meta(path)
-  name = meta["architecture"]
-  if architecture is not None and name != architecture:
-    raise ValueError(f"{path} holds a {name!r} model, expected "
-                     f"{architecture!r}")
   kwargs = dict(meta["kwargs"])
   if dtype is not None:
     kwargs["dtype"] = jnp.dtype(dtype).name
@@ -213,4 +226,4 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None,
 
 def load_unet_checkpoint(path: str | os.PathLike, *, dtype: Any = None):
   """`load_model` restricted to the U-Net (VUAD teacher)."""
-  return load_model(path, dtype=dtype, architecture="unet")
+  return load_model(path, dtype=dtype, architecture="unet", kind="teacher")

@@ -247,7 +247,7 @@ def calibrate_teacher(teacher: str, out: str, *, work_size: int | None = None,
   grade cut-offs and pseudo-label rule on synthetic erasures (no quality
   label) and writes the teacher with them in its sidecar to `out`."""
   from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  model, meta = checkpoints.load_model(teacher)
+  model, meta = checkpoints.load_model(teacher, kind="teacher")
   if meta.get("architecture") != "unet":
     raise ValueError(f"{teacher} is not a teacher (architecture "
                      f"{meta.get('architecture')!r}, expected 'unet')")

@@ -149,12 +149,19 @@ def best_bacc_threshold(y, s) -> float:
   return float(best_t)
 
 
+def effective_folds(y, k: int) -> int:
+  """Folds the protocol can use: at most the size of the smaller class (a
+  stratified fold needs one image of each), at least 2."""
+  y = np.asarray(y, bool)
+  return max(2, min(int(k), int(min(np.sum(y), np.sum(~y)))))
+
+
 def kfold_predictions(y, s, k: int = 5, seed: int = 0
                       ) -> tuple[np.ndarray, np.ndarray]:
   """(out-of-fold predictions, threshold used per sample)."""
   y = np.asarray(y, bool)
   s = np.asarray(s, np.float64)
-  k = max(2, min(k, int(min(np.sum(y), np.sum(~y)))))
+  k = effective_folds(y, k)
   folds = stratified_folds(y, k, seed)
   pred = np.zeros(len(y), bool)
   thr = np.zeros(len(y))
@@ -280,11 +287,16 @@ def evaluate_binary(y, s, *, folds: int = 5, seed: int = 0,
             "mcc": mcc(y[i], pred[i]), "auroc": rank_metrics.auroc(y[i], s[i]),
             "auprc": average_precision(y[i], s[i])}
 
-  return {"metrics": mets(np.arange(len(y))),
-          "ci95": bootstrap_ci(mets, len(y), n_boot, seed),
-          "n": int(len(y)), "positives": int(y.sum()),
-          "folds": int(max(2, min(folds, int(min(y.sum(), (~y).sum()))))),
-          "thresholds": sorted(set(float(t) for t in thr))}
+  k = effective_folds(y, folds)
+  out = {"metrics": mets(np.arange(len(y))),
+         "ci95": bootstrap_ci(mets, len(y), n_boot, seed),
+         "n": int(len(y)), "positives": int(y.sum()),
+         "folds": k, "folds_requested": int(folds),
+         "thresholds": sorted(set(float(t) for t in thr))}
+  if k < folds:
+    out["note"] = (f"{folds} folds requested, {k} used: the smaller class "
+                   f"has {int(min(y.sum(), (~y).sum()))} images")
+  return out
 
 
 def evaluate_eyeq(y, pred, *, seed: int = 0, n_boot: int = 1000) -> dict:
@@ -408,12 +420,26 @@ def evaluate(scores_csv: str, labels_csv: str, out_dir: str, *,
     if not pairs:
       raise ValueError("no labelled image has an ok score row")
     if task == "binary":
-      y = np.array([lr[label_column].strip() == positive for _, lr in pairs])
+      values = [lr[label_column].strip() for _, lr in pairs]
+      y = np.array([v == positive for v in values])
       s = np.array([float(sr[score_column]) for sr, _ in pairs])
       if not higher_is_positive:
         s = -s
-      if y.all() or not y.any():
-        raise ValueError("binary evaluation needs both classes")
+      found = ", ".join(repr(v) for v in sorted(set(values))[:10])
+      if not y.any():
+        raise ValueError(
+            f"binary evaluation needs both classes, and no label equals "
+            f"--positive {positive!r}; the labels hold {found}: pass "
+            "--positive with the value of the positive class")
+      if y.all():
+        raise ValueError(
+            f"binary evaluation needs both classes, and every label equals "
+            f"--positive {positive!r} (labels hold {found})")
+      if min(y.sum(), (~y).sum()) < 2:
+        raise ValueError(
+            f"binary evaluation needs at least 2 images of each class for "
+            f"its 2+ folds; there are {int(y.sum())} positive "
+            f"(--positive {positive!r}) and {int((~y).sum())} negative")
       res = evaluate_binary(y, s, folds=folds, seed=seed, n_boot=bootstrap)
     else:
       def cls(v, what):
@@ -427,8 +453,11 @@ def evaluate(scores_csv: str, labels_csv: str, out_dir: str, *,
       res = evaluate_eyeq(y, p, seed=seed, n_boot=bootstrap)
   elif task == "pixel":
     from PIL import Image
-    if not maps_dir or not annotations_dir:
-      raise ValueError("task pixel needs maps_dir and annotations_dir")
+    if not maps_dir:  # assess writes maps/ beside scores.csv
+      maps_dir = os.path.join(os.path.dirname(os.path.abspath(scores_csv)),
+                              "maps")
+    if not annotations_dir:
+      raise ValueError("task pixel needs --annotations")
     ann = {_stem(f): os.path.join(annotations_dir, f)
            for f in sorted(os.listdir(annotations_dir))
            if f.lower().endswith(".png")}
@@ -476,6 +505,8 @@ def markdown(res: dict) -> str:
     lines.append(f"| {k} | {100 * v:.1f} | {cs} |")
   skipped = len(res.get("labels_without_score", [])) + len(
       res.get("score_not_ok", []))
+  if res.get("note"):
+    lines += ["", f"Note: {res['note']}."]
   lines += ["", f"Not evaluated: {skipped} labelled images (see "
             "metrics.json).", ""]
   return "\n".join(lines)

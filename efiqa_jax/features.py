@@ -342,8 +342,19 @@ class ExtractResult:
   metadata: dict
 
 
+def recorded_input_size(meta: dict, default: int = 224) -> int:
+  """The input side an encoder's sidecar records: what `efiqa
+  pretrain-encoder` trained it at, or what `efiqa port` says EFIQA feeds it;
+  else `default` (224, the paper's)."""
+  for pre in (meta.get("pretraining", {}).get("preprocessing", {}),
+              meta.get("preprocessing", {}).get("efiqa", {})):
+    if isinstance(pre, dict) and pre.get("size"):
+      return int(pre["size"])
+  return int(default)
+
+
 def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
-                     out_dir: str | os.PathLike, *, size: int = 224,
+                     out_dir: str | os.PathLike, *, size: int | None = None,
                      work_size: int = 512, crop: bool = True,
                      dtype: str = "float32", save_dtype: str = "float32",
                      batch_size: int = 32, fmt: str = "npy",
@@ -360,7 +371,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
     inputs: files, folders, globs, CSVs with a `path` column
       (`sources.list_inputs`); ids are `sources.unique_ids` of the paths.
     encoder: an efiqa model directory holding a `vit` (`efiqa port ...`).
-    size: encoder input side (multiple of the patch size).
+    size: encoder input side (multiple of the patch size); None: the size
+      the encoder records (`recorded_input_size`), else 224.
     work_size: side of the FOV crop before the encoder resize (crop mode).
     crop: FOV crop (default) or the whole photograph.
     dtype: compute dtype (float32 | bfloat16); with bfloat16 the frozen
@@ -404,11 +416,13 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
   ids = sources.unique_ids(paths)
 
   model, enc_meta = checkpoints.load_model(encoder, dtype=dtype,
-                                          frozen=True)
+                                          frozen=True, kind="encoder")
   if getattr(model, "ARCH", None) != "vit":
     raise ValueError(f"{encoder} holds a {enc_meta['architecture']!r} model; "
                      "extract needs a ViT encoder (efiqa port dinov3 ...)")
   p = model.cfg["patch_size"]
+  if size is None:
+    size = recorded_input_size(enc_meta)
   if size % p:
     raise ValueError(f"size {size} is not a multiple of the patch size {p}")
   gh = gw = size // p

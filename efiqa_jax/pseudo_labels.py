@@ -48,7 +48,7 @@ def teacher_label_spec(teacher: str, grid: int, *,
   the reference's 0.02 / 0.9, which assume R2-V2 maps and a base-64 teacher.
   Returns (spec, where each value came from)."""
   from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  rule = checkpoints.read_meta(teacher).get("pseudo_labels") or {}
+  rule = checkpoints.check_kind(teacher, "teacher").get("pseudo_labels") or {}
   src = []
 
   def pick(name, given, ref):
@@ -189,7 +189,7 @@ def write_pseudo_labels(inputs, teacher: str, out_dir: str, *,
     inputs = [inputs]
   paths = sources.list_inputs(list(inputs))
   ids = sources.unique_ids(paths)
-  model, meta = checkpoints.load_model(teacher)
+  model, meta = checkpoints.load_model(teacher, kind="teacher")
   size = int(meta.get("image_size", 256))
   graphdef, state = nnx.split(model)
 

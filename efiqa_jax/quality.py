@@ -3,13 +3,13 @@
 The default pooling (documented in the README):
   quality           = 1 - mean of the map over the field of view
   degraded_fraction = share of the field of view where the map >= 0.5
-  grade             = good    if quality >= GOOD_MIN and the FOV is circular
+  grade             = good    if quality >= GOOD_MIN
                       usable  if quality >= USABLE_MIN
                       reject  otherwise
-A photograph without a circular field of view (a non-fundus photograph, or a
-rectangular crop) is never graded `good`: quality judged on anatomy we could not
-locate is not trusted. `efiqa calibrate` (issue 5) replaces these defaults with a
-fitted pooling.
+Inputs that are not colour fundus photographs never get here (status
+`not_fundus`, `efiqa_jax.fundus.gate`); every fundus photograph is graded the
+same way whatever its frame shape. `efiqa calibrate` (issue 5) replaces these
+defaults with a fitted pooling.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ class Grading:
   good_min: float = GOOD_MIN
   usable_min: float = USABLE_MIN
 
-  def grade(self, quality: float, circular: bool = True) -> str:
-    if quality >= self.good_min and circular:
+  def grade(self, quality: float) -> str:
+    if quality >= self.good_min:
       return "good"
     if quality >= self.usable_min:
       return "usable"

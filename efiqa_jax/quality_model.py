@@ -43,6 +43,12 @@ def load_quality_model(name_or_path: str = "default", **kwargs):
           "efiqa-jax or pass --model PATH")
     return TeacherQualityModel.from_checkpoint(path, name="default", **kwargs)
   if os.path.isdir(name_or_path):
+    from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    try:
+      checkpoints.check_kind(name_or_path, "teacher")
+    except ValueError as e:
+      raise ValueError(f"{e} (a student is --model student --encoder DIR "
+                       "--adapter DIR)") from None
     return TeacherQualityModel.from_checkpoint(name_or_path, **kwargs)
   raise FileNotFoundError(
       f"unknown model {name_or_path!r}: give 'default' or a teacher export "
@@ -83,7 +89,7 @@ class TeacherQualityModel:
   @classmethod
   def from_checkpoint(cls, path: str, **kwargs):
     from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    model, meta = checkpoints.load_model(path)
+    model, meta = checkpoints.load_model(path, kind="teacher")
     return cls(model, meta, **kwargs)
 
   def prepare(self, path):
@@ -252,13 +258,15 @@ class StudentQualityModel:
     from efiqa_jax.models import adapters  # pylint: disable=g-import-not-at-top
     if not encoder or not adapter:
       raise ValueError("--model student needs --encoder DIR and --adapter DIR")
+    checkpoints.check_kind(encoder, "encoder")  # both before loading either
+    checkpoints.check_kind(adapter, "adapter")
     enc, enc_meta = checkpoints.load_model(encoder, dtype=dtype,
-                                           frozen=True)
+                                           frozen=True, kind="encoder")
     if getattr(enc, "ARCH", None) != "vit":
       raise ValueError(f"{encoder} is not a ViT encoder")
     from efiqa_jax.kernels import vit_inference  # pylint: disable=g-import-not-at-top
     enc = vit_inference.inference_model(enc)  # replicated and only run
-    ada, ada_meta = checkpoints.load_model(adapter)
+    ada, ada_meta = checkpoints.load_model(adapter, kind="adapter")
     if not adapters.is_adapter_architecture(ada_meta["architecture"]):
       raise ValueError(f"{adapter} holds a {ada_meta['architecture']!r} "
                        "model, not an adapter")
@@ -274,8 +282,6 @@ class StudentQualityModel:
         grading = quality_lib.Grading(**cal["grading"])
     head = None
     if calibration and cal.get("eyeq_head"):
-      from efiqa_jax.student import eyeq_head as _  # pylint: disable=g-import-not-at-top,unused-import
-
       hp = cal["eyeq_head"]
       if not os.path.isabs(hp):  # relative to the calibration file
         hp = os.path.join(os.path.dirname(os.path.abspath(calibration)), hp)

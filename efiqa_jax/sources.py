@@ -34,6 +34,25 @@ import numpy as np
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif",
                     ".dcm")
 _GLOB_CHARS = set("*?[")
+# CSV inputs: the first of these columns names the image (relative paths are
+# relative to the CSV). `image` is what the project's own CSVs use (synth's
+# labels.csv, assess's scores.csv).
+CSV_PATH_COLUMNS = ("path", "image")
+
+EXIT_NO_INPUTS = 4  # every command taking inputs: the inputs named no image
+
+
+class NoInputsError(ValueError):
+  """The inputs named no image: an empty folder, a glob matching no image
+  file, a CSV without rows, or nothing at all. Commands exit with
+  EXIT_NO_INPUTS (4) on it."""
+
+
+def no_inputs_exit(command: str, error: Exception) -> int:
+  """Prints the one line for NoInputsError and returns its exit status."""
+  import sys  # pylint: disable=g-import-not-at-top
+  print(f"efiqa {command}: no image: {error}", file=sys.stderr)
+  return EXIT_NO_INPUTS
 
 
 def _is_image(name: str) -> bool:
@@ -59,18 +78,22 @@ def _walk_images(folder: str) -> list[str]:
 def _read_csv(csv_path: str) -> list[str]:
   with open(csv_path, newline="") as f:
     reader = csv.DictReader(f)
-    if reader.fieldnames is None or "path" not in reader.fieldnames:
+    col = next((c for c in CSV_PATH_COLUMNS
+                if c in (reader.fieldnames or ())), None)
+    if col is None:
       raise ValueError(
-          f"{csv_path}: a CSV input needs a `path` column; found columns "
-          f"{reader.fieldnames}")
+          f"{csv_path}: a CSV input needs a `path` or `image` column; found "
+          f"columns {reader.fieldnames}")
     base = os.path.dirname(os.path.abspath(csv_path))
     out = []
     for line, row in enumerate(reader, start=2):
-      p = (row["path"] or "").strip()
+      p = (row[col] or "").strip()
       if not p:
-        raise ValueError(f"{csv_path}:{line}: empty `path`")
+        raise ValueError(f"{csv_path}:{line}: empty `{col}`")
       p = os.path.expanduser(p)
       out.append(p if os.path.isabs(p) else os.path.join(base, p))
+    if not out:
+      raise NoInputsError(f"{csv_path} has no rows")
     return out
 
 
@@ -78,24 +101,27 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
   """Expands inputs into an ordered list of image paths.
 
   Each input is, in this order of checks:
-    * a CSV file (`.csv`): its `path` column, in file order; relative paths
-      are resolved against the CSV's folder;
+    * a CSV file (`.csv`): its `path` column (else its `image` column), in
+      file order; relative paths are resolved against the CSV's folder;
     * a folder: every image file below it (recursive; extensions in
       `IMAGE_EXTENSIONS`, case-insensitive), sorted by relative path; a
-      folder without images raises ValueError;
+      folder without images raises NoInputsError;
     * an existing file: taken as is (whatever its extension, so a mistyped
       file still gets a status row from the decoder instead of vanishing);
     * a glob pattern (`*`, `?`, `[`): its matches, sorted; folders that match
       are expanded as above, non-image files are skipped. A glob matching
-      no image raises ValueError.
+      no image raises NoInputsError.
     * anything else (a path that does not exist): returned AS IS, so the
       caller writes a `not_found` status row for it. Inputs never vanish.
 
   Inputs keep the order given; expansions are sorted within each input.
-  Duplicates are kept (each occurrence is one record).
+  Duplicates are kept (each occurrence is one record). No input at all
+  raises NoInputsError.
   """
   if isinstance(inputs, (str, os.PathLike)):
     inputs = [inputs]
+  if not inputs:
+    raise NoInputsError("no input was given")
   out: list[str] = []
   for raw in inputs:
     item = os.path.expanduser(os.fspath(raw))
@@ -104,8 +130,8 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
     elif os.path.isdir(item):
       found = _walk_images(item)
       if not found:
-        raise ValueError(f"folder {item!r} holds no image files "
-                         f"({', '.join(IMAGE_EXTENSIONS)})")
+        raise NoInputsError(f"folder {item!r} holds no image files "
+                            f"({', '.join(IMAGE_EXTENSIONS)})")
       out.extend(found)
     elif os.path.isfile(item):
       out.append(item)
@@ -118,7 +144,7 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
         elif _is_image(m):
           found.append(m)
       if not found:
-        raise ValueError(f"glob {item!r} matches no image files")
+        raise NoInputsError(f"glob {item!r} matches no image files")
       out.extend(found)
     else:
       out.append(item)  # Missing: kept for a `not_found` row downstream.

@@ -13,21 +13,80 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _shared_fundus_dir():
-  env = os.environ.get("EFIQA_SHARED_FUNDUS")
-  cand = pathlib.Path(env) if env else REPO.parent / "shared" / "data" / "fundus"
+# Environment variables that point a folder of ../shared/data elsewhere.
+SHARED_DATA_ENV = {"fundus": "EFIQA_SHARED_FUNDUS"}
+
+
+def _shared_data_path(name: str) -> pathlib.Path:
+  env = os.environ.get(SHARED_DATA_ENV.get(name, ""), "")
+  return pathlib.Path(env) if env else REPO.parent / "shared" / "data" / name
+
+
+def shared_data_dir(name: str) -> pathlib.Path | None:
+  """../shared/data/NAME (or $EFIQA_SHARED_FUNDUS for `fundus`), or None."""
+  cand = _shared_data_path(name)
   return cand if cand.is_dir() else None
+
+
+def in_ci() -> bool:
+  return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_shared_data(name: str) -> pathlib.Path:
+  """The real data in ../shared/data/NAME (read there, never copied).
+
+  Absent: the test is skipped locally but FAILS under CI=true, so that a CI
+  run without the data cannot pass by skipping every real-photograph test."""
+  d = shared_data_dir(name)
+  if d is None:
+    msg = f"{_shared_data_path(name)} (../shared/data/{name}) is absent"
+    if in_ci():
+      pytest.fail(f"{msg} (CI=true: the tests on real photographs must run)",
+                  pytrace=False)
+    pytest.skip(msg)
+  return d
 
 
 @pytest.fixture(scope="session")
 def fundus_dir():
-  """The real photographs in ../shared/data/fundus (read there, never copied)."""
-  d = _shared_fundus_dir()
-  if d is None:
-    pytest.skip("../shared/data/fundus is absent")
-  return d
+  """The 10 real evaluation photographs in ../shared/data/fundus."""
+  return require_shared_data("fundus")
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+  """`shared_data("fundus_train")`: require_shared_data as a fixture."""
+  return require_shared_data
+
+
+@pytest.fixture(scope="session")
+def fundus_train_dir():
+  """../shared/data/fundus_train: training photographs with FOV masks."""
+  return require_shared_data("fundus_train")
 
 
 @pytest.fixture(scope="session")
 def repo_root():
   return REPO
+
+
+def _run_dir(tmp_path_factory) -> pathlib.Path:
+  """A folder shared by every pytest-xdist worker of this run."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  return base / "efiqa_fresh"
+
+
+@pytest.fixture(scope="session")
+def efiqa_wheel(tmp_path_factory):
+  """The wheel of the checkout, built once per run (tests/fresh_install.py)."""
+  from tests import fresh_install  # pylint: disable=g-import-not-at-top
+  return fresh_install.wheel_path(_run_dir(tmp_path_factory))
+
+
+@pytest.fixture(scope="session")
+def fresh_venv(tmp_path_factory):
+  """One empty virtualenv (ipykernel only) per run; see fresh_install."""
+  from tests import fresh_install  # pylint: disable=g-import-not-at-top
+  return fresh_install.fresh_venv(_run_dir(tmp_path_factory))

@@ -1,6 +1,6 @@
 """The torch pipeline of bench/assess.py computes what `efiqa assess` does.
 
-bench/assess.py times ours against tests/torch_assess_reference.py; the speed
+bench/assess.py times ours against efiqa_jax/reference/assess.py; the speed
 ratio only means something if both do the same work. Checked here on two small
 synthetic photographs with the bundled default model.
 """
@@ -17,7 +17,7 @@ def setup(tmp_path_factory):
   from PIL import Image
   from efiqa_jax import quality_model as qm_lib
   from efiqa_jax import synth
-  from tests.torch_assess_reference import ReferenceAssessor
+  from efiqa_jax.reference.assess import ReferenceAssessor
   d = tmp_path_factory.mktemp("photos")
   paths = []
   for seed in (3, 4):  # one clean, one degraded
@@ -46,7 +46,7 @@ def test_weights_round_trip_exactly(setup):
 
 def test_vessel_map_matches(setup):
   from efiqa_jax import fundus, vessels
-  from tests import torch_assess_reference as tr
+  from efiqa_jax.reference import assess as tr
   paths, _, _ = setup
   preps = [fundus.prepare_fundus(p, 512) for p in paths]
   ims = np.stack([p.image for p in preps])

@@ -136,3 +136,21 @@ def test_student_assess_grades_with_eyeq_head(tmp_path):
   rows = list(csv.DictReader(open(out / "scores.csv")))
   assert [r["grade"] for r in rows] == want
   assert len(set(want)) > 1
+
+
+def test_calibrate_refuses_a_teacher_run(tmp_path, capsys):
+  """`assess --calibration` takes only the student; calibrating a teacher
+  run must be refused up front, not written and then refused by assess."""
+  d, labels = _fixture(tmp_path, n=12)
+  rows = list(csv.DictReader(open(d / "scores.csv")))
+  with open(d / "scores.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=["id", "status", "model"])
+    w.writeheader()
+    w.writerows(dict(r, model="default") for r in rows)
+  out = tmp_path / "cal.json"
+  assert cli.main(["calibrate", str(d), "--labels", str(labels), "--out",
+                   str(out), "--steps", "10"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  assert "assessed with model 'default', not the student" in err
+  assert "calibrate-teacher" in err and not out.exists()

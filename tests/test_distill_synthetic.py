@@ -1,34 +1,25 @@
-"""bench/distill_synthetic.py end to end at tiny sizes: every stage runs,
-the outputs exist and are sane (the AUROC values themselves are measured by
-the full run, not asserted here)."""
-import importlib.util
+"""experiments/distill_synthetic.py: the evaluation protocol on known maps,
+every stage end to end at tiny sizes, and a fixed-seed regression run of
+the distillation whose held-out AUROC has a floor.
+
+The README's headline (student 0.826) needs a GPU-trained teacher and 1000
+photographs; what CI can run is the same pipeline small enough for a minute
+on 2 cores (test_distillation_regression)."""
 import json
-import math
 import os
-import sys
 
 import numpy as np
+from PIL import Image
 import pytest
 from flax import nnx
 
 from efiqa_jax import checkpoints
 from efiqa_jax import synth
 from efiqa_jax.models import unet
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _bench():
-  spec = importlib.util.spec_from_file_location(
-      "distill_synthetic", os.path.join(REPO, "bench", "distill_synthetic.py"))
-  mod = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = mod  # dataclasses look their module up there
-  spec.loader.exec_module(mod)
-  return mod
+from experiments import distill_synthetic as ds
 
 
 def test_eval_protocol_perfect_and_inverted_maps():
-  ds = _bench()
   held = ds.heldout_set(3, 4, 1, 96, ("blur", "haze"), work_size=96)
   truth = ds.eval_truth(held, 32)
   assert any(t.any() for t, _ in truth[1:5]) and any(t.any() for t, _ in
@@ -42,11 +33,9 @@ def test_eval_protocol_perfect_and_inverted_maps():
 
 
 @pytest.mark.slow
-# pretrain=False: the randomly initialised encoder is the student's (the
-# --no-pretrain route with configs/encoder_mim.py:wide at full size).
-@pytest.mark.parametrize("pretrain", [True, False])
-def test_experiment_end_to_end_tiny(tmp_path, pretrain):
-  ds = _bench()
+def test_experiment_end_to_end_tiny(tmp_path):
+  """Every stage and every column (MIM pretraining, oracle probe, teacher
+  maps, figure) with an untrained teacher: plumbing, not numbers."""
   teacher = tmp_path / "teacher"
   checkpoints.save_model(teacher, unet.UNet(base_channels=4,
                                             rngs=nnx.Rngs(0)),
@@ -58,42 +47,88 @@ def test_experiment_end_to_end_tiny(tmp_path, pretrain):
       adapter_config="configs/adapter_synth.py:tiny",
       adapter_overrides=("config.size=64", "config.work_size=96",
                          "config.batch_size=32"),
-      random_baseline=False, figure_rows=2, pretrain=pretrain)
-  r = ds.run_experiment(str(tmp_path / "out"), st)
-  for f in ("result.json", "result.md", "figure.png"):
-    assert (tmp_path / "out" / f).stat().st_size > 0
-  # (string comparison: per-kind AUROCs may be NaN with one photograph)
-  assert json.dumps(json.load(open(tmp_path / "out" / "result.json"))) == \
-      json.dumps(json.loads(json.dumps(r)))
-  names = set(r["map_auroc"])
+      random_baseline=False, figure_rows=2, pretrain=True)
+  out = tmp_path / "out"
+  r = ds.run_experiment(str(out), st)
+  assert (out / "figure.png").stat().st_size > 0
   # (the random-encoder baseline is the same code path with another
   # encoder directory; left out here to keep the test short)
-  enc = "mim" if pretrain else "random"
-  assert names == {"teacher", "teacher + EFIQA map filter",
-                   "teacher pseudo-labels (4x4)",
-                   f"student ({enc} encoder)", f"oracle probe ({enc} encoder)",
-                   f"student raw sigmoid ({enc} encoder)",
-                   f"oracle probe raw sigmoid ({enc} encoder)"}
+  assert set(r["map_auroc"]) == {
+      "teacher", "teacher + EFIQA map filter", "teacher pseudo-labels (4x4)",
+      "student (mim encoder)", "oracle probe (mim encoder)",
+      "student raw sigmoid (mim encoder)",
+      "oracle probe raw sigmoid (mim encoder)"}
+  assert all(set(v["per_kind"]) == set(synth.KINDS)
+             for v in r["map_auroc"].values())
   # The pseudo-label rule distill used is recorded (this teacher has no
   # calibration: the reference's) and so is the teacher.
   assert r["pseudo_label_rule"] == {"threshold": 0.02, "relax": 0.9,
                                     "grid": 4, "mode": "hard"}
   assert r["teacher"]["path"] == str(teacher)
   assert r["n_heldout"] == 1 + len(synth.KINDS)
-  for v in r["map_auroc"].values():
-    for key in ("anatomy", "all"):
-      assert 0.0 <= v[key] <= 1.0
-    assert set(v["per_kind"]) == set(synth.KINDS)
-    assert all(math.isnan(a) or 0.0 <= a <= 1.0
-               for a in v["per_kind"].values())
-  assert 0.0 < r["heldout_positive_share"] < 1.0
-  assert 0.0 <= r["pseudo_label_positive_share"] <= 1.0
-  assert r["time"]["total"]["wall_s"] > 0
-  # The student was distilled by the CLI from pseudo-labels on a 4x4 grid.
-  data = json.load(open(tmp_path / "out" / f"distill_{enc}" / "train" /
-                        "data.json"))
+  # The student was distilled by the CLI from pseudo-labels on a 4x4 grid,
+  # and the share reported is that of the label files it was trained on.
+  data = json.load(open(out / "distill_mim" / "train" / "data.json"))
   assert data["matched"] == 6 and data["label_grid"] == [4, 4]
-  md = open(tmp_path / "out" / "result.md").read()
+  labels = [np.asarray(Image.open(p)) for p in sorted(
+      (out / "distill_mim" / "pseudo" / "labels").glob("*.png"))]
+  assert len(labels) == 6 and all(a.shape == (4, 4) for a in labels)
+  assert r["pseudo_label_positive_share"] == pytest.approx(
+      np.mean([a > 0 for a in labels]))
+  assert json.load(open(out / "result.json"))["map_auroc"].keys() == (
+      r["map_auroc"].keys())
+  md = open(out / "result.md").read()
   assert "anatomy-hiding kinds + clean" in md and "| total |" in md
-  assert ("pretraining loss" in md) == pretrain
-  assert os.path.isdir(tmp_path / "out" / "encoder_mim") == pretrain
+  assert "pretraining loss" in md and (out / "encoder_mim").is_dir()
+  student = r["map_auroc"]["student (mim encoder)"]["anatomy"]
+  assert f" {student:.3f} " in md
+
+
+# The regression setting: the bundled label-free teacher's pseudo-labels on
+# 48 synthetic photographs (256 px) with blur, haze or overexposure, a
+# randomly initialised ViT (D 64, one block, 16-px patches: 16x16 tokens), an
+# MLP adapter (hidden 64, 10 epochs); 22 held-out photographs (6 per kind +
+# 4 clean) scored on a 32x32 grid. About 40-55 s of CPU.
+REGRESSION_KINDS = ("blur", "haze", "overexposure")
+
+
+def regression_settings(seed: int) -> ds.Settings:
+  return ds.Settings(
+      seed=seed, n_train=48, per_kind=6, n_clean=4, size=256, work_size=256,
+      eval_size=32, train_pool=REGRESSION_KINDS,
+      heldout_kinds=REGRESSION_KINDS, teacher="default",
+      encoder_config="configs/encoder_mim.py:tiny",
+      encoder_overrides=("config.encoder.hidden_size=64",
+                         "config.encoder.depth=1", "config.encoder.num_heads=2",
+                         "config.encoder.mlp_hidden=128",
+                         "config.encoder.patch_size=16"),
+      adapter_config="configs/adapter_synth.py:tiny",
+      adapter_overrides=("config.size=256", "config.work_size=256",
+                         "config.batch_size=256", "config.epochs=10",
+                         "config.adapter.kwargs.hidden=64",
+                         "config.checkpoint_every=1000",
+                         "config.log_every=1000"),
+      random_baseline=False, pretrain=False, oracle_probe=False,
+      teacher_maps=False, figure_rows=0)
+
+
+@pytest.mark.slow
+def test_distillation_regression(tmp_path):
+  """Teacher pseudo-labels -> encoder features -> adapter -> held-out maps,
+  fixed seed. Measured (8 fake CPU devices, as here) for seeds 0-5: student
+  map 0.775 0.833 0.761 0.883 0.828 0.838, its raw sigmoid 0.670 0.737
+  0.652 0.742 0.717 0.716, the map filter's gain 0.096-0.142. The floors sit
+  below every seed; a student that learns nothing scores about 0.5, one
+  trained on misplaced labels below that."""
+  r = ds.run_experiment(str(tmp_path / "out"), regression_settings(0))
+  auroc = r["map_auroc"]
+  assert set(auroc) == {"student (random encoder)",
+                        "student raw sigmoid (random encoder)"}
+  student = auroc["student (random encoder)"]["anatomy"]
+  raw = auroc["student raw sigmoid (random encoder)"]["anatomy"]
+  assert student >= 0.70, auroc
+  assert raw >= 0.60, auroc
+  # EFIQA's map filter (what `efiqa assess` writes) helps, as in the README.
+  assert student - raw >= 0.05, auroc
+  assert r["n_heldout"] == 4 + 6 * len(REGRESSION_KINDS)
+  assert not (tmp_path / "out" / "encoder_mim").exists()

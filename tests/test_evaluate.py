@@ -182,3 +182,34 @@ def test_labels_from_a_built_tfds_dataset(tmp_path, capsys):
   assert res["n"] == 4
   assert res["metrics"]["qwk"] == pytest.approx(1 - 0.5 / 1.375)
   assert res["metrics"]["accuracy"] == 0.5
+
+
+def test_cli_string_labels_point_to_positive_and_folds_are_stated(
+    tmp_path, capsys):
+  ids = [f"i{k}" for k in range(10)]
+  q = [0.9, 0.8, 0.7, 0.6, 0.55, 0.1, 0.2, 0.3, 0.4, 0.45]
+  lab = ["good"] * 3 + ["bad"] * 7  # the smaller class has 3 images
+  _write(tmp_path / "scores.csv",
+         [{"id": i, "status": "ok", "quality": v} for i, v in zip(ids, q)])
+  _write(tmp_path / "labels.csv",
+         [{"id": i, "label": v} for i, v in zip(ids, lab)])
+  argv = ["evaluate", "--scores", str(tmp_path / "scores.csv"), "--labels",
+          str(tmp_path / "labels.csv"), "--out", str(tmp_path / "o"),
+          "--bootstrap", "20"]
+  assert cli.main(argv) == 2  # default --positive 1 matches no label
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  assert "--positive '1'" in err and "'bad', 'good'" in err
+  assert "pass --positive" in err
+  assert cli.main(argv + ["--positive", "good"]) == 0  # --folds 5 asked
+  out = capsys.readouterr().out
+  assert "Note: 5 folds requested, 3 used: the smaller class has 3 images" \
+      in out
+  res = json.load(open(tmp_path / "o" / "metrics.json"))
+  assert res["folds"] == 3 and res["folds_requested"] == 5
+  assert "3 used" in res["note"]
+  _write(tmp_path / "labels.csv",
+         [{"id": i, "label": "good" if k == 0 else "bad"}
+          for k, i in enumerate(ids)])
+  assert cli.main(argv + ["--positive", "good"]) == 2
+  assert "at least 2 images of each class" in capsys.readouterr().err

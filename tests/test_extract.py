@@ -18,7 +18,7 @@ from efiqa_jax import sharding
 from efiqa_jax.encoders import preprocess as pp
 from efiqa_jax.models import vit
 from tests import multihost
-from tests.hf_models import tiny_hf_dinov3
+from efiqa_jax.reference.dinov3 import tiny_hf_dinov3
 
 TINY = dict(patch_size=16, hidden_size=32, depth=2, num_heads=2,
             mlp_hidden=64, num_registers=4, layerscale=True, qkv_bias="qv",
@@ -254,12 +254,12 @@ def test_hf_dinov3_parity_on_real_photographs(fundus_dir, tmp_path, capsys):
   `efiqa extract` == the HF model's patch tokens on the same EFIQA-
   preprocessed FOV crop (<= 1e-4)."""
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("transformers")
   from efiqa_jax import cli
   from efiqa_jax import fundus
 
   g = torch.Generator().manual_seed(0)
-  ref = tiny_hf_dinov3(torch, transformers, g)
+  ref = tiny_hf_dinov3(g)
   ref.eval().save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
   enc, out = tmp_path / "enc", tmp_path / "feats"
   assert cli.main(["port", "dinov3", str(tmp_path / "hf"), "--out",

@@ -41,7 +41,6 @@ def test_summarise_and_grades():
   assert abs(q - 0.75) < 1e-6 and abs(frac - 0.25) < 1e-6
   g = quality.Grading(good_min=0.8, usable_min=0.5)
   assert g.grade(0.9) == "good"
-  assert g.grade(0.9, circular=False) == "usable"
   assert g.grade(0.6) == "usable" and g.grade(0.4) == "reject"
   # Outside the FOV counts for nothing.
   w[0, :] = 0

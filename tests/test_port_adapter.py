@@ -92,67 +92,11 @@ def test_strict(tmp_path, capsys):
     port_adapter.port_adapter(tmp_path / "W.npy", tmp_path / "o")
 
 
-def _torch_head(torch, d, mid, ratio):
-  """EFIQA-CP's head written from efiqa-method.md §4.2 (NCHW, torch)."""
-  nn = torch.nn
-
-  class CLN(nn.Module):
-    def __init__(self, c):
-      super().__init__()
-      self.norm = nn.LayerNorm(c, eps=1e-6)
-
-    def forward(self, x):
-      return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-  class Block(nn.Module):
-    def __init__(self, c):
-      super().__init__()
-      self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
-      self.norm = CLN(c)
-      self.pw1 = nn.Conv2d(c, int(c * ratio), 1)
-      self.pw2 = nn.Conv2d(int(c * ratio), c, 1)
-      self.gamma = nn.Parameter(torch.ones(1, c, 1, 1))
-
-    def forward(self, x):
-      h = self.pw2(nn.functional.gelu(self.pw1(self.norm(self.dw(x)))))
-      return x + self.gamma * h
-
-  class Down(nn.Module):
-    def __init__(self, c):
-      super().__init__()
-      self.norm = CLN(c)
-      self.conv = nn.Conv2d(c, c, 2, stride=2)
-
-    def forward(self, x):
-      return self.conv(self.norm(x))
-
-  class Head(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.stem = nn.Sequential(CLN(d), nn.Conv2d(d, mid, 1))
-      self.stage1 = nn.Sequential(Block(mid), Block(mid))
-      self.down1 = Down(mid)
-      self.stage2 = nn.Sequential(Block(mid), Block(mid))
-      self.down2 = Down(mid)
-      self.stage3 = Block(mid)
-      self.head = nn.Sequential(CLN(mid), nn.Conv2d(mid, 1, 1))
-
-    def forward(self, x):
-      x = self.down1(self.stage1(self.stem(x)))
-      return self.head(self.stage3(self.down2(self.stage2(x))))
-
-  class Wrap(nn.Module):  # SpaceAdmiralCNN: self.model = head
-    def __init__(self):
-      super().__init__()
-      self.model = Head()
-
-  return Wrap()
-
-
 def test_sa_cnn_matches_torch(tmp_path):
   torch = pytest.importorskip("torch")
+  from efiqa_jax.reference.adapters import SpaceAdmiralCNN
   torch.manual_seed(0)
-  ref = _torch_head(torch, 12, 8, 1.0).eval()
+  ref = SpaceAdmiralCNN(12, 8, 1.0).eval()
   with torch.no_grad():  # non-trivial norms, layer scale, biases
     for name, p in ref.named_parameters():
       if name.endswith("gamma") or "norm.weight" in name:

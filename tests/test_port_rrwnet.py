@@ -16,7 +16,7 @@ from efiqa_jax import checkpoints, cli, kernels  # noqa: E402
 from efiqa_jax.models import rrwnet as rr  # noqa: E402
 from efiqa_jax.port import common  # noqa: E402
 from efiqa_jax.port import rrwnet as port_rr  # noqa: E402
-from tests.torch_reference import RefRRWNet  # noqa: E402
+from efiqa_jax.reference.unet import RefRRWNet  # noqa: E402
 
 pytestmark = pytest.mark.port
 TOL = 1e-7  # README; measured 3e-8 (logits, all stages, base 8, 64x64)

@@ -11,7 +11,7 @@ from flax import nnx  # noqa: E402
 
 from efiqa_jax import checkpoints, cli  # noqa: E402
 from efiqa_jax.port import common, vuad  # noqa: E402
-from tests.torch_reference import RefUNetRes  # noqa: E402
+from efiqa_jax.reference.unet import RefUNetRes  # noqa: E402
 
 pytestmark = pytest.mark.port
 BASE = 8

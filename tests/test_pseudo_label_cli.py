@@ -69,22 +69,29 @@ def test_pseudo_label_vessel_maps_and_photos(teacher, tmp_path, capsys):
                    "--quiet"])
   assert code == 0
   assert np.load(out2 / "anomaly" / "p.npy").shape == (64, 64)
-  assert np.asarray(Image.open(out2 / "labels" / "p.png")).shape == (16, 16)
+  assert np.asarray(Image.open(out2 / "labels" / "p.png")).shape == (14, 14)
 
 
-def test_benchmark_reports_model_and_baseline(teacher, tmp_path, capsys):
+def test_benchmark_reports_model_and_baseline(tmp_path, capsys):
+  """The bundled model against heavy blur and haze on scikit-image's retina
+  photograph: both degraded versions rank below the clean one and its maps
+  find the damage better than the vessel-density baseline (measured: map
+  AUROC 0.911 vs 0.689, haze quality drop 0.356)."""
   from skimage import data
   Image.fromarray(data.retina()).resize((320, 320)).save(tmp_path / "r.png")
   js = tmp_path / "bench.json"
-  code = cli.main(["benchmark", str(tmp_path / "r.png"), "--model", teacher,
-                   "--kinds", "blur,shadow", "--severities", "0.9",
+  code = cli.main(["benchmark", str(tmp_path / "r.png"), "--model", "default",
+                   "--kinds", "blur,haze", "--severities", "0.9",
                    "--json", str(js), "--quiet"])
   assert code == 0
   out = capsys.readouterr().out
-  assert "map AUROC" in out and "vessel-density baseline" in out
   import json
   res = json.load(open(js))
   assert res["n_photos"] == 1 and res["n_variants"] == 2
-  assert set(res["per_kind"]) == {"blur", "shadow"}
-  for k in ("map_auroc", "baseline_map_auroc", "image_auroc"):
-    assert 0.0 <= res[k] <= 1.0
+  assert set(res["per_kind"]) == {"blur", "haze"}
+  assert res["image_auroc"] == 1.0
+  assert res["map_auroc"] >= 0.85 and res["baseline_map_auroc"] <= 0.75
+  assert res["per_kind"]["haze"]["quality_drop"] >= 0.25
+  # The printed table is the JSON's.
+  assert (f"| map AUROC | {res['map_auroc']:.3f} | "
+          f"{res['baseline_map_auroc']:.3f} |") in out

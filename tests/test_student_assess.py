@@ -9,16 +9,16 @@ import pytest
 from PIL import Image
 
 from efiqa_jax import cli
-from tests.hf_models import tiny_hf_dinov3
+from efiqa_jax.reference.dinov3 import tiny_hf_dinov3
 from efiqa_jax import fundus
 from efiqa_jax.encoders import preprocess as pp
 
 
 def _hf_and_adapter(tmp_path):
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("transformers")
   g = torch.Generator().manual_seed(0)
-  ref = tiny_hf_dinov3(torch, transformers, g)
+  ref = tiny_hf_dinov3(g)
   ref.eval().save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
   lin = torch.nn.Linear(32, 1)
   with torch.no_grad():

@@ -149,9 +149,12 @@ def test_combined_mask_and_grade():
                           severity={"noise": 0.5, "motion": 0.4})
   np.testing.assert_allclose(mask[c.fov_mask], 1 - 0.5 * 0.6, atol=1e-5)
   assert info["severity"] == 0.5 and info["grade"] == "reject"
-  assert grade(0.0, 0.0) == "good"
-  assert grade(0.06, 0.02) == "usable" and grade(0.0, 0.2) == "usable"
-  assert grade(0.3, 0.1) == "reject"
+  # The README's rule at its bounds: reject at >= 25 % of the FOV degraded,
+  # usable at >= 5 % or a mean mask >= 0.15.
+  assert grade(0.0, 0.0) == "good" and grade(0.0499, 0.1499) == "good"
+  assert grade(0.05, 0.0) == "usable" and grade(0.0, 0.15) == "usable"
+  assert grade(0.2499, 0.9) == "usable"
+  assert grade(0.25, 0.0) == "reject" and grade(0.3, 0.1) == "reject"
 
 
 def test_bad_input_errors(tmp_path):

@@ -17,6 +17,8 @@ from efiqa_jax import config_util
 from efiqa_jax import metrics
 from efiqa_jax.kernels import vit_inference
 from efiqa_jax.models import adapters
+from efiqa_jax.models import vit
+from efiqa_jax.student import losses
 from efiqa_jax.student import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,15 +58,57 @@ def fdata(tmp_path_factory):
   return _feature_data(tmp_path_factory.mktemp("fd"))
 
 
-def test_paper_defaults():
-  c = config_util.load_config(os.path.join(REPO, "configs/adapter.py"))
-  assert (c.adapter.name, c.loss.name, c.loss.pos_weight, c.batch_size,
-          c.epochs, c.optimizer.lr, c.batching) == (
-              "linear", "bce", 20.0, 4096, 20, 1e-3, "patch")
+def test_paper_defaults(fdata, tmp_path):
+  """configs/adapter.py trains what the paper trains (efiqa-method.md §1.5),
+  checked on what its first step computes: sc_linear (one weight per
+  feature and a bias) on every token, seed 504, BCE with pos_weight 20,
+  4096-patch batches, 20 epochs, AdamW lr 1e-3 with weight decay 0.01."""
+  fd, ld, _ = fdata
+  res = train.train_and_evaluate(
+      _cfg("configs/adapter.py", features_dir=fd, labels_dir=ld, max_steps=1,
+           progress=False), str(tmp_path / "wd"))
+  rep = json.load(open(tmp_path / "wd" / "data.json"))
+  # 192 patches: one (padded) batch of 4096 per epoch.
+  assert (rep["steps_per_epoch"], rep["total_steps"]) == (1, 20)
+  init = nnx.to_pure_dict(nnx.state(adapters.build_adapter(
+      "linear", D, seed=504), nnx.Param))["linear"]
+  assert jax.tree.map(np.shape, res.params) == {
+      "linear": {"kernel": (D, 1), "bias": (1,)}}
+  ids = [f"im{i:02d}" for i in range(12)]
+  x = np.concatenate([np.load(os.path.join(fd, i + ".npy")).reshape(-1, D)
+                      for i in ids]).astype(np.float64)
+  y = np.concatenate([np.asarray(Image.open(os.path.join(
+      ld, "labels", i + ".png"))).reshape(-1) > 0 for i in ids])
+  w0 = np.asarray(init["kernel"], np.float64)
+  b0 = np.asarray(init["bias"], np.float64)
+  z = (x @ w0 + b0)[:, 0]
+  sp = lambda v: np.logaddexp(0.0, v)
+  want = np.mean(20.0 * y * sp(-z) + (1 - y) * sp(z))
+  first = json.loads(open(tmp_path / "wd" / "metrics.jsonl").readline())
+  assert first["step"] == 1
+  assert first["loss"] == pytest.approx(want, rel=1e-5)
+  # AdamW's first step from zero moments: every weight moves by lr against
+  # the sign of its gradient, and decays by lr * weight_decay * w.
+  dz = (-20.0 * y / (1 + np.exp(z)) + (1 - y) / (1 + np.exp(-z))) / len(z)
+  g_w, g_b = x.T @ dz, dz.sum()
+  np.testing.assert_allclose(
+      res.params["linear"]["kernel"][:, 0],
+      w0[:, 0] - 1e-3 * np.sign(g_w) - 1e-3 * 0.01 * w0[:, 0], atol=1e-6)
+  np.testing.assert_allclose(res.params["linear"]["bias"],
+                             b0 - 1e-3 * np.sign(g_b), atol=1e-6)
+  # EFIQA-CP (configs/adapter_cp.py): ModernHead64to16 maps 1024-px input
+  # (64x64 tokens) to 16x16 cells; nnPU with pi 0.05 (hand value below).
   cp = config_util.load_config(os.path.join(REPO, "configs/adapter_cp.py"))
-  assert (cp.adapter.name, cp.loss.name, cp.loss.pi, cp.batch_size,
-          cp.epochs, cp.batching, cp.size) == (
-              "modern_head_64to16", "nnpu", 0.05, 16, 100, "image", 1024)
+  head = nnx.eval_shape(lambda: adapters.build_adapter(
+      cp.adapter.name, 1024, **cp.adapter.kwargs))
+  assert head.output_grid(cp.size // 16, cp.size // 16) == (16, 16)
+  loss, valid = losses.distill_loss(
+      cp.loss.name, jnp.array([1.0, -1.0]), jnp.array([1.0, 0.0]),
+      pos_weight=cp.loss.pos_weight, pi=cp.loss.pi, beta=cp.loss.beta)
+  # pi softplus(-1) + max(0, softplus(-1) - pi softplus(1)), pi = 0.05
+  assert float(valid) == 1.0
+  assert float(loss) == pytest.approx(
+      0.05 * sp(-1.0) + sp(-1.0) - 0.05 * sp(1.0), rel=1e-6)
 
 
 def test_linear_learns_from_features(fdata, tmp_path):

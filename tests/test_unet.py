@@ -67,7 +67,7 @@ def test_residual_identity_when_body_is_zero(small):
 
 def test_param_count_matches_reference():
   # 31,031,875 = torch RefUNetRes(3, 3, 64) parameter count (checked against
-  # tests/torch_reference.py, counting each duplicated tensor once).
+  # efiqa_jax/reference/unet.py, counting each duplicated tensor once).
   m = nnx.eval_shape(lambda: UNet(3, 3, 64, rngs=nnx.Rngs(0)))
   assert num_params(m) == 31_031_875
 

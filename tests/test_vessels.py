@@ -112,12 +112,13 @@ def drive_batch(fundus_dir):
   return np.stack(ims), np.stack(ms), refs, p
 
 
-@pytest.mark.parametrize("i,nn", [(0, "01"), (1, "02")])
-def test_drive_auroc(drive_batch, i, nn):
+# The README's numbers (measured 0.9339 / 0.9440), to two decimals.
+@pytest.mark.parametrize("i,nn,floor", [(0, "01", 0.93), (1, "02", 0.94)])
+def test_drive_auroc(drive_batch, i, nn, floor):
   _, ms, refs, p = drive_batch
   m = ms[3 * i]
   a = auroc(p[3 * i][m], refs[i][m])
-  assert a >= 0.90, f"DRIVE {nn} AUROC {a:.4f} < 0.90"
+  assert a >= floor, f"DRIVE {nn} AUROC {a:.4f} < {floor}"
 
 
 @pytest.mark.parametrize("i,nn", [(0, "01"), (1, "02")])
@@ -151,7 +152,8 @@ def test_standin_synthetic_auroc(seed):
   im, fov, ves = standin_fundus(seed)
   p = np.asarray(vessels.vessel_probability(im[None], fov[None]))[0]
   a = auroc(p[fov], ves[fov])
-  assert a >= 0.90, f"stand-in synthetic seed {seed}: AUROC {a:.4f} < 0.90"
+  # README: 0.91-0.96 on synthetic photographs (measured 0.962 / 0.959).
+  assert a >= 0.95, f"stand-in synthetic seed {seed}: AUROC {a:.4f} < 0.95"
 
 
 def test_no_vessels_gives_weak_map():
@@ -174,6 +176,7 @@ def test_synth_generator_auroc():
       np.stack([s.image for s in ss]), np.stack([s.fov_mask for s in ss])))
   aucs = [auroc(p[k][s.fov_mask], s.vessels[s.fov_mask] > 0)
           for k, s in enumerate(ss)]
+  # README: 0.91-0.96 on synthetic photographs (measured 0.909 / 0.921).
   assert min(aucs) >= 0.90, f"efiqa_jax.synth AUROCs {aucs}"
 
 

@@ -74,18 +74,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     names = CLASS_FOLDERS if self.builder_config.include_outliers else CLASS_FOLDERS[:2]
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": common.rgb_image_feature(),
-            "image/filename": tfds.features.Text(),
-            "label": tfds.features.ClassLabel(names=names),
-        }),
+        features=common.image_features(
+            label=tfds.features.ClassLabel(names=names)),
         supervised_keys=("image", "label"),
         homepage="https://www.kaggle.com/datasets/subhajournal/drimdb-diabetic-retinopathy-images-database",
         citation=_CITATION,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    root = find_root(common.local(dl_manager.manual_dir))
+    root = common.find_root(dl_manager.manual_dir, ["good", "bad"])
     return {"train": self._generate_examples(root)}
 
   def _generate_examples(self, root):
@@ -96,20 +93,5 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       if not images:
         raise common.DataLayoutError(f"{class_dir} holds no images")
       for path in images:
-        rel = path.relative_to(root).as_posix()
-        yield rel, {
-            "image": common.rgb_bytes(path),
-            "image/filename": path.name,
-            "label": label,
-        }
-
-
-def find_root(manual_dir):
-  """The manual dir, or its single sub-folder, that holds Good/ and Bad/."""
-  candidates = [manual_dir] + sorted(p for p in manual_dir.iterdir() if p.is_dir())
-  for cand in candidates:
-    if (common.find_dir(cand, ["good"], required=False) and
-        common.find_dir(cand, ["bad"], required=False)):
-      return cand
-  raise common.DataLayoutError(
-      f"no Good/ and Bad/ folders in {manual_dir} or its sub-folders")
+        yield path.relative_to(root).as_posix(), common.image_example(
+            path, label=label)

@@ -55,27 +55,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": common.rgb_image_feature(),
-            "image/filename": tfds.features.Text(),
-            "id": tfds.features.Text(),
-            "vessels": common.mask_feature(),
-            "fov_mask": common.mask_feature(),
-        }),
+        features=common.image_features(
+            id=tfds.features.Text(), vessels=common.mask_feature(),
+            fov_mask=common.mask_feature()),
         supervised_keys=("image", "vessels"),
         homepage="https://drive.grand-challenge.org/",
         citation=_CITATION,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    root = common.local(dl_manager.manual_dir)
-    if common.find_dir(root, ["training"], required=False) is None:
-      subs = [p for p in root.iterdir()
-              if p.is_dir() and common.find_dir(p, ["training"], required=False)]
-      if len(subs) != 1:
-        raise common.DataLayoutError(
-            f"no training/ folder in {root} or exactly one sub-folder of it")
-      root = subs[0]
+    root = common.find_root(dl_manager.manual_dir, ["training"])
     return {split: self._generate_examples(common.find_dir(root, [folder]))
             for split, folder in SPLIT_FOLDERS.items()}
 
@@ -100,11 +89,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             f"{split_dir}: images {ids} and {kind} {sorted(parts[kind])} "
             "do not pair up by number")
     for i in ids:
-      image = parts["image"][i]
-      yield i, {
-          "image": common.rgb_bytes(image),
-          "image/filename": image.name,
-          "id": i,
-          "vessels": common.mask_png(common.binary_mask(parts["vessels"][i])),
-          "fov_mask": common.mask_png(common.binary_mask(parts["fov_mask"][i])),
-      }
+      yield i, common.image_example(
+          parts["image"][i], id=i,
+          vessels=common.mask_png(common.binary_mask(parts["vessels"][i])),
+          fov_mask=common.mask_png(common.binary_mask(parts["fov_mask"][i])))

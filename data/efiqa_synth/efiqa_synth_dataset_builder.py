@@ -80,20 +80,17 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": common.rgb_image_feature(),
-            "image/filename": tfds.features.Text(),
-            "vessels": common.mask_feature(),
-            "degradation": tfds.features.Tensor(
+        features=common.image_features(
+            vessels=common.mask_feature(),
+            degradation=tfds.features.Tensor(
                 shape=(None, None), dtype=np.float32,
                 encoding=tfds.features.Encoding.ZLIB),
-            "id": tfds.features.Text(),
-            "seed": tfds.features.Scalar(dtype=np.int64),
-            "degradations": tfds.features.Text(),
-            "severity": tfds.features.Scalar(dtype=np.float32),
-            "degraded_fraction": tfds.features.Scalar(dtype=np.float32),
-            "grade": tfds.features.ClassLabel(names=GRADE_NAMES),
-        }),
+            id=tfds.features.Text(),
+            seed=tfds.features.Scalar(dtype=np.int64),
+            degradations=tfds.features.Text(),
+            severity=tfds.features.Scalar(dtype=np.float32),
+            degraded_fraction=tfds.features.Scalar(dtype=np.float32),
+            grade=tfds.features.ClassLabel(names=GRADE_NAMES)),
         supervised_keys=("image", "grade"),
     )
 
@@ -113,16 +110,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     ids = [r["id"] for r in rows]
     paths = {k: common.resolve_images(ids, index[k], str(dirs[k])) for k in dirs}
     for n, row in enumerate(rows):
-      image = paths["images"][n]
-      yield row["id"], {
-          "image": common.rgb_bytes(image),
-          "image/filename": image.name,
-          "vessels": common.mask_png(common.binary_mask(paths["vessels"][n])),
-          "degradation": read_degradation(paths["degradation"][n]),
-          "id": row["id"],
-          "seed": int(row["seed"]),
-          "degradations": row["degradations"],
-          "severity": float(row["severity"]),
-          "degraded_fraction": float(row["degraded_fraction"]),
-          "grade": grade_of(row["grade"]),
-      }
+      yield row["id"], common.image_example(
+          paths["images"][n],
+          vessels=common.mask_png(common.binary_mask(paths["vessels"][n])),
+          degradation=read_degradation(paths["degradation"][n]),
+          id=row["id"], seed=int(row["seed"]),
+          degradations=row["degradations"],
+          severity=float(row["severity"]),
+          degraded_fraction=float(row["degraded_fraction"]),
+          grade=grade_of(row["grade"]))

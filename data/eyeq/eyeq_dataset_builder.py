@@ -66,12 +66,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": common.rgb_image_feature(),
-            "image/filename": tfds.features.Text(),
-            "quality": tfds.features.ClassLabel(names=QUALITY_NAMES),
-            "dr_grade": tfds.features.Scalar(dtype=np.int32),
-        }),
+        features=common.image_features(
+            quality=tfds.features.ClassLabel(names=QUALITY_NAMES),
+            dr_grade=tfds.features.Scalar(dtype=np.int32)),
         supervised_keys=("image", "quality"),
         homepage="https://github.com/HzFu/EyeQ",
         citation=_CITATION,
@@ -93,12 +90,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     if bad:
       raise common.DataLayoutError(
           f"{label_path}: quality must be 0/1/2, not for {bad[:10]}")
-    index = common.index_by_stem(common.list_images(image_root))
-    paths = common.resolve_images([r["image"] for r in rows], index, str(image_root))
+    paths = common.match_images([r["image"] for r in rows], image_root)
     for row, path in zip(rows, paths):
-      yield row["image"], {
-          "image": common.rgb_bytes(path),
-          "image/filename": path.name,
-          "quality": int(row["quality"]),
-          "dr_grade": int(float(row["DR_grade"])),
-      }
+      yield row["image"], common.image_example(
+          path, quality=int(row["quality"]),
+          dr_grade=int(float(row["DR_grade"])))

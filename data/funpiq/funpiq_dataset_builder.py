@@ -91,12 +91,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": common.rgb_image_feature(),
-            "image/filename": tfds.features.Text(),
-            "mask": common.mask_feature(),
-            "source": tfds.features.Text(),
-        }),
+        features=common.image_features(mask=common.mask_feature(),
+                                       source=tfds.features.Text()),
         supervised_keys=("image", "mask"),
         homepage="https://arxiv.org/abs/2606.25915",
         citation=_CITATION,
@@ -113,8 +109,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                    if p.suffix.lower() == ".png")
     if not masks:
       raise common.DataLayoutError(f"{ann_dir} holds no PNG annotations")
-    index = common.index_by_stem(common.list_images(image_dir))
-    images = common.resolve_images([m.stem for m in masks], index, str(image_dir))
+    images = common.match_images([m.stem for m in masks], image_dir)
     for mask_path, image_path in zip(masks, images):
       mask = read_mask(mask_path)
       with Image.open(image_path) as im:
@@ -126,9 +121,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             f"{mw}x{mh} (different aspect): for EyeQ use the images written by "
             "EyeQ's preprocessing script")
       rel = image_path.relative_to(image_dir).parts
-      yield mask_path.stem, {
-          "image": common.rgb_bytes(image_path),
-          "image/filename": image_path.name,
-          "mask": common.mask_png(mask),
-          "source": rel[0] if len(rel) > 1 else "",
-      }
+      yield mask_path.stem, common.image_example(
+          image_path, mask=common.mask_png(mask),
+          source=rel[0] if len(rel) > 1 else "")

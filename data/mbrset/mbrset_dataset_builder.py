@@ -61,14 +61,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": common.rgb_image_feature(),
-            "image/filename": tfds.features.Text(),
-            "quality": tfds.features.ClassLabel(names=QUALITY_NAMES),
-            "dr_grade": tfds.features.Scalar(dtype=np.int32),
-            "patient": tfds.features.Text(),
-            "laterality": tfds.features.Text(),
-        }),
+        features=common.image_features(
+            quality=tfds.features.ClassLabel(names=QUALITY_NAMES),
+            dr_grade=tfds.features.Scalar(dtype=np.int32),
+            patient=tfds.features.Text(), laterality=tfds.features.Text()),
         supervised_keys=("image", "quality"),
         homepage="https://physionet.org/content/mbrset/",
         citation=_CITATION,
@@ -89,17 +85,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       raise common.DataLayoutError(
           f"{labels}: {len(bad)} row(s) with {QUALITY_COLUMN} not yes/no: "
           f"{bad[:10]}")
-    index = common.index_by_stem(common.list_images(images))
-    paths = common.resolve_images([r[FILE_COLUMN] for r in rows], index, str(images))
+    paths = common.match_images([r[FILE_COLUMN] for r in rows], images)
     for row, path in zip(rows, paths):
-      yield path.name, {
-          "image": common.rgb_bytes(path),
-          "image/filename": path.name,
-          "quality": QUALITY_VALUES[row[QUALITY_COLUMN].lower()],
-          "dr_grade": _int_or(row.get(DR_COLUMN, ""), -1),
-          "patient": row.get("patient", ""),
-          "laterality": row.get("laterality", ""),
-      }
+      yield path.name, common.image_example(
+          path, quality=QUALITY_VALUES[row[QUALITY_COLUMN].lower()],
+          dr_grade=_int_or(row.get(DR_COLUMN, ""), -1),
+          patient=row.get("patient", ""),
+          laterality=row.get("laterality", ""))
 
 
 def _int_or(text: str, default: int) -> int:

@@ -84,11 +84,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": common.rgb_image_feature(),
-            "image/filename": tfds.features.Text(),
-            "id": tfds.features.Text(),
-        }),
+        features=common.image_features(id=tfds.features.Text()),
         homepage="https://www.adcis.net/en/third-party/messidor2/",
         citation=_CITATION,
     )
@@ -119,8 +115,4 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     for p in paths:
       if p in drop:
         continue
-      yield p.name, {
-          "image": common.rgb_bytes(p),
-          "image/filename": p.name,
-          "id": p.stem,
-      }
+      yield p.name, common.image_example(p, id=p.stem)

@@ -122,12 +122,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": common.rgb_image_feature(),
-            "image/filename": tfds.features.Text(),
-            "quality": tfds.features.ClassLabel(names=QUALITY_NAMES),
-            "camera": tfds.features.ClassLabel(names=CAMERA_NAMES),
-        }),
+        features=common.image_features(
+            quality=tfds.features.ClassLabel(names=QUALITY_NAMES),
+            camera=tfds.features.ClassLabel(names=CAMERA_NAMES)),
         supervised_keys=("image", "quality"),
         homepage="https://doi.org/10.1038/s41597-023-02188-x",
         citation=_CITATION,
@@ -204,9 +201,5 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     for path, quality, cam in records:
       if cam == "uwf" and not self.builder_config.include_uwf:
         continue  # the documented purpose of the no_uwf config
-      yield path.relative_to(root).as_posix(), {
-          "image": common.rgb_bytes(path),
-          "image/filename": path.name,
-          "quality": quality,
-          "camera": cam,
-      }
+      yield path.relative_to(root).as_posix(), common.image_example(
+          path, quality=quality, camera=cam)

@@ -14,14 +14,18 @@ def add_arguments(p):
                  help="'default' (bundled teacher), a teacher model directory, "
                  "or 'student' (with --encoder and --adapter)")
   p.add_argument("--encoder", default=None,
-                 help="student: ViT encoder model directory (efiqa port ...)")
+                 help="student: ViT encoder model directory (efiqa port ...); "
+                 "default: none (required with --model student)")
   p.add_argument("--adapter", default=None,
                  help="student: adapter model directory (efiqa port adapter "
-                 "or train-adapter's WORKDIR/adapter)")
+                 "or train-adapter's WORKDIR/adapter); default: none "
+                 "(required with --model student)")
   p.add_argument("--calibration", default=None,
-                 help="student: calibration JSON (efiqa calibrate)")
+                 help="student: calibration JSON (efiqa calibrate); default: "
+                 "the default pooling (quality = 1 - mean map over the FOV)")
   p.add_argument("--encoder-dtype", choices=("float32", "bfloat16"),
-                 default=None, help="student: encoder compute dtype")
+                 default=None, help="student: encoder compute dtype "
+                 "(default: the dtype stored with the encoder)")
   p.add_argument("--map-filter", choices=("efiqa", "none"), default=None,
                  help="student: 'efiqa' (default) post-processes the map as "
                  "the paper does (grey opening + closing over 3x3 cells, "
@@ -29,7 +33,8 @@ def add_arguments(p):
   p.add_argument("--save-logits", action="store_true",
                  help="student: also write DIR/logits/<id>.npy (gh, gw) raw "
                  "adapter logits")
-  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--batch-size", type=int, default=8,
+                 help="images per jitted call (split over local devices)")
   p.add_argument("--threads", type=int, default=None,
                  help="decode/FOV threads (per worker process); default "
                  "min(4, CPU cores)")
@@ -38,13 +43,16 @@ def add_arguments(p):
                  help="decode/FOV worker processes (grain multiprocessing; "
                  "0 = threads in this process). Decoding is GIL-bound in "
                  "threads: on a many-core GPU/TPU host use ~one per core")
-  p.add_argument("--no-overlays", action="store_true")
+  p.add_argument("--no-overlays", action="store_true",
+                 help="write no overlays/<id>.png (the report does not "
+                 "use them: it layers report/<id>.png over report/<id>.jpg)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
   import sys  # pylint: disable=g-import-not-at-top
   from efiqa_jax import assess  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
   try:
     res = assess.assess(args.inputs, args.out, model=args.model,
                         batch_size=args.batch_size, num_threads=args.threads,
@@ -57,6 +65,8 @@ def run(args) -> int:
                                       "calibration": args.calibration,
                                       "dtype": args.encoder_dtype,
                                       "map_filter": args.map_filter})
+  except sources.NoInputsError as e:
+    return sources.no_inputs_exit(NAME, e)
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa assess: error: {e}", file=sys.stderr)
     return assess.EXIT_USAGE

@@ -8,22 +8,31 @@ HELP = ("Degrade good photographs with the project's synthetic degradations "
 def add_arguments(p):
   p.add_argument("inputs", nargs="+", help="good photographs: files, folders, "
                  "globs or a CSV")
-  p.add_argument("--model", default="default")
+  p.add_argument("--model", default="default",
+                 help="'default' (bundled teacher) or a teacher directory")
   p.add_argument("--kinds", default="",
                  help="comma-separated degradation kinds (default: all)")
-  p.add_argument("--severities", default="0.35,0.65,0.95")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--json", default=None, help="also write the result here")
-  p.add_argument("--quiet", action="store_true")
+  p.add_argument("--severities", default="0.35,0.65,0.95",
+                 help="comma-separated degradation severities in (0, 1]")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the degradations")
+  p.add_argument("--json", default=None, help="also write the result to "
+                 "this JSON file (default: print only)")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
   from efiqa_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
   kinds = [k for k in args.kinds.split(",") if k] or None
   sev = tuple(float(s) for s in args.severities.split(",") if s)
-  res = benchmark.run_benchmark(args.inputs, model=args.model, kinds=kinds,
-                                severities=sev, seed=args.seed,
-                                out_json=args.json, progress=not args.quiet)
+  try:
+    res = benchmark.run_benchmark(args.inputs, model=args.model, kinds=kinds,
+                                  severities=sev, seed=args.seed,
+                                  out_json=args.json,
+                                  progress=not args.quiet)
+  except sources.NoInputsError as e:
+    return sources.no_inputs_exit(NAME, e)
   print(res.to_markdown())
   for f in res.failed:
     print(f"not assessed: {f['image']}: {f['status']}: {f['message']}")

@@ -6,8 +6,9 @@ HELP = ("Train, calibrate (on synthetic data) and write the bundled default "
 
 def add_arguments(p):
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
-  config_util.add_config_arguments(p, "configs/teacher_default.py")
-  p.add_argument("--workdir", required=True)
+  config_util.add_config_arguments(p, "teacher_default")
+  p.add_argument("--workdir", required=True,
+                 help="training checkpoints (a rerun resumes)")
   p.add_argument("--out", required=True,
                  help="e.g. efiqa_jax/assets/teacher_default")
   p.add_argument("--calib-n", type=int, default=96,

@@ -10,15 +10,18 @@ def add_arguments(p):
   p.add_argument("--labels", required=True,
                  help="CSV with id or image + label column")
   p.add_argument("--out", required=True, help="calibration JSON to write")
-  p.add_argument("--label-column", default="label")
+  p.add_argument("--label-column", default="label",
+                 help="column of --labels holding the label")
   p.add_argument("--positive", default="1",
                  help="label value meaning acceptable quality")
-  p.add_argument("--folds", type=int, default=5)
+  p.add_argument("--folds", type=int, default=5,
+                 help="stratified folds of the out-of-fold report")
   p.add_argument("--steps", type=int, default=50000,
                  help="AdamW iterations (paper: 50,000)")
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--lr", type=float, default=3e-4)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch-size", type=int, default=32,
+                 help="images per AdamW step")
+  p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
+  p.add_argument("--seed", type=int, default=0, help="folds and batches")
 
 
 def run(args) -> int:

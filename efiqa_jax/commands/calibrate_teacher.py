@@ -17,7 +17,7 @@ def add_arguments(p):
                  "scikit-image's retina photograph)")
   p.add_argument("--label-grid", type=int, default=32,
                  help="cells per side the pseudo-label rule is fitted on")
-  p.add_argument("--quiet", action="store_true")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:

@@ -9,23 +9,27 @@ def add_arguments(p):
                  "globs or a CSV with a 'path' column")
   p.add_argument("--teacher", required=True, help="teacher model directory")
   p.add_argument("--encoder", required=True, help="ViT encoder directory")
-  p.add_argument("--workdir", required=True)
+  p.add_argument("--workdir", required=True,
+                 help="pseudo/, features/ and train/ go here (a rerun resumes)")
   p.add_argument("--batch-size", type=int, default=8,
                  help="pseudo-label / extract batch")
-  p.add_argument("--quiet", action="store_true")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
-  config_util.add_config_arguments(p, "configs/adapter.py")
+  config_util.add_config_arguments(p, "adapter")
 
 
 def run(args) -> int:
   import sys  # pylint: disable=g-import-not-at-top
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
   from efiqa_jax.student import distill  # pylint: disable=g-import-not-at-top
   try:
     cfg = config_util.config_from_args(args)
     res = distill.distill(args.inputs, args.teacher, args.encoder,
                           args.workdir, cfg, batch_size=args.batch_size,
                           progress=not args.quiet)
+  except sources.NoInputsError as e:
+    return sources.no_inputs_exit(NAME, e)
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa distill: error: {e}", file=sys.stderr)
     return 2

@@ -28,7 +28,7 @@ def _vuad_run(args) -> tuple:
 def _rrwnet_args(p: argparse.ArgumentParser):
   p.add_argument("--config", default=None,
                  help="R2-V2 *_config.json (in/out/base channels, "
-                      "num_iterations)")
+                      "num_iterations); default: RRWNet's own settings")
   p.add_argument("--iterations", type=int, default=None,
                  help="refinement iterations without --config (default 5)")
   p.add_argument("--model-type", choices=("bv", "av", "rrwnet"), default=None,
@@ -71,7 +71,8 @@ _register_families()
 def add_arguments(parser: argparse.ArgumentParser):
   sub = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
   for kind, (hlp, add, _) in CONVERTERS.items():
-    p = sub.add_parser(kind, help=hlp, description=hlp)
+    p = sub.add_parser(kind, help=hlp, description=hlp,
+                       formatter_class=parser.formatter_class)
     p.add_argument("src", help="source weights (.pth / .safetensors, or a "
                    "Hugging Face snapshot folder)")
     p.add_argument("--out", required=True, help="output model directory")
@@ -86,6 +87,13 @@ def run(args) -> int:
   _, _, convert = CONVERTERS[args._convert]
   try:
     model, meta = convert(args)
+  except ImportError as e:
+    if (e.name or "").split(".")[0] not in ("torch", "transformers",
+                                            "safetensors"):
+      raise
+    print(f"efiqa port {args._convert}: needs the port extra (missing "
+          f"{e.name}): pip install 'efiqa-jax[port]'", file=sys.stderr)
+    return 2
   except (PortError, FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"efiqa port {args._convert}: error: {e}", file=sys.stderr)
     return 1

@@ -8,19 +8,22 @@ def add_arguments(p):
   p.add_argument("inputs", nargs="+", help="photographs: files, folders, "
                  "globs or a CSV with a 'path' column")
   p.add_argument("--out", required=True, help="encoder model directory")
-  p.add_argument("--quiet", action="store_true")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
-  config_util.add_config_arguments(p, "configs/encoder_mim.py")
+  config_util.add_config_arguments(p, "encoder_mim")
 
 
 def run(args) -> int:
   import sys  # pylint: disable=g-import-not-at-top
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
   from efiqa_jax.encoders import pretrain  # pylint: disable=g-import-not-at-top
   try:
     cfg = config_util.config_from_args(args)
     res = pretrain.pretrain_mim(args.inputs, args.out, cfg,
                                 progress=not args.quiet)
+  except sources.NoInputsError as e:
+    return sources.no_inputs_exit(NAME, e)
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa pretrain-encoder: error: {e}", file=sys.stderr)
     return 2

@@ -7,38 +7,52 @@ HELP = ("Teacher anomaly maps (|f(x)|) and patch pseudo-labels for vessel maps "
 def add_arguments(p):
   p.add_argument("inputs", nargs="+", help="vessel maps (or photographs with "
                  "--from-photos): files, folders, globs or a CSV")
-  p.add_argument("--teacher", required=True, help="teacher model directory")
-  p.add_argument("--out", required=True)
+  p.add_argument("--teacher", required=True,
+                 help="teacher model directory, or 'default' (the bundled "
+                 "teacher, as in assess --model default)")
+  p.add_argument("--out", required=True,
+                 help="output folder (anomaly/, labels/, manifest.csv)")
   p.add_argument("--from-photos", action="store_true",
                  help="inputs are photographs: compute label-free vessel "
                  "maps first")
   p.add_argument("--threshold", type=float, default=None,
                  help="pixel |f(x)| threshold (default: the teacher's "
                  "calibrated one, else the reference's 0.02)")
-  p.add_argument("--grid", type=int, default=16,
-                 help="cells per side: 16 for 256/16, 14 for 224/16")
+  p.add_argument("--grid", type=int, default=14,
+                 help="cells per side: the student's token grid; 14 = the "
+                 "paper's ViT at 224/16 (what configs/adapter.py trains on), "
+                 "16 for 256/16 or DINOv2 at 224/14")
   p.add_argument("--relax", type=float, default=None,
                  help="share of a cell that must be anomalous (default: the "
                  "teacher's calibrated one, else the reference's 0.9)")
-  p.add_argument("--mode", choices=("hard", "soft"), default="hard")
-  p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--quiet", action="store_true")
+  p.add_argument("--mode", choices=("hard", "soft"), default="hard",
+                 help="hard: 0/255 per cell; soft: the cell's mean of "
+                 "clip((|f(x)| - t) / t, 0, 1)")
+  p.add_argument("--batch-size", type=int, default=8,
+                 help="maps per jitted call")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
   from efiqa_jax import pseudo_labels  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  spec, origin = pseudo_labels.teacher_label_spec(
-      args.teacher, args.grid, threshold=args.threshold, relax=args.relax,
-      mode=args.mode)
-  if not args.quiet:
-    print(f"pseudo-label: |f(x)| > {spec.threshold:g}, cell share >= "
-          f"{spec.relax:g} ({origin})", file=sys.stderr)
+  if args.teacher in ("default", "teacher"):
+    from efiqa_jax import quality_model  # pylint: disable=g-import-not-at-top
+    args.teacher = quality_model.DEFAULT_MODEL_DIR
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
   try:
+    spec, origin = pseudo_labels.teacher_label_spec(
+        args.teacher, args.grid, threshold=args.threshold, relax=args.relax,
+        mode=args.mode)
+    if not args.quiet:
+      print(f"pseudo-label: |f(x)| > {spec.threshold:g}, cell share >= "
+            f"{spec.relax:g} ({origin})", file=sys.stderr)
     res = pseudo_labels.write_pseudo_labels(
         args.inputs, args.teacher, args.out, from_photos=args.from_photos,
         spec=spec, batch_size=args.batch_size, progress=not args.quiet)
-  except ValueError as e:
+  except sources.NoInputsError as e:
+    return sources.no_inputs_exit(NAME, e)
+  except (FileNotFoundError, ValueError) as e:
     print(f"efiqa pseudo-label: error: {e}", file=sys.stderr)
     return 2
   print(f"{res['total']} inputs: {res['ok']} labelled, {res['failed']} failed;"

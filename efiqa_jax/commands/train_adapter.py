@@ -7,8 +7,11 @@ HELP = ("Train the student adapter on teacher pseudo-labels (cached features "
 def add_arguments(p):
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   config_util.add_config_arguments(
-      p, help="configs/adapter.py[:tiny] or configs/adapter_cp.py")
-  p.add_argument("--workdir", required=True)
+      p, help="adapter[:tiny] or adapter_cp (bundled configs by name) or a "
+      "config file[:variant]")
+  p.add_argument("--workdir", required=True,
+                 help="checkpoints, metrics.jsonl and the adapter (a rerun "
+                 "resumes)")
   p.add_argument("positional_overrides", nargs="*", metavar="config.KEY=VALUE",
                  help="config overrides (like --set)")
 

@@ -10,13 +10,16 @@ def add_arguments(p):
   p.add_argument("--labels", required=True,
                  help="CSV: id or image + label (good/usable/reject or 0/1/2)")
   p.add_argument("--out", required=True, help="head model directory")
-  p.add_argument("--label-column", default="label")
-  p.add_argument("--epochs", type=int, default=120)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--label-column", default="label",
+                 help="column of --labels holding the class")
+  p.add_argument("--epochs", type=int, default=120, help="paper: 120")
+  p.add_argument("--batch-size", type=int, default=32, help="paper: 32")
+  p.add_argument("--lr", type=float, default=1e-3,
+                 help="AdamW learning rate (paper: 1e-3)")
   p.add_argument("--lam", type=float, default=1.0,
                  help="weight of the map-consistency MSE")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="initialisation and "
+                 "batches")
 
 
 def run(args) -> int:

@@ -7,8 +7,9 @@ HELP = ("Train the VUAD teacher U-Net by masked inpainting of vessel maps "
 def add_arguments(parser):
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   config_util.add_config_arguments(
-      parser, "configs/teacher.py",
-      help="config file[:variant], e.g. configs/teacher.py:tiny")
+      parser, "teacher",
+      help="a bundled config by name[:variant] (teacher, teacher:tiny, "
+      "teacher:b32) or a config file[:variant]")
   parser.add_argument("--workdir", required=True,
                       help="checkpoints, TensorBoard logs and the export go here")
   parser.epilog += (" E.g. --config.data.source=folder "

@@ -20,12 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   import csv  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
   from efiqa_jax import vessels  # pylint: disable=g-import-not-at-top
-  from efiqa_jax.sources import list_inputs  # pylint: disable=g-import-not-at-top
-  paths = list_inputs(args.inputs)
-  if not paths:
-    print("efiqa vessels: no input images found")
-    return 1
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+  try:
+    paths = sources.list_inputs(args.inputs)
+  except sources.NoInputsError as e:
+    return sources.no_inputs_exit(NAME, e)
+  except ValueError as e:
+    print(f"efiqa vessels: error: {e}", file=sys.stderr)
+    return 2
   manifest = vessels.segment_paths(paths, args.out, size=args.size,
                                    batch_size=args.batch_size, log=print)
   with open(manifest, newline="") as f:

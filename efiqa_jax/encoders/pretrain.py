@@ -2,7 +2,7 @@
 
 EFIQA's student stands on a frozen foundation model (DINOv3). Where no
 pretrained weights can be had (offline machines, tests, the synthetic
-experiment in bench/distill_synthetic.py), this trains a stand-in, label-free:
+experiment in experiments/distill_synthetic.py), this trains a stand-in, label-free:
 SimMIM-style masked image modelling on photographs.
 
   * input: FOV crops with the student's exact chain (`efiqa extract`'s

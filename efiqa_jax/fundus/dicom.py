@@ -42,16 +42,20 @@ def decode_dicom(data: bytes, meta: dict[str, Any],
   msg = _too_large(cols, rows, max_pixels)
   if msg:
     return _fail(fio.TOO_LARGE, msg, meta)
+  syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+  msg = _missing_decoder(syntax)
+  if msg:
+    return _fail(fio.UNSUPPORTED, msg, meta)
   try:
     # index=0: decode only the first frame; YBR_* arrives as RGB (pydicom 3).
     ds.pixel_array_options(index=0)
     a = np.asarray(ds.pixel_array)
   except Exception as e:  # pylint: disable=broad-except
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID",
-                     "unknown")
+    detail = " ".join(str(e).split())  # one status line
     return _fail(fio.UNSUPPORTED,
                  f"cannot decode DICOM pixel data (transfer syntax "
-                     f"{syntax}): {type(e).__name__}: {e}", meta)
+                     f"{syntax or 'unknown'}): {type(e).__name__}: {detail}",
+                 meta)
   if photometric == "PALETTE COLOR":
     a = pydicom.pixels.apply_color_lut(a, ds)
     bits_stored = 16 if a.dtype != np.uint8 else 8
@@ -69,6 +73,32 @@ def decode_dicom(data: bytes, meta: dict[str, Any],
   rgb = np.ascontiguousarray(rgb)
   meta["height"], meta["width"] = rgb.shape[:2]
   return fio.Decoded(rgb, fio.OK, "", meta)
+
+
+def _missing_decoder(syntax) -> str:
+  """'' if pydicom can decode `syntax` here, else one line naming what to
+  install. Compressed pixel data needs a decoder plugin: the `dicom` extra
+  (pydicom + Pillow) covers RLE, JPEG baseline and JPEG 2000; JPEG Lossless,
+  JPEG-LS and HTJ2K need python-gdcm or pylibjpeg."""
+  if syntax is None:
+    return ""
+  from pydicom.pixels import get_decoder  # pylint: disable=g-import-not-at-top
+  try:
+    dec = get_decoder(syntax)
+  except NotImplementedError:
+    return (f"DICOM transfer syntax {syntax} "
+            f"({getattr(syntax, 'name', syntax)}) has no pixel data decoder "
+            "in pydicom")
+  except Exception:  # pylint: disable=broad-except
+    return ""  # not a known UID: let the decode attempt report
+  if dec.is_available:
+    return ""
+  # pydicom lists 'gdcm - requires gdcm>=3.0.10', ...; gdcm's pip package
+  # is python-gdcm.
+  needs = [d.split(" - requires ", 1)[-1] for d in dec.missing_dependencies]
+  needs = ["python-" + n if n.startswith("gdcm") else n for n in needs]
+  return (f"DICOM pixel data in {syntax.name} ({syntax}) needs a decoder "
+          "that is not installed: pip install one of: " + " | ".join(needs))
 
 
 def _scale(a: np.ndarray, bits: int) -> np.ndarray:

@@ -60,6 +60,11 @@ class FOV:
   coverage_deg: float = 0.0  # angular span of the rim that was seen
   region_iou: float = 0.0  # coarse bright region vs fitted disc
   inlier_frac: float = 0.0  # rim candidates on the circle / all candidates
+  visible_deg: float = 0.0  # degrees of the circle inside the frame and cuts
+  dark_out: float = 0.0  # (inside - outside) / inside brightness, coarse grid
+  # Straight cuts of the frame inside the circle (black bands, windows):
+  # (a, b, c) per cut, the FOV is where a * x + b * y <= c.
+  cuts: tuple[tuple[float, float, float], ...] = ()
 
   @property
   def ok(self) -> bool:
@@ -70,9 +75,10 @@ class FOV:
     """(h, w) bool FOV mask on the original pixel grid."""
     if not self.circular:
       return np.ones((h, w), bool)
-    yy = (np.arange(h, dtype=np.float32) - self.cy)[:, None]
-    xx = (np.arange(w, dtype=np.float32) - self.cx)[None, :]
-    return yy * yy + xx * xx <= self.r * self.r
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    xx = np.arange(w, dtype=np.float32)[None, :]
+    return (((yy - self.cy) ** 2 + (xx - self.cx) ** 2 <= self.r * self.r)
+            & _inside_cuts(xx, yy, self.cuts))
 
 
 def _full_frame(h: int, w: int, message: str, **kw) -> FOV:
@@ -132,8 +138,19 @@ def robust_fit_circle(x, y, *, iters: int = 6, k: float = 3.0,
   return cx, cy, r, keep
 
 
-def ransac_circle(x, y, *, tol: float, n_trials: int = 256, seed: int = 0):
-  """Best circle through random point triples (most inliers within tol)."""
+def ransac_circle(x, y, *, tol: float, n_trials: int = 256, seed: int = 0,
+                  r_range: tuple[float, float] = (0.0, np.inf),
+                  centre_box: tuple[float, float, float, float] | None = None,
+                  contain: tuple[np.ndarray, np.ndarray] | None = None,
+                  max_outside: float = 0.05):
+  """Best circle through random point triples (most inliers within tol).
+
+  Optional constraints make it a fit of the FOV rim when straight frame cuts
+  share the boundary: r within r_range, centre within centre_box (x0, y0,
+  x1, y1), and at most max_outside of the `contain` points (the whole
+  boundary of the bright region) farther than tol outside the circle. A
+  straight cut fits only a huge circle or one the region spills out of.
+  """
   n = x.shape[0]
   rng = np.random.default_rng(seed)
   idx = rng.integers(0, n, size=(n_trials, 3))
@@ -149,10 +166,20 @@ def ransac_circle(x, y, *, tol: float, n_trials: int = 256, seed: int = 0):
   ux = (a2 * (by - cy_) + b2 * (cy_ - ay) + c2 * (ay - by)) / d
   uy = (a2 * (cx_ - bx) + b2 * (ax - cx_) + c2 * (bx - ax)) / d
   r = np.hypot(ax - ux, ay - uy)
+  good &= (r >= r_range[0]) & (r <= r_range[1])
+  if centre_box is not None:
+    x0, y0, x1, y1 = centre_box
+    good &= (ux >= x0) & (ux <= x1) & (uy >= y0) & (uy <= y1)
   dist = np.abs(np.hypot(x[None, :] - ux[:, None], y[None, :] - uy[:, None])
                 - r[:, None])
   score = np.where(good, (dist <= tol).sum(axis=1), -1)
+  if contain is not None and contain[0].size:
+    out = (np.hypot(contain[0][None, :] - ux[:, None],
+                    contain[1][None, :] - uy[:, None]) - r[:, None] > tol)
+    score = np.where(out.mean(axis=1) <= max_outside, score, -1)
   best = int(np.argmax(score))
+  if score[best] < 0:
+    return float("nan"), float("nan"), float("nan"), np.zeros(n, bool)
   return float(ux[best]), float(uy[best]), float(r[best]), dist[best] <= tol
 
 
@@ -219,7 +246,7 @@ def _sample_bilinear(img: np.ndarray, x: np.ndarray, y: np.ndarray
 
 def _radial_edges(image: np.ndarray, cx: float, cy: float, r: float,
                   half_window: float, min_contrast: float,
-                  n_rays: int = 180, n_samples: int = 96):
+                  n_rays: int = 180, n_samples: int = 96, cuts=()):
   """Rim points along rays across the current circle, at full resolution.
 
   A rim candidate on a ray is a strong brightness drop (a local minimum of
@@ -239,8 +266,10 @@ def _radial_edges(image: np.ndarray, cx: float, cy: float, r: float,
   s = np.arange(-half_window, half_window + step / 2, step)
   if s.size < 16:
     return np.zeros(0), np.zeros(0), np.zeros(0)
-  theta = np.linspace(0, 2 * np.pi, n_rays, endpoint=False)
-  rad = np.broadcast_to(r + s[None, :], (n_rays, s.size))
+  theta = _visible_angles(cx, cy, r, h, w, n_rays, cuts, half_window)
+  if theta.size == 0:
+    return np.zeros(0), np.zeros(0), np.zeros(0)
+  rad = np.broadcast_to(r + s[None, :], (theta.size, s.size))
   xs = cx + np.cos(theta)[:, None] * rad
   ys = cy + np.sin(theta)[:, None] * rad
   lead = np.cumprod((xs >= 0) & (xs <= w - 1) & (ys >= 0) & (ys <= h - 1),
@@ -280,6 +309,87 @@ def _radial_edges(image: np.ndarray, cx: float, cy: float, r: float,
   re = rad[rows, i[rows]] + off[rows] * step
   th = theta[rows]
   return cx + np.cos(th) * re, cy + np.sin(th) * re, th
+
+
+def _straight_cuts(x: np.ndarray, y: np.ndarray, min_span: float, *,
+                   tol: float = 0.75, max_lines: int = 4, seed: int = 0):
+  """Long straight runs among boundary points (coarse grid): frame cuts.
+
+  A circle stays within tol of a straight line over only ~3.5 sqrt(r)
+  pixels, so a run spanning min_span (a third of the short side) densely
+  is a straight edge: a black band or window cut inside the frame. Returns
+  [(a, b, c, point indices)] with (a, b) a unit normal, a x + b y = c.
+  """
+  rng = np.random.default_rng(seed)
+  left = np.ones(x.size, bool)
+  lines = []
+  for _ in range(max_lines):
+    idx = np.flatnonzero(left)
+    if idx.size < min_span:
+      break
+    px, py = x[idx].astype(np.float64), y[idx].astype(np.float64)
+    pr = rng.integers(0, idx.size, size=(200, 2))
+    dx, dy = px[pr[:, 1]] - px[pr[:, 0]], py[pr[:, 1]] - py[pr[:, 0]]
+    length = np.hypot(dx, dy)
+    ok = length >= min_span / 4
+    length = np.where(ok, length, 1.0)
+    a, b = -dy / length, dx / length
+    c = a * px[pr[:, 0]] + b * py[pr[:, 0]]
+    score = np.abs(a[:, None] * px[None] + b[:, None] * py[None]
+                   - c[:, None]) <= tol
+    score = np.where(ok, score.sum(axis=1), -1)
+    best = int(np.argmax(score))
+    if score[best] < 0.7 * min_span:
+      break
+    sel = np.abs(a[best] * px + b[best] * py - c[best]) <= tol
+    # Total least squares on the run, then its inliers again.
+    mx, my = px[sel].mean(), py[sel].mean()
+    cov = np.cov(np.stack([px[sel] - mx, py[sel] - my]))
+    _, vec = np.linalg.eigh(cov)
+    na, nb = vec[0, 0], vec[1, 0]  # smallest eigenvalue: the normal
+    nc = na * mx + nb * my
+    sel = np.abs(na * px + nb * py - nc) <= tol
+    t = -nb * px[sel] + na * py[sel]
+    span = float(t.max() - t.min()) if sel.any() else 0.0
+    if span < min_span or sel.sum() < 0.7 * span:
+      break
+    lines.append((float(na), float(nb), float(nc), idx[sel]))
+    left[idx[sel]] = False
+  return lines
+
+
+def _inside_cuts(x, y, cuts, margin: float = 0.0):
+  """Points on the inner side of every cut (a x + b y <= c - margin)."""
+  ok = np.ones(np.broadcast(x, y).shape, bool)
+  for a, b, c in cuts:
+    ok &= a * x + b * y <= c - margin
+  return ok
+
+
+def _visible_angles(cx: float, cy: float, r: float, h: int, w: int,
+                    n: int, cuts=(), margin: float = 0.0) -> np.ndarray:
+  """n ray angles spread evenly over the arc of the circle inside the frame.
+
+  A frame cutting the circle on all four sides leaves short corner arcs:
+  all rays go there (at most one per pixel of arc), none to the cuts.
+  """
+  th = np.linspace(0, 2 * np.pi, 1440, endpoint=False)
+  x, y = cx + r * np.cos(th), cy + r * np.sin(th)
+  th = th[(x >= 1) & (x <= w - 2) & (y >= 1) & (y <= h - 2)
+          & _inside_cuts(x, y, cuts, margin)]
+  n = min(n, int(th.size / 1440 * 2 * np.pi * r))
+  if n < 1:
+    return th[:0]
+  return th[np.linspace(0, th.size - 1, n).astype(np.int64)]
+
+
+def _visible_deg(cx: float, cy: float, r: float, h: int, w: int,
+                 cuts=()) -> float:
+  """Degrees of the circle that lie inside the frame and its cuts."""
+  th = np.linspace(0, 2 * np.pi, 720, endpoint=False)
+  x, y = cx + r * np.cos(th), cy + r * np.sin(th)
+  return float(((x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+                & _inside_cuts(x, y, cuts)).sum() / 2.0)
 
 
 def _coverage_deg(theta: np.ndarray, bins: int = 72) -> float:
@@ -332,9 +442,15 @@ def _detect_fov(image: np.ndarray) -> FOV:
   # itself (bright vs dim half): then the darkest percentile is the
   # background. Tried second, as it lets glow around handheld FOVs in.
   bgs = [bg_otsu]
+  # A frame cutting the circle on all four sides leaves only its corners
+  # dark, too few pixels for any percentile: the darkest corner patch.
+  q = max(2, min(v.shape) // 40)
+  bg_corner = min(float(np.median(c)) for c in (
+      v[:q, :q], v[:q, -q:], v[-q:, :q], v[-q:, -q:]))
   bg_dark = float(np.percentile(v, 1))
-  if bg_dark < bg_otsu - 3.0:
-    bgs.append(bg_dark)
+  for b in sorted((bg_corner, bg_dark)):
+    if b < bg_otsu - 3.0 and all(abs(b - o) > 3.0 for o in bgs):
+      bgs.append(b)
   results = []
   for bg in bgs:
     results.append(_attempt(image, small, v, k, bg, fg))
@@ -364,7 +480,7 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
     return _fail(NO_FOV, f"largest bright region covers only "
                  f"{100 * area_frac:.2f}% of the image")
 
-  # Boundary pixels off the image border: the real rim.
+  # Boundary pixels off the image border: the rim, and straight cuts.
   interior = np.ones_like(comp)
   interior[1:-1, 1:-1] = (comp[:-2, 1:-1] & comp[2:, 1:-1] & comp[1:-1, :-2]
                           & comp[1:-1, 2:])
@@ -373,21 +489,60 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
   edge[:, :2] = edge[:, -2:] = False
   ey, ex = np.nonzero(edge)
   if ex.size < 20:
-    return _full_frame(h, w, "the bright region fills the frame: no circular "
-                       "FOV rim visible; using the full frame",
+    return _full_frame(h, w, "no circular FOV: the bright region fills the "
+                       "frame, no rim visible; using the full frame",
+                       region_iou=0.0)
+  lines = _straight_cuts(ex, ey, 0.3 * min(sh, sw))
+  on_line = np.zeros(ex.size, bool)
+  for *_, idx in lines:
+    on_line[idx] = True
+  if (~on_line).sum() < 20:
+    return _full_frame(h, w, "no circular FOV: the bright region has straight "
+                       "edges only; using the full frame",
                        region_iou=0.0)
   # Small-pixel centre -> original coordinates.
-  ox, oy = ex * k + k // 2, ey * k + k // 2
+  ox, oy = ex[~on_line] * k + k // 2, ey[~on_line] * k + k // 2
   if ox.size > 400:  # plenty for RANSAC; keeps it ~1 ms
     sel = np.linspace(0, ox.size - 1, 400).astype(np.int64)
     ox, oy = ox[sel], oy[sel]
-  cx, cy, r, inl = ransac_circle(ox, oy, tol=1.5 * k, n_trials=128)
+  # The whole outline of the region, frame edges included: the circle must
+  # hold it (a circle through a straight cut would leave it spilling out).
+  ring = np.zeros_like(comp)
+  ring[[0, -1], :] = ring[:, [0, -1]] = True
+  by, bx = np.nonzero((comp & ~interior) | (comp & ring))
+  if bx.size > 400:
+    sel = np.linspace(0, bx.size - 1, 400).astype(np.int64)
+    by, bx = by[sel], bx[sel]
+  cx, cy, r, inl = ransac_circle(
+      ox, oy, tol=1.5 * k, n_trials=256,
+      r_range=(0.1 * min(h, w), 0.75 * np.hypot(h, w)),
+      centre_box=(-0.25 * w, -0.25 * h, 1.25 * w, 1.25 * h),
+      contain=(bx * k + k // 2, by * k + k // 2))
   if inl.sum() >= 5:
-    cx, cy, r, _ = robust_fit_circle(ox[inl], oy[inl], min_tol=k)
+    cx, cy, r, _ = robust_fit_circle(ox[inl], oy[inl], min_tol=k,
+                                     max_tol=1.5 * k)
 
-  if not (np.isfinite(r) and r > 0.1 * min(h, w) and r < 2.0 * max(h, w)):
-    return _full_frame(h, w, f"coarse circle fit implausible (r={r:.1f}); "
-                       "using the full frame")
+  if not np.isfinite(r):
+    return _full_frame(h, w, "no circular FOV: no circle holds the bright "
+                       "region; using the full frame")
+  if not (r > 0.1 * min(h, w) and r < 2.0 * max(h, w)):
+    return _full_frame(h, w, f"no circular FOV: coarse circle fit "
+                       f"implausible (r={r:.1f}); using the full frame")
+
+  # Straight edges inside the circle with the region on one side are cuts
+  # of the frame (a black band, a window): the FOV is circle and cuts.
+  cuts = []
+  ys_, xs_ = np.nonzero(comp)
+  for la, lb, lc, idx in lines:
+    if la * xs_.mean() + lb * ys_.mean() > lc:  # normal points outwards
+      la, lb, lc = -la, -lb, -lc
+    lc += 0.5  # pixel centres -> the edge between region and band
+    px, py = ex[idx] * k + k // 2, ey[idx] * k + k // 2
+    spill = np.mean(la * xs_ + lb * ys_ > lc + 1.0)
+    if np.median(np.hypot(px - cx, py - cy)) < r - 1.5 * k and spill < 0.01:
+      # Coarse (x_s, y_s) = ((x - k // 2) / k, ...) in original pixels.
+      cuts.append((la, lb, lc * k + (la + lb) * (k // 2)))
+  cuts = tuple(cuts)
 
   # Full-resolution refinement on radial profiles: first a wide window (the
   # coarse region misses dim, vignetted rims, so the coarse circle can be
@@ -397,7 +552,8 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
   inlier_frac = 0.0
   for frac in REFINE_WINDOWS:
     xs, ys, th = _radial_edges(image, cx, cy, r, max(3.0 * k, frac * r),
-                               min_contrast, n_rays=120 if frac > 0.05 else 180)
+                               min_contrast, n_rays=120 if frac > 0.05 else 180,
+                               cuts=cuts)
     n_pts = int(xs.size)
     if xs.size < 12:
       break
@@ -419,10 +575,14 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
     inlier_frac = n_pts / xs.size
     cov = _coverage_deg(th[keep])
     quads = np.unique((np.mod(th[keep], 2 * np.pi) // (np.pi / 2))).size
+  visible = _visible_deg(cx, cy, r, h, w, cuts)
 
   # Verification on the coarse grid.
   scx, scy, sr = (cx - k // 2) / k, (cy - k // 2) / k, r / k
-  disc = _disc(sh, sw, scx, scy, sr)
+  gy = np.arange(sh)[:, None] * k + k // 2
+  gx = np.arange(sw)[None, :] * k + k // 2
+  in_cuts = _inside_cuts(gx, gy, cuts)
+  disc = _disc(sh, sw, scx, scy, sr) & in_cuts
   inter = float((disc & comp).sum())
   union = float((disc | comp).sum())
   iou = inter / max(union, 1.0)
@@ -431,15 +591,18 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
   # (low precision) means the circle does not explain the image.
   precision = inter / max(float(comp.sum()), 1.0)
   recall = inter / max(float(disc.sum()), 1.0)
-  ring_out = ~_disc(sh, sw, scx, scy, sr + 2.0)
-  inside_far = _disc(sh, sw, scx, scy, max(sr - 2.0, 0.0))
+  ring_out = ~(_disc(sh, sw, scx, scy, sr + 2.0) & _inside_cuts(
+      gx, gy, cuts, -2.0 * k))
+  inside_far = _disc(sh, sw, scx, scy, max(sr - 2.0, 0.0)) & _inside_cuts(
+      gx, gy, cuts, 2.0 * k)
   out_level = float(np.median(v[ring_out])) if ring_out.sum() > 20 else bg
   in_level = float(np.median(v[inside_far])) if inside_far.any() else fg
   dark_out = (in_level - out_level) / max(in_level, 1.0)
   likeness = _likeness(small, disc, iou, cov, dark_out)
   extra = dict(fit_rms=fit_rms, n_edge_points=n_pts, coverage_deg=cov,
                region_iou=iou, fundus_likeness=likeness,
-               inlier_frac=inlier_frac)
+               inlier_frac=inlier_frac, visible_deg=visible,
+               dark_out=dark_out)
 
   reasons = []
   # A rim seen over a wide arc vouches for the circle even when a dark
@@ -458,10 +621,10 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
   if dark_out < 0.6:
     reasons.append(f"outside of the circle is not dark (contrast "
                    f"{dark_out:.2f})")
-  # A FOV wider than both sides of the frame shows only corner arcs: short,
-  # but in all four quadrants, tightly on one circle, hardly any dissent.
-  corners = (cov >= 20.0 and quads == 4 and fit_rms <= 1.0
-             and inlier_frac >= 0.8)
+  # A FOV wider than the frame shows only corner arcs: short, but in three
+  # or four quadrants, tightly on one circle, hardly any dissent.
+  corners = (cov >= min(20.0, 0.6 * visible) and quads >= 3
+             and fit_rms <= 1.0 and inlier_frac >= 0.8)
   if cov < 60.0 and not corners:
     reasons.append(f"rim seen over only {cov:.0f} degrees")
   if not (-0.25 * w <= cx <= 1.25 * w and -0.25 * h <= cy <= 1.25 * h):
@@ -469,7 +632,7 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
   if reasons:
     return _full_frame(h, w, "no circular FOV: " + "; ".join(reasons) +
                        "; using the full frame", **extra)
-  return FOV(cx, cy, r, True, OK, "", **extra)
+  return FOV(cx, cy, r, True, OK, "", cuts=cuts, **extra)
 
 
 def _likeness(small: np.ndarray, disc: np.ndarray, iou: float, cov: float,

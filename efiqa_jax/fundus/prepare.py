@@ -16,10 +16,12 @@ import numpy as np
 from PIL import Image
 
 from efiqa_jax.fundus import fov as ffov
+from efiqa_jax.fundus import gate as fgate
 from efiqa_jax.fundus import io as fio
 
 TOO_SMALL = ffov.TOO_SMALL
 NO_FOV = ffov.NO_FOV
+NOT_FUNDUS = fgate.NOT_FUNDUS
 
 
 @dataclasses.dataclass
@@ -27,9 +29,10 @@ class Prepared:
   """A photograph ready for the models, or why it is not.
 
   status: "ok" or a failure (not_found, unreadable, too_large, unsupported,
-    too_small, no_fov). With "ok", `circular` may still be False: no circular
-    FOV was found (non-fundus photograph, fully lit rectangle) and the full
-    frame was used; such images must never be graded good.
+    too_small, no_fov, not_fundus). With "ok", `circular` says whether a
+    circle was fitted (also when the frame cuts it); False means a fundus
+    photograph whose rim could not be fitted (e.g. hidden by a shadow): the
+    full frame is its FOV. Either way it is graded like any other.
   image: (size, size, 3) uint8, zero outside the FOV and in the padding.
   fov_mask: (size, size) bool.
   crop_x0, crop_y0, crop_size: the crop square in original pixels.
@@ -40,6 +43,7 @@ class Prepared:
   image: np.ndarray | None = None
   fov_mask: np.ndarray | None = None
   fov: ffov.FOV | None = None
+  gate: fgate.GateResult | None = None  # the fundus gate's decision
   crop_x0: int = 0
   crop_y0: int = 0
   crop_size: int = 0
@@ -122,6 +126,8 @@ def fov_mask_at(fov: ffov.FOV, x0: int, y0: int, side: int, size: int,
     dx = (xe - 0.5 - fov.cx)[None, :]
     dy = (ye - 0.5 - fov.cy)[:, None]
     m &= dx * dx + dy * dy <= fov.r * fov.r
+    for a, b, c in fov.cuts:
+      m &= a * (xe - 0.5)[None, :] + b * (ye - 0.5)[:, None] <= c
   return m
 
 
@@ -130,16 +136,21 @@ def scale_fov(fov: ffov.FOV, s: int) -> ffov.FOV:
   if s == 1:
     return fov
   # Reduced pixel i covers original pixels [i*s, (i+1)*s).
+  cuts = tuple((a, b, c * s + (a + b) * (s - 1) / 2.0) for a, b, c in fov.cuts)
   return dataclasses.replace(fov, cx=fov.cx * s + (s - 1) / 2.0,
                              cy=fov.cy * s + (s - 1) / 2.0, r=fov.r * s,
-                             fit_rms=fov.fit_rms * s)
+                             fit_rms=fov.fit_rms * s, cuts=cuts)
 
 
 def prepare_image(image: np.ndarray, size: int = 512, *, path: str = "",
                   meta: dict[str, Any] | None = None,
                   fov: ffov.FOV | None = None, scale: int = 1,
-                  orig_hw: tuple[int, int] | None = None) -> Prepared:
+                  orig_hw: tuple[int, int] | None = None,
+                  check_fundus: bool = True) -> Prepared:
   """prepare_fundus on an already decoded (H, W, 3) uint8 image.
+
+  check_fundus: run the fundus gate; an image that is not a colour fundus
+  photograph gets status "not_fundus" with the reason.
 
   scale/orig_hw: the image was decoded `scale` times smaller than the file
   (JPEG draft); the crop box and FOV are reported in file pixels.
@@ -151,26 +162,35 @@ def prepare_image(image: np.ndarray, size: int = 512, *, path: str = "",
     fov = ffov.detect_fov(image)
   if not fov.ok:
     return Prepared(status=fov.status, message=fov.message, fov=fov, **base)
+  gate = fgate.check(image, fov) if check_fundus else None
+  if gate is not None and not gate.fundus:
+    return Prepared(status=NOT_FUNDUS, message="not a colour fundus "
+                    f"photograph: {gate.reason}", fov=scale_fov(fov, scale),
+                    gate=gate, **base)
   x0, y0, side = crop_box(fov, h, w)
   out = crop_image(image, x0, y0, side, size)
   mask = fov_mask_at(fov, x0, y0, side, size, h, w)
   out = np.where(mask[..., None], out, 0).astype(np.uint8)
   return Prepared(status="ok", message=fov.message, image=out, fov_mask=mask,
-                  fov=scale_fov(fov, scale), crop_x0=x0 * scale,
+                  fov=scale_fov(fov, scale), gate=gate, crop_x0=x0 * scale,
                   crop_y0=y0 * scale, crop_size=side * scale, **base)
 
 
 def prepare_fundus(source, size: int = 512, *,
                    max_pixels: int | None = fio.DEFAULT_MAX_PIXELS,
-                   fast_decode: bool = True) -> Prepared:
+                   fast_decode: bool = True,
+                   check_fundus: bool = True) -> Prepared:
   """Decodes, finds the FOV, crops a square around it. Never raises.
 
   source: path or encoded bytes. Returns Prepared with status "ok" (check
   `.circular`/`.flags`: False/('not_circular',) means full-frame fallback)
-  or a failure status with a message.
+  or a failure status with a message ("not_fundus": the fundus gate,
+  `efiqa_jax.fundus.gate`, says it is not a colour fundus photograph).
   fast_decode: large JPEGs are decoded at 1/2..1/8 scale by libjpeg while
   the short side stays >= 1.25 * size (the crop is then still downscaled,
   never upscaled, for typical FOVs); FOV and crop box stay in file pixels.
+  check_fundus: False skips the fundus gate (e.g. for inputs known to be
+  fundus photographs that the gate's colour rules do not fit).
   """
   if isinstance(source, (bytes, bytearray, memoryview)):
     path = "<bytes>"
@@ -193,7 +213,8 @@ def prepare_fundus(source, size: int = 512, *,
                       size=size, meta=dec.meta)
     return prepare_image(dec.image, size, path=path, meta=dec.meta,
                          scale=int(dec.meta.get("scale", 1)),
-                         orig_hw=(dec.meta["height"], dec.meta["width"]))
+                         orig_hw=(dec.meta["height"], dec.meta["width"]),
+                         check_fundus=check_fundus)
   except MemoryError as e:
     return Prepared(path=path, status=fio.TOO_LARGE,
                     message=f"out of memory: {e}", size=size)

@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efiqa_jax import checkpoints
 
 LN_EPS = 1e-6  # ConvNeXt's channel LayerNorm
 
@@ -202,10 +201,6 @@ ADAPTERS = {
 # Accepted config names -> class.
 ALIASES = {"sc_linear": "linear", "sa_cnn": "modern_head_64to16",
            "cnn": "modern_head_64to16"}
-
-for _cls in ADAPTERS.values():
-  checkpoints.register_architecture(_cls.ARCH, _cls)
-
 
 def build_adapter(name: str, in_dim: int, *, seed: int = 0,
                   dtype: Any = jnp.float32, **kwargs) -> nnx.Module:

@@ -211,7 +211,8 @@ def register(register_converter):
 
   def add(p):
     p.add_argument("--bias", default=None,
-                   help="for a .npy W: the bias (.npy file or a number)")
+                   help="for a .npy W: the bias (.npy file or a number; "
+                   "default: none, required with a .npy W)")
 
   def run(args):
     return port_adapter(args.src, args.out, bias=args.bias,

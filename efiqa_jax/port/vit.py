@@ -607,20 +607,33 @@ _HELP = {
 }
 
 
+# models.vit's PRESETS and INTERP, spelled out so that `efiqa --help` does
+# not import jax (tests/test_cli.py checks they agree).
+PRESET_NAMES = (
+    "dinov2_vitb14", "dinov2_vitb14_reg", "dinov2_vitg14",
+    "dinov2_vitg14_reg", "dinov2_vitl14", "dinov2_vitl14_reg",
+    "dinov2_vits14", "dinov2_vits14_reg", "dinov3_vit7b16", "dinov3_vitb16",
+    "dinov3_vith16plus", "dinov3_vitl16", "dinov3_vits16",
+    "dinov3_vits16plus", "retfound_mae", "tiny", "vit_b16", "vit_l16",
+    "vit_s16")
+INTERP_NAMES = ("bicubic", "bicubic_offset", "bicubic_aa", "fixed")
+
+
 def add_cli_arguments(p) -> None:
   """Options shared by the `efiqa port {dinov3,...}` subcommands."""
-  from efiqa_jax.models import vit
-  p.add_argument("--preset", choices=sorted(vit.PRESETS), default=None,
+  p.add_argument("--preset", choices=PRESET_NAMES, default=None,
                  help="check the checkpoint against a named architecture and "
-                      "take heads/eps/interpolation from it")
+                      "take heads/eps/interpolation from it (default: read "
+                      "them from config.json or the tensors)")
   p.add_argument("--num-heads", type=int, default=None,
                  help="attention heads when there is no config.json "
                       "(default: width // 64)")
-  p.add_argument("--interp", choices=vit.INTERP, default=None,
+  p.add_argument("--interp", choices=INTERP_NAMES, default=None,
                  help="position-table resampling for other input sizes "
                       "(default: what the source family's reference does)")
   p.add_argument("--ln-eps", type=float, default=None,
-                 help="LayerNorm epsilon override")
+                 help="LayerNorm epsilon override (default: the source's "
+                      "config.json, else the family's)")
 
 
 def cli_run(family: str):

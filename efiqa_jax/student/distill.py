@@ -23,7 +23,7 @@ def label_grid(config, encoder: str) -> tuple[int, int]:
   from flax import nnx
   from efiqa_jax import checkpoints
   from efiqa_jax.models import adapters
-  meta = checkpoints.read_meta(encoder)
+  meta = checkpoints.check_kind(encoder, "encoder")
   if meta["architecture"] != "vit":
     raise ValueError(f"{encoder} is not a ViT encoder")
   p = int(meta["kwargs"]["patch_size"])
@@ -43,6 +43,8 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
   from efiqa_jax import pseudo_labels
   from efiqa_jax.student import train
 
+  from efiqa_jax import sources
+  sources.list_inputs(list(inputs))  # no image: NoInputsError before any work
   workdir = os.path.abspath(workdir)
   oh, ow = label_grid(config, encoder)
   if oh != ow:

@@ -49,9 +49,6 @@ class EyeQHead(nnx.Module):
     return local.mean(axis=(1, 2)), local
 
 
-checkpoints.register_architecture(EyeQHead.ARCH, EyeQHead)
-
-
 def head_loss(image_logits, local_logits, y, score_map, lam: float):
   import optax
   ce = optax.softmax_cross_entropy_with_integer_labels(image_logits, y).mean()
@@ -107,7 +104,7 @@ def train_eyeq_head(features_dir: str, adapter_dir: str, labels_csv: str,
   from efiqa_jax import evaluate as ev
   from efiqa_jax.student import data as data_lib
   files, _, fmeta = data_lib.feature_files(features_dir)
-  adapter, ameta = checkpoints.load_model(adapter_dir)
+  adapter, ameta = checkpoints.load_model(adapter_dir, kind="adapter")
   feats, ys, missing = [], [], []
   for r in ev.read_csv(labels_csv):
     key = r.get("id") or os.path.splitext(os.path.basename(

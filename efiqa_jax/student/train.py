@@ -74,7 +74,7 @@ def _load_training_data(config):
                        f"{config.labels_dir}")
     enc, enc_meta = checkpoints.load_model(config.encoder,
                                            dtype=config.encoder_dtype,
-                                           frozen=True)
+                                           frozen=True, kind="encoder")
     if getattr(enc, "ARCH", None) != "vit":
       raise ValueError(f"{config.encoder} is not a ViT encoder")
     p = enc.cfg["patch_size"]

@@ -347,7 +347,8 @@ def _metric_writer(workdir: str, just_logging: bool):
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    logging.warning("TensorBoard summaries off (%s); metrics go to "
+    logging.warning("TensorBoard summaries off (%s: TensorBoard event files "
+                    "need pip install 'efiqa-jax[tf]'); metrics go to "
                     "%s/metrics.jsonl", e, workdir)
     return _JsonlWriter(workdir, just_logging)
   return metric_writers.create_default_writer(

@@ -6,7 +6,7 @@ what the student half (FOV crop -> encoder -> linear adapter -> sigmoid map)
 can learn, not EFIQA's label-free distillation. Encoder: a randomly
 initialised tiny DINOv3-like ViT (no pretrained weights can be downloaded).
 
-  PYTHONPATH=$PWD python bench/student_synth.py [--train 48 --test 16]
+  PYTHONPATH=$PWD python experiments/student_synth.py [--train 48 --test 16]
 
 Prints the held-out map AUROC against the synthetic degradation cells.
 """

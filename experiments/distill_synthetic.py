@@ -1,6 +1,6 @@
 """EFIQA distillation end to end on synthetic photographs, from one seed.
 
-  PYTHONPATH=$PWD python bench/distill_synthetic.py --out runs/distill_synth \
+  PYTHONPATH=$PWD python experiments/distill_synthetic.py --out runs/distill_synth \
       [--seed 0] [--train 160] [--per-kind 12] [--clean 12]
 
 Stages (each a library function or the `efiqa` CLI; masks are read only by
@@ -58,6 +58,7 @@ class Settings:
   work_size: int = 512                  # FOV crop side (held-out, oracle)
   eval_size: int = 128                  # evaluation grid on the FOV crop
   train_pool: tuple = tuple()           # empty: all kinds
+  heldout_kinds: tuple = tuple()        # empty: all kinds
   teacher: str = "default"
   encoder_config: str = "configs/encoder_mim.py"
   encoder_overrides: tuple = ()
@@ -66,6 +67,7 @@ class Settings:
   random_baseline: bool = True
   pretrain: bool = True                 # False: the random encoder only
   oracle_probe: bool = True
+  teacher_maps: bool = True             # the teacher's columns in the table
   figure_rows: int = 6
 
 
@@ -318,30 +320,31 @@ def run_experiment(out_dir: str, settings: Settings = Settings(),
       students[f"oracle probe ({name} encoder)"] = (enc, res.adapter_dir)
 
   with clock("held-out photographs"):
-    held = heldout_set(st.seed, st.per_kind, st.n_clean, st.size, synth.KINDS,
-                       st.work_size)
+    held = heldout_set(st.seed, st.per_kind, st.n_clean, st.size,
+                       st.heldout_kinds or synth.KINDS, st.work_size)
     truth = eval_truth(held, st.eval_size)
     imgs = np.stack([p.image for _, _, p in held])
     fovs = np.stack([p.fov_mask for _, _, p in held])
   from efiqa_jax import quality as quality_lib
   efiqa_filter = lambda ms: np.stack([quality_lib.efiqa_map_filter(m, f)
                                       for m, f in zip(ms, fovs)])
+  from efiqa_jax import pseudo_labels as pl_lib
+  used = json.load(open(os.path.join(out_dir, f"distill_{first}", "pseudo",
+                                     "spec.json")))
   maps = {}
-  with clock("teacher maps"):
-    maps["teacher"] = qm.TeacherQualityModel.from_checkpoint(teacher).predict(
-        imgs, fovs)
-    # The same post-processing as the student's map, for a like-for-like
-    # comparison (the teacher's own map is window-pooled already).
-    maps["teacher + EFIQA map filter"] = efiqa_filter(maps["teacher"])
-  with clock("teacher pseudo-label maps"):
-    from efiqa_jax import pseudo_labels as pl_lib
-    used = json.load(open(os.path.join(out_dir, f"distill_{first}", "pseudo",
-                                       "spec.json")))
-    spec = pl_lib.LabelSpec(threshold=used["threshold"], grid=used["grid"],
-                            relax=used["relax"], mode=used["mode"])
-    grid = spec.grid
-    maps[f"teacher pseudo-labels ({grid}x{grid})"] = pseudo_label_maps(
-        teacher, imgs, fovs, spec)
+  if st.teacher_maps:
+    with clock("teacher maps"):
+      maps["teacher"] = qm.TeacherQualityModel.from_checkpoint(
+          teacher).predict(imgs, fovs)
+      # The same post-processing as the student's map, for a like-for-like
+      # comparison (the teacher's own map is window-pooled already).
+      maps["teacher + EFIQA map filter"] = efiqa_filter(maps["teacher"])
+    with clock("teacher pseudo-label maps"):
+      spec = pl_lib.LabelSpec(threshold=used["threshold"], grid=used["grid"],
+                              relax=used["relax"], mode=used["mode"])
+      grid = spec.grid
+      maps[f"teacher pseudo-labels ({grid}x{grid})"] = pseudo_label_maps(
+          teacher, imgs, fovs, spec)
   with clock("student maps"):
     for name, (enc, ada) in students.items():
       # The student's map (as `efiqa assess` writes it) is EFIQA's filtered
@@ -428,7 +431,8 @@ def render_figure(path, held, maps, student, rows):
       picks.append(max(cand, key=lambda i: held[i][1].labels["severity"]))
   picks = picks[:rows]
   pseudo = [k for k in maps if k.startswith("teacher pseudo-labels")]
-  ncol = 4 + len(pseudo)
+  teacher = [("teacher", "teacher map")] if "teacher" in maps else []
+  ncol = 3 + len(teacher) + len(pseudo)
   fig, ax = plt.subplots(len(picks), ncol, figsize=(2.5 * ncol,
                                                     2.6 * len(picks)))
   ax = np.atleast_2d(ax)
@@ -436,7 +440,8 @@ def render_figure(path, held, maps, student, rows):
     kind, smp, prep = held[i]
     m = fundus.map_to_crop(smp.degradation, prep, prep.image.shape[0])
     panels = [(prep.image, f"{kind} (sev {smp.labels['severity']:.2f})"),
-              (m, "degradation mask"), (maps["teacher"][i], "teacher map")]
+              (m, "degradation mask")]
+    panels += [(maps[k][i], title) for k, title in teacher]
     panels += [(maps[k][i], "pseudo-labels") for k in pseudo]
     panels.append((maps[student][i], "student"))
     for c, (im, title) in enumerate(panels):
@@ -462,6 +467,9 @@ def main(argv=None):
   ap.add_argument("--train-pool", default="",
                   help="comma-separated kinds for the training photographs "
                   "(default: all)")
+  ap.add_argument("--heldout-kinds", default="",
+                  help="comma-separated kinds for the held-out photographs "
+                  "(default: all)")
   ap.add_argument("--encoder-config", default=Settings.encoder_config)
   ap.add_argument("--encoder-set", action="append", default=[])
   ap.add_argument("--adapter-config", default=Settings.adapter_config)
@@ -476,6 +484,8 @@ def main(argv=None):
   st = Settings(seed=a.seed, n_train=a.train, per_kind=a.per_kind,
                 n_clean=a.clean,
                 train_pool=tuple(k for k in a.train_pool.split(",") if k),
+                heldout_kinds=tuple(k for k in a.heldout_kinds.split(",")
+                                    if k),
                 teacher=a.teacher, encoder_config=a.encoder_config,
                 encoder_overrides=tuple(a.encoder_set),
                 adapter_config=a.adapter_config,

@@ -1,4 +1,4 @@
-"""PyTorch reference models for parity tests (imported only under the port extra).
+"""PyTorch reference U-Nets (VUAD, RRWNet) for parity tests and bench/.
 
 Written from the public reference layouts, keeping their state-dict keys:
 

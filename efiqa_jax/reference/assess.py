@@ -1,4 +1,5 @@
-"""PyTorch version of the default model's per-image chain (bench/assess.py).
+"""PyTorch version of the default model's per-image chain (bench/assess.py
+times it; tests/test_assess_torch_parity.py holds it equal to ours).
 
 The reference scripts (penway/EFIQA `vuad/infer.py`) run one image at a time
 in eager PyTorch; this module does the same for OUR default model so that a
@@ -24,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from efiqa_jax import vessels as jv
-from tests.torch_reference import RefUNetRes
+from efiqa_jax.reference.unet import RefUNetRes
 
 
 # ----------------------------------------------------------- vessel segmenter
@@ -339,7 +340,7 @@ class ReferenceAssessor:
     w = quality_lib.fov_at(p.fov_mask, qmap.shape)
     qmap = np.where(w > 0, qmap, 0.0).astype(np.float32)
     q, frac = quality_lib.summarise(qmap, w)
-    grade = self.grading.grade(q, p.circular)
+    grade = self.grading.grade(q)
     report_lib.write_png(os.path.join(out_dir, "overlays", id_ + ".png"),
                          report_lib.overlay(p.image, qmap, p.fov_mask))
     np.save(os.path.join(out_dir, "maps", id_ + ".npy"), qmap)
