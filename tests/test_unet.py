@@ -121,7 +121,7 @@ def test_checkpoint_roundtrip_and_strict_sidecar(small, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(FileExistsError):
     checkpoints.save_model(out, small)
-  with pytest.raises(ValueError, match="expected 'rrwnet'"):
+  with pytest.raises(ValueError, match="architecture 'rrwnet'"):
     checkpoints.load_model(out, architecture="rrwnet")
   side = out / "efiqa.json"
   cfg = json.loads(side.read_text())
