@@ -128,7 +128,7 @@ def test_calibrate_teacher_rejects_an_encoder(tmp_path, capsys):
       rngs=nnx.Rngs(0)))
   assert cli.main(["calibrate-teacher", enc, "--out",
                    str(tmp_path / "o"), "--quiet"]) == 2
-  assert "is not a teacher" in capsys.readouterr().err
+  assert "expected a teacher model" in capsys.readouterr().err
 
 
 def test_teacher_metric_writer_without_tensorflow(tmp_path, monkeypatch):

@@ -162,3 +162,15 @@ def test_dark_photographs_with_a_colour_cast_stay_fundus(fundus_train_dir):
     x = np.clip(np.rint(x + rng.normal(0, 1.5, x.shape)), 0, 255)
     res = fundus.prepare_fundus(jpeg(x.astype(np.uint8), 80), 128)
     assert res.ok, (pid, res.status, res.message)
+
+
+def test_small_heavily_compressed_photographs_are_fundus():
+  """At ~100 px a heavily compressed photograph's 8-px JPEG blocks step
+  like a garbled file's rows: still a (bad) photograph, graded, not refused."""
+  from efiqa_jax import synth
+  # 2000002: the 'jpeg' photograph distill_synthetic's tiny run lost.
+  imgs = [(2000002, synth.generate(2000002, 96).image)] + [
+      (s, synth.generate(s, 96, kinds=["jpeg"]).image)
+      for s in range(7000, 7060)]
+  refused_ = [s for s, im in imgs if not fundus.prepare_image(im, 64).ok]
+  assert not refused_, refused_

@@ -15,6 +15,7 @@ from flax import nnx
 from efiqa_jax import checkpoints
 from efiqa_jax import config_util
 from efiqa_jax import metrics
+from efiqa_jax import synth
 from efiqa_jax.kernels import vit_inference
 from efiqa_jax.models import adapters
 from efiqa_jax.models import vit
@@ -185,8 +186,8 @@ def test_end_to_end_encoder_frozen(tmp_path, dtype, mesh2d):
   imgs, ld = tmp_path / "imgs", tmp_path / "pl" / "labels"
   imgs.mkdir()
   ld.mkdir(parents=True)
-  for i in range(8):
-    a = rng.integers(0, 255, size=(70, 80, 3), dtype=np.uint8)
+  for i in range(8):  # photographs the fundus gate accepts
+    a = synth.generate(i, 80, degrade=False).image
     Image.fromarray(a).save(imgs / f"p{i}.png")
     Image.fromarray((rng.random((4, 4)) < 0.3).astype(np.uint8) * 255).save(
         ld / f"p{i}.png")

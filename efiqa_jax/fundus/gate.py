@@ -137,6 +137,9 @@ MIN_LIT_FRAC = 0.2       # share of the frame lit, without a circle
 # Sharpest whole-row brightness step in the FOV / FOV brightness: <= 0.03
 # on training photographs, <= 0.16 severely degraded (noise).
 MAX_ROW_STEP = 0.3
+# Below ~24 JPEG blocks across the FOV an honest, heavily compressed
+# photograph's 8-px blocks step as sharply as a garbled one's rows.
+MIN_ROW_STEP_DIAMETER = 192.0
 
 
 def check(image: np.ndarray, fov, small: np.ndarray | None = None,
@@ -157,7 +160,8 @@ def check(image: np.ndarray, fov, small: np.ndarray | None = None,
         f"{100 * f['red_max']:.0f}% of the field of view (fundus: >= "
         f"{100 * MIN_RED_MAX:.0f}%)", f)
   if fov.circular:
-    if f["row_step"] > MAX_ROW_STEP:
+    if (f["row_step"] > MAX_ROW_STEP
+        and 2.0 * fov.r >= MIN_ROW_STEP_DIAMETER):
       return GateResult(
           False, "whole rows of the field of view jump in brightness ("
           f"{100 * f['row_step']:.0f}% of its level in one row): a garbled "
