@@ -216,15 +216,20 @@ def test_dense_equals_plain(layout, dtype, tol):
   x, w, b = _rand((3, 5, 16)), _rand((16, 8), 1) / 4, _rand((8,), 2)
   wl = w if layout == "in_out" else w.T
 
-  def run(x, w, b):
+  def fwd(x, w, b):
     return (attention.dense(x, w, b, dtype=dtype, w_layout=layout),
             attention.dense(x, w, None, dtype=dtype, activation=jax.nn.relu,
                             w_layout=layout))
 
-  on, off = _both(run, x, wl, b)
+  def run(x, w, b):
+    ys, vjp = jax.vjp(fwd, x, w, b)
+    return ys, vjp(tuple(jnp.ones_like(y) for y in ys))
+
+  (on, don), (off, doff) = _both(run, x, wl, b)
   assert on[0].dtype == jnp.dtype(dtype)
   _close(on, off, rtol=tol, atol=tol)
   _close(on[0], x @ w + b, rtol=tol, atol=tol)
+  _rel_close(don, doff, 1e-6 if dtype == "float32" else 2e-2)
 
 
 def test_dense_bf16_rounds_once():
@@ -329,12 +334,19 @@ def test_inference_model_is_not_a_checkpoint(tmp_path):
                                    (300, 77), (584, 1024)])
 def test_resize_linear_equals_plain(hi, ho):
   x = np.random.default_rng(hi + ho).random((2, hi, 2 * hi)).astype(np.float32)
-  on, off = _both(lambda a: resize.resize_linear(a, ho, 2 * ho), x)
+  g = np.random.default_rng(ho).random((2, ho, 2 * ho)).astype(np.float32)
+
+  def run(a, g):
+    y, vjp = jax.vjp(lambda v: resize.resize_linear(v, ho, 2 * ho), a)
+    return y, vjp(g)[0]
+
+  (on, don), (off, doff) = _both(run, x, g)
   np.testing.assert_array_equal(
       np.asarray(off), np.asarray(jax.image.resize(
           x, (2, ho, 2 * ho), "linear", antialias=True)))
   # float32 summation order only (measured <= 1.8e-7 for values in [0, 1]).
   np.testing.assert_allclose(np.asarray(on), np.asarray(off), atol=5e-7)
+  _rel_close(don, doff, 1e-6)
 
 
 def test_masked_median_is_nanmedian_bit_for_bit():
@@ -355,6 +367,12 @@ def test_masked_median_is_nanmedian_bit_for_bit():
   on, off = _both(median.masked_median_nonneg, x, valid)
   np.testing.assert_array_equal(np.asarray(on), want)
   np.testing.assert_array_equal(np.asarray(off), want)
+  # The bit search has no derivative of its own: it takes the plain form's.
+  grad = lambda a, m: jax.grad(
+      lambda v: (median.masked_median_nonneg(v, m) ** 2).sum())(a)
+  gon, goff = _both(grad, x, valid)
+  np.testing.assert_array_equal(np.asarray(gon), np.asarray(goff))
+  assert np.count_nonzero(np.asarray(gon)) >= 10
 
 
 # ----------------------------------------------------------------- xla_cpu
@@ -364,11 +382,15 @@ def test_materialize_and_map_examples_equal_plain():
 
   def run(x):
     y, vjp = jax.vjp(lambda v: xla_cpu.materialize(jnp.sin(v)) * 2, x)
-    t = xla_cpu.map_examples(lambda v: (v.sum(axis=(1, 2)), v * 2), x)
-    return (y, *vjp(jnp.ones_like(x)), *t)
+    t, vjp_map = jax.vjp(lambda v: xla_cpu.map_examples(
+        lambda u: (jnp.sin(u).sum(axis=(1, 2)), u * 2), v), x)
+    return (y, *vjp(jnp.ones_like(x)), *t,
+            *vjp_map((jnp.ones((3,)), jnp.ones_like(x))))
 
   on, off = _both(run, x)
   _close(on, off, rtol=1e-6)  # sums: one example at a time vs batched
+  np.testing.assert_allclose(np.asarray(on[4]), np.cos(np.asarray(x)) + 2,
+                             rtol=1e-6)
   assert on[2].shape == (3,) and on[3].shape == (3, 4, 5)
   np.testing.assert_array_equal(np.asarray(on[3]), 2 * np.asarray(x))
   # A NaN passes through unchanged (-(-nan) is nan).

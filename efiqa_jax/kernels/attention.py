@@ -32,8 +32,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   logits; a failure there raises); elsewhere the softmax divided after the
   value product, as flash attention does (the division touches (n, D)
   values, not (n, n)), with heads made leading for XLA:CPU float32, whose
-  fused einsum call ran the (n, n) products ~3x slower than plain batched
-  matmuls. Plain form: `dot_product_attention_plain`.
+  fused einsum call runs the (n, n) products slower than plain batched
+  matmuls (bench/README.md). Plain form: `dot_product_attention_plain`.
   """
   if not switch.enabled():
     return dot_product_attention_plain(q, k, v, scale)

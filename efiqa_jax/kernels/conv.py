@@ -5,7 +5,7 @@ Plain forms are lax's convolutions with XLA's own gradients. Fast forms:
   conv2d_same on XLA:CPU  per-layer plan (`conv_plan`): Winograd for deep
                           layers, and a custom gradient (XLA:CPU computes a
                           conv's weight gradient as a conv whose kernel is the
-                          whole output gradient, 5-10x the forward);
+                          whole output gradient, several times the forward);
   conv1x1                 a matmul over channels (every backend);
   conv_transpose_2x2      one matmul + depth-to-space (every backend; XLA:CPU
                           runs the lhs-dilated conv on a slow generic path).

@@ -22,10 +22,16 @@ def masked_median_nonneg(x: jax.Array, valid: jax.Array) -> jax.Array:
   (XLA:CPU's comparator sort is slow): non-negative float32 order is their
   bits' int32 order, so each middle order statistic is found exactly by a
   31-step binary search on the bits, counting entries <= the midpoint.
+  Its derivative is the plain form's (the bit search has none).
   Plain form: `masked_median_nonneg_plain`.
   """
   if not switch.enabled():
     return masked_median_nonneg_plain(x, valid)
+  return _bit_search_median(x, valid)
+
+
+@jax.custom_jvp
+def _bit_search_median(x: jax.Array, valid: jax.Array) -> jax.Array:
   bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
   bits = jnp.where(valid, bits, jnp.iinfo(jnp.int32).max)
   n = valid.sum(axis=1, dtype=jnp.int32)
@@ -45,3 +51,11 @@ def masked_median_nonneg(x: jax.Array, valid: jax.Array) -> jax.Array:
   vals = jax.lax.bitcast_convert_type(hi, jnp.float32)
   med = jnp.where(n % 2 == 1, vals[:, 0], vals[:, 0] * 0.5 + vals[:, 1] * 0.5)
   return jnp.where(n > 0, med, 0.0)
+
+
+@_bit_search_median.defjvp
+def _bit_search_median_jvp(primals, tangents):
+  x, valid = primals
+  _, dy = jax.jvp(lambda v: masked_median_nonneg_plain(v, valid), (x,),
+                  (tangents[0],))
+  return _bit_search_median(x, valid), dy

@@ -33,8 +33,9 @@ def encode_png(arr: np.ndarray) -> bytes:
 
   Fast form for (H, W) or (H, W, 1-4) uint8: every row with PNG's "Up"
   filter (one numpy subtraction), then zlib level 1 with the run-length
-  strategy, about 2.5x faster than Pillow at its fastest level for similar
-  sizes; zlib releases the GIL, so writer threads run in parallel. Anything
+  strategy: faster than Pillow at its fastest level for similar sizes
+  (bench/README.md); zlib releases the GIL, so writer threads run in
+  parallel. Anything
   else, and kernels off: `encode_png_plain`. Both decode to the same pixels.
   """
   a = np.asarray(arr)

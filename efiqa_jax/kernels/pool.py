@@ -19,7 +19,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
   Fast form (even H and W): reshape + max with a custom gradient, stored
   before its consumer (`xla_cpu.materialize`) because XLA:CPU would fuse the
-  pool into the next conv's input and slow that conv down 3-4x.
+  pool into the next conv's input and slow that conv down several times.
   Plain form: `max_pool_2x2_plain`. Both send a window's gradient to its
   first maximum in row-major order, as torch's max_pool2d does.
   """
