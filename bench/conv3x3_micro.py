@@ -1,11 +1,11 @@
 """Per-layer 3x3 conv micro benchmark on the U-Net's shapes: XLA's direct
-convolution vs Winograd F(2x2,3x3) / F(4x4,3x3) (efiqa_jax.models.winograd),
+convolution vs Winograd F(2x2,3x3) / F(4x4,3x3) (efiqa_jax.kernels.winograd),
 for the forward, the input gradient and the weight gradient.
 
   PYTHONPATH=$PWD python bench/conv3x3_micro.py [--batch 4 --size 256 --base 64]
 
 Prints one JSON line per (layer shape, pass) with the median seconds of each
-method; used to pick the per-layer policy in efiqa_jax.models.unet.
+method; used to pick the per-layer plan in efiqa_jax.kernels.conv.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efiqa_jax.models import unet, winograd
+from efiqa_jax.kernels import conv, winograd
 
 
 def _t(fn, *args, iters=5):
@@ -49,7 +49,7 @@ def main():
     c = c0 * 2 ** lvl
     shapes.append((s >> lvl, 2 * c, c))
   rng = np.random.RandomState(0)
-  direct = jax.jit(unet._conv_same)
+  direct = jax.jit(conv.conv2d_same_plain)
   for (r, ci, co) in shapes:
     x = jnp.asarray(rng.randn(b, r, r, ci).astype(np.float32))
     k = jnp.asarray(rng.randn(3, 3, ci, co).astype(np.float32) * 0.05)
@@ -62,14 +62,14 @@ def main():
         row[f"fwd_f{m}"] = _t(jax.jit(lambda x, k, m=m: winograd.conv3x3(x, k, m)),
                               x, k, iters=args.iters)
     if "dx" in args.only:
-      dxd = jax.jit(lambda g, k: jax.vjp(lambda x_: unet._conv_same(x_, k), x)[1](g)[0])
+      dxd = jax.jit(lambda g, k: jax.vjp(lambda x_: conv.conv2d_same_plain(x_, k), x)[1](g)[0])
       row["dx_direct"] = _t(dxd, g, k, iters=args.iters)
       for m in winograd.TILES:
         f = jax.jit(lambda g, k, m=m: winograd.conv3x3(
             g, jnp.swapaxes(k[::-1, ::-1], 2, 3), m))
         row[f"dx_f{m}"] = _t(f, g, k, iters=args.iters)
     if "dw" in args.only:
-      row["dw_taps"] = _t(jax.jit(lambda x, g: unet._conv_weight_grad(x, g, 3)),
+      row["dw_taps"] = _t(jax.jit(lambda x, g: conv.conv_weight_grad_taps(x, g, 3)),
                           x, g, iters=args.iters)
       for m in winograd.TILES:
         v = jax.jit(lambda x, m=m: winograd.input_transform(x, m))(x)

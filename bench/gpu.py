@@ -152,7 +152,7 @@ def bench_vit(args, tdev, extra):
   import transformers
   from flax import nnx
 
-  from efiqa_jax.models import vit
+  from efiqa_jax.kernels import vit_inference
   from efiqa_jax.port import vit as port_vit
 
   if args.quick:
@@ -176,12 +176,12 @@ def bench_vit(args, tdev, extra):
       ("vit_l16_fp32_224", "fp32", args.vit_size, args.vit_batch),
       ("vit_l16_bf16_224", "bf16", args.vit_size, args.vit_batch),
       ("vit_l16_bf16_1024", "bf16", args.vit_big_size, args.vit_big_batch)):
-    # As `efiqa extract/assess` run a frozen encoder (vit.inference_copy).
+    # As `efiqa extract/assess` run a frozen encoder.
     if dtype == "bf16":
-      model = vit.inference_copy(ours32, jnp.bfloat16)
+      model = vit_inference.inference_model(ours32, jnp.bfloat16)
       auto = torch.autocast(tdev, dtype=torch.bfloat16)
     else:
-      model = vit.inference_copy(ours32)
+      model = vit_inference.inference_model(ours32)
       auto = torch.autocast(tdev, enabled=False)
     x_np = np.random.default_rng(0).normal(
         size=(batch, size, size, 3)).astype(np.float32)

@@ -45,7 +45,7 @@ def main():
   import torch
   import transformers
 
-  from efiqa_jax.models import vit
+  from efiqa_jax.kernels import vit_inference
   from efiqa_jax.port import vit as port_vit
 
   torch.set_num_threads(args.threads)
@@ -60,9 +60,9 @@ def main():
     ours32, _ = port_vit.convert("dinov3", tmp)
   # Both run as `efiqa extract/assess` run a frozen encoder: bf16 kernels
   # held in bf16 (as the reference holds its weights), q/k/v fused, kernels
-  # (out, in) (`vit.inference_copy`; the same outputs as the ported tree).
-  ours_bf = vit.inference_copy(ours32, jnp.bfloat16)
-  ours32 = vit.inference_copy(ours32)
+  # (out, in) (`kernels.vit_inference`; the same outputs as the ported tree).
+  ours_bf = vit_inference.inference_model(ours32, jnp.bfloat16)
+  ours32 = vit_inference.inference_model(ours32)
 
   x = np.random.default_rng(0).normal(
       size=(args.batch, args.size, args.size, 3)).astype(np.float32)

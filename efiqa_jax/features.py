@@ -175,13 +175,14 @@ def replicates_everything(model, mesh, rules: Sequence[Any] = ()) -> bool:
 def place_frozen_encoder(model, mesh, rules: Sequence[Any] = ()):
   """`shard_model` for a frozen encoder that is only run.
 
-  Replicated (the rules shard nothing), it first takes its inference form
-  (`VisionTransformer.to_inference_form`: q/k/v fused, kernels held
-  (out, in); the same outputs, faster). Sharded by rules, it keeps the
-  checkpoint's parameter tree, which the rules name."""
-  if hasattr(model, "to_inference_form") and replicates_everything(
+  Replicated (the rules shard nothing), a ViT runs in its inference form
+  (`kernels.vit_inference.inference_model`: q/k/v fused, kernels held
+  (out, in); the same outputs, faster). With rules it keeps the checkpoint's
+  parameter tree, which the rules name."""
+  if getattr(model, "ARCH", None) == "vit" and replicates_everything(
       model, mesh, rules):
-    model.to_inference_form()
+    from efiqa_jax.kernels import vit_inference  # pylint: disable=g-import-not-at-top
+    model = vit_inference.inference_model(model)
   return shard_model(model, mesh, rules)
 
 

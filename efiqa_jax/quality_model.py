@@ -248,7 +248,8 @@ class StudentQualityModel:
                                            frozen=True, kind="encoder")
     if getattr(enc, "ARCH", None) != "vit":
       raise ValueError(f"{encoder} is not a ViT encoder")
-    enc.to_inference_form()  # replicated and only run: fused q/k/v
+    from efiqa_jax.kernels import vit_inference  # pylint: disable=g-import-not-at-top
+    enc = vit_inference.inference_model(enc)  # replicated and only run
     ada, ada_meta = checkpoints.load_model(adapter, kind="adapter")
     if not adapters.is_adapter_architecture(ada_meta["architecture"]):
       raise ValueError(f"{adapter} holds a {ada_meta['architecture']!r} "

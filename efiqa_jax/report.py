@@ -6,15 +6,14 @@ import html
 import io
 import math
 import os
-import struct
 import urllib.parse
-import zlib
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from efiqa_jax import files as files_lib
+from efiqa_jax.kernels import png
 
 # A perceptual ramp (black-red-yellow-white), enough for a quality heat map and
 # free of a matplotlib import on the hot path.
@@ -150,55 +149,10 @@ def _erode(m: np.ndarray) -> np.ndarray:
   return e
 
 
-_PNG_COLOR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> grey, grey+a, RGB, RGBA
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-  return (struct.pack(">I", len(data)) + kind + data
-          + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-
-def encode_png(arr: np.ndarray) -> bytes:
-  """8-bit PNG bytes of (H, W) or (H, W, C) uint8, C in 1..4; lossless.
-
-  Every row uses PNG's "Up" filter (a numpy subtraction) and zlib level 1
-  with the run-length strategy: a 512 px overlay encodes in ~7 ms, ~300 KB,
-  where Pillow took ~18 ms for the same size (level 1, adaptive filters)
-  and ~90 ms at its default level. Encoding was the largest per-image cost
-  of `efiqa assess` after the map; zlib releases the GIL, so the writer
-  threads run in parallel."""
-  a = np.asarray(arr)
-  if a.dtype != np.uint8 or a.ndim not in (2, 3) or (
-      a.ndim == 3 and a.shape[2] not in _PNG_COLOR_TYPE):
-    raise ValueError(f"encode_png takes (H, W[, 1-4]) uint8, got {a.dtype} "
-                     f"{a.shape}")
-  h, w = a.shape[:2]
-  c = 1 if a.ndim == 2 else a.shape[2]
-  rows = a.reshape(h, w * c)
-  raw = np.empty((h, w * c + 1), np.uint8)
-  raw[:, 0] = 2  # filter type Up: each byte minus the byte above it
-  raw[0, 1:] = rows[0]
-  np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # uint8: wraps mod 256
-  z = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
-  data = z.compress(raw.tobytes()) + z.flush()
-  return b"".join((b"\x89PNG\r\n\x1a\n",
-                   _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8,
-                                                   _PNG_COLOR_TYPE[c], 0, 0, 0)),
-                   _png_chunk(b"IDAT", data), _png_chunk(b"IEND", b"")))
-
-
 def write_png(path: str, arr: np.ndarray) -> None:
-  """Writes `encode_png(arr)` (other dtypes/shapes through Pillow) to path,
+  """Writes the PNG of `arr` (`kernels.png.encode_png`) to path,
   atomically: a reader never sees a partial file."""
-  a = np.asarray(arr)
-  if a.dtype == np.uint8 and (a.ndim == 2 or (
-      a.ndim == 3 and a.shape[2] in _PNG_COLOR_TYPE)):
-    data = encode_png(a)
-  else:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, "PNG", optimize=False, compress_level=1)
-    data = buf.getvalue()
-  files_lib.atomic_write_bytes(path, data)
+  files_lib.atomic_write_bytes(path, png.encode_png(np.asarray(arr)))
 
 
 # ------------------------------------------------------------- HTML report

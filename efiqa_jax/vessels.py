@@ -60,7 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efiqa_jax import xla_cpu
+from efiqa_jax.kernels import median, xla_cpu
+from efiqa_jax.kernels.resize import resize_linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +143,7 @@ def _conv1d_valid(xp: jax.Array, k: np.ndarray, axis: int) -> jax.Array:
   border does not read as an edge (`_separable`, `_ridge`).
 
   Written as a sum of shifted slices: XLA fuses it into one elementwise loop,
-  which on CPU is ~15x faster than a single-channel lax.conv for these short
-  (<= 15 tap) kernels."""
+  far faster on CPU than a single-channel lax.conv for these short kernels."""
   half = (k.shape[0] - 1) // 2
   n = xp.shape[axis] - 2 * half
   kr = k[::-1]  # convolution, not correlation (matters for odd derivatives)
@@ -178,100 +178,6 @@ def _separable(x: jax.Array, k_rows: np.ndarray,
   return _conv1d_valid(mid, k_cols, 2)
 
 
-def _resize(x: jax.Array, h: int, w: int) -> jax.Array:
-  """jax.image.resize(x, (B, h, w), "linear", antialias=True), banded.
-
-  Same weights (`_resize_taps`), applied as a few shifted slices per axis
-  instead of jax's dense (in x out) weight matrices: XLA:CPU ran those as
-  matmuls over 512 inputs per output, ~25 % of the default model's compute,
-  for 2-8 nonzero taps. Equal up to float32 summation order (~1 ulp).
-  Ratios without a periodic band (e.g. 515 -> 133) use jax.image.resize.
-  """
-  b, hi, wi = x.shape
-  if (h != hi and _resize_taps(hi, h) is None) or (
-      w != wi and _resize_taps(wi, w) is None):
-    return jax.image.resize(x, (b, h, w), method="linear", antialias=True)
-  return _resize_axis(_resize_axis(x, h, 1), w, 2)
-
-
-@functools.lru_cache(maxsize=None)
-def _resize_taps(n_in: int, n_out: int):
-  """Nonzero weights of jax.image.scale_and_translate's linear antialiased
-  weight matrix for one axis (same formula, float32 like jax's):
-  (phases u, input step per output of a phase, per phase r (start, weights
-  (taps, n_out // u)), taps), or None when the band is not periodic."""
-  f32 = np.float32
-  inv = f32(1.0) / f32(n_out / n_in)
-  kscale = max(inv, f32(1.0))
-  sample = (np.arange(n_out, dtype=f32) + f32(0.5)) * inv - f32(0.5)
-  x = np.abs(sample[None, :] - np.arange(n_in, dtype=f32)[:, None]) / kscale
-  w = np.maximum(f32(0.0), f32(1.0) - x)
-  tot = w.sum(axis=0, keepdims=True, dtype=f32)
-  w = np.where(np.abs(tot) > 1000.0 * float(np.finfo(np.float32).eps),
-               w / np.where(tot != 0, tot, f32(1.0)), f32(0.0))
-  w = np.where(((sample >= -0.5) & (sample <= n_in - 0.5))[None], w,
-               f32(0.0)).astype(f32)  # (n_in, n_out)
-  # Nominal (unclipped) band of each output: inputs within the kernel's
-  # support; indices outside [0, n_in) get weight 0 (read from padding).
-  lo = (np.floor(sample.astype(np.float64) - kscale) + 1).astype(np.int64)
-  top = np.floor(sample.astype(np.float64) + kscale).astype(np.int64)
-  taps = int(max(1, (top - lo).max() + 1))
-  j = np.arange(n_out)
-  idx = lo[None, :] + np.arange(taps)[:, None]  # (taps, n_out)
-  inside = (idx >= 0) & (idx < n_in)
-  wt = np.where(inside, w[np.clip(idx, 0, n_in - 1), j[None, :]],
-                f32(0.0)).astype(f32)
-  # The weights outside the band must be zero, or the band is wrong.
-  band = np.zeros_like(w)
-  np.add.at(band, (np.clip(idx, 0, n_in - 1), np.broadcast_to(j, idx.shape)),
-            wt)
-  if not np.array_equal(band, w):
-    raise AssertionError(f"resize band {n_in} -> {n_out} misses weights")
-  # Output phases r::u whose start index grows by a constant step: slices.
-  for u in range(1, 9):
-    if n_out % u:
-      continue
-    steps = [np.diff(lo[r::u]) for r in range(u)]
-    step = int(steps[0][0]) if len(steps[0]) else 1
-    if step >= 1 and all(len(d) == 0 or (d == step).all() for d in steps):
-      return u, step, tuple((int(lo[r]), wt[:, r::u]) for r in range(u)), taps
-  return None  # irregular ratio: jax's dense weights
-
-
-def _resize_axis(x: jax.Array, n_out: int, axis: int) -> jax.Array:
-  n_in = x.shape[axis]
-  if n_in == n_out:
-    return x
-  u, step, phases, taps = _resize_taps(n_in, n_out)
-  m = n_out // u  # outputs per phase
-  left = max(0, -min(a for a, _ in phases))
-  need = max(a + (m - 1) * step + taps for a, _ in phases)
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (left, max(0, need - n_in))
-  xp = jnp.pad(x, pad)  # only zero-weight taps read the padding
-  shape = [1] * x.ndim
-  shape[axis] = m
-  outs = []
-  for a, wt in phases:
-    acc = None
-    for t in range(taps):
-      wv = wt[t]
-      if not wv.any():
-        continue
-      sl = jax.lax.slice_in_dim(xp, left + a + t,
-                                left + a + t + (m - 1) * step + 1,
-                                stride=step, axis=axis)
-      term = sl * jnp.asarray(wv.reshape(shape))
-      acc = term if acc is None else acc + term
-    outs.append(acc if acc is not None else jnp.zeros(
-        x.shape[:axis] + (m,) + x.shape[axis + 1:], x.dtype))
-  if u == 1:
-    return outs[0]
-  # Interleave the phases: output u*i + r comes from phase r, position i.
-  y = jnp.stack(outs, axis=axis + 1)
-  return y.reshape(x.shape[:axis] + (n_out,) + x.shape[axis + 1:])
-
-
 def _erode(mask: jax.Array, radius: int) -> jax.Array:
   """Binary erosion of a float {0,1} mask by a (2r+1)^2 square, separably.
 
@@ -297,15 +203,15 @@ def _masked_blur_lowres(x: jax.Array, m: jax.Array, sigma: float,
   """Masked (normalised-convolution) Gaussian of x, computed at 1/factor res."""
   _, h, w = x.shape
   hl, wl = max(1, h // factor), max(1, w // factor)
-  xs = _resize(x * m, hl, wl)
-  ms = _resize(m, hl, wl)
+  xs = resize_linear(x * m, hl, wl)
+  ms = resize_linear(m, hl, wl)
   s = max(sigma / factor, 0.5)
   num, den = _blur(xs, s), _blur(ms, s)
   out = num / jnp.maximum(den, 1e-4)
   # Where the mask has no support nearby, fall back to the masked mean.
   mean = (x * m).sum((1, 2)) / jnp.maximum(m.sum((1, 2)), 1.0)
   out = jnp.where(den > 1e-3, out, mean[:, None, None])
-  return _resize(out, h, w)
+  return resize_linear(out, h, w)
 
 
 def _rim_field(m: jax.Array, sigma: float,
@@ -317,7 +223,7 @@ def _rim_field(m: jax.Array, sigma: float,
   """
   _, h, w = m.shape
   f = 4 if min(h, w) >= 64 else 1
-  mb = _resize(_blur(_resize(m, max(1, h // f), max(1, w // f)),
+  mb = resize_linear(_blur(resize_linear(m, max(1, h // f), max(1, w // f)),
                      max(sigma / f, 0.5)), h, w)
   gy = jnp.gradient(mb, axis=1)
   gx = jnp.gradient(mb, axis=2)
@@ -335,8 +241,7 @@ def _ridge(c: jax.Array, sigma: float, cfg: VesselConfig,
   reduced by noise_k times the std this filter passes of such noise.
   """
   g, g1, g2 = _gauss_kernels(sigma)
-  # Padded once, as in `_separable` (same values, no padded copy per pass;
-  # maps 28 -> 23 ms per image at batch 8, bit for bit).
+  # Padded once, as in `_separable` (same values, no padded copy per pass).
   half = (g.shape[0] - 1) // 2
   cp = jnp.pad(c, ((0, 0), (half, half), (half, half)), mode="edge")
   keep = xla_cpu.materialize
@@ -383,39 +288,8 @@ def _noise_std(g: jax.Array, m: jax.Array) -> jax.Array:
   lap = jnp.abs(_separable(g, k, k))[:, ::2, ::2]
   valid = _erode(m, 1)[:, ::2, ::2] > 0.5
   b = g.shape[0]
-  med = masked_median_nonneg(lap.reshape(b, -1), valid.reshape(b, -1))
+  med = median.masked_median_nonneg(lap.reshape(b, -1), valid.reshape(b, -1))
   return med * (1.4826 / 6.0)
-
-
-def masked_median_nonneg(x: jax.Array, valid: jax.Array) -> jax.Array:
-  """Row-wise median of the valid entries of x >= 0; 0 for an empty row.
-
-  Bit-for-bit jnp.nanmedian of `where(valid, x, nan)` (the mean of the two
-  middle values for an even count, as 0.5 * lo + 0.5 * hi), without its
-  sort: XLA:CPU's comparator sort of 65k values per image was ~20 % of the
-  default model's compute. Non-negative float32 order equals their bits'
-  int32 order, so each order statistic is found exactly by a 31-step binary
-  search on the bits, counting entries <= the midpoint.
-  """
-  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-  bits = jnp.where(valid, bits, jnp.iinfo(jnp.int32).max)
-  n = valid.sum(axis=1, dtype=jnp.int32)
-  # Ranks of the two middle entries (equal for an odd count).
-  ranks = jnp.stack([(n - 1) // 2, n // 2], axis=1)  # (B, 2)
-
-  def step(_, lohi):
-    lo, hi = lohi
-    mid = lo + (hi - lo) // 2
-    count = (bits[:, None, :] <= mid[..., None]).sum(axis=2, dtype=jnp.int32)
-    ge = count >= ranks + 1
-    return jnp.where(ge, lo, mid + 1), jnp.where(ge, mid, hi)
-
-  lo0 = jnp.zeros_like(ranks)
-  hi0 = jnp.full_like(ranks, 0x7F800000)  # +inf
-  _, hi = jax.lax.fori_loop(0, 31, step, (lo0, hi0))
-  vals = jax.lax.bitcast_convert_type(hi, jnp.float32)
-  med = jnp.where(n % 2 == 1, vals[:, 0], vals[:, 0] * 0.5 + vals[:, 1] * 0.5)
-  return jnp.where(n > 0, med, 0.0)
 
 
 def _response(images: jax.Array, fov_masks: jax.Array,
@@ -458,21 +332,19 @@ def _response(images: jax.Array, fov_masks: jax.Array,
   if cfg.half_res_sigmas:
     # Pyramid level 1: wide vessels at half resolution (short kernels).
     h2, w2 = max(1, h // 2), max(1, w // 2)
-    c2 = _resize(c, h2, w2)
-    rim2 = None if rim is None else tuple(_resize(a, h2, w2) for a in rim)
+    c2 = resize_linear(c, h2, w2)
+    rim2 = None if rim is None else tuple(resize_linear(a, h2, w2) for a in rim)
     # The noise is measured again at this level (downsampling averages it).
-    g2 = _resize(g, h2, w2)
-    m2 = (_resize(m, h2, w2) > 0.99).astype(jnp.float32)
-    noise2 = _noise_std(g2, m2)[:, None, None] * _resize(inv_bg, h2, w2)
+    g2 = resize_linear(g, h2, w2)
+    m2 = (resize_linear(m, h2, w2) > 0.99).astype(jnp.float32)
+    noise2 = _noise_std(g2, m2)[:, None, None] * resize_linear(inv_bg, h2, w2)
     resp2 = functools.reduce(
         jnp.maximum,
         [_ridge(c2, s * scale / 2, cfg, rim2, noise2)
          for s in cfg.half_res_sigmas])
-    # Stored once (`xla_cpu.materialize`): XLA:CPU had fused the ridge
-    # response into every tap of this upsampling and of the final blur,
-    # evaluating it ~3 times per pixel (vessel map alone 38 -> 25 ms per
-    # image at batch 8).
-    resp = jnp.maximum(resp, _resize(xla_cpu.materialize(resp2), h, w))
+    # Stored once: XLA:CPU would recompute the ridge response in every tap of
+    # this upsampling and of the final blur.
+    resp = jnp.maximum(resp, resize_linear(xla_cpu.materialize(resp2), h, w))
   if cfg.smooth_sigma > 0:
     # Ridge responses peak on the centre line; a light blur spreads them over
     # the vessel width (DRIVE AUROC +0.006) and removes single-pixel specks.
@@ -506,8 +378,8 @@ def _probability_jit(images, fov_masks, *, config):
 
 def _for_teacher(images, fov_masks, size, config):
   p = _probability(images, fov_masks, config)
-  pr = _resize(p, size, size)
-  mr = _resize(fov_masks.astype(jnp.float32), size, size) > 0.5
+  pr = resize_linear(p, size, size)
+  mr = resize_linear(fov_masks.astype(jnp.float32), size, size) > 0.5
   pr = jnp.clip(pr, 0.0, 1.0) * mr
   return jnp.repeat(pr[..., None], 3, axis=-1)
 

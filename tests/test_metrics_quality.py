@@ -80,28 +80,6 @@ def test_overlay_batch_matches_overlay():
     np.testing.assert_array_equal(got[0][~fov[0]], img[0][~fov[0]])
 
 
-@pytest.mark.parametrize("shape", [(37, 53), (37, 53, 1), (20, 31, 2),
-                                   (64, 48, 3), (9, 7, 4), (1, 1, 3)])
-def test_png_round_trip(tmp_path, shape):
-  import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  a = rng.integers(0, 256, size=shape, dtype=np.uint8)
-  a[: shape[0] // 2] = 7  # runs and wrap-around differences in one image
-  got = np.asarray(Image.open(io.BytesIO(report.encode_png(a))))
-  np.testing.assert_array_equal(got, a.reshape(got.shape))
-  p = str(tmp_path / "x.png")
-  report.write_png(p, a)
-  np.testing.assert_array_equal(np.asarray(Image.open(p)), a.reshape(got.shape))
-  assert not list(tmp_path.glob("*.tmp*"))
-  # Anything else goes through Pillow (16-bit grey here).
-  b = rng.integers(0, 65536, size=(5, 6), dtype=np.uint16)
-  report.write_png(p, b)
-  np.testing.assert_array_equal(np.asarray(Image.open(p)), b)
-  with pytest.raises(ValueError):
-    report.encode_png(np.zeros((4, 4, 5), np.uint8))
-
-
 def test_efiqa_map_filter():
   from efiqa_jax import quality
   fov = np.zeros((160, 160), bool)

@@ -16,6 +16,7 @@ from efiqa_jax import checkpoints
 from efiqa_jax import config_util
 from efiqa_jax import metrics
 from efiqa_jax import synth
+from efiqa_jax.kernels import vit_inference
 from efiqa_jax.models import adapters
 from efiqa_jax.models import vit
 from efiqa_jax.student import losses
@@ -229,10 +230,11 @@ def test_end_to_end_encoder_frozen(tmp_path, dtype, mesh2d, preprocess):
   # Frozen: the encoder leaves training as it was placed, i.e. the stored
   # weights with bfloat16 compute holding its kernels in bfloat16
   # (checkpoints.cast_frozen_kernels); everything else bit for bit.
-  # Replicated, it runs in its inference form (vit.inference_copy: q/k/v
+  # Replicated, it runs in its inference form (kernels.vit_inference: q/k/v
   # fused, kernels (out, in)); sharded by rules, in the checkpoint's tree,
   # which the rules name.
-  placed = (before if mesh2d else vit.inference_copy(before, dtype))
+  placed = (before if mesh2d else
+            vit_inference.inference_model(before, dtype))
   flat_got = dict(nnx.traversals.flatten_mapping(res.encoder_state))
   flat_want = dict(nnx.traversals.flatten_mapping(
       nnx.to_pure_dict(nnx.state(placed, nnx.Param))))

@@ -131,12 +131,15 @@ def test_checkpoint_roundtrip_and_strict_sidecar(small, tmp_path):
     checkpoints.load_model(out)
 
 
-def test_accelerator_conv_path_is_the_same_function(monkeypatch):
-  """Off XLA:CPU the 3x3 convs are plain lax.conv with XLA's gradient (what
-  cuDNN / TPUs run fastest); forward and gradients must match the CPU path
-  (custom gradient, Winograd on the deep levels: base 16 reaches 256 ch)."""
-  from efiqa_jax.models import unet as unet_lib
-  model = UNet(3, 3, base_channels=16, rngs=nnx.Rngs(3))
+def test_kernels_and_accelerator_paths_are_the_same_function(monkeypatch):
+  """The U-Net with its kernels (XLA:CPU: custom gradients, Winograd on the
+  deep levels, base 16 reaching 256 channels), with the accelerator
+  dispatch (plain 3x3 convs, the other fast forms) and with kernels off
+  (plain lax ops and XLA's gradients): one function, forward and
+  gradients."""
+  from efiqa_jax import kernels  # pylint: disable=g-import-not-at-top
+  from efiqa_jax.kernels import conv, switch  # pylint: disable=g-import-not-at-top
+  model = UNet(3, 3, base_channels=16, rngs=fast_rngs(3))
   graphdef, state = nnx.split(model)
   x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
 
@@ -145,15 +148,17 @@ def test_accelerator_conv_path_is_the_same_function(monkeypatch):
       return jnp.mean(nnx.merge(graphdef, s)(x) ** 2)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(state, x)
 
-  cpu_val, (cpu_gs, cpu_gx) = run()
-  monkeypatch.setattr(unet_lib, "_on_cpu", lambda: False)
+  want_val, (want_gs, want_gx) = run()
+  with kernels.disabled():
+    plain = run()
+  monkeypatch.setattr(switch, "backend", lambda: "gpu")
 
   def not_here(*a):
-    raise AssertionError("the CPU conv path ran off CPU")
+    raise AssertionError("the XLA:CPU conv ran off CPU")
 
-  monkeypatch.setattr(unet_lib, "conv_same", not_here)
-  acc_val, (acc_gs, acc_gx) = run()
-  np.testing.assert_allclose(acc_val, cpu_val, rtol=1e-5)
-  np.testing.assert_allclose(acc_gx, cpu_gx, rtol=1e-4, atol=1e-9)
-  for a, b in zip(jax.tree.leaves(acc_gs), jax.tree.leaves(cpu_gs)):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-7)
+  monkeypatch.setattr(conv, "conv2d_same_cpu", not_here)
+  for val, (gs, gx) in (plain, run()):
+    np.testing.assert_allclose(val, want_val, rtol=1e-5)
+    np.testing.assert_allclose(gx, want_gx, rtol=1e-4, atol=1e-9)
+    for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(want_gs)):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-7)

@@ -1,6 +1,7 @@
 """ViT encoder tests that run without torch: golden outputs of tiny PyTorch
 reference models (tests/assets, made by tests/assets/make_vit_golden.py),
 RoPE against the original parametrisation, presets, helpers."""
+import contextlib
 import math
 
 import jax
@@ -10,19 +11,25 @@ import pytest
 from flax import nnx
 
 from efiqa_jax import checkpoints
+from efiqa_jax import kernels
 from efiqa_jax.models import vit
 
 
+@pytest.mark.parametrize("kernels_on", [True, False], ids=["kernels",
+                                                           "plain"])
 @pytest.mark.parametrize("name", ["dinov3", "dinov2"])
-def test_golden_reference_output(repo_root, name):
-  """Ported tiny HF model == the HF model's own last_hidden_state."""
+def test_golden_reference_output(repo_root, name, kernels_on):
+  """Ported tiny HF model == the HF model's own last_hidden_state, with the
+  kernels and in plain XLA (README: <= 6e-6 in float32)."""
   assets = repo_root / "tests" / "assets"
   model, meta = checkpoints.load_model(assets / f"vit_golden_{name}",
                                        architecture="vit")
   data = np.load(assets / f"vit_golden_{name}.npz")
-  out = np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(data["x"])))
+  with contextlib.nullcontext() if kernels_on else kernels.disabled():
+    out = np.asarray(jax.jit(lambda m, x: m(x))(model,
+                                                jnp.asarray(data["x"])))
   assert out.shape == data["expected"].shape
-  assert np.abs(out - data["expected"]).max() <= 1e-5
+  assert np.abs(out - data["expected"]).max() <= 6e-6
   assert meta["source"]["family"] == name
   if name == "dinov2":  # the golden input resamples the 9x9 table to 3x4
     assert model.cfg["pos_grid"] == 9 and data["x"].shape[1:3] == (42, 56)
@@ -108,65 +115,6 @@ def test_frozen_bf16_kernels_same_forward():
   checkpoints.cast_frozen_kernels(m32)
   assert all(v[...].dtype == jnp.float32 for _, v in
              nnx.to_flat_state(nnx.state(m32, nnx.Param)))
-
-
-@pytest.mark.parametrize("qkv_bias", ["qv", "qkv", "none"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_inference_form_same_forward(qkv_bias, dtype):
-  """vit.inference_copy (16-bit kernels cast, q/k/v fused into one
-  projection, every kernel held (out, in)) gives the forward of the plain
-  frozen model: bit for bit in bf16, within float32 rounding (measured
-  1.2e-7 here; bit for bit at ViT-L shapes) in float32. A missing bias is
-  fused as zeros. The source model is left as it was, and a second
-  to_inference_form changes nothing."""
-  from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  m32 = vit.build("tiny", qkv_bias=qkv_bias)
-  # Non-zero biases (they initialise to 0), so that fusing them is checked.
-  for path, var in nnx.to_flat_state(nnx.state(m32, nnx.Param)):
-    if path[-1] == "bias":
-      var.value = jax.random.normal(jax.random.key(len(path)), var.shape)
-  before = {k: np.asarray(v[...]) for k, v in
-            nnx.to_flat_state(nnx.state(m32, nnx.Param))}
-  plain = vit.VisionTransformer(**m32.cfg, dtype=jnp.dtype(dtype),
-                                rngs=nnx.Rngs(0))
-  nnx.update(plain, nnx.state(m32, nnx.Param))
-  checkpoints.cast_frozen_kernels(plain)
-  inf = vit.inference_copy(m32, jnp.dtype(dtype))
-  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
-  fwd = jax.jit(lambda mm, v: mm(v))
-  want = np.asarray(fwd(plain, x), np.float32)
-  got = np.asarray(fwd(inf, x), np.float32)
-  if dtype == "bfloat16":
-    np.testing.assert_array_equal(got, want)
-  else:  # XLA:CPU may pick other float32 kernels at these tiny shapes
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-  inf.to_inference_form()
-  np.testing.assert_array_equal(np.asarray(fwd(inf, x), np.float32), got)
-
-  flat = dict(nnx.to_flat_state(nnx.state(inf, nnx.Param)))
-  names = {"/".join(map(str, k)) for k in flat}
-  assert "blocks/0/attn/qkv/kernel" in names
-  assert not any("/attn/q/" in n or "/attn/k/" in n for n in names)
-  d, hid = m32.cfg["hidden_size"], m32.cfg["mlp_hidden"]
-  assert flat[("blocks", "0", "attn", "qkv", "kernel")].shape == (3 * d, d)
-  assert flat[("blocks", "0", "mlp", "fc1", "kernel")].shape == (hid, d)
-  after = {k: np.asarray(v[...]) for k, v in
-           nnx.to_flat_state(nnx.state(m32, nnx.Param))}
-  assert after.keys() == before.keys()
-  assert all(np.array_equal(after[k], before[k]) for k in before)
-
-
-def test_bf16_linear_rounds_once():
-  """x.W + b in float32, one rounding to bf16 at the end. Rounding the dot
-  first (4112 is a bf16 tie -> 4096) and then adding the bias would give
-  4096 + 15 -> 4096; one rounding of 4127 gives 4128."""
-  lin = vit.Linear(4112, 1, use_bias=True, dtype=jnp.bfloat16,
-                   param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-  lin.kernel.value = jnp.ones((4112, 1), jnp.float32)
-  lin.bias.value = jnp.full((1,), 15.0, jnp.float32)
-  y = jax.jit(lambda m, v: m(v))(lin, jnp.ones((1, 4112), jnp.bfloat16))
-  assert y.dtype == jnp.bfloat16
-  assert float(y[0, 0]) == 4128.0
 
 
 def test_presets_shapes():

@@ -2,6 +2,7 @@
 disk (HF snapshot, original `.pth`, timm layout), ported with
 efiqa_jax.port.vit, reloaded with efiqa_jax.checkpoints, compared on
 last_hidden_state. Needs the `port` extra (torch + transformers)."""
+import contextlib
 import json
 
 import numpy as np
@@ -13,12 +14,12 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from efiqa_jax import checkpoints  # noqa: E402
+from efiqa_jax import checkpoints, kernels  # noqa: E402
 from efiqa_jax.models import vit  # noqa: E402
 from efiqa_jax.port import vit as port_vit  # noqa: E402
 from efiqa_jax.port.common import PortError  # noqa: E402
 
-TOL = 1e-5
+TOL = 6e-6  # README (float32); measured <= 2.4e-6
 SIZES = [(224, 224), (256, 256), (224, 320)]
 D, HEADS, DEPTH = 32, 2, 2
 torch.set_num_threads(1)
@@ -74,17 +75,22 @@ def _ours(path, x):
   return np.asarray(jax.jit(lambda m, v: m(v))(model, jnp.asarray(x)))
 
 
-def _compare(ref_model, out_dir, sizes, record, name, **kw):
+def _compare(ref_model, out_dir, sizes, record, name, plain=False, **kw):
+  """Ours vs the reference at each size; with `plain`, the first size also
+  with kernels off (every op in its plain XLA form)."""
   model, _ = checkpoints.load_model(out_dir, architecture="vit")
   f = jax.jit(lambda m, v: m(v))
-  for h, w in sizes:
+  runs = [(hw, False) for hw in sizes] + ([(sizes[0], True)] if plain else [])
+  for (h, w), off in runs:
     x = _images(h, w)
     ref = _ref(ref_model, x, **kw)
-    ours = np.asarray(f(model, jnp.asarray(x)))
+    with kernels.disabled() if off else contextlib.nullcontext():
+      ours = np.asarray(f(model, jnp.asarray(x)))
     assert ours.shape == ref.shape, (name, h, w)
     diff = float(np.abs(ours - ref).max())
-    record[f"{name} {h}x{w}"] = diff
-    assert diff <= TOL, f"{name} {h}x{w}: max |diff| {diff:.3g}"
+    key = f"{name} {h}x{w}" + (" kernels off" if off else "")
+    record[key] = diff
+    assert diff <= TOL, f"{key}: max |diff| {diff:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +127,8 @@ def test_dinov3_hf_snapshot(tmp_path, record, gated):
   assert set(side["source"]["sha256"]) == {"model.safetensors", "config.json"}
   assert side["kwargs"]["ln_eps"] == 1e-5 and side["kwargs"]["pos"] == "rope"
   assert side["kwargs"]["ffn"] == ("swiglu" if gated else "mlp")
-  _compare(ref, out, SIZES, record, f"dinov3 hf {'swiglu' if gated else 'mlp'}")
+  _compare(ref, out, SIZES, record,
+           f"dinov3 hf {'swiglu' if gated else 'mlp'}", plain=True)
 
 
 def _dinov3_to_original(sd, d):
@@ -216,7 +223,7 @@ def test_dinov2_hf_snapshot(tmp_path, record, registers):
   assert side["kwargs"]["interp"] == ("bicubic_aa" if registers else "bicubic")
   assert side["kwargs"]["pos_grid"] == 37
   # 518 is the native grid (no resampling); the others resample 37 -> n.
-  _compare(ref, out, SIZES + [(518, 518)], record, f"{fam} hf")
+  _compare(ref, out, SIZES + [(518, 518)], record, f"{fam} hf", plain=True)
   other = "dinov2" if registers else "dinov2reg"
   with pytest.raises(PortError, match="register"):
     port_vit.convert(other, src)
@@ -492,7 +499,7 @@ def test_cli_port(tmp_path, capsys):
 
 def test_real_photographs_patch_tokens(tmp_path, fundus_dir):
   """EFIQA preprocessing of real photographs, then the ported model's patch
-  grid == the HF model's patch tokens (issue 4: <= 1e-4; we hold 1e-5)."""
+  grid == the HF model's patch tokens (issue 4: <= 1e-4; README 6e-6)."""
   from efiqa_jax.encoders import preprocess as pp
   ref = _dinov3(10)
   out = tmp_path / "ours"

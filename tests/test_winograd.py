@@ -1,11 +1,12 @@
-"""Winograd 3x3 convolution (efiqa_jax.models.winograd) and the U-Net conv's
-custom gradient against lax.conv_general_dilated and its autodiff, float32."""
+"""Winograd 3x3 convolution (efiqa_jax.kernels.winograd) and the XLA:CPU
+conv's plan and custom gradient (efiqa_jax.kernels.conv) against
+lax.conv_general_dilated and its autodiff, float32."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efiqa_jax.models import unet, winograd
+from efiqa_jax.kernels import conv, winograd
 
 # max |diff| / max |reference|; measured ~3e-7 (m = 2) and ~4e-6 (m = 4) on
 # these shapes, forward and gradients.
@@ -16,7 +17,8 @@ SHAPES = [(1, 7, 9, 3, 5), (2, 13, 6, 17, 9), (1, 1, 1, 4, 3)]
 
 def _direct(x, w):
   return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=unet._DN)
+                                      dimension_numbers=("NHWC", "HWIO",
+                                                         "NHWC"))
 
 
 def _data(shape, seed=0):
@@ -66,17 +68,18 @@ def test_bad_tile_and_kernel():
     ((2, 13, 6, 17, 9), 1, 1),            # all Winograd, m = 2
     ((1, 32, 32, 33, 31), 10**9, 1),      # direct, Winograd weight grad
     ((1, 7, 9, 3, 5), 10**9, 10**9)])     # direct, per-tap weight grad
-def test_conv_same_value_and_grad(monkeypatch, shape, min_channels,
-                                  dw_min_cin):
-  """Every path of unet.conv_same's policy (all Winograd; direct forward with
-  Winograd weight gradient; all direct / per-tap) against lax's autodiff."""
-  monkeypatch.setattr(unet, "WINOGRAD_MIN_CHANNELS", min_channels)
-  monkeypatch.setattr(unet, "WINOGRAD_DW_MIN_CIN", dw_min_cin)
+def test_conv2d_same_cpu_value_and_grad(monkeypatch, shape, min_channels,
+                                       dw_min_cin):
+  """Every path of conv.conv2d_same_cpu's plan (all Winograd; direct forward
+  with Winograd weight gradient; all direct / per-tap) against lax's
+  autodiff."""
+  monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", min_channels)
+  monkeypatch.setattr(conv, "WINOGRAD_DW_MIN_CIN", dw_min_cin)
   x, k, g = _data(shape, seed=1)
 
   @jax.jit
   def run(x, k, g):
-    y, vjp = jax.vjp(unet.conv_same, x, k)
+    y, vjp = jax.vjp(conv.conv2d_same_cpu, x, k)
     y_ref, vjp_ref = jax.vjp(_direct, x, k)
     return (y, *vjp(g)), (y_ref, *vjp_ref(g))
 
@@ -86,10 +89,10 @@ def test_conv_same_value_and_grad(monkeypatch, shape, min_channels,
 
 def test_plan_on_unet_shapes():
   # batch 4, 256 px, base 64: shallow layers direct, deep ones Winograd.
-  assert unet.conv_plan((4, 256, 256, 3), (3, 3, 3, 64)) == (None, None)
-  assert unet.conv_plan((4, 256, 256, 64), (3, 3, 64, 64)) == (None, 4)
-  assert unet.conv_plan((4, 64, 64, 256), (3, 3, 256, 256)) == (4, 4)
-  assert unet.conv_plan((4, 16, 16, 1024), (3, 3, 1024, 1024)) == (2, 2)
-  assert unet.conv_plan((4, 16, 16, 64), (1, 1, 64, 3)) == (None, None)
-  assert unet.conv_plan((4, 64, 64, 256), (3, 3, 256, 256),
+  assert conv.conv_plan((4, 256, 256, 3), (3, 3, 3, 64)) == (None, None)
+  assert conv.conv_plan((4, 256, 256, 64), (3, 3, 64, 64)) == (None, 4)
+  assert conv.conv_plan((4, 64, 64, 256), (3, 3, 256, 256)) == (4, 4)
+  assert conv.conv_plan((4, 16, 16, 1024), (3, 3, 1024, 1024)) == (2, 2)
+  assert conv.conv_plan((4, 16, 16, 64), (1, 1, 64, 3)) == (None, None)
+  assert conv.conv_plan((4, 64, 64, 256), (3, 3, 256, 256),
                         jnp.bfloat16) == (None, None)

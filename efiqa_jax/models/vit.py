@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efiqa_jax.kernels import attention
+
 FFN_KINDS = ("mlp", "swiglu")
 QKV_BIAS = ("qkv", "qv", "none")
 POS_KINDS = ("rope", "learned", "sincos", "none")
@@ -219,56 +221,15 @@ def _ln(d, eps, dtype, rngs):
                        param_dtype=jnp.float32, rngs=rngs)
 
 
-def _low_precision(dtype) -> bool:
-  return dtype is not None and jnp.dtype(dtype).itemsize < 4
-
-
 class Linear(nnx.Linear):
-  """nnx.Linear (same parameters, same state names) whose 16-bit matmuls
-  accumulate and add the bias in float32 and round once at the end.
+  """nnx.Linear (same parameters and state names) computed by
+  `kernels.attention.dense`; `activation`, if given, is applied before the
+  result is rounded to the compute dtype."""
 
-  Besides the numerics, this is what selects the fast kernels: on XLA:CPU a
-  bf16 x bf16 -> float32 dot runs on its AMX path (YNNPACK, 0.9-1.5 TFLOP/s
-  on 2 Sapphire Rapids cores at ViT-L shapes) while bf16 -> bf16 does not
-  (~0.27 TFLOP/s, slower than float32); GPUs and TPUs accumulate in float32
-  either way.
-
-  `kernel_layout` is "in_out" (nnx's (in, out), what checkpoints and
-  parameter-sharding rules name) or "out_in" (torch's (out, in)), which
-  `store_out_in` sets for frozen inference: on XLA:CPU a bf16 x @ W^T runs
-  ~15 % faster than x @ W at ViT-L shapes (1.51 vs 1.28 TFLOP/s for
-  402x4096 @ 4096x1024), with the same result."""
-
-  def __init__(self, *args, dtype=None, **kwargs):
-    if _low_precision(dtype):
-      kwargs.setdefault("preferred_element_type", jnp.float32)
-    super().__init__(*args, dtype=dtype, **kwargs)
-    self.kernel_layout = "in_out"
-
-  def store_out_in(self) -> None:
-    """Hold the kernel as (out, in) from now on (in place, frozen use)."""
-    if self.kernel_layout == "in_out":
-      self.kernel.value = self.kernel[...].T
-      self.kernel_layout = "out_in"
-
-  def __call__(self, inputs, out_sharding=None):
-    y = self.accumulate(inputs, out_sharding=out_sharding)
-    return y.astype(self.dtype) if _low_precision(self.dtype) else y
-
-  def accumulate(self, inputs, out_sharding=None):
-    """x.W + b before the final rounding (float32 for 16-bit compute)."""
-    if self.kernel_layout == "in_out":
-      return super().__call__(inputs, out_sharding=out_sharding)
-    kernel = self.kernel[...]
-    dtype = self.dtype or jnp.result_type(inputs, kernel)
-    y = jax.lax.dot_general(
-        inputs.astype(dtype), kernel.astype(dtype),
-        (((inputs.ndim - 1,), (1,)), ((), ())), precision=self.precision,
-        preferred_element_type=self.preferred_element_type,
-        out_sharding=out_sharding)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(y.dtype)
-    return y
+  def __call__(self, x, activation=None):
+    bias = self.bias[...] if self.bias is not None else None
+    return attention.dense(x, self.kernel[...], bias, dtype=self.dtype,
+                           activation=activation)
 
 
 def _dense(i, o, bias, dtype, rngs):
@@ -286,6 +247,16 @@ class LayerScale(nnx.Module):
     return x * self.gamma[...].astype(x.dtype)
 
 
+def apply_rope(t: jax.Array, rope: tuple[np.ndarray, np.ndarray]
+               ) -> jax.Array:
+  """RoPE on the trailing patch tokens of t (B, N, heads, hd), in float32."""
+  cos, sin = (jnp.asarray(a)[None, :, None, :] for a in rope)
+  n, p = t.shape[1], cos.shape[1]
+  t32 = t.astype(jnp.float32)
+  pre, pat = t32[:, :n - p], t32[:, n - p:]
+  return jnp.concatenate([pre, pat * cos + _rotate_half(pat) * sin], axis=1)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, d: int, heads: int, qkv_bias: str, dtype, *,
@@ -298,98 +269,21 @@ class Attention(nnx.Module):
     self.k = _dense(d, d, qkv_bias == "qkv", dtype, rngs)
     self.v = _dense(d, d, qkv_bias in ("qkv", "qv"), dtype, rngs)
     self.out = _dense(d, d, True, dtype, rngs)
-    self.qkv = nnx.data(None)  # set by fuse_qkv (frozen inference)
 
-  def fuse_qkv(self) -> None:
-    """Replace q, k, v by one (d -> 3d) projection, in place.
-
-    For frozen inference: one matmul reads the normalised tokens once, and
-    a 1024 x 3072 GEMM runs faster than three 1024 x 1024 ones (XLA:CPU bf16
-    1.52-1.60 vs 1.14 TFLOP/s at ViT-L shapes). A missing bias becomes zeros
-    (x + 0 is x). Outputs: the same bit for bit in bf16 and at ViT-L
-    shapes in float32; XLA:CPU may pick float32 kernels with another
-    summation order at small shapes (tests: within 1.2e-7)."""
-    if self.qkv is not None:
-      return
-    parts = (self.q, self.k, self.v)
-    if any(p.kernel_layout != "in_out" for p in parts):
-      raise ValueError("fuse_qkv before store_out_in")
-    d_in, d = parts[0].kernel.shape
-    kernel = jnp.concatenate([p.kernel[...] for p in parts], axis=1)
-    bias = jnp.concatenate([
-        p.bias[...] if p.bias is not None else jnp.zeros((d,), jnp.float32)
-        for p in parts])
-    qkv = nnx.eval_shape(lambda: _dense(d_in, 3 * d, True, self.dtype,
-                                        nnx.Rngs(0)))
-    qkv.kernel.value, qkv.bias.value = kernel, bias
-    self.qkv = qkv
-    self.q = self.k = self.v = None
+  def project(self, x):
+    """The q, k and v projections of x (B, N, D)."""
+    return self.q(x), self.k(x), self.v(x)
 
   def __call__(self, x, rope=None):
     b, n, d = x.shape
     h = self.heads
-    split = lambda t: t.reshape(b, n, h, d // h)
-    if self.qkv is not None:
-      q, k, v = map(split, jnp.split(self.qkv(x), 3, axis=-1))
-    else:
-      q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+    q, k, v = (t.reshape(b, n, h, d // h) for t in self.project(x))
     if rope is not None:
-      # RoPE on the trailing patch tokens only; float32 (never bf16 RoPE).
-      cos, sin = (jnp.asarray(t)[None, :, None, :] for t in rope)
-      p = cos.shape[1]
-
-      def rot(t):
-        t32 = t.astype(jnp.float32)
-        pre, pat = t32[:, :n - p], t32[:, n - p:]
-        pat = pat * cos + _rotate_half(pat) * sin
-        return jnp.concatenate([pre, pat], axis=1)
-
-      # Rotated in float32, then rounded back to the compute dtype: the
-      # logits dot below accumulates in float32 either way, and a float32
-      # dot here would run at float32 matmul speed in a bf16 model.
-      q, k = rot(q).astype(v.dtype), rot(k).astype(v.dtype)
-    scale = (d // h) ** -0.5
-    if jax.default_backend() == "gpu" and jnp.dtype(v.dtype).itemsize == 2:
-      # bf16/fp16 on GPU: cuDNN's fused (flash) attention, fp32 softmax
-      # inside; never materialises the (h, n, n) logits (64x64 tokens at
-      # 1024 px). Other backends and float32 keep the explicit form below.
-      try:
-        o = jax.nn.dot_product_attention(q.astype(v.dtype), k.astype(v.dtype),
-                                         v, scale=scale, implementation="cudnn")
-        return self.out(o.reshape(b, n, d).astype(self.dtype))
-      except (NotImplementedError, ValueError, RuntimeError):
-        pass  # cuDNN too old / shape unsupported: the explicit form
-    # Softmax normalised after the product, as flash attention does:
-    # e = exp(l - max l), o = (e @ v) / sum(e). The division touches (n, d)
-    # values instead of (n, n). On XLA:CPU the fused call of the two
-    # products ran 2x faster (float32 ViT-L/16, batch 2: 4.7 -> 2.3 ms per
-    # layer; bf16 1.8 -> 1.5 ms), and its error against float64 is no
-    # larger (measured: max 5.4e-6 vs 5.9e-6 in float32).
-    if jax.default_backend() == "cpu" and jnp.dtype(v.dtype).itemsize == 4:
-      # XLA:CPU float32: heads made leading first, then plain batched
-      # matmuls. The einsum form below lowers to one fused library call that
-      # ran the two (h, n, n) products at ~25 GFLOP/s (3x slower; ~30 % of a
-      # ViT-L forward at batch 8); bf16 is fastest in the einsum form.
-      qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-      e, s = _softmax_parts(jnp.matmul(qh, kh.swapaxes(-1, -2),
-                                       preferred_element_type=jnp.float32)
-                            * scale)
-      o = (jnp.matmul(e, vh) / s).transpose(0, 2, 1, 3)
-      return self.out(o.reshape(b, n, d))
-    e, s = _softmax_parts(jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                                     preferred_element_type=jnp.float32)
-                          * scale)
-    o = jnp.einsum("bhqk,bkhd->bhqd", e.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)  # see Linear
-    o = (o / s).transpose(0, 2, 1, 3)
-    return self.out(o.reshape(b, n, d).astype(self.dtype))
-
-
-def _softmax_parts(logits):
-  """(exp(l - max l), its row sums): softmax before its division."""
-  m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-  e = jnp.exp(logits - m)
-  return e, e.sum(axis=-1, keepdims=True)
+      # Rotated in float32 (never bf16 RoPE), then back to the compute dtype.
+      q = apply_rope(q, rope).astype(v.dtype)
+      k = apply_rope(k, rope).astype(v.dtype)
+    o = attention.dot_product_attention(q, k, v, scale=(d // h) ** -0.5)
+    return self.out(o.reshape(b, n, d))
 
 
 class Mlp(nnx.Module):
@@ -399,19 +293,11 @@ class Mlp(nnx.Module):
     self.fc2 = _dense(hidden, d, True, dtype, rngs)
 
   def __call__(self, x):
-    # GELU on fc1's float32 accumulator, rounded once for fc2: more exact
-    # than GELU of the bf16-rounded value, and on XLA:CPU cheaper (it fuses
-    # into the rounding; ViT-L/224 batch 2: 0.7 ms per block).
-    h = _gelu(self.fc1.accumulate(x))
-    return self.fc2(h.astype(self.fc1.dtype or h.dtype))
+    return self.fc2(self.fc1(x, activation=gelu))
 
 
-def _gelu(x):
-  """Exact (erf) GELU in the form torch computes it, x/2 (1 + erf(x/sqrt2)).
-
-  jax.nn.gelu(approximate=False) goes through erfc, which XLA:CPU expands
-  with an exp: 1.0 vs 0.5 ms for ViT-L's 402 x 4096 float32 activations.
-  Against float64, max error 1.1e-6 here, 1.2e-6 torch's, 3.8e-7 erfc's."""
+def gelu(x):
+  """Exact GELU as torch computes it, x/2 (1 + erf(x/sqrt(2)))."""
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1.0 / math.sqrt(2.0))))
 
 
@@ -457,6 +343,7 @@ class VisionTransformer(nnx.Module):
   """ViT encoder; see the module docstring. Parameters are float32; `dtype`
   is the compute dtype (attention logits, softmax and RoPE stay float32)."""
   ARCH = "vit"  # name in efiqa_jax.checkpoints
+  block_cls = Block  # the inference form (kernels.vit_inference) swaps it
 
   def __init__(self, *, patch_size: int = 16, hidden_size: int = 768,
                depth: int = 12, num_heads: int = 12, mlp_hidden: int = 3072,
@@ -502,27 +389,10 @@ class VisionTransformer(nnx.Module):
     else:
       self.pos_embed = None
     # String keys: checkpoint paths are the same in memory and on disk.
-    self.blocks = nnx.Dict({str(i): Block(self.cfg, dtype, rngs=rngs)
-                            for i in range(depth)})
+    self.blocks = nnx.Dict({
+        str(i): self.block_cls(self.cfg, dtype, rngs=rngs)
+        for i in range(depth)})
     self.norm = _ln(d, ln_eps, dtype, rngs)
-
-  def to_inference_form(self) -> None:
-    """Re-lay the weights for frozen inference, in place; same outputs.
-
-    q, k and v become one projection (`Attention.fuse_qkv`) and every
-    kernel is held as (out, in) (`Linear.store_out_in`). The parameter tree
-    no longer matches a checkpoint or the parameter-sharding rules written
-    for it, so this is for a replicated encoder that is only run (extract,
-    assess, the frozen encoder of train-adapter). XLA:CPU, ViT-L/16 at
-    224 px, batch 2: bf16 forward 337 -> 273 ms, float32 930 -> 896 ms,
-    both bit-identical there (see `Attention.fuse_qkv` for small shapes)."""
-    mods = [m for _, m in nnx.iter_graph(self)]
-    for m in mods:
-      if isinstance(m, Attention):
-        m.fuse_qkv()
-    for _, m in list(nnx.iter_graph(self)):
-      if isinstance(m, Linear):
-        m.store_out_in()
 
   def config(self) -> dict:
     """Constructor kwargs (JSON-able) that rebuild this module."""
@@ -608,19 +478,3 @@ def build(name: str, *, dtype: Any = jnp.float32, seed: int = 0,
   """Randomly initialised model from a preset (weights come from porting)."""
   return VisionTransformer(**vit_config(name, **overrides), dtype=dtype,
                            rngs=nnx.Rngs(seed))
-
-
-def inference_copy(model: VisionTransformer,
-                   dtype: Any = None) -> VisionTransformer:
-  """A run-only copy of `model` in compute `dtype` (default: its own), as a
-  frozen encoder is run by extract / assess: 16-bit kernels stored in that
-  dtype (`checkpoints.cast_frozen_kernels`), then `to_inference_form`.
-  `model` itself is unchanged."""
-  from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  dtype = model.dtype if dtype is None else dtype
-  out = nnx.eval_shape(lambda: VisionTransformer(**model.cfg, dtype=dtype,
-                                                 rngs=nnx.Rngs(0)))
-  nnx.update(out, nnx.state(model, nnx.Param))
-  checkpoints.cast_frozen_kernels(out)
-  out.to_inference_form()
-  return out

@@ -191,6 +191,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   from efiqa_jax import sharding as sh
   from efiqa_jax import trainer
   from efiqa_jax.models import adapters
+  from efiqa_jax.kernels import vit_inference
   from efiqa_jax.models import vit
   from efiqa_jax.student import losses
 
@@ -304,7 +305,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
       # fused inference form where the encoder is replicated.
       checkpoints.cast_frozen_kernels(enc)
       if replicated_encoder:
-        enc.to_inference_form()
+        enc = vit_inference.inference_model(enc)
     ada = adapters.build_adapter(config.adapter.name, d,
                                  seed=int(config.seed), **ada_kwargs)
     return EncoderAdapter_(enc, ada)
@@ -316,7 +317,7 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     if replicated_encoder:
       enc, _ = checkpoints.load_model(config.encoder, dtype=enc_dtype,
                                       frozen=True)
-      enc.to_inference_form()
+      enc = vit_inference.inference_model(enc)
       vals = sh.place(sh.to_host(nnx.to_pure_dict(nnx.state(enc, nnx.Param))),
                       shard)
     else:

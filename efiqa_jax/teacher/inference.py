@@ -262,7 +262,7 @@ def photo_maps(teacher, images, fov, *, teacher_size: int, load_size: int,
                rule: MapRule, min_component: int = 0):
   """FOV crops -> degradation maps (B, m, m); jit it (one photograph at a
   time inside the call on XLA:CPU, see xla_cpu.map_examples)."""
-  from efiqa_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  from efiqa_jax.kernels import xla_cpu  # pylint: disable=g-import-not-at-top
 
   def one(images, fov):
     a, fov_t = teacher_anomaly(teacher, images, fov, teacher_size=teacher_size,

@@ -4,7 +4,7 @@ F(m x m, 3 x 3) (Lavin & Gray 2016): the padded input is cut into overlapping
 (m + 2) x (m + 2) tiles with stride m; each tile and the kernel are moved into
 the transform domain (B^T d B, G g G^T), multiplied point-wise, which over the
 channels is one batched matmul ((m + 2)^2 batches of (tiles, Cin) x (Cin, Cout),
-large GEMMs that XLA:CPU runs near peak), and brought back (A^T M A) to an
+large GEMMs), and brought back (A^T M A) to an
 m x m output block. Multiplies per output: 9 (direct) -> 4 (m = 2) or
 2.25 (m = 4).
 
@@ -15,7 +15,7 @@ transform (and its adjoint) is one small constant matmul over the 9 taps.
 
 Float32 error: m = 2 uses coefficients 0, +-1, +-1/2 and is nearly as exact as
 direct summation; m = 4 has coefficients up to 8 and 1/24 and loses about one
-more decimal digit (measured in tests/test_winograd.py).
+more decimal digit (tests/test_winograd.py).
 """
 from __future__ import annotations
 
@@ -105,10 +105,8 @@ def _kernel_matrix(m: int) -> np.ndarray:
 def kernel_transform(wk: jax.Array, m: int) -> jax.Array:
   """(3, 3, Cin, Cout) -> U (t*t, Cin, Cout) = G g G^T per channel pair.
 
-  One (t*t, 9) x (9, Cin*Cout) product: the weights are read once. As
-  strided sums (like the input transform) it took 128 ms for 1024 x 1024
-  channels at m = 4, the product 46 ms (XLA:CPU), and it runs at every
-  forward."""
+  One (t*t, 9) x (9, Cin*Cout) product, so the weights are read once (it
+  runs at every forward)."""
   _check_m(m)
   k = jnp.asarray(_kernel_matrix(m), wk.dtype)
   return jnp.einsum("pk,kcd->pcd", k, wk.reshape(9, *wk.shape[2:]),
