@@ -196,6 +196,7 @@ def breakdown(qmod, ref, paths, batch, threads) -> dict:
   from efiqa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
   from efiqa_jax import report as report_lib  # pylint: disable=g-import-not-at-top
+  from efiqa_jax.kernels import png  # pylint: disable=g-import-not-at-top
   n = len(paths)
   t0 = time.perf_counter()
   preps = [fundus.prepare_fundus(p, qmod.work_size) for p in paths]
@@ -227,7 +228,7 @@ def breakdown(qmod, ref, paths, batch, threads) -> dict:
       for k in range(batch):
         # What assess's writer does per image (overlay PNG, then the map).
         driver.write_atomic(os.path.join(d, "overlays", f"x{s + k}.png"),
-                            report_lib.encode_png(ovs[k]))
+                            png.encode_png(ovs[k]))
         driver.write_npy(os.path.join(d, "maps", f"x{s + k}.npy"),
                          np.asarray(maps[s + k], np.float32))
     writes = (time.perf_counter() - t0) / (n - n % batch)

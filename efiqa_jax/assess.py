@@ -41,6 +41,7 @@ import numpy as np
 from efiqa_jax import __version__
 from efiqa_jax import quality as quality_lib
 from efiqa_jax import report as report_lib
+from efiqa_jax.kernels import png
 
 SCORE_COLUMNS = ("image", "id", "status", "message", "quality", "grade",
                  "degraded_fraction", "fov_cx", "fov_cy", "fov_r", "crop_x0",
@@ -260,7 +261,7 @@ def _write_record(out, rec, res, quality_model, subs):
     driver.write_npy(names["logits"], np.asarray(res["logits"], np.float32))
   if res["overlay"] is not None:
     driver.write_atomic(names["overlays"],
-                        report_lib.encode_png(np.asarray(res["overlay"])))
+                        png.encode_png(np.asarray(res["overlay"])))
   report_lib.write_card_files(os.fspath(out), id_, np.asarray(rec["image"]),
                               np.asarray(qmap, np.float32))
   # The map goes last: its presence marks the image as finished.
