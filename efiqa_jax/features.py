@@ -403,7 +403,7 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
   rules = parse_param_rules(param_sharding)
   model, enc_meta = load_frozen_encoder(encoder, dtype=dtype, mesh=mesh,
                                         rules=rules)
-  if getattr(model, "ARCH", None) != "vit":
+  if enc_meta["architecture"] != "vit":
     raise ValueError(f"{encoder} holds a {enc_meta['architecture']!r} model; "
                      "extract needs a ViT encoder (efiqa port dinov3 ...)")
   p = model.cfg["patch_size"]

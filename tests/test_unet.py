@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from efiqa_jax.models.unet import UNet, num_params
+from efiqa_jax.teacher import inference
 
 
 def _x(shape, seed=0):
@@ -42,7 +43,8 @@ def test_shapes_and_body(small):
   m = small
   x = _x((2, 32, 48, 3))
   # One jit for all three outputs: eager NNX dispatch is slow on a busy CPU.
-  y, f, a = nnx.jit(lambda m, x: (m(x), m.body(x), m.anomaly(x)))(m, x)
+  y, f, a = nnx.jit(lambda m, x: (m(x), m.body(x),
+                                  inference.anomaly(m, x)))(m, x)
   assert y.shape == f.shape == (2, 32, 48, 3)
   assert float(jnp.abs(f).max()) > 0
   np.testing.assert_allclose(np.asarray(y), np.asarray(x + f), atol=1e-6)
@@ -60,7 +62,7 @@ def test_residual_identity_when_body_is_zero(small):
   m.outconv.kernel[...] = jnp.zeros_like(m.outconv.kernel[...])
   m.outconv.bias[...] = jnp.zeros_like(m.outconv.bias[...])
   x = _x((1, 32, 32, 3), seed=3)
-  y, a = nnx.jit(lambda m, x: (m(x), m.anomaly(x)))(m, x)
+  y, a = nnx.jit(lambda m, x: (m(x), inference.anomaly(m, x)))(m, x)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
   assert float(jnp.abs(a).max()) == 0.0
 

@@ -191,10 +191,6 @@ class UNet(nnx.Module):
     # gives a float32 result).
     return x + f.astype(jnp.result_type(x.dtype, f.dtype))
 
-  def anomaly(self, x: jax.Array) -> jax.Array:
-    """|f(x)| averaged over channels, (B, H, W): VUAD's `diff_map`."""
-    return jnp.mean(jnp.abs(self.body(x).astype(jnp.float32)), axis=-1)
-
 
 def num_params(module: nnx.Module) -> int:
   return sum(int(p.size) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
