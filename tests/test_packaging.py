@@ -66,7 +66,8 @@ def _arch_names_in_library(repo_root):
       for st in cls.body:
         if (isinstance(st, ast.Assign) and len(st.targets) == 1
             and getattr(st.targets[0], "id", None) == "ARCH"
-            and isinstance(st.value, ast.Constant)):
+            and isinstance(st.value, ast.Constant)
+            and st.value.value is not None):  # None: not saveable (kernels)
           mod = ".".join(path.relative_to(repo_root).with_suffix("").parts)
           found[st.value.value] = f"{mod}:{cls.name}"
   return found
