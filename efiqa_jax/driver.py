@@ -391,15 +391,7 @@ def run(task: Task, paths: Sequence[str], out_dir, *, ids=None,
         bar.close()
 
   runtime.barrier(f"{task.command}-done")
-  journal_rows = files.Journal.read(out)
-  rows = []
-  for p, id_ in zip(paths, ids):
-    r = journal_rows.get(id_)
-    if r is None or r.get("image") != p:
-      r = {"image": p, "id": id_, "status": "pending",
-           "message": "not processed yet (a run stopped early): run the "
-                      "same command again"}
-    rows.append(r)
+  rows = rows_in_order(out, paths, ids)
   if pi == 0 and task.finish is not None:
     task.finish(rows, out)
   runtime.barrier(f"{task.command}-finished")
@@ -446,3 +438,19 @@ class LocalDataParallel:
     if self._params is not None:
       args.insert(0, self._params)
     return jax.tree.map(np.asarray, self._fn(*args))
+
+
+def rows_in_order(out, paths, ids) -> list[dict]:
+  """One journal row per input, in input order; an input without one (a
+  run stopped early) gets status 'pending'."""
+  from efiqa_jax import files  # pylint: disable=g-import-not-at-top
+  journal_rows = files.Journal.read(out)
+  rows = []
+  for p, id_ in zip(paths, ids):
+    r = journal_rows.get(id_)
+    if r is None or r.get("image") != p:
+      r = {"image": p, "id": id_, "status": "pending",
+           "message": "not processed yet (a run stopped early): run the "
+                      "same command again"}
+    rows.append(r)
+  return rows

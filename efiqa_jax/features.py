@@ -515,14 +515,7 @@ def write_manifest(out_dir: str, paths: Sequence[str], ids: Sequence[str],
   from efiqa_jax import driver
   from efiqa_jax import files
   if rows is None:
-    journal = files.Journal.read(out_dir)
-    rows = []
-    for pth, id_ in zip(paths, ids):
-      r = journal.get(id_)
-      if r is None or r.get("image") != pth:
-        r = {"image": pth, "id": id_, "status": "pending",
-             "message": "not processed yet (run extract again)"}
-      rows.append(r)
+    rows = driver.rows_in_order(out_dir, paths, ids)
   path = files.join(out_dir, MANIFEST)
   driver.write_csv(path, MANIFEST_FIELDS, rows)
   return path
