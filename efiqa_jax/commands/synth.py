@@ -42,7 +42,10 @@ def run(args) -> int:
   import sys
   from efiqa_jax import driver
   from efiqa_jax.synth import write_dataset
+  from efiqa_jax.synth.degradations import parse_kinds
   try:
+    if args.kinds is not None:  # validated before anything is written
+      parse_kinds(args.kinds)
     driver.output_dir(args.out)  # a file or a read-only folder: one line
     path = write_dataset(args.out, args.n, args.seed, args.size,
                          clean_fraction=args.clean_fraction,
