@@ -165,7 +165,7 @@ class StudentQualityModel:
            kept), `encoders.preprocess.prepare_photograph`;
     fov    the FOV crop square (crop_x0, crop_y0, crop_size; zero outside
            the image and the FOV) at work_size, then the same resize and
-           normalisation (`features.PrepareEncoderInput`); map and overlay
+           normalisation (`encoders.extract.PrepareEncoderInput`); map and overlay
            cover the crop square.
   -> encoder patch tokens (gh, gw, D) -> adapter logits. map =
   sigmoid(logits) on the adapter's grid, 0 on cells outside the FOV, then

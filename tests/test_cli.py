@@ -145,14 +145,14 @@ def test_defaults_agree_with_the_configs():
   """pseudo-label's grid is the token grid configs/adapter.py trains on;
   extract's size is the one the encoder records."""
   from efiqa_jax import config_util
-  from efiqa_jax import features
+  from efiqa_jax.encoders import extract
   parser = cli.build_parser()
   subs = dict(_subcommands(parser))
   grid = subs["pseudo-label"].get_default("grid")
   assert grid == config_util.load_config("adapter").size // 16 == 14
   assert subs["extract"].get_default("size") is None
-  assert features.recorded_input_size(
+  assert extract.recorded_input_size(
       {"pretraining": {"preprocessing": {"size": 448}}}) == 448
-  assert features.recorded_input_size(
+  assert extract.recorded_input_size(
       {"preprocessing": {"efiqa": {"size": 256}}}) == 256
-  assert features.recorded_input_size({"architecture": "vit"}) == 224
+  assert extract.recorded_input_size({"architecture": "vit"}) == 224
