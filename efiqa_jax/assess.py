@@ -89,9 +89,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
 
   model_kwargs go to `quality_model.load_quality_model` (for the student:
   encoder=, adapter=, calibration=). num_threads (decode/FOV threads):
-  default min(4, CPU cores); more threads than cores only take the cores the
-  jitted maps run on (2 cores: 4 threads gave 14-15 img/s on camera-size
-  JPEGs, 2 threads 17). The writer pool has max(num_threads, min(8, cores))
+  default min(4, CPU cores) (more threads than cores only take the cores the
+  jitted maps run on). The writer pool has max(num_threads, min(8, cores))
   threads. batch_size: photographs per step over all processes. A folder
   holding results of another model or settings is refused
   (`driver.UsageError`, with the difference) unless `overwrite`.
@@ -168,10 +167,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
              f"{report_lib.REPORT_FILES}/*", "scores.csv", "report.html"),
       temporaries=tuple(f"{sub}/*.tmp-*" for sub in subs) + ("*.tmp-*",),
       finish=finish)
-  # Writers (PNG encoding releases the GIL) get their own thread count:
-  # with decode worker processes num_threads is per worker (often 1), and
-  # one writer thread capped a 16-core GPU host at ~64 img/s with overlays
-  # (151 without).
+  # Writers get their own thread count: with decode worker processes
+  # num_threads is per worker (often 1), too few to encode PNGs.
   res = driver.run(task, paths, out, ids=ids, batch_size=batch_size,
                    overwrite=overwrite, num_workers=num_workers,
                    read_threads=num_threads,
