@@ -156,3 +156,25 @@ def test_defaults_agree_with_the_configs():
   assert extract.recorded_input_size(
       {"preprocessing": {"efiqa": {"size": 256}}}) == 256
   assert extract.recorded_input_size({"architecture": "vit"}) == 224
+
+
+def test_training_commands_report_errors_in_one_line(capsys):
+  """`commands.run_training`, the error handling of train-teacher,
+  train-adapter and pretrain-encoder: one line and the documented code."""
+  from efiqa_jax import commands, runtime, trainer
+
+  def fails(e):
+    def fn():
+      raise e
+    return fn
+
+  assert commands.run_training("x", lambda: 7) == (7, None)
+  for err, code in ((trainer.NonFiniteLossError("loss nan at step 3"),
+                     runtime.EXIT_FAILED),
+                    (FileNotFoundError("no such folder"), runtime.EXIT_USAGE),
+                    (ValueError("bad value"), runtime.EXIT_USAGE),
+                    (sources.NoInputsError("empty/"), sources.EXIT_NO_INPUTS)):
+    assert commands.run_training("x", fails(err)) == (None, code), err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("efiqa x: "), lines
+    assert str(err) in lines[0]
