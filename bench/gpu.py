@@ -141,7 +141,7 @@ def bench_unet(args, tdev, extra):
     t_r = _median_time(ref_step, sync_t, args.warmup, args.iters)
     _emit(f"unet_train_step_{dtype}", b, t_o, t_r,
           dict(extra, batch=b, size=s, base=args.unet_base))
-    del carry
+    carry.clear()  # the trained state's buffers go before the next dtype
 
 
 def bench_vit(args, tdev, extra):
@@ -150,7 +150,6 @@ def bench_vit(args, tdev, extra):
   import numpy as np
   import torch
   import transformers
-  from flax import nnx
 
   from efiqa_jax.kernels import vit_inference
   from efiqa_jax.port import vit as port_vit

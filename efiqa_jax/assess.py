@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from efiqa_jax import __version__
 from efiqa_jax import quality as quality_lib
 from efiqa_jax import report as report_lib
 from efiqa_jax.kernels import png
+
+if TYPE_CHECKING:
+  from efiqa_jax.quality_model import QualityModel
 
 SCORE_COLUMNS = ("image", "id", "status", "message", "quality", "grade",
                  "degraded_fraction", "fov_cx", "fov_cy", "fov_r", "crop_x0",
@@ -80,7 +83,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
            model: str = "default", batch_size: int = 8,
            num_threads: int | None = None, num_workers: int = 0,
            overlays: bool = True,
-           progress: bool = True, quality_model=None,
+           progress: bool = True,
+           quality_model: QualityModel | None = None,
            save_logits: bool = False,
            model_kwargs: dict | None = None,
            overwrite: bool = False,
@@ -89,9 +93,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
 
   model_kwargs go to `quality_model.load_quality_model` (for the student:
   encoder=, adapter=, calibration=). num_threads (decode/FOV threads):
-  default min(4, CPU cores); more threads than cores only take the cores the
-  jitted maps run on (2 cores: 4 threads gave 14-15 img/s on camera-size
-  JPEGs, 2 threads 17). The writer pool has max(num_threads, min(8, cores))
+  default min(4, CPU cores) (more threads than cores only take the cores the
+  jitted maps run on). The writer pool has max(num_threads, min(8, cores))
   threads. batch_size: photographs per step over all processes. A folder
   holding results of another model or settings is refused
   (`driver.UsageError`, with the difference) unless `overwrite`.
@@ -100,6 +103,11 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
   from efiqa_jax import files  # pylint: disable=g-import-not-at-top
   from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
 
+  from efiqa_jax import quality_model as qm_lib  # pylint: disable=g-import-not-at-top
+  if quality_model is not None and not isinstance(quality_model,
+                                                  qm_lib.QualityModel):
+    raise TypeError(f"{type(quality_model).__name__} is not a "
+                    "quality_model.QualityModel")
   if num_threads is None:
     num_threads = default_num_threads()
   if isinstance(inputs, (str, os.PathLike)):
@@ -110,12 +118,12 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
   model_kwargs = {k: v for k, v in (model_kwargs or {}).items()
                   if v is not None}
   if quality_model is None:
-    from efiqa_jax import quality_model as qm_lib  # pylint: disable=g-import-not-at-top
     quality_model = qm_lib.load_quality_model(model, **model_kwargs)
-  if hasattr(quality_model, "preprocess_note"):  # the student: what it reads
-    print(f"efiqa assess: {quality_model.preprocess_note()}", file=sys.stderr)
+  note = quality_model.preprocess_note()
+  if note:  # the student: what it reads
+    print(f"efiqa assess: {note}", file=sys.stderr)
   model_name = quality_model.name
-  if save_logits and not hasattr(quality_model, "predict_logits"):
+  if save_logits and not quality_model.has_logits:
     raise ValueError(f"model {model_name!r} has no logits (--save-logits is "
                      "for --model student)")
   model_files = {}
@@ -128,7 +136,7 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
       "model": model_name, "model_files": model_files,
       "model_options": {k: v for k, v in model_kwargs.items()
                         if k not in model_files},
-      "model_meta": getattr(quality_model, "meta", {}),
+      "model_meta": quality_model.meta,
       "work_size": quality_model.work_size,
       "overlays": bool(overlays), "save_logits": bool(save_logits),
   }
@@ -160,7 +168,7 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
   task = driver.Task(
       command="assess", fingerprint=fingerprint,
       # A model may read photographs its own way (the student's efiqa path).
-      prepare=(getattr(quality_model, "assess_prepare", lambda: None)()
+      prepare=(quality_model.assess_prepare()
                or sources.PrepareFundus(quality_model.work_size)), step=step,
       write=write,
       done_files=done_files,
@@ -168,10 +176,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
              f"{report_lib.REPORT_FILES}/*", "scores.csv", "report.html"),
       temporaries=tuple(f"{sub}/*.tmp-*" for sub in subs) + ("*.tmp-*",),
       finish=finish)
-  # Writers (PNG encoding releases the GIL) get their own thread count:
-  # with decode worker processes num_threads is per worker (often 1), and
-  # one writer thread capped a 16-core GPU host at ~64 img/s with overlays
-  # (151 without).
+  # Writers get their own thread count: with decode worker processes
+  # num_threads is per worker (often 1), too few to encode PNGs.
   res = driver.run(task, paths, out, ids=ids, batch_size=batch_size,
                    overwrite=overwrite, num_workers=num_workers,
                    read_threads=num_threads,
@@ -193,21 +199,12 @@ def _assess_step(quality_model, batch, overlays, save_logits):
   ok = np.asarray(batch["ok"], bool) & valid
   if not ok.any():
     return None
-  logits = probs = None
-  if hasattr(quality_model, "predict_all"):
-    # The student: logits, maps and (with an EyeQ head) class probabilities
-    # from one encoder pass.
-    extra = ({"encoder_images": batch["encoder_image"]}
-             if "encoder_image" in batch else {})
-    out = quality_model.predict_all(batch["image"], batch["fov_mask"],
-                                    **extra)
-    maps, probs = out["maps"], out.get("class_probs")
-    logits = out["logits"] if save_logits else None
-  elif save_logits:
-    logits = quality_model.predict_logits(batch["image"], batch["fov_mask"])
-    maps = quality_model.maps_from_logits(logits, batch["fov_mask"])
-  else:
-    maps = quality_model.predict(batch["image"], batch["fov_mask"])
+  # Maps, logits and (the student with an EyeQ head) class probabilities
+  # from one pass.
+  out = quality_model.predict_all(batch["image"], batch["fov_mask"],
+                                  encoder_images=batch.get("encoder_image"))
+  maps, probs = out["maps"], out["class_probs"]
+  logits = out["logits"] if save_logits else None
   maps = np.asarray(maps, np.float32)
   qmaps, ws = np.zeros_like(maps), np.zeros_like(maps)
   for k in np.flatnonzero(ok):
@@ -247,8 +244,7 @@ def _write_record(out, rec, res, quality_model, subs):
   qmap, w = res["map"], res["w"]
   message = rec["message"]
   # A calibrated model pools its own way (efiqa calibrate).
-  q, frac = getattr(quality_model, "summarise", quality_lib.summarise)(
-      qmap, w)
+  q, frac = quality_model.summarise(qmap, w)
   if res["probs"] is not None:  # EyeQ head: its class
     grade = quality_lib.GRADES[int(np.argmax(res["probs"]))]
   else:

@@ -130,6 +130,26 @@ def steps_schedule(config, n_maps: int) -> None:
   config.augment.fov_start, config.augment.fov_end = lo, hi
 
 
+def half_blurred_sample(model):
+  """The README's localisation example: (prepared, blurred, half, maps).
+
+  The bundled sample photograph's FOV crop at `model.work_size`
+  (`fundus.Prepared`), a copy with the left half blurred (`synth.degrade`,
+  blur at severity 1, seed 0), that half as a bool mask, and `model`'s maps
+  of the two, (2, h, w)."""
+  from efiqa_jax import fundus, synth  # pylint: disable=g-import-not-at-top
+  p = fundus.prepare_fundus(os.path.join(SAMPLES_DIR, "retina.jpg"),
+                            model.work_size)
+  img, _, _ = synth.degrade(p.image, p.fov_mask, 0, kinds=["blur"],
+                            severity=1.0)
+  half = np.zeros(p.fov_mask.shape, bool)
+  half[:, : half.shape[1] // 2] = True
+  blurred = np.where(half[..., None], img, p.image)
+  maps = model.predict(np.stack([p.image, blurred]),
+                       np.stack([p.fov_mask, p.fov_mask]))
+  return p, blurred, half, maps
+
+
 def write_samples(out_dir: str) -> list[str]:
   """The bundled sample photographs (efiqa_jax/assets/samples).
 

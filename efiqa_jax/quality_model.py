@@ -1,6 +1,7 @@
 """Quality models behind `efiqa assess`: load by name or path, predict maps.
 
-A quality model turns FOV crops into degradation maps in [0, 1]:
+A quality model (`QualityModel`, implemented by the teacher and the student)
+turns FOV crops into degradation maps in [0, 1]:
   prepare(path) -> fundus.Prepared     (decode + FOV crop, never raises)
   predict(images uint8 (B,S,S,3), fov (B,S,S) bool) -> maps float32 (B,h,w)
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -25,7 +27,42 @@ DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(__file__), "assets",
 MAP_SIZE = inference.MAP_SIZE
 
 
-def load_quality_model(name_or_path: str = "default", **kwargs):
+@runtime_checkable
+class QualityModel(Protocol):
+  """What `assess` needs of a quality model (`TeacherQualityModel`,
+  `StudentQualityModel`)."""
+
+  name: str
+  work_size: int            # side of the square the maps and overlays cover
+  grading: quality_lib.Grading
+  meta: dict                # recorded in the run fingerprint
+  has_logits: bool          # `predict_all` returns logits (--save-logits)
+
+  def prepare(self, path) -> Any:
+    """path -> fundus.Prepared on the model's frame; never raises."""
+
+  def assess_prepare(self) -> Any:
+    """The grain transform `assess` reads photographs with, or None for
+    `sources.PrepareFundus(work_size)`."""
+
+  def preprocess_note(self) -> str | None:
+    """One line on what the model reads, for the log; None: nothing to say."""
+
+  def predict(self, images: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """uint8 (B, S, S, 3), bool (B, S, S) -> maps float32 (B, h, w)."""
+
+  def predict_all(self, images: np.ndarray, fov: np.ndarray,
+                  encoder_images: np.ndarray | None = None) -> dict:
+    """{maps, logits (None without), class_probs (B, 3) or None} of one
+    pass; `encoder_images` are what `assess_prepare` adds, if anything."""
+
+  def summarise(self, qmap: np.ndarray,
+                fov_weight: np.ndarray) -> tuple[float, float]:
+    """(quality, degraded_fraction) of one map."""
+
+
+def load_quality_model(name_or_path: str = "default", **kwargs
+                       ) -> QualityModel:
   """'default'/'teacher', a teacher directory, or 'student' (with
   encoder=DIR, adapter=DIR, optional calibration=FILE)."""
   if name_or_path == "student":
@@ -62,6 +99,8 @@ def load_quality_model(name_or_path: str = "default", **kwargs):
 class TeacherQualityModel:
   """Label-free vessels -> VUAD teacher -> degradation map
   (efiqa_jax.teacher.inference: input, |f(x)| and the map rule)."""
+
+  has_logits = False  # the map is a share of anomalous pixels, not a sigmoid
 
   def __init__(self, teacher, meta: dict, *, name: str | None = None,
                work_size: int = 512, batch_size: int = 8,
@@ -106,6 +145,21 @@ class TeacherQualityModel:
   def prepare(self, path):
     from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
     return fundus.prepare_fundus(path, size=self.work_size)
+
+  def assess_prepare(self):
+    return None  # assess's own FOV crop at work_size
+
+  def preprocess_note(self) -> str | None:
+    return None
+
+  def summarise(self, qmap, fov_weight):
+    return quality_lib.summarise(qmap, fov_weight)
+
+  def predict_all(self, images: np.ndarray, fov: np.ndarray,
+                  encoder_images: np.ndarray | None = None) -> dict:
+    del encoder_images  # the teacher reads the crop only
+    return {"maps": self.predict(images, fov), "logits": None,
+            "class_probs": None}
 
   def predict(self, images: np.ndarray, fov: np.ndarray) -> np.ndarray:
     import jax  # pylint: disable=g-import-not-at-top
@@ -165,13 +219,15 @@ class StudentQualityModel:
            kept), `encoders.preprocess.prepare_photograph`;
     fov    the FOV crop square (crop_x0, crop_y0, crop_size; zero outside
            the image and the FOV) at work_size, then the same resize and
-           normalisation (`features.PrepareEncoderInput`); map and overlay
+           normalisation (`encoders.extract.PrepareEncoderInput`); map and overlay
            cover the crop square.
   -> encoder patch tokens (gh, gw, D) -> adapter logits. map =
   sigmoid(logits) on the adapter's grid, 0 on cells outside the FOV, then
   (map_filter="efiqa", the default) the paper's map post-processing,
   `quality.efiqa_map_filter`; map_filter="none" keeps the raw sigmoid.
   """
+
+  has_logits = True
 
   def __init__(self, encoder, adapter, *, name: str = "student",
                size: int | None = None, work_size: int | None = None,

@@ -120,9 +120,8 @@ def overlay_batch(images: np.ndarray, qmaps: np.ndarray,
 
   The same pixels as `overlay` up to float32 rounding (a channel may differ
   by 1 where a value sits on a .5 boundary; tests/test_metrics_quality.py).
-  `efiqa assess` renders each batch's overlays here, next to the maps,
-  instead of ~20 ms of numpy per image on the host threads that also decode
-  the photographs and encode the PNGs."""
+  `efiqa assess` renders each batch's overlays here, next to the maps, so
+  that the host threads only decode photographs and encode PNGs."""
   images = np.asarray(images)
   qmaps = np.asarray(qmaps, np.float32)
   fov_masks = np.asarray(fov_masks, bool)

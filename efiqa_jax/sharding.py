@@ -534,6 +534,42 @@ def to_host(tree):
   return jax.tree.map(one, tree)
 
 
+def parse_param_rules(rules: Any) -> list[tuple[str, Spec]]:
+  """The CLI's `--param-sharding` rules, then the catch-all ('.*',
+  'replicate'): parameters no rule names are replicated."""
+  return with_rules(rules, REPLICATE_ALL)
+
+
+def param_specs(state_dict: dict, rules: Any, mesh: Mesh) -> dict:
+  """Pure param dict -> same-shaped dict of PartitionSpecs by `rules`
+  (`tree_shardings`: unmatched parameters are an error). Errors name the
+  parameter when a rule does not fit its shape."""
+  return jax.tree.map(lambda s: s.spec,
+                      tree_shardings(state_dict, rules, mesh))
+
+
+def shard_model(model, mesh: Mesh, rules: Any = ()):
+  """(graphdef, state) of an nnx model with every array placed on `mesh` by
+  `rules` (the catch-all replicate appended).
+
+  Uses `make_array_from_callback` per shard, which works when the mesh
+  spans other processes (every process holds the full host copy)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, state = nnx.split(model)
+  pure = nnx.to_pure_dict(state)
+  shardings = tree_shardings(pure, parse_param_rules(rules), mesh)
+  nnx.replace_by_pure_dict(state, place(to_host(pure), shardings))
+  return graphdef, state
+
+
+def replicates_everything(model, mesh: Mesh, rules: Any = ()) -> bool:
+  """True when `rules` (plus the catch-all) shard no parameter of `model`."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  pure = nnx.to_pure_dict(nnx.state(model))
+  return all(s.is_fully_replicated for s in jax.tree.leaves(
+      tree_shardings(pure, parse_param_rules(rules), mesh)))
+
+
 def describe_shardings(shardings) -> list[str]:
   """'path: spec' lines for the non-replicated leaves (logs)."""
   out = []

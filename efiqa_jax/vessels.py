@@ -142,8 +142,8 @@ def _conv1d_valid(xp: jax.Array, k: np.ndarray, axis: int) -> jax.Array:
   shorter along `axis`. The callers pad by edge replication, so the image
   border does not read as an edge (`_separable`, `_ridge`).
 
-  Written as a sum of shifted slices: XLA fuses it into one elementwise loop,
-  far faster on CPU than a single-channel lax.conv for these short kernels."""
+  Written as a sum of shifted slices: XLA fuses it into one elementwise loop
+  (a single-channel lax.conv is far slower on CPU for these short kernels)."""
   half = (k.shape[0] - 1) // 2
   n = xp.shape[axis] - 2 * half
   kr = k[::-1]  # convolution, not correlation (matters for odd derivatives)
@@ -181,8 +181,8 @@ def _separable(x: jax.Array, k_rows: np.ndarray,
 def _erode(mask: jax.Array, radius: int) -> jax.Array:
   """Binary erosion of a float {0,1} mask by a (2r+1)^2 square, separably.
 
-  Shifted-slice minima; lax.reduce_window with a large window is two orders
-  of magnitude slower on CPU.
+  Shifted-slice minima: lax.reduce_window with a large window is far slower
+  on CPU.
   """
   if radius <= 0:
     return mask

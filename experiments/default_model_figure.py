@@ -30,7 +30,7 @@ def _tile(rgb: np.ndarray, text: str, side: int) -> Image.Image:
 
 
 def main(run_dir: str, out: str, side: int = 160) -> None:
-  from efiqa_jax import default_model, fundus, quality, report, synth
+  from efiqa_jax import default_model, quality, report
   from efiqa_jax import quality_model as qm
   rows = [r for r in csv.DictReader(open(os.path.join(run_dir,
                                                       "scores.csv")))
@@ -42,16 +42,8 @@ def main(run_dir: str, out: str, side: int = 160) -> None:
     tiles.append(_tile(report.colormap(m), f"{r['id']}: {r['grade']}\n"
                        f"q {float(r['quality']):.2f}, flagged "
                        f"{100 * float(r['degraded_fraction']):.0f}%", side))
-  model = qm.load_quality_model("default")
-  p = fundus.prepare_fundus(os.path.join(default_model.SAMPLES_DIR,
-                                         "retina.jpg"), model.work_size)
-  img, _, _ = synth.degrade(p.image, p.fov_mask, 0, kinds=["blur"],
-                            severity=1.0)
-  half = np.zeros(p.fov_mask.shape, bool)
-  half[:, :half.shape[1] // 2] = True
-  mixed = np.where(half[..., None], img, p.image)
-  maps = model.predict(np.stack([p.image, mixed]),
-                       np.stack([p.fov_mask, p.fov_mask]))
+  p, mixed, _, maps = default_model.half_blurred_sample(
+      qm.load_quality_model("default"))
   sample = []
   for name, im, m in (("sample photograph", p.image, maps[0]),
                       ("left half blurred", mixed, maps[1])):

@@ -42,7 +42,8 @@ def main():
   a = ap.parse_args()
   from flax import nnx
   from efiqa_jax import checkpoints, config_util, fundus, metrics, synth
-  from efiqa_jax import features, quality_model
+  from efiqa_jax import quality_model
+  from efiqa_jax.encoders import extract
   from efiqa_jax import quality as q
   from efiqa_jax.models import vit
   from efiqa_jax.student import train
@@ -70,8 +71,8 @@ def main():
       if part == "train":
         Image.fromarray(((t > 0.5) * 255).astype(np.uint8)).save(
             os.path.join(tmp, "pl", "labels", f"train_{s}.png"))
-  features.extract_features(paths["train"], enc, os.path.join(tmp, "f"),
-                            size=a.size, batch_size=16)
+  extract.extract_features(paths["train"], enc, os.path.join(tmp, "f"),
+                           size=a.size, batch_size=16)
   pos = np.mean([truth[p][0] > 0.5 for p in paths["train"]])
   cfg = config_util.load_config("configs/adapter.py")
   cfg.features_dir, cfg.labels_dir = os.path.join(tmp, "f"), os.path.join(

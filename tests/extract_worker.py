@@ -24,10 +24,10 @@ def main():
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                              num_processes=nproc, process_id=pid,
                              initialization_timeout=300)
-  from efiqa_jax import features  # pylint: disable=g-import-not-at-top
+  from efiqa_jax.encoders import extract  # pylint: disable=g-import-not-at-top
   assert jax.process_count() == nproc and len(jax.devices()) == 2 * nproc
-  res = features.extract_features(inputs, enc, out, size=64, preprocess="efiqa",
-                                  batch_size=batch, read_threads=1)
+  res = extract.extract_features(inputs, enc, out, size=64, preprocess="efiqa",
+                                 batch_size=batch, read_threads=1)
   with open(os.path.join(out, f"report{pid}.json"), "w") as f:
     json.dump({"written": res.written, "failed": res.failed,
                "skipped": res.skipped}, f)

@@ -115,6 +115,26 @@ def test_unknown_model_is_a_usage_error(setup, capsys):
   assert "unknown model" in capsys.readouterr().err
 
 
+def test_assess_calls_models_through_the_protocol(setup, tmp_path):
+  """assess needs a `quality_model.QualityModel`: the teacher is one (no
+  logits; `predict_all` gives `predict`'s maps), anything else is refused
+  before any work."""
+  from efiqa_jax import quality_model as qm
+  root, teacher, paths = setup
+  model = qm.load_quality_model(teacher)
+  assert isinstance(model, qm.QualityModel) and not model.has_logits
+  prep = model.prepare(paths[0])
+  assert prep.ok, prep.message
+  images, fov = prep.image[None], prep.fov_mask[None]
+  out = model.predict_all(images, fov)
+  assert out["logits"] is None and out["class_probs"] is None
+  np.testing.assert_array_equal(out["maps"], model.predict(images, fov))
+  with pytest.raises(TypeError, match="QualityModel"):
+    assess_lib.assess(paths[:1], str(tmp_path / "o"), quality_model=object(),
+                      progress=False)
+  assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume(setup):
   import signal

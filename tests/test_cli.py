@@ -145,14 +145,36 @@ def test_defaults_agree_with_the_configs():
   """pseudo-label's grid is the token grid configs/adapter.py trains on;
   extract's size is the one the encoder records."""
   from efiqa_jax import config_util
-  from efiqa_jax import features
+  from efiqa_jax.encoders import extract
   parser = cli.build_parser()
   subs = dict(_subcommands(parser))
   grid = subs["pseudo-label"].get_default("grid")
   assert grid == config_util.load_config("adapter").size // 16 == 14
   assert subs["extract"].get_default("size") is None
-  assert features.recorded_input_size(
+  assert extract.recorded_input_size(
       {"pretraining": {"preprocessing": {"size": 448}}}) == 448
-  assert features.recorded_input_size(
+  assert extract.recorded_input_size(
       {"preprocessing": {"efiqa": {"size": 256}}}) == 256
-  assert features.recorded_input_size({"architecture": "vit"}) == 224
+  assert extract.recorded_input_size({"architecture": "vit"}) == 224
+
+
+def test_training_commands_report_errors_in_one_line(capsys):
+  """`commands.run_training`, the error handling of train-teacher,
+  train-adapter and pretrain-encoder: one line and the documented code."""
+  from efiqa_jax import commands, runtime, trainer
+
+  def fails(e):
+    def fn():
+      raise e
+    return fn
+
+  assert commands.run_training("x", lambda: 7) == (7, None)
+  for err, code in ((trainer.NonFiniteLossError("loss nan at step 3"),
+                     runtime.EXIT_FAILED),
+                    (FileNotFoundError("no such folder"), runtime.EXIT_USAGE),
+                    (ValueError("bad value"), runtime.EXIT_USAGE),
+                    (sources.NoInputsError("empty/"), sources.EXIT_NO_INPUTS)):
+    assert commands.run_training("x", fails(err)) == (None, code), err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("efiqa x: "), lines
+    assert str(err) in lines[0]

@@ -5,7 +5,6 @@ photographs of ../shared/data/fundus it never saw (grades)."""
 import csv
 import os
 
-import numpy as np
 import pytest
 
 from efiqa_jax import assess as assess_lib
@@ -106,19 +105,11 @@ def test_real_photographs_are_graded_as_the_readme_says(real_scores):
 
 
 def test_maps_localise_blur_on_a_real_photograph():
-  from efiqa_jax import fundus, quality, synth
+  from efiqa_jax import quality
   from efiqa_jax import quality_model as qm
-  model = qm.load_quality_model("default")
-  p = fundus.prepare_fundus(os.path.join(default_model.SAMPLES_DIR,
-                                         "retina.jpg"), model.work_size)
   # Blur only the left half of the field of view.
-  img, _, _ = synth.degrade(p.image, p.fov_mask, 0, kinds=["blur"],
-                            severity=1.0)
-  half = np.zeros(p.fov_mask.shape, bool)
-  half[:, : half.shape[1] // 2] = True
-  mixed = np.where(half[..., None], img, p.image)
-  maps = model.predict(np.stack([p.image, mixed]),
-                       np.stack([p.fov_mask, p.fov_mask]))
+  p, _, half, maps = default_model.half_blurred_sample(
+      qm.load_quality_model("default"))
   w = quality.fov_at(p.fov_mask, maps.shape[1:])
   hw = quality.fov_at(half & p.fov_mask, maps.shape[1:])
   left = lambda m: float((m * hw).sum() / hw.sum())

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efiqa_jax import checkpoints
-from efiqa_jax import features
 from efiqa_jax import sharding
+from efiqa_jax.encoders import extract
 from efiqa_jax.encoders import preprocess as pp
 from efiqa_jax.models import vit
 from tests import multihost
@@ -84,9 +84,9 @@ def _files(out):
 @pytest.fixture(scope="module")
 def full_run(encoder, photos, tmp_path_factory):
   out = tmp_path_factory.mktemp("full")
-  res = features.extract_features(photos, encoder, out, size=64,
-                                  preprocess="efiqa",
-                                  batch_size=8, read_threads=2)
+  res = extract.extract_features(photos, encoder, out, size=64,
+                                 preprocess="efiqa",
+                                 batch_size=8, read_threads=2)
   return out, res
 
 
@@ -95,7 +95,7 @@ def test_exactly_once_8_devices_with_failures(encoder, photos, full_run):
   out, res = full_run
   # 13 inputs, batch 8: the second batch is partial (5 real rows + padding).
   assert res.n == 13 and res.written == 11 and res.failed == 2
-  rows = features.read_manifest(out)
+  rows = extract.read_manifest(out)
   assert [r["image"] for r in rows] == photos  # input order
   status = {r["id"]: r["status"] for r in rows}
   assert status["corrupt"] == "unreadable" and status["missing"] == "not_found"
@@ -123,38 +123,38 @@ def test_exactly_once_8_devices_with_failures(encoder, photos, full_run):
 def test_resume_after_kill_identical(encoder, photos, full_run, tmp_path):
   ref_out, _ = full_run
   out = tmp_path / "resumed"
-  r1 = features.extract_features(photos, encoder, out, size=64,
-                                 preprocess="efiqa",
-                                 batch_size=8, read_threads=2, max_steps=1)
+  r1 = extract.extract_features(photos, encoder, out, size=64,
+                                preprocess="efiqa",
+                                batch_size=8, read_threads=2, max_steps=1)
   first = _files(out)
   assert 0 < len(first) < 11
-  pending = [r for r in features.read_manifest(out)
+  pending = [r for r in extract.read_manifest(out)
              if r["status"] == "pending" and r["id"].startswith("img")]
   assert pending  # the manifest says what is left
   # A torn write of a pending image and a stray tmp file left by the kill.
   (out / f"{pending[-1]['id']}.npy").write_bytes(b"\x93NUMPY garbage")
   (out / "img00.npy.tmp-1").write_bytes(b"partial")
-  r2 = features.extract_features(photos, encoder, out, size=64,
-                                 preprocess="efiqa",
-                                 batch_size=8, read_threads=2)
+  r2 = extract.extract_features(photos, encoder, out, size=64,
+                                preprocess="efiqa",
+                                batch_size=8, read_threads=2)
   assert r2.skipped == r1.written and r2.written == 11 - r1.written
   assert _files(out) == _files(ref_out)  # byte-identical
   assert not list(out.glob("*.tmp-*"))  # the kill's leftovers are gone
-  assert features.read_manifest(out) == features.read_manifest(ref_out)
+  assert extract.read_manifest(out) == extract.read_manifest(ref_out)
   # Other settings into the same folder are refused.
   with pytest.raises(ValueError, match="other settings"):
-    features.extract_features(photos, encoder, out, size=64, preprocess="efiqa",
-                              save_dtype="float16")
+    extract.extract_features(photos, encoder, out, size=64, preprocess="efiqa",
+                             save_dtype="float16")
 
 
 def test_arrayrecord_matches_npy_and_resumes(encoder, photos, full_run,
                                              tmp_path):
   ref_out, _ = full_run
   out = tmp_path / "ar"
-  features.extract_features(photos, encoder, out, size=64, preprocess="efiqa",
-                            batch_size=8, fmt="arrayrecord", shard_size=4,
-                            max_steps=1)
-  n1 = len(list(features.iter_arrayrecord(out)))
+  extract.extract_features(photos, encoder, out, size=64, preprocess="efiqa",
+                           batch_size=8, fmt="arrayrecord", shard_size=4,
+                           max_steps=1)
+  n1 = len(list(extract.iter_arrayrecord(out)))
   # A kill between a shard's rename and its journal rows: the shard's ids
   # are redone, and the stale copy must not be yielded twice.
   stale = sorted(out.glob("features-*.array_record"))[0]
@@ -162,16 +162,16 @@ def test_arrayrecord_matches_npy_and_resumes(encoder, photos, full_run,
   kept = [l for l in journal.read_text().splitlines()
           if json.loads(l)["file"] != stale.name]
   journal.write_text("".join(l + "\n" for l in kept))
-  n1 = len(list(features.iter_arrayrecord(out)))
-  features.extract_features(photos, encoder, out, size=64, preprocess="efiqa",
-                            batch_size=8, fmt="arrayrecord", shard_size=4)
-  recs = list(features.iter_arrayrecord(out))
+  n1 = len(list(extract.iter_arrayrecord(out)))
+  extract.extract_features(photos, encoder, out, size=64, preprocess="efiqa",
+                           batch_size=8, fmt="arrayrecord", shard_size=4)
+  recs = list(extract.iter_arrayrecord(out))
   ids = [r[0] for r in recs]
   assert 0 < n1 < 11 and sorted(ids) == sorted(set(ids)) and len(ids) == 11
   for id_, idx, f in recs:
     assert photos[idx].endswith(id_ + ".png")
     np.testing.assert_array_equal(f, np.load(ref_out / f"{id_}.npy"))
-  rows = features.read_manifest(out)
+  rows = extract.read_manifest(out)
   assert sum(r["status"] == "ok" for r in rows) == 11
   assert all(r["file"].endswith(".array_record") for r in rows
              if r["status"] == "ok")
@@ -183,8 +183,8 @@ def test_param_sharding_2d_mesh(encoder, photos, full_run, tmp_path):
            (".*attn/(q|k|v)/kernel", (None, "model"))]
   model, _ = checkpoints.load_model(encoder)
   mesh = sharding.make_mesh([("data", 4), ("model", 2)])
-  _, state = features.shard_model(model, mesh,
-                                  features.parse_param_rules(rules))
+  _, state = sharding.shard_model(model, mesh,
+                                  sharding.parse_param_rules(rules))
   pure = nnx.to_pure_dict(state)
   k = pure["blocks"]["0"]["mlp"]["fc1"]["kernel"]
   assert k.sharding.spec == jax.sharding.PartitionSpec(None, "model")
@@ -205,16 +205,16 @@ def test_param_sharding_2d_mesh(encoder, photos, full_run, tmp_path):
     np.testing.assert_allclose(np.load(out / f), np.load(ref_out / f),
                                atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="not divisible"):
-    features.param_specs({"w": np.zeros((3, 5))}, [("w", (None, "model"))],
+    sharding.param_specs({"w": np.zeros((3, 5))}, [("w", (None, "model"))],
                          mesh)
 
 
 def test_bf16_cosine(encoder, photos, full_run, tmp_path):
   ref_out, _ = full_run
   out = tmp_path / "bf16"
-  features.extract_features(photos, encoder, out, size=64, preprocess="efiqa",
-                            batch_size=8, dtype="bfloat16",
-                            save_dtype="float16")
+  extract.extract_features(photos, encoder, out, size=64, preprocess="efiqa",
+                           batch_size=8, dtype="bfloat16",
+                           save_dtype="float16")
   cos = []
   for f in _files(ref_out):
     a = np.load(ref_out / f).reshape(-1, 32).astype(np.float64)
@@ -248,7 +248,7 @@ def test_two_processes_exactly_once(encoder, photos, full_run, tmp_path):
     (f,) = (out / ".journal").glob(f"p{i}-*.jsonl")
     ids += [json.loads(l)["id"] for l in f.read_text().splitlines()]
   assert sorted(ids) == sorted(set(ids)) and len(ids) == 13
-  assert features.read_manifest(out) == features.read_manifest(ref_out)
+  assert extract.read_manifest(out) == extract.read_manifest(ref_out)
   for f in _files(ref_out):
     np.testing.assert_allclose(np.load(out / f), np.load(ref_out / f),
                                atol=1e-5, rtol=0)
@@ -287,7 +287,7 @@ def test_hf_dinov3_parity_on_real_photographs(fundus_dir, tmp_path, capsys):
     want = h[5:].reshape(14, 14, 32)  # [CLS, 4 registers, patches]
     got = np.load(out / (os.path.splitext(os.path.basename(p))[0] + ".npy"))
     worst = max(worst, float(np.abs(got - want).max()))
-  row = {r["id"]: r for r in features.read_manifest(out)}
+  row = {r["id"]: r for r in extract.read_manifest(out)}
   assert all(int(r["crop_size"]) > 0 for r in row.values())
   print(f"\nHF DINOv3 vs efiqa extract on {len(photos)} real photographs: "
         f"max |diff| {worst:.2e}")

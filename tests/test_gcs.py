@@ -268,7 +268,8 @@ def test_extract_and_pseudo_label_on_gcs(gcs, bucket_photos, tmp_path,
                                          monkeypatch):
   """`efiqa extract` (npy and ArrayRecord) and `efiqa pseudo-label` with
   inputs, models and outputs in the bucket."""
-  from efiqa_jax import cli, features
+  from efiqa_jax import cli
+  from efiqa_jax.encoders import extract
   from tests.assess_fixtures import tiny_teacher
   from tests.test_extract import _tiny_encoder
   monkeypatch.chdir(tmp_path)
@@ -279,13 +280,13 @@ def test_extract_and_pseudo_label_on_gcs(gcs, bucket_photos, tmp_path,
     assert cli.main(["extract", bucket_photos, "--encoder", enc, "--out", out,
                      "--size", "64", "--batch-size", "2", "--format", fmt,
                      "--quiet"]) == 0
-    rows = features.read_manifest(out)
+    rows = extract.read_manifest(out)
     assert [r["status"] for r in rows] == ["ok"] * 3, rows
-    assert files.isfile(f"{out}/{features.METADATA}")
+    assert files.isfile(f"{out}/{extract.METADATA}")
     if fmt == "npy":
       got = {r["id"]: files.load_npy(f"{out}/{r['file']}") for r in rows}
     else:
-      got2 = {i: f for i, _, f in features.iter_arrayrecord(out)}
+      got2 = {i: f for i, _, f in extract.iter_arrayrecord(out)}
   assert sorted(got) == sorted(got2) == ["p0", "p1", "p2"]
   for k in got:
     assert got[k].shape[-1] == got2[k].shape[-1] and got[k].ndim == 3

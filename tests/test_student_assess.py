@@ -242,6 +242,17 @@ def test_adapter_record_decides_the_default(tmp_path, capsys):
                ) <= PARITY
 
 
+def test_student_is_a_quality_model(tmp_path):
+  """The student implements `quality_model.QualityModel` (what assess calls),
+  with logits."""
+  from efiqa_jax import quality_model as qm
+  _hf_and_adapter(tmp_path)
+  model = qm.load_quality_model("student", encoder=str(tmp_path / "enc"),
+                                adapter=str(tmp_path / "ada"))
+  assert isinstance(model, qm.QualityModel) and model.has_logits
+  assert "student preprocessing" in model.preprocess_note()
+
+
 def test_save_logits_needs_student(tmp_path, capsys):
   from efiqa_jax import synth
   Image.fromarray(synth.generate(0, 128).image).save(tmp_path / "a.png")

@@ -371,7 +371,7 @@ def test_label_resize_nearest_like_torch(fdata, tmp_path):
 
 
 def test_arrayrecord_features_train_like_npy(tmp_path):
-  from efiqa_jax import features
+  from efiqa_jax.encoders import extract
   from efiqa_jax import synth
   enc = _tiny_encoder(tmp_path / "enc")
   imgs = tmp_path / "imgs"
@@ -385,9 +385,9 @@ def test_arrayrecord_features_train_like_npy(tmp_path):
         ld / f"g{s}.png")
   res = {}
   for fmt in ("npy", "arrayrecord"):
-    features.extract_features([str(imgs)], enc, tmp_path / fmt, size=64,
-                              work_size=96, batch_size=8, fmt=fmt,
-                              shard_size=2)
+    extract.extract_features([str(imgs)], enc, tmp_path / fmt, size=64,
+                             work_size=96, batch_size=8, fmt=fmt,
+                             shard_size=2)
     c = _cfg("configs/adapter.py:tiny", features_dir=str(tmp_path / fmt),
              labels_dir=str(tmp_path / "pl"), batch_size=16, epochs=2)
     res[fmt] = train.train_and_evaluate(c, str(tmp_path / f"wd_{fmt}"))

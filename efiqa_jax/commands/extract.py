@@ -71,12 +71,11 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-  import sys
-  from efiqa_jax import features
+  from efiqa_jax.encoders import extract
   from efiqa_jax import sources
   try:
     mesh = _mesh(args.mesh)
-    res = features.extract_features(
+    res = extract.extract_features(
         args.inputs, args.encoder, args.out, size=args.size,
         work_size=args.work_size, preprocess=args.preprocess,
         dtype=args.dtype, save_dtype=args.save_dtype,

@@ -18,26 +18,17 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-  import sys  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import commands  # pylint: disable=g-import-not-at-top
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import trainer  # pylint: disable=g-import-not-at-top
   from efiqa_jax.encoders import pretrain  # pylint: disable=g-import-not-at-top
-  # A ConfigError propagates: the CLI prints "config error: ..." (exit 2).
   cfg = config_util.config_from_args(args)
-  try:
-    res = pretrain.pretrain_mim(args.inputs, args.out, cfg,
-                                progress=not args.quiet,
-                                workdir=args.workdir)
-  except sources.NoInputsError as e:
-    return sources.no_inputs_exit(NAME, e)
-  except trainer.NonFiniteLossError as e:
-    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
-    return runtime.EXIT_FAILED
-  except (FileNotFoundError, ValueError) as e:
-    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
-    return runtime.EXIT_USAGE
+  res, code = commands.run_training(
+      NAME, lambda: pretrain.pretrain_mim(args.inputs, args.out, cfg,
+                                          progress=not args.quiet,
+                                          workdir=args.workdir))
+  if code is not None:
+    return code
   if runtime.is_primary():
     print(f"{res.n_images} photographs, {res.steps} steps, loss "
           f"{res.first_loss:.4f} -> {res.final_loss:.4f} in "

@@ -1,4 +1,6 @@
 """efiqa pseudo-label: teacher anomaly maps and patch pseudo-labels."""
+from efiqa_jax import commands
+
 NAME = "pseudo-label"
 HELP = ("Teacher anomaly maps (|f(x)|) and patch pseudo-labels for vessel maps "
         "or, with --from-photos, photographs.")
@@ -31,14 +33,8 @@ def add_arguments(p):
   p.add_argument("--mode", choices=("hard", "soft"), default="hard",
                  help="hard: 0/255 per cell; soft: the cell's mean of "
                  "clip((|f(x)| - t) / t, 0, 1)")
-  p.add_argument("--batch-size", type=int, default=8,
-                 help="inputs per step over all processes (default 8)")
-  p.add_argument("--threads", type=int, default=4,
-                 help="decode threads (default 4)")
-  p.add_argument("--overwrite", action="store_true",
-                 help="redo everything when OUT holds labels made with "
-                 "another rule, teacher or input kind (refused otherwise)")
-  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  commands.add_driver_arguments(
+      p, holds="labels made with another rule, teacher or input kind")
 
 
 def run(args) -> int:

@@ -23,24 +23,18 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-  import sys  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import commands  # pylint: disable=g-import-not-at-top
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import trainer  # pylint: disable=g-import-not-at-top
   from efiqa_jax.student import train  # pylint: disable=g-import-not-at-top
-  # A ConfigError propagates: the CLI prints "config error: ..." (exit 2).
   cfg = config_util.config_from_args(args, args.positional_overrides)
-  try:
-    if args.preprocess:
-      with cfg.unlocked():
-        cfg.preprocess = args.preprocess
-    res = train.train_and_evaluate(cfg, args.workdir)
-  except trainer.NonFiniteLossError as e:
-    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
-    return runtime.EXIT_FAILED
-  except (FileNotFoundError, ValueError) as e:
-    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
-    return runtime.EXIT_USAGE
+  if args.preprocess:
+    with cfg.unlocked():
+      cfg.preprocess = args.preprocess
+  res, code = commands.run_training(
+      NAME, lambda: train.train_and_evaluate(cfg, args.workdir))
+  if code is not None:
+    return code
   if runtime.is_primary():
     print(f"step {res.step}/{res.total_steps} loss {res.final_loss:.5f}"
           + (f"; adapter: {res.adapter_dir}" if res.adapter_dir else

@@ -19,20 +19,15 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-  import sys  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import commands  # pylint: disable=g-import-not-at-top
   from efiqa_jax import config_util  # pylint: disable=g-import-not-at-top
   from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
   from efiqa_jax.teacher import train  # pylint: disable=g-import-not-at-top
-  # A ConfigError propagates: the CLI prints "config error: ..." (exit 2).
   config = config_util.config_from_args(args)
-  try:
-    res = train.train_and_evaluate(config, args.workdir)
-  except train.NonFiniteLossError as e:
-    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
-    return runtime.EXIT_FAILED
-  except (FileNotFoundError, ValueError) as e:
-    print(f"efiqa {NAME}: error: {e}", file=sys.stderr)
-    return runtime.EXIT_USAGE
+  res, code = commands.run_training(
+      NAME, lambda: train.train_and_evaluate(config, args.workdir))
+  if code is not None:
+    return code
   if runtime.is_primary():
     last = res.history[-1][1] if res.history else float("nan")
     print(f"trained {res.step}/{res.total_steps} steps; final loss "

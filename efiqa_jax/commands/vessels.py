@@ -1,6 +1,8 @@
 """`efiqa vessels`: label-free vessel maps for fundus photographs."""
 import argparse
 
+from efiqa_jax import commands
+
 NAME = "vessels"
 HELP = ("Segment retinal vessels without weights (multi-scale Hessian); "
         "writes OUT/<id>.png (uint8 probability at the crop size) and "
@@ -15,14 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "into it skips finished images)")
   parser.add_argument("--size", type=int, default=512,
                       help="FOV crop side in pixels (default 512)")
-  parser.add_argument("--batch-size", type=int, default=8,
-                      help="images per step over all processes (default 8)")
-  parser.add_argument("--threads", type=int, default=4,
-                      help="decode/FOV threads (default 4)")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="redo everything when OUT holds maps made with "
-                      "other settings (refused otherwise)")
-  parser.add_argument("--quiet", action="store_true", help="no progress")
+  commands.add_driver_arguments(parser,
+                                holds="maps made with other settings")
 
 
 def run(args: argparse.Namespace) -> int:

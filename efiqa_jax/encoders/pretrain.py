@@ -6,7 +6,7 @@ experiment in experiments/distill_synthetic.py), this trains a stand-in, label-f
 SimMIM-style masked image modelling on photographs.
 
   * input: FOV crops with the student's exact chain (`efiqa extract`'s
-    `features.PrepareEncoderInput`: crop at work_size -> bicubic to `size` ->
+    `encoders.extract.PrepareEncoderInput`: crop at work_size -> bicubic to `size` ->
     ImageNet mean/std), random horizontal / vertical flips;
   * a random `mask_ratio` share of the patches of each image is blanked
     (pixels set to 0 in normalised space, i.e. the ImageNet mean colour);
@@ -85,11 +85,12 @@ def load_pixels(inputs: Sequence[str] | str, size: int, work_size: int,
                 progress: bool = False):
   """Photographs -> ((N, size, size, 3) float32 encoder inputs, ok paths,
   [(path, 'status: message')] of those that could not be prepared)."""
-  from efiqa_jax import features, sources  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+  from efiqa_jax.encoders import extract  # pylint: disable=g-import-not-at-top
   if isinstance(inputs, str):
     inputs = [inputs]
   paths = sources.list_inputs(list(inputs))
-  prep = features.PrepareEncoderInput(size, work_size=work_size)
+  prep = extract.PrepareEncoderInput(size, work_size=work_size)
   xs, ok, failed = [], [], []
   it = paths
   if progress:

@@ -502,7 +502,7 @@ def _attempt(image: np.ndarray, small: np.ndarray, v: np.ndarray, k: int,
                        region_iou=0.0)
   # Small-pixel centre -> original coordinates.
   ox, oy = ex[~on_line] * k + k // 2, ey[~on_line] * k + k // 2
-  if ox.size > 400:  # plenty for RANSAC; keeps it ~1 ms
+  if ox.size > 400:  # plenty for RANSAC, and its time bounded
     sel = np.linspace(0, ox.size - 1, 400).astype(np.int64)
     ox, oy = ox[sel], oy[sel]
   # The whole outline of the region, frame edges included: the circle must

@@ -71,18 +71,18 @@ def resize_nearest(y: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def feature_files(features_dir: str) -> tuple[dict[str, str], list, dict]:
   """(id -> .npy path (or, for ArrayRecord output, the array), not-ok
   manifest rows, metadata) of `efiqa extract` output."""
-  from efiqa_jax import features as feats_lib
+  from efiqa_jax.encoders import extract
   features_dir = os.fspath(features_dir)
-  meta_path = files_lib.join(features_dir, feats_lib.METADATA)
+  meta_path = files_lib.join(features_dir, extract.METADATA)
   meta = {}
   if files_lib.exists(meta_path):
     meta = files_lib.read_json(meta_path)
   out, bad = {}, []
   if meta.get("format", "npy") == "arrayrecord":
     # Shards are read into memory once (id -> (gh, gw, D) array).
-    for id_, _, arr in feats_lib.iter_arrayrecord(features_dir):
+    for id_, _, arr in extract.iter_arrayrecord(features_dir):
       out[id_] = arr
-    for r in feats_lib.read_manifest(features_dir):
+    for r in extract.read_manifest(features_dir):
       if r["status"] != "ok":
         bad.append((r["id"], r["status"]))
     if not out:
@@ -90,8 +90,8 @@ def feature_files(features_dir: str) -> tuple[dict[str, str], list, dict]:
     return out, bad, meta
   if meta.get("format", "npy") != "npy":
     raise ValueError(f"{features_dir}: unknown format {meta.get('format')!r}")
-  if files_lib.exists(files_lib.join(features_dir, feats_lib.MANIFEST)):
-    for r in feats_lib.read_manifest(features_dir):
+  if files_lib.exists(files_lib.join(features_dir, extract.MANIFEST)):
+    for r in extract.read_manifest(features_dir):
       if r["status"] == "ok" and r.get("file"):
         out[r["id"]] = files_lib.join(features_dir, r["file"])
       else:
@@ -181,7 +181,7 @@ def _flip(x, y, seed, step):
 
 class PixelBatch:
   """step -> {pixels (B, S, S, 3) float32 normalised, y, mask} for the end-to-
-  end mode (`features.PrepareEncoderInput`: the FOV crop or, with
+  end mode (`encoders.extract.PrepareEncoderInput`: the FOV crop or, with
   preprocess='efiqa', the whole photograph; EFIQA's resize/normalisation).
 
   `check()` prepares every photograph once up front, returns the ones that
@@ -193,11 +193,11 @@ class PixelBatch:
                batch: int, seed: int, size: int, work_size: int,
                flip: bool = False, cache_bytes: float = 4e9,
                preprocess: str = "fov"):
-    from efiqa_jax import features as feats_lib
+    from efiqa_jax.encoders import extract
     self.paths, self.labels = list(paths), list(labels)
     self.batch, self.seed, self.flip = batch, seed, flip
-    self._prep = feats_lib.PrepareEncoderInput(size, work_size=work_size,
-                                               preprocess=preprocess)
+    self._prep = extract.PrepareEncoderInput(size, work_size=work_size,
+                                             preprocess=preprocess)
     self._cache: dict[int, np.ndarray] = {}
     self.size = size
     self.cache_bytes = cache_bytes

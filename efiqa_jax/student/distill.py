@@ -127,14 +127,12 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
             preprocess: str | None = None):
   """Runs the three stages; returns train.TrainResult. preprocess: efiqa |
   fov (default config.preprocess, else fov)."""
-  from efiqa_jax import features
   from efiqa_jax import pseudo_labels
   from efiqa_jax import sources
+  from efiqa_jax.encoders import extract
   from efiqa_jax.encoders import preprocess as pp
   from efiqa_jax.student import train
-
   from efiqa_jax import files
-  from efiqa_jax import sources
   preprocess = pp.check_preprocess(
       preprocess or config.get("preprocess") or pp.DEFAULT_PREPROCESS)
   sources.list_inputs(list(inputs))  # no image: NoInputsError before any work
@@ -162,9 +160,9 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
                       progress=progress)
     pdir = edir
   fdir = files.join(workdir, "features")
-  features.extract_features(list(inputs), encoder, fdir, size=config.size,
-                            work_size=config.work_size, batch_size=batch_size,
-                            preprocess=preprocess, progress=progress)
+  extract.extract_features(list(inputs), encoder, fdir, size=config.size,
+                           work_size=config.work_size, batch_size=batch_size,
+                           preprocess=preprocess, progress=progress)
   with config.unlocked():
     config.mode = "features"
     config.features_dir = fdir

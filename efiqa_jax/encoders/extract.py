@@ -118,72 +118,22 @@ class PrepareEncoderInput(sources.PrepareFundus):
     return row
 
 
-# ------------------------------------------------------- parameter sharding
-
-
-def parse_param_rules(rules: Sequence[Any] | None) -> list[tuple[str, Any]]:
-  """The CLI's `--param-sharding` rules, then the catch-all ('.*',
-  'replicate'): the one rule format of `efiqa_jax.sharding`
-  ("('.*mlp.*kernel', (None, 'model'))"; re.fullmatch on the whole path,
-  first match wins)."""
-  from efiqa_jax import sharding
-  return sharding.with_rules(rules, sharding.REPLICATE_ALL)
-
-
-def param_specs(state_dict: dict, rules: Sequence[Any], mesh) -> dict:
-  """Pure param dict -> same-shaped dict of PartitionSpecs by `rules`
-  (`sharding.tree_shardings`: unmatched parameters are an error). Errors
-  name the parameter when a rule does not fit its shape."""
-  import jax
-  from efiqa_jax import sharding
-  return jax.tree.map(lambda s: s.spec,
-                      sharding.tree_shardings(state_dict, rules, mesh))
-
-
-def sharding_rules_text(rules: Sequence[Any] | None) -> list[list[str]]:
-  from efiqa_jax import sharding
-  return sharding.rules_text(parse_param_rules(rules))
-
-
-def shard_model(model, mesh, rules: Sequence[Any] = ()):
-  """(graphdef, state) with every array placed on `mesh` by `rules` (the
-  catch-all replicate appended).
-
-  Uses `make_array_from_callback` per shard, which works when the mesh
-  spans other processes (every process holds the full host copy)."""
-  from flax import nnx
-  from efiqa_jax import sharding
-
-  graphdef, state = nnx.split(model)
-  pure = nnx.to_pure_dict(state)
-  shardings = sharding.tree_shardings(pure, parse_param_rules(rules), mesh)
-  placed = sharding.place(sharding.to_host(pure), shardings)
-  nnx.replace_by_pure_dict(state, placed)
-  return graphdef, state
-
-
-def replicates_everything(model, mesh, rules: Sequence[Any] = ()) -> bool:
-  """True when `rules` (plus the catch-all) shard no parameter of `model`."""
-  import jax
-  from flax import nnx
-  from efiqa_jax import sharding
-  pure = nnx.to_pure_dict(nnx.state(model))
-  return all(s.is_fully_replicated for s in jax.tree.leaves(
-      sharding.tree_shardings(pure, parse_param_rules(rules), mesh)))
+# ------------------------------------------------------------ the encoder
 
 
 def place_frozen_encoder(model, mesh, rules: Sequence[Any] = ()):
-  """`shard_model` for a frozen encoder that is only run.
+  """`sharding.shard_model` for a frozen encoder that is only run.
 
   Replicated (the rules shard nothing), a ViT runs in its inference form
   (`kernels.vit_inference.inference_model`: q/k/v fused, kernels held
   (out, in); the same outputs, faster). With rules it keeps the checkpoint's
   parameter tree, which the rules name."""
-  if getattr(model, "ARCH", None) == "vit" and replicates_everything(
+  from efiqa_jax import sharding
+  if getattr(model, "ARCH", None) == "vit" and sharding.replicates_everything(
       model, mesh, rules):
     from efiqa_jax.kernels import vit_inference  # pylint: disable=g-import-not-at-top
     model = vit_inference.inference_model(model)
-  return shard_model(model, mesh, rules)
+  return sharding.shard_model(model, mesh, rules)
 
 
 def load_frozen_encoder(path, *, dtype: str, mesh, rules: Sequence[Any] = ()):
@@ -195,17 +145,18 @@ def load_frozen_encoder(path, *, dtype: str, mesh, rules: Sequence[Any] = ()):
   (`place_frozen_encoder`)."""
   from flax import nnx
   from efiqa_jax import checkpoints
+  from efiqa_jax import sharding
   # The kind first (one line naming what `path` holds), before any build.
   meta = checkpoints.check_kind(path, "encoder")
   import jax.numpy as jnp
   abstract = checkpoints.build_abstract(
       meta["architecture"], dict(meta["kwargs"], dtype=jnp.dtype(dtype)))
-  if replicates_everything(abstract, mesh, rules):
+  if sharding.replicates_everything(abstract, mesh, rules):
     model, meta = checkpoints.load_model(path, dtype=dtype, frozen=True)
     graphdef, state = place_frozen_encoder(model, mesh, rules)
     return nnx.merge(graphdef, state), meta
   return checkpoints.load_model(path, dtype=dtype, frozen=True, mesh=mesh,
-                                rules=parse_param_rules(rules))
+                                rules=sharding.parse_param_rules(rules))
 
 
 # ------------------------------------------------------------------- outputs
@@ -400,7 +351,7 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
   out = driver.output_dir(out_dir)
 
   mesh = sh.make_mesh(mesh_axes)
-  rules = parse_param_rules(param_sharding)
+  rules = sh.parse_param_rules(param_sharding)
   model, enc_meta = load_frozen_encoder(encoder, dtype=dtype, mesh=mesh,
                                         rules=rules)
   if enc_meta["architecture"] != "vit":
@@ -433,7 +384,7 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
       "token_order": "patch tokens after the final norm, row-major (gh, gw, D)",
       "batch_size": gbatch, "mesh": dict(mesh.shape),
       "matmul_precision": prec,
-      "param_sharding": sharding_rules_text(param_sharding),
+      "param_sharding": sh.rules_text(sh.parse_param_rules(param_sharding)),
       "versions": _versions(),
   }
 
