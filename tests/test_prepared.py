@@ -43,8 +43,17 @@ def teacher(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-  from tests.test_extract import _tiny_encoder
-  return str(_tiny_encoder(tmp_path_factory.mktemp("enc") / "tiny"))
+  """A tiny random ViT (tests.test_extract's, without its torch imports)."""
+  from flax import nnx
+  from efiqa_jax import checkpoints
+  from efiqa_jax.models import vit
+  m = vit.VisionTransformer(
+      patch_size=16, hidden_size=32, depth=2, num_heads=2, mlp_hidden=64,
+      num_registers=4, layerscale=True, qkv_bias="qv", ln_eps=1e-5,
+      pos="rope", rngs=nnx.Rngs(0))
+  path = tmp_path_factory.mktemp("enc") / "tiny"
+  checkpoints.save_model(path, m, {"source": {"kind": "random", "seed": 0}})
+  return str(path)
 
 
 @pytest.fixture(scope="module")
