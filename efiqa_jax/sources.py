@@ -4,6 +4,10 @@ Two layers:
 
 * `list_inputs` / `unique_ids` turn command-line style inputs (files, folders,
   globs, CSV manifests) into an ordered list of paths and stable output ids.
+  `resolve_inputs` does the same where a folder holding `prepared.json`
+  (`efiqa prepare`, `efiqa_jax.prepared`) stands for its records: the
+  inference commands read those instead of decoding the photographs
+  (`PrepareFundus` takes a `prepared` record as is).
 * Grain random-access data sources (`PathSource`, `SyntheticSource`,
   `TFDSSource`) serve one raw record per index, and picklable per-record
   transforms (`PrepareFundus`, `PrepareSynthetic`) turn a raw record into a
@@ -124,7 +128,9 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
     if item.lower().endswith(".csv") and files.isfile(item):
       out.extend(_read_csv(item))
     elif files.isdir(item) and _prepared_folder(item) is not None:
-      raise ValueError(
+      # A NoInputsError: the folder holds no photograph (exit 4, one line,
+      # in every command).
+      raise NoInputsError(
           f"{item} is a prepared folder (efiqa prepare): this command reads "
           "photographs; assess, extract, pseudo-label --from-photos and "
           "vessels read prepared folders")

@@ -248,11 +248,12 @@ def test_mismatches_and_photograph_only_commands_refuse_with_one_line(
                    "--teacher", teacher, "--quiet"]) == 2
   _one_line(capsys.readouterr().err, "--from-photos")
   # Commands that read only photographs name the prepared folder.
-  with pytest.raises(ValueError, match="is a prepared folder"):
+  with pytest.raises(sources.NoInputsError, match="is a prepared folder"):
     sources.list_inputs([prep])
-  assert cli.main(["prepare", prep, "--out", str(tmp_path / "pp"),
-                   "--quiet"]) == 2
-  _one_line(capsys.readouterr().err, "is a prepared folder")
+  for argv in (["prepare", prep, "--out", str(tmp_path / "pp"), "--quiet"],
+               ["benchmark", prep, "--quiet"]):
+    assert cli.main(argv) == sources.EXIT_NO_INPUTS
+    _one_line(capsys.readouterr().err, "no image", "is a prepared folder")
   # Another size into the same prepared folder: refused unless --overwrite.
   assert cli.main(["prepare", *photos, "--out", prep, "--size", "96",
                    "--quiet"]) == 2

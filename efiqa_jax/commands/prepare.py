@@ -27,7 +27,7 @@ def add_arguments(p):
                  help="decode/FOV threads (per worker process; default 4)")
   p.add_argument("--workers", "--num-workers", dest="workers", type=int,
                  default=0, help="decode/FOV worker processes (grain "
-                 "multiprocessing; 0 = threads in this process)")
+                 "multiprocessing; default 0: threads in this process)")
   p.add_argument("--overwrite", action="store_true",
                  help="start over when OUT was prepared with other settings "
                  "(refused otherwise, with the difference)")
