@@ -25,6 +25,7 @@ decode and FOV step and gets the same rows (`PreparedSource` serves them to
 """
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import os
@@ -174,6 +175,8 @@ class PreparedSource(grain.sources.RandomAccessDataSource):
         paths = [files.join(self.folder, s) for s in self._shards]
         if files.is_remote(self.folder):
           cache = tempfile.mkdtemp(prefix="efiqa-prepared-")
+          # The copies go when the process ends.
+          atexit.register(shutil.rmtree, cache, True)
           local = []
           for p in paths:
             dst = os.path.join(cache, p.rsplit("/", 1)[-1])
