@@ -112,8 +112,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
     num_threads = default_num_threads()
   if isinstance(inputs, (str, os.PathLike)):
     inputs = [inputs]
-  paths = sources.list_inputs([os.fspath(p) for p in inputs])
-  ids = sources.unique_ids(paths)
+  resolved = sources.resolve_inputs([os.fspath(p) for p in inputs])
+  paths, ids = resolved.paths, resolved.ids
   out = driver.output_dir(out_dir)
   model_kwargs = {k: v for k, v in (model_kwargs or {}).items()
                   if v is not None}
@@ -123,6 +123,11 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
   if note:  # the student: what it reads
     print(f"efiqa assess: {note}", file=sys.stderr)
   model_name = quality_model.name
+  own_prepare = quality_model.assess_prepare()
+  if own_prepare is not None:
+    resolved.require_photographs(
+        f"model {model_name!r} reads whole photographs (--preprocess efiqa)")
+  resolved.check_size(quality_model.work_size, f"model {model_name!r}")
   if save_logits and not quality_model.has_logits:
     raise ValueError(f"model {model_name!r} has no logits (--save-logits is "
                      "for --model student)")
@@ -168,8 +173,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
   task = driver.Task(
       command="assess", fingerprint=fingerprint,
       # A model may read photographs its own way (the student's efiqa path).
-      prepare=(quality_model.assess_prepare()
-               or sources.PrepareFundus(quality_model.work_size)), step=step,
+      prepare=own_prepare or sources.PrepareFundus(quality_model.work_size),
+      step=step,
       write=write,
       done_files=done_files,
       clear=("maps/*", "overlays/*", "logits/*",
@@ -178,7 +183,8 @@ def assess(inputs: Sequence[str] | str, out_dir: str, *,
       finish=finish)
   # Writers get their own thread count: with decode worker processes
   # num_threads is per worker (often 1), too few to encode PNGs.
-  res = driver.run(task, paths, out, ids=ids, batch_size=batch_size,
+  res = driver.run(task, paths, out, ids=ids, source=resolved.source,
+                   batch_size=batch_size,
                    overwrite=overwrite, num_workers=num_workers,
                    read_threads=num_threads,
                    writers=max(1, num_threads, min(8, os.cpu_count() or 1)),

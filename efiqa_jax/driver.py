@@ -297,7 +297,7 @@ def _row_of(outputs: Any, j: int) -> Any:
 
 
 def run(task: Task, paths: Sequence[str], out_dir, *, ids=None,
-        batch_size: int = 8, overwrite: bool = False, num_workers: int = 0,
+        source=None, batch_size: int = 8, overwrite: bool = False, num_workers: int = 0,
         read_threads: int = 4, writers: int | None = None,
         progress: bool = True, max_steps: int | None = None) -> Result:
   """Runs `task` over `paths` into `out_dir`; see the module docstring.
@@ -306,6 +306,10 @@ def run(task: Task, paths: Sequence[str], out_dir, *, ids=None,
   `task.unit` and the process count. max_steps stops early (tests
   simulate a kill with it). Raises UsageError (bad folder, other settings,
   no shared filesystem) before any work, on every process alike.
+  source: a random-access source aligned with `paths` (record i stands for
+  input i; `sources.Inputs.source`, which also serves prepared records);
+  default: the paths themselves. Its `fingerprint` (what prepared the
+  records), when not None, joins the task's.
   """
   from efiqa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from efiqa_jax import progress as progress_lib  # pylint: disable=g-import-not-at-top
@@ -314,6 +318,13 @@ def run(task: Task, paths: Sequence[str], out_dir, *, ids=None,
   paths = [os.fspath(p) for p in paths]
   ids = list(ids) if ids is not None else sources.unique_ids(paths)
   pi = runtime.process_index()
+  if source is not None:
+    if len(source) != len(paths):
+      raise ValueError(f"source has {len(source)} records for {len(paths)} "
+                       "inputs")
+    if getattr(source, "fingerprint", None) is not None:
+      task = dataclasses.replace(task, fingerprint=dict(
+          task.fingerprint, prepared_inputs=source.fingerprint))
   out, done = _agree(task, out_dir, paths, ids, overwrite)
   todo = [i for i in range(len(paths)) if not done[i]]
   gbatch = global_batch(batch_size, task.unit)
@@ -321,7 +332,8 @@ def run(task: Task, paths: Sequence[str], out_dir, *, ids=None,
   if todo:
     journal = files.Journal(out, pi)
     batches = input_pipeline.inference_batches(
-        [paths[i] for i in todo], gbatch, prepare=task.prepare,
+        [paths[i] for i in todo] if source is None else
+        sources.subset(source, todo), gbatch, prepare=task.prepare,
         sharding=task.sharding, num_workers=num_workers,
         read_threads=read_threads)
     n_writers = writers or max(1, min(8, os.cpu_count() or 1))

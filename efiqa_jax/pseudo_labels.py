@@ -227,7 +227,13 @@ def write_pseudo_labels(inputs, teacher: str, out_dir: str, *,
 
   if isinstance(inputs, (str, os.PathLike)):
     inputs = [inputs]
-  paths = sources.list_inputs([os.fspath(p) for p in inputs])
+  resolved = sources.resolve_inputs([os.fspath(p) for p in inputs])
+  if not from_photos:
+    resolved.require_photographs("without --from-photos the inputs are "
+                                 "vessel-map images",
+                                 "add --from-photos to read its crops")
+  resolved.check_size(work_size, "--work-size")
+  paths = resolved.paths
   out = driver.output_dir(out_dir)
   model, meta = checkpoints.load_model(teacher, kind="teacher")
   load_size, size = inference.input_sizes(meta)
@@ -291,7 +297,8 @@ def write_pseudo_labels(inputs, teacher: str, out_dir: str, *,
       clear=("anomaly/*", "labels/*", "manifest.csv", "spec.json"),
       temporaries=("anomaly/*.tmp-*", "labels/*.tmp-*", "*.tmp-*"),
       finish=finish, unit=step.global_unit)
-  res = driver.run(task, paths, out, batch_size=batch_size,
+  res = driver.run(task, paths, out, source=resolved.source,
+                   batch_size=batch_size,
                    overwrite=overwrite, progress=progress,
                    num_workers=num_workers, read_threads=read_threads,
                    max_steps=max_steps)

@@ -4,6 +4,10 @@ Two layers:
 
 * `list_inputs` / `unique_ids` turn command-line style inputs (files, folders,
   globs, CSV manifests) into an ordered list of paths and stable output ids.
+  `resolve_inputs` does the same where a folder holding `prepared.json`
+  (`efiqa prepare`, `efiqa_jax.prepared`) stands for its records: the
+  inference commands read those instead of decoding the photographs
+  (`PrepareFundus` takes a `prepared` record as is).
 * Grain random-access data sources (`PathSource`, `SyntheticSource`,
   `TFDSSource`) serve one raw record per index, and picklable per-record
   transforms (`PrepareFundus`, `PrepareSynthetic`) turn a raw record into a
@@ -77,6 +81,19 @@ def _read_csv(csv_path: str) -> list[str]:
   return out
 
 
+def _prepared_folder(item: str):
+  """The PreparedSource of a prepared folder; None for anything else. An
+  unfinished or foreign one is one clear ValueError."""
+  from efiqa_jax import prepared  # pylint: disable=g-import-not-at-top
+  if prepared.is_prepared(item):
+    return prepared.PreparedSource(item)
+  if prepared.unfinished_prepare(item):
+    raise ValueError(f"{item} is an unfinished `efiqa prepare` folder (no "
+                     f"{prepared.METADATA} yet): run the same efiqa prepare "
+                     "again to finish it")
+  return None
+
+
 def list_inputs(inputs: Sequence[str] | str) -> list[str]:
   """Expands inputs into an ordered list of image paths (local or `gs://`).
 
@@ -110,6 +127,13 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
       item = os.path.expanduser(item)
     if item.lower().endswith(".csv") and files.isfile(item):
       out.extend(_read_csv(item))
+    elif files.isdir(item) and _prepared_folder(item) is not None:
+      # A NoInputsError: the folder holds no photograph (exit 4, one line,
+      # in every command).
+      raise NoInputsError(
+          f"{item} is a prepared folder (efiqa prepare): this command reads "
+          "photographs; assess, extract, pseudo-label --from-photos and "
+          "vessels read prepared folders")
     elif files.isdir(item):
       found = files.list_images(item)
       if not found:
@@ -126,6 +150,121 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
     else:
       out.append(item)  # Missing: kept for a `not_found` row downstream.
   return out
+
+
+class Inputs:
+  """Inputs of a command that also reads prepared folders.
+
+  paths: one per record, in input order (a prepared record is known by its
+  source photograph's path, so ids and output rows are those the
+  photographs give); source: a random-access source aligned with paths
+  (record i = {'path'} for a photograph, the `PreparedSource` record for a
+  prepared one); prepared: the prepared folders among the inputs.
+  """
+
+  def __init__(self, paths: list[str], source: "InputSource",
+               prepared: list):
+    self.paths, self.source, self.prepared = paths, source, prepared
+
+  @property
+  def ids(self) -> list[str]:
+    return unique_ids(self.paths)
+
+  def require_photographs(self, why: str,
+                          hint: str = "give the photographs instead") -> None:
+    """One clear ValueError when a prepared folder is among the inputs of a
+    run that needs the photographs themselves."""
+    if self.prepared:
+      raise ValueError(f"{self.prepared[0].folder} is a prepared folder (FOV "
+                       f"crops): {why}; {hint}")
+
+  def check_size(self, size: int, option: str) -> None:
+    """Prepared crops must have the side the run works at (a resize would
+    give other results than the photographs)."""
+    for p in self.prepared:
+      if p.size != int(size):
+        raise ValueError(
+            f"{p.folder} was prepared at {p.size} px, this run works at "
+            f"{int(size)} px ({option}): prepare the photographs again with "
+            f"--size {int(size)}")
+
+
+class InputSource(grain.sources.RandomAccessDataSource):
+  """Photographs and prepared records in one input order (`Inputs.source`).
+  `fingerprint`: what prepared the records (None without any), so that
+  results of other preparations are never silently reused."""
+
+  def __init__(self, paths: list[str], refs: list, prepared: list):
+    self._paths, self._refs, self._prepared = paths, refs, prepared
+
+  @property
+  def fingerprint(self):
+    if not self._prepared:
+      return None
+    fps = []
+    for p in self._prepared:
+      if p.fingerprint not in fps:
+        fps.append(p.fingerprint)
+    return fps
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    ref = self._refs[int(index)]
+    if ref is None:
+      return {"path": self._paths[int(index)]}
+    k, j = ref
+    return self._prepared[k][j]
+
+  def __repr__(self) -> str:
+    return (f"InputSource(n={len(self)}, prepared folders="
+            f"{len(self._prepared)})")
+
+
+class _Subset(grain.sources.RandomAccessDataSource):
+  """Records `indices` of `source`, in that order."""
+
+  def __init__(self, source, indices: Sequence[int]):
+    self._source, self._indices = source, list(indices)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._source[self._indices[int(index)]]
+
+
+def subset(source, indices: Sequence[int]):
+  return _Subset(source, indices)
+
+
+def resolve_inputs(inputs: Sequence[str] | str) -> Inputs:
+  """`list_inputs`, where a folder holding `prepared.json` (`efiqa
+  prepare`) stands for its records, in its input order; see `Inputs`."""
+  if isinstance(inputs, (str, os.PathLike)):
+    inputs = [inputs]
+  if not inputs:
+    raise NoInputsError("no input was given")
+  paths: list[str] = []
+  refs: list = []
+  folders: list = []
+  for raw in inputs:
+    item = os.fspath(raw)
+    if not files.is_remote(item):
+      item = os.path.expanduser(item)
+    ps = _prepared_folder(item) if files.isdir(item) else None
+    if ps is None:
+      found = list_inputs([item])
+      paths.extend(found)
+      refs.extend([None] * len(found))
+      continue
+    if len(ps) == 0:  # pylint: disable=g-explicit-length-test
+      raise NoInputsError(f"prepared folder {item!r} holds no record")
+    paths.extend(ps.paths)
+    refs.extend((len(folders), j) for j in range(len(ps)))
+    folders.append(ps)
+  return Inputs(paths, InputSource(paths, refs, folders), folders)
 
 
 def unique_ids(paths: Sequence[str]) -> list[str]:
@@ -317,6 +456,8 @@ class PrepareFundus(grain.transforms.Map):
     if fn is None:
       from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
       fn = fundus.prepare_fundus
+    if "prepared" in element:  # efiqa prepare did this step already
+      return self._from_prepared(element)
     src = element[self.source_key]
     path = element.get("path", src if isinstance(src, str) else "")
     p = fn(src, self.size, **self.load_opts)
@@ -334,6 +475,26 @@ class PrepareFundus(grain.transforms.Map):
       row["image"] = np.asarray(p.image, np.uint8)
       row["fov_mask"] = (np.asarray(p.fov_mask, bool) if p.fov_mask is not None
                          else np.ones((self.size, self.size), bool))
+      row["ok"] = np.bool_(True)
+    return row
+
+
+  def _from_prepared(self, element: dict[str, Any]) -> dict[str, Any]:
+    """A `prepared.PreparedSource` record -> the row `map` gives for its
+    photograph (the record holds what `prepare_fundus` returned)."""
+    rec = element["prepared"]
+    row = self.blank(rec["status"], rec.get("message") or "",
+                     element.get("path", rec.get("path", "")))
+    if "crop" in rec:
+      row["crop"] = np.asarray(rec["crop"], np.int32)
+      row["fov"] = np.asarray(rec["fov"], np.float32)
+    if rec["status"] == "ok":
+      image = np.asarray(rec["image"], np.uint8)
+      if image.shape != (self.size, self.size, 3):
+        raise ValueError(f"record prepared at {image.shape[0]} px, this run "
+                         f"works at {self.size} px")
+      row["image"] = image
+      row["fov_mask"] = np.asarray(rec["fov_mask"], bool)
       row["ok"] = np.bool_(True)
     return row
 

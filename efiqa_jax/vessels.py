@@ -446,6 +446,8 @@ def segment_paths(paths: Sequence[str], out_dir: str | os.PathLike,
   inference driver (`efiqa_jax.driver`: multi-process exactly once,
   resumable, tmp-then-rename, one manifest).
 
+  `paths`: a list of photographs, or `sources.Inputs` (which may hold
+  prepared folders made at `size`: their crops are used as they are).
   Each input is FOV-cropped at `size` (`prepare(path, size) -> Prepared`,
   default `fundus.prepare_fundus`); its PNG is the uint8 (0..255) vessel
   probability at that crop resolution. manifest.csv has one row per input
@@ -501,6 +503,12 @@ def segment_paths(paths: Sequence[str], out_dir: str | os.PathLike,
                      key=lambda r: r["image"])
     driver.write_csv(out / "manifest.csv", MANIFEST_FIELDS, rows + earlier)
 
+  source = None
+  if isinstance(paths, sources.Inputs):
+    paths.check_size(size, "--size")
+    if prepare is not None:
+      paths.require_photographs("a custom `prepare` reads the photographs")
+    paths, source = paths.paths, paths.source
   out_dir = driver.output_dir(out_dir)
   prep = (sources.PrepareFundus(size) if prepare is None else
           sources.PrepareFundus(size, load_fn=prepare))
@@ -513,7 +521,7 @@ def segment_paths(paths: Sequence[str], out_dir: str | os.PathLike,
       done_files=lambda r: [r.get("file") or "-"],
       clear=("*.png", "manifest.csv"), finish=finish,
       unit=step.global_unit)
-  return driver.run(task, [str(p) for p in paths], out_dir,
+  return driver.run(task, [str(p) for p in paths], out_dir, source=source,
                     batch_size=batch_size, overwrite=overwrite,
                     progress=progress, num_workers=num_workers,
                     read_threads=read_threads, max_steps=max_steps)

@@ -83,6 +83,7 @@ def _input_commands(tmp_path):
       "assess": ["assess", "{}", "--out", out, "--quiet"],
       "benchmark": ["benchmark", "{}", "--quiet"],
       "vessels": ["vessels", "{}", "--out", out],
+      "prepare": ["prepare", "{}", "--out", out, "--quiet"],
       "pseudo-label": ["pseudo-label", "{}", "--teacher", "default",
                        "--out", out, "--quiet"],
       "extract": ["extract", "{}", "--encoder", str(tmp_path / "enc"),

@@ -309,3 +309,27 @@ def test_extract_and_pseudo_label_on_gcs(gcs, bucket_photos, tmp_path,
         grid=4)))
   assert files.read_json(f"{out}/spec.json")["teacher"] == teacher
   _no_local_gs(tmp_path, multihost.REPO)
+
+
+def test_prepare_into_a_bucket_and_read_it(gcs, bucket_photos, tmp_path,
+                                           monkeypatch):
+  """`efiqa prepare gs://b/photos --out gs://b/prepared`: shards, manifest
+  and prepared.json in the bucket; `efiqa vessels gs://b/prepared` gives
+  the manifest and maps of `efiqa vessels gs://b/photos`."""
+  from efiqa_jax import cli, prepared
+  monkeypatch.chdir(tmp_path)
+  prep = f"{gcs}/prepared"
+  assert cli.main(["prepare", bucket_photos, "--out", prep, "--size", "96",
+                   "--records-per-shard", "2", "--quiet"]) == 0
+  meta = files.read_json(f"{prep}/{prepared.METADATA}")
+  assert meta["counts"]["ok"] == 3 and len(meta["shards"]) == 2
+  assert files.glob(f"{prep}/*.tmp*") == []
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  for inp, out in ((bucket_photos, a), (prep, b)):
+    assert cli.main(["vessels", inp, "--out", out, "--size", "96",
+                     "--quiet"]) == 0
+  assert files.read_text(f"{a}/manifest.csv") == files.read_text(
+      f"{b}/manifest.csv")
+  for n in ("p0.png", "p1.png", "p2.png"):
+    assert files.read_bytes(f"{a}/{n}") == files.read_bytes(f"{b}/{n}")
+  _no_local_gs(tmp_path, multihost.REPO)

@@ -6,8 +6,9 @@ HELP = ("Assess fundus photographs: a quality map, a score and a grade per "
 
 def add_arguments(p):
   p.add_argument("inputs", nargs="+",
-                 help="image files, folders (recursive), globs, or a CSV with "
-                 "a 'path' column")
+                 help="image files, folders (recursive), globs, a CSV with "
+                 "a 'path' column, or prepared folders (efiqa prepare, at the "
+                 "model's work size)")
   p.add_argument("--out", required=True, help="output folder (re-running "
                  "into it skips finished images)")
   p.add_argument("--model", default="default",

@@ -8,7 +8,9 @@ HELP = ("Teacher anomaly maps (|f(x)|) and patch pseudo-labels for vessel maps "
 
 def add_arguments(p):
   p.add_argument("inputs", nargs="+", help="vessel maps (or photographs with "
-                 "--from-photos): files, folders, globs or a CSV")
+                 "--from-photos): files, folders, globs or a CSV; with "
+                 "--from-photos also prepared folders (efiqa prepare "
+                 "--size WORK_SIZE)")
   p.add_argument("--teacher", required=True,
                  help="teacher model directory, or 'default' (the bundled "
                  "teacher, as in assess --model default)")

@@ -11,8 +11,9 @@ HELP = ("Segment retinal vessels without weights (multi-scale Hessian); "
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("inputs", nargs="+",
-                      help="image files, folders, globs or a CSV with a "
-                      "`path` column")
+                      help="image files, folders, globs, a CSV with a "
+                      "`path` column, or prepared folders (efiqa prepare "
+                      "--size SIZE)")
   parser.add_argument("--out", required=True, help="output folder (re-running "
                       "into it skips finished images)")
   parser.add_argument("--size", type=int, default=512,
@@ -25,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
   import sys  # pylint: disable=g-import-not-at-top
   from efiqa_jax import runtime, sources, vessels  # pylint: disable=g-import-not-at-top
   try:
-    paths = sources.list_inputs(args.inputs)
-    res = vessels.segment_paths(paths, args.out, size=args.size,
+    inputs = sources.resolve_inputs(args.inputs)
+    res = vessels.segment_paths(inputs, args.out, size=args.size,
                                 batch_size=args.batch_size,
                                 overwrite=args.overwrite,
                                 read_threads=args.threads,

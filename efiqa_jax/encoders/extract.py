@@ -344,10 +344,11 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
     raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
   out_dir = os.fspath(files.abs_path(out_dir))
   encoder = os.fspath(files.abs_path(encoder))
-  paths = sources.list_inputs(inputs)
-  if not paths:
-    raise ValueError("no inputs")
-  ids = sources.unique_ids(paths)
+  resolved = sources.resolve_inputs(inputs)  # prepared folders too
+  if preprocess == "efiqa":
+    resolved.require_photographs("--preprocess efiqa reads whole photographs")
+  resolved.check_size(work_size, "--work-size")
+  paths, ids = resolved.paths, resolved.ids
   out = driver.output_dir(out_dir)
 
   mesh = sh.make_mesh(mesh_axes)
@@ -449,7 +450,8 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
       temporaries=("*.tmp-*", "*.array_record.tmp"),
       finish=finish, drain=None if shards is None else shards.drain,
       unit=sh.batch_shards(dsh), sharding=dsh)
-  res = driver.run(task, paths, out, ids=ids, batch_size=gbatch,
+  res = driver.run(task, paths, out, ids=ids, source=resolved.source,
+                   batch_size=gbatch,
                    overwrite=overwrite, num_workers=num_workers,
                    read_threads=read_threads, progress=progress,
                    max_steps=max_steps)

@@ -1,0 +1,242 @@
+"""`efiqa assess` from camera-size photographs vs from their prepared records.
+
+Both sides assess the same photographs with the same model, batch and
+threads; one side reads the JPEG/PNG files (decode + FOV crop per
+photograph), the other the folder `efiqa prepare` wrote from them (the crop
+read back from an ArrayRecord shard). Prints JSON lines on stdout:
+
+  {"name": "prepare", ...}   `efiqa prepare` itself (photographs/s per core;
+                             a one-off cost per dataset)
+  {"name": "input_pipeline", "photos": rows/s/core, "prepared": ...,
+   "ratio": prepared / photos}  the host input pipeline alone
+                             (`input_pipeline.inference_batches` as assess
+                             builds it: what the host feeds a device)
+  {"name": "assess_replayed_model", ...}   assess end to end with the
+                             bundled teacher's maps replayed: the warm-up
+                             run records each crop's map (keyed by the
+                             crop's bytes) and the timed runs look it up, as
+                             if an accelerator computed it for free. What is
+                             timed is the host's whole share of assess --
+                             decode or record read, overlays, report cards,
+                             maps, journal, scores.csv -- with the outputs
+                             the model gives
+  {"name": "assess_replayed_model_no_overlays", ...}  the same, --no-overlays
+  {"name": "assess_default_model", ...}  (--cpu-model) the bundled teacher
+                             computed on this CPU (label-free vessels and
+                             U-Net share the cores with decoding)
+
+"per core" divides by the cores this process may use
+(`os.sched_getaffinity`). Each round runs both sides back to back, the
+order alternating between rounds; the lines report the median round, every
+round goes to stderr. Compilation is excluded (one untimed warm-up run per
+side). Outputs of the two sides are checked equal (maps within 1e-6).
+
+  PYTHONPATH=$PWD python bench/prepare.py                 # real photographs
+  PYTHONPATH=$PWD python bench/prepare.py --synthetic 24  # 2000-px JPEGs
+  PYTHONPATH=$PWD python bench/prepare.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.assess import _find_fundus_dir, real_paths, write_synthetic  # noqa: E402
+
+
+def cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def _pipeline_rate(source, n, batch, threads, size) -> float:
+  from efiqa_jax import input_pipeline, sources
+  t0 = time.perf_counter()
+  rows = 0
+  for b in input_pipeline.inference_batches(
+      source, batch, prepare=sources.PrepareFundus(size),
+      read_threads=threads):
+    rows += int(np.asarray(b["valid"]).sum())
+  assert rows == n, (rows, n)
+  return n / (time.perf_counter() - t0)
+
+
+def _assess_rate(inputs, out, model, batch, threads, n, overlays) -> float:
+  from efiqa_jax import assess
+  t0 = time.perf_counter()
+  res = assess.assess(inputs, out, quality_model=model, batch_size=batch,
+                      num_threads=threads, progress=False, overwrite=True,
+                      overlays=overlays)
+  dt = time.perf_counter() - t0
+  assert res.total == n, res
+  return n / dt
+
+
+def _same(a, b) -> float:
+  """Max |map difference| of two assess folders (their tables equal)."""
+  with open(os.path.join(a, "scores.csv")) as f:
+    ta = f.read()
+  with open(os.path.join(b, "scores.csv")) as f:
+    tb = f.read()
+  assert ta == tb, "scores.csv differ"
+  worst = 0.0
+  for f in glob.glob(os.path.join(a, "maps", "*.npy")):
+    g = os.path.join(b, "maps", os.path.basename(f))
+    worst = max(worst, float(np.abs(np.load(f) - np.load(g)).max()))
+  return worst
+
+
+def _rounds(name, fn_photos, fn_prepared, rounds, extra) -> dict:
+  per = []
+  for r in range(rounds):
+    order = (("photos", fn_photos), ("prepared", fn_prepared))
+    if r % 2:
+      order = order[::-1]
+    got = {k: fn() for k, fn in order}
+    per.append(got)
+    print(json.dumps({"name": name, "round": r, "load": os.getloadavg(),
+                      **got}), file=sys.stderr, flush=True)
+  c = cores()
+  ph = statistics.median(p["photos"] for p in per) / c
+  pr = statistics.median(p["prepared"] for p in per) / c
+  line = {"name": name, "photos": round(ph, 3), "prepared": round(pr, 3),
+          "unit": "photographs/s per core", "ratio": round(pr / ph, 3),
+          "cores": c, "rounds": rounds, **extra}
+  print(json.dumps(line), flush=True)
+  return line
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--fundus", default=None,
+                  help="folder of real photographs (default "
+                  "../shared/data/fundus)")
+  ap.add_argument("--n", type=int, default=24,
+                  help="real photographs, cycled (default 24)")
+  ap.add_argument("--synthetic", type=int, default=0,
+                  help="use this many synthetic 2000-px JPEGs instead")
+  ap.add_argument("--size", type=int, default=512, help="crop side")
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--threads", type=int, default=None,
+                  help="decode threads (default min(4, cores))")
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--cpu-model", action="store_true",
+                  help="also time assess with the bundled teacher computed "
+                  "on this CPU")
+  ap.add_argument("--quick", action="store_true")
+  args = ap.parse_args(argv)
+  if args.quick:
+    args.n, args.rounds, args.synthetic = 6, 1, min(args.synthetic, 6)
+  threads = args.threads or min(4, cores())
+
+  from efiqa_jax import prepared, quality_model, sources
+
+  tmp = tempfile.mkdtemp(prefix="bench-prepare-")
+  if args.synthetic:
+    d = os.path.join(tmp, "photos")
+    os.makedirs(d)
+    paths = write_synthetic(d, args.synthetic, 2000)
+    kind = f"synthetic {args.synthetic} JPEGs, 2000 px FOV on 2667x2000"
+  else:
+    folder = _find_fundus_dir(args.fundus)
+    if folder is None:
+      sys.exit("no ../shared/data/fundus: give --fundus or --synthetic N")
+    paths = real_paths(folder, args.n)
+    kind = f"real {args.n} (../shared/data/fundus, cycled)"
+  # Distinct file names: assess ids are file stems.
+  csv_in = os.path.join(tmp, "inputs.csv")
+  with open(csv_in, "w") as f:
+    f.write("path\n" + "\n".join(paths) + "\n")
+  n = len(paths)
+  mb = sum(os.path.getsize(p) for p in set(paths)) / len(set(paths)) / 1e6
+
+  prep_dir = os.path.join(tmp, "prepared")
+  t0 = time.perf_counter()
+  res = prepared.prepare([csv_in], prep_dir, size=args.size,
+                         batch_size=args.batch, read_threads=threads)
+  dt = time.perf_counter() - t0
+  rec_mb = sum(os.path.getsize(f) for f in glob.glob(os.path.join(
+      prep_dir, prepared.SHARD_GLOB))) / n / 1e6
+  print(json.dumps({"name": "prepare", "set": kind, "n": n, "ok": res.ok,
+                    "rate": round(n / dt / cores(), 3),
+                    "unit": "photographs/s per core (with compilation)",
+                    "mb_per_photo": round(mb, 3),
+                    "mb_per_record": round(rec_mb, 3)}), flush=True)
+
+  resolved = sources.resolve_inputs([prep_dir])
+  photo_list = sources.list_inputs([csv_in])
+  _pipeline_rate(photo_list[:2], 2, 2, threads, args.size)  # imports
+  _rounds("input_pipeline",
+          lambda: _pipeline_rate(photo_list, n, args.batch, threads,
+                                 args.size),
+          lambda: _pipeline_rate(resolved.source, n, args.batch, threads,
+                                 args.size),
+          args.rounds, {"set": kind, "batch": args.batch,
+                        "threads": threads})
+
+  base = quality_model.load_quality_model("default")
+  replay = Replay(base)
+  models = [("assess_replayed_model", replay, True),
+            ("assess_replayed_model_no_overlays", replay, False)]
+  if args.cpu_model:
+    models.append(("assess_default_model", base, True))
+  for name, qm, ov in models:
+    a, b = os.path.join(tmp, name, "photos"), os.path.join(tmp, name, "prep")
+    replay.recording = True  # warm-up: compiles, and records the maps
+    _assess_rate([csv_in], a, qm, args.batch, threads, n, ov)
+    _assess_rate([prep_dir], b, qm, args.batch, threads, n, ov)
+    replay.recording = False
+    diff = _same(a, b)
+    _rounds(name,
+            lambda: _assess_rate([csv_in], a, qm, args.batch, threads, n, ov),
+            lambda: _assess_rate([prep_dir], b, qm, args.batch, threads, n,
+                                 ov),
+            args.rounds, {"set": kind, "batch": args.batch,
+                          "threads": threads, "max_map_diff": diff,
+                          "replayed": qm is replay})
+
+
+class Replay:
+  """A quality model whose maps are those `model` gave the same crops
+  earlier (`recording`: compute and keep them): the model at no cost, so
+  that what is timed is the host's share of assess."""
+
+  def __init__(self, model):
+    self._model, self._maps, self.recording = model, {}, False
+
+  def __getattr__(self, name):
+    if name in ("predict_all", "predict_logits", "assess_prepare"):
+      raise AttributeError(name)  # the teacher's path through assess
+    return getattr(self._model, name)
+
+  @staticmethod
+  def _key(image, fov):
+    import hashlib  # pylint: disable=g-import-not-at-top
+    return hashlib.blake2b(np.ascontiguousarray(image).tobytes()
+                           + np.packbits(fov).tobytes(),
+                           digest_size=16).digest()
+
+  def predict(self, images, fov):
+    keys = [self._key(i, f) for i, f in zip(images, fov)]
+    if self.recording:
+      maps = np.asarray(self._model.predict(images, fov), np.float32)
+      self._maps.update(zip(keys, maps))
+      return maps
+    return np.stack([self._maps[k] for k in keys])
+
+
+if __name__ == "__main__":
+  main()
