@@ -189,9 +189,8 @@ def run_benchmark(inputs, *, model: str = "default", kinds=None,
       clean_fraction_max=float(max(x["frac"] for x in clean)),
       clean_fraction_mean=float(np.mean([x["frac"] for x in clean])))
   if out_json:
-    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-    with open(out_json, "w") as f:
-      json.dump(dataclasses.asdict(res), f, indent=2)
+    from efiqa_jax import files  # pylint: disable=g-import-not-at-top
+    files.atomic_write_json(out_json, dataclasses.asdict(res), indent=2)
   return res
 
 

@@ -16,9 +16,7 @@
 """
 from __future__ import annotations
 
-import csv
 import os
-import shutil
 from typing import Sequence
 
 import numpy as np
@@ -36,7 +34,7 @@ def build_default_model(inputs: Sequence[str], out: str, *,
                         progress: bool = True) -> dict:
   """Split, train (or resume in `workdir`), calibrate and write the default
   model to `out`; returns its sidecar."""
-  from efiqa_jax import checkpoints, config_util  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import checkpoints, config_util, files, runtime  # pylint: disable=g-import-not-at-top
   from efiqa_jax.teacher import calibration, train  # pylint: disable=g-import-not-at-top
   from efiqa_jax.teacher import data as data_lib  # pylint: disable=g-import-not-at-top
 
@@ -47,13 +45,12 @@ def build_default_model(inputs: Sequence[str], out: str, *,
   if not train_paths or not any(s == "calibration" for s in splits.values()):
     raise ValueError(f"{len(photos)} photographs under {inputs}: too few to "
                      "split into training and calibration photographs")
-  os.makedirs(workdir, exist_ok=True)
-  listing = os.path.join(os.path.abspath(workdir), "train_photos.csv")
-  with open(listing + ".tmp", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["path"])
-    w.writerows([os.path.abspath(p)] for p in train_paths)
-  os.replace(listing + ".tmp", listing)
+  workdir = files.output_dir(workdir)  # local or gs://
+  listing = files.join(workdir, "train_photos.csv")
+  if runtime.is_primary():
+    files.atomic_write_csv(listing, ["path"], [
+        {"path": os.fspath(files.abs_path(p))} for p in train_paths])
+  runtime.barrier("build-default-model-listing")
 
   config = config_util.load_config(config_spec, list(overrides))
   steps_schedule(config, len(train_paths))
@@ -90,11 +87,11 @@ def build_default_model(inputs: Sequence[str], out: str, *,
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
       cfg.seed = seed
-    wd = workdir if len(seeds) == 1 else os.path.join(workdir, f"seed_{seed}")
+    wd = workdir if len(seeds) == 1 else files.join(workdir, f"seed_{seed}")
     res = train.train_and_evaluate(cfg, wd)
-    export = res.export_dir or os.path.join(wd, "export")
+    export = res.export_dir or files.join(wd, "export")
     model, meta = checkpoints.load_model(export)
-    dest = out if len(seeds) == 1 else os.path.join(wd, "calibrated")
+    dest = out if len(seeds) == 1 else files.join(wd, "calibrated")
     results[seed] = (dest, calibration.calibrate_and_write(
         model, meta, dest, work_size=int(config.data.work_size),
         name="default", photos=inputs, split="calibration",
@@ -109,11 +106,16 @@ def build_default_model(inputs: Sequence[str], out: str, *,
       rule="best map AUROC on the calibration split",
       calibration_map_auroc={str(s): round(a, 4) for s, a in aurocs.items()},
       chosen=best))
-  if os.path.isdir(out):
-    shutil.rmtree(out)
+  out_p = files.abs_path(out)
+  if runtime.is_primary() and out_p.exists():
+    out_p.rmtree()
+  runtime.barrier("build-default-model-cleared")
   model, _ = checkpoints.load_model(src)
-  checkpoints.save_model(out, model, meta)
-  shutil.copy(os.path.join(src, "calibration.json"), out)
+  checkpoints.save_model(out_p, model, meta)
+  if runtime.is_primary():
+    files.atomic_write_bytes(out_p / "calibration.json", files.read_bytes(
+        files.join(src, "calibration.json")))
+  runtime.barrier("build-default-model-written")
   return meta
 
 

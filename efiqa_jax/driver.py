@@ -428,16 +428,15 @@ class LocalDataParallel:
 
   def __init__(self, fn: Callable, keys: Sequence[str], params: Any = None):
     import jax  # pylint: disable=g-import-not-at-top
-    devices = jax.local_devices()
-    self.unit = len(devices)
-    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-    self.sharding = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec("data"))
+    from efiqa_jax import sharding as sh  # pylint: disable=g-import-not-at-top
+    mesh = sh.local_mesh()
+    self.sharding = sh.data_sharding(mesh)
+    self.unit = sh.batch_shards(self.sharding)
     self.keys = tuple(keys)
     self._fn = jax.jit(fn)
     # Parameters (if any) are replicated on the local devices, passed first.
     self._params = None if params is None else jax.device_put(
-        params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        params, sh.replicated(mesh))
 
   @property
   def global_unit(self) -> int:

@@ -104,9 +104,12 @@ class TeacherQualityModel:
 
   def __init__(self, teacher, meta: dict, *, name: str | None = None,
                work_size: int = 512, batch_size: int = 8,
-               threshold: float | None = None, grading=None):
+               threshold: float | None = None, grading=None, mesh=None):
+    """mesh: a mesh of this process's devices (default
+    `sharding.local_mesh()`); the batch splits over its `data` axis."""
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
+    from efiqa_jax import sharding as sh  # pylint: disable=g-import-not-at-top
 
     self.meta = dict(meta)
     self.name = name or self.meta.get("name", "teacher")
@@ -117,14 +120,11 @@ class TeacherQualityModel:
     self.threshold = self.rule.threshold
     self.grading = grading or quality_lib.Grading(
         **self.meta.get("grading", {}))
-    self.batch_size = batch_size
-    devices = jax.local_devices()
-    # Batch must split evenly over local devices.
-    n_dev = len(devices)
+    self._mesh = sh.local_mesh(mesh)
+    self._data = sh.data_sharding(self._mesh)
+    # Batch must split evenly over the local devices.
+    n_dev = sh.batch_shards(self._data)
     self.batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
-    self._mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-    self._data = jax.sharding.NamedSharding(
-        self._mesh, jax.sharding.PartitionSpec("data"))
     self._graphdef, self._state = nnx.split(teacher)
     self._fn = jax.jit(functools.partial(
         _teacher_maps, teacher_size=self.teacher_size,
@@ -233,9 +233,10 @@ class StudentQualityModel:
                size: int | None = None, work_size: int | None = None,
                batch_size: int = 8, grading=None, meta: dict | None = None,
                pooling=None, eyeq_head=None, map_filter: str = "efiqa",
-               preprocess: str | None = None):
+               preprocess: str | None = None, mesh=None):
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
+    from efiqa_jax import sharding as sh  # pylint: disable=g-import-not-at-top
     from efiqa_jax.encoders import preprocess as pp  # pylint: disable=g-import-not-at-top
 
     if map_filter not in quality_lib.MAP_FILTERS:
@@ -265,13 +266,11 @@ class StudentQualityModel:
                        f"gives {encoder.cfg['hidden_size']}")
     self.grid = adapter.output_grid(self.size // p, self.size // p)
     self.grading = grading or quality_lib.Grading()
-    devices = jax.local_devices()
-    n_dev = len(devices)
+    self._mesh = sh.local_mesh(mesh)
+    self._data = sh.data_sharding(self._mesh)
+    rep = sh.replicated(self._mesh)
+    n_dev = sh.batch_shards(self._data)
     self.batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
-    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-    self._data = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec("data"))
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self._enc = nnx.split(encoder)
     self._ada = nnx.split(adapter)
     self._enc = (self._enc[0], jax.device_put(self._enc[1], rep))

@@ -142,6 +142,19 @@ def mesh_from_config(spec: Any = None, *,
   return make_mesh(axes, devices=devices)
 
 
+def local_mesh(mesh: Mesh | None = None) -> Mesh:
+  """The 1-D `data` mesh over THIS process's devices: inference that runs
+  without cross-process collectives (`assess`'s quality models, the
+  driver's `LocalDataParallel`), so uneven or resumed per-process slices
+  never hang a multi-host run. A given `mesh` is checked to be local."""
+  if mesh is None:
+    return make_mesh([(DATA_AXIS, -1)], devices=jax.local_devices())
+  if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+    raise ValueError(f"mesh {mesh_text(mesh)} spans other processes' "
+                     "devices; per-process inference needs a local mesh")
+  return mesh
+
+
 def mesh_text(mesh: Mesh) -> str:
   return ",".join(f"{a}:{n}" for a, n in mesh.shape.items())
 

@@ -159,3 +159,38 @@ def test_calibrate_teacher_rejects_an_encoder(tmp_path, capsys):
                    str(tmp_path / "o"), "--quiet"]) == 2
   err = capsys.readouterr().err
   assert "not a teacher" in err or "expected a teacher" in err, err
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_calibrate_once_as_one_process(tmp_path):
+  """`efiqa calibrate-teacher` on 2 processes started by the global flags:
+  each runs the teacher on its half of the photographs, one gather, one
+  calibration written by process 0 -- the same calibration.json and sidecar
+  as one process; the unusable photograph is recorded once; one report."""
+  from tests import multihost
+  t = tiny_teacher(tmp_path / "t")
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  for s in range(3):
+    Image.fromarray(fundus_like(seed=s)).save(photos / f"p{s}.png")
+  (photos / "broken.png").write_bytes(b"not an image")
+
+  def args(out):
+    return ["calibrate-teacher", t, "--out", str(tmp_path / out), "--photos",
+            str(photos), "--split", "all", "--label-grid", "8", "--quiet"]
+
+  two, _ = multihost.run_efiqa(lambda i: args("two"), 2, devices=1,
+                               what="2-process calibrate-teacher")
+  one, _ = multihost.run_efiqa(lambda i: args("one"), 1, devices=1,
+                               what="1-process calibrate-teacher")
+  assert sum("wrote " in log for _, log in two) == 1, two[1][1][-2000:]
+  assert "wrote " in two[0][1]
+  got = json.load(open(tmp_path / "two" / "calibration.json"))
+  want = json.load(open(tmp_path / "one" / "calibration.json"))
+  assert got == want
+  assert got["n_images"] == 3 * (1 + 6 * 3 + 2)
+  assert [s["path"] for s in got["data"]["skipped"]] == [
+      str(photos / "broken.png")]
+  a, b = (checkpoints.read_meta(str(tmp_path / d)) for d in ("two", "one"))
+  assert a == b and a["calibration"] == got

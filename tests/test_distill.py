@@ -3,6 +3,7 @@ synthetic photographs (tiny teacher and encoder), then the student assesses."""
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -169,3 +170,63 @@ def test_distill_efiqa_labels_on_the_photograph(tmp_path, monkeypatch,
   c.labels_dir, c.preprocess = str(wd / "pseudo_efiqa"), "fov"
   with pytest.raises(ValueError, match="made with efiqa"):
     train.train_and_evaluate(c, str(tmp_path / "wd3"))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_distill_exactly_once(tmp_path):
+  """`efiqa distill --preprocess efiqa` on 2 processes started by the
+  global flags: pseudo-labels, photograph-frame labels, features and the
+  adapter each once (every input one row, the photograph-frame labels as
+  one process makes them, one metrics row per logged step, one report)."""
+  from efiqa_jax.encoders import extract as features
+  from efiqa_jax import metric_writers
+  from efiqa_jax import pseudo_labels
+  from efiqa_jax.student import distill
+  from tests import multihost
+  checkpoints.save_model(tmp_path / "teacher", unet.UNet(
+      base_channels=4, rngs=nnx.Rngs(0)), {"image_size": 64})
+  checkpoints.save_model(tmp_path / "enc", vit.VisionTransformer(
+      patch_size=16, hidden_size=16, depth=1, num_heads=2, mlp_hidden=32,
+      num_registers=4, layerscale=True, qkv_bias="qv", pos="rope",
+      rngs=nnx.Rngs(0)))
+  imgs = tmp_path / "imgs"
+  imgs.mkdir()
+  for s in range(4):
+    im = np.pad(synth.generate(s, 96).image, ((0, 0), (24, 24), (0, 0)))
+    Image.fromarray(im).save(imgs / f"s{s}.png")
+  (imgs / "broken.png").write_bytes(b"not an image")
+  wd = tmp_path / "wd"
+  args = ["distill", str(imgs), "--teacher", str(tmp_path / "teacher"),
+          "--encoder", str(tmp_path / "enc"), "--workdir", str(wd),
+          "--preprocess", "efiqa",
+          "--config", os.path.join(REPO, "configs/adapter.py:tiny"),
+          "--set", "config.size=64", "--set", "config.work_size=96",
+          "--set", "config.batch_size=32", "--batch-size", "2", "--quiet"]
+  res, _ = multihost.run_efiqa(lambda i: args, 2, devices=1,
+                               what="2-process distill")
+  report = re.compile(r"^step \d+/\d+ loss .*; adapter: ", re.M)
+  assert [bool(report.search(log)) for _, log in res] == [True, False], (
+      res[0][1][-2000:] + res[1][1][-2000:])
+  ids = ["broken"] + [f"s{s}" for s in range(4)]
+  rows = list(csv.DictReader(open(wd / "pseudo" / "manifest.csv")))
+  assert sorted(r["id"] for r in rows) == ids
+  assert [r["id"] for r in rows if r["status"] != "ok"] == ["broken"]
+  assert sorted(r["id"] for r in features.read_manifest(wd / "features")
+                ) == ids
+  got = sorted(os.listdir(wd / "pseudo_efiqa" / "labels"))
+  assert got == [f"s{s}.png" for s in range(4)]
+  sp = json.load(open(wd / "pseudo" / "spec.json"))
+  spec = pseudo_labels.LabelSpec(threshold=sp["threshold"], grid=sp["grid"],
+                                 relax=sp["relax"])
+  distill.photograph_labels(str(wd / "pseudo"), str(tmp_path / "ref"), spec,
+                            work_size=96)
+  for name in got:
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(wd / "pseudo_efiqa" / "labels" / name)),
+        np.asarray(Image.open(tmp_path / "ref" / "labels" / name)))
+  rep = json.load(open(wd / "train" / "data.json"))
+  assert rep["matched"] == 4 and rep["total_steps"] == 4
+  steps = [r["step"] for r in metric_writers.read_metrics(wd / "train")]
+  assert steps and len(steps) == len(set(steps)), steps
+  assert (wd / "train" / "adapter" / checkpoints.SIDECAR).exists()

@@ -333,3 +333,56 @@ def test_prepare_into_a_bucket_and_read_it(gcs, bucket_photos, tmp_path,
   for n in ("p0.png", "p1.png", "p2.png"):
     assert files.read_bytes(f"{a}/{n}") == files.read_bytes(f"{b}/{n}")
   _no_local_gs(tmp_path, multihost.REPO)
+
+
+# ------------------------- synth, benchmark, calibrate-teacher, port
+
+
+def test_more_commands_read_and_write_gcs(gcs, bucket_photos, tmp_path,
+                                          monkeypatch):
+  """`synth --out gs://`, `benchmark gs://... --model gs://... --json gs://`,
+  `calibrate-teacher gs://teacher --photos gs://... --out gs://` and `port
+  adapter ... --out gs://` (with torch): their files land in the bucket,
+  nothing local is named `gs:`."""
+  import importlib.util
+  from efiqa_jax import checkpoints, cli
+  from tests.assess_fixtures import tiny_teacher
+  monkeypatch.chdir(tmp_path)
+  syn = f"{gcs}/synth"
+  assert cli.main(["synth", "--out", syn, "--n", "2", "--size", "96",
+                   "--seed", "3", "--quiet"]) == 0
+  _, rows = files.read_csv(f"{syn}/labels.csv")
+  assert len(rows) == 2
+  for r in rows:
+    assert files.isfile(f"{syn}/{r['image']}")
+    assert files.isfile(f"{syn}/vessels/{r['id']}.png")
+    assert files.isfile(f"{syn}/degradation/{r['id']}.png")
+
+  teacher = tiny_teacher(f"{gcs}/models/bench_teacher")
+  assert cli.main(["benchmark", f"{syn}/images", "--model", teacher,
+                   "--kinds", "blur", "--severities", "0.6", "--json",
+                   f"{gcs}/bench/result.json", "--quiet"]) == 0
+  res = files.read_json(f"{gcs}/bench/result.json")
+  assert res["n_photos"] == 2 and res["n_variants"] == 2
+
+  cal = f"{gcs}/models/calibrated"
+  one = f"{bucket_photos}/p0.png"
+  assert cli.main(["calibrate-teacher", teacher, "--out", cal, "--photos",
+                   one, "--split", "all", "--label-grid", "8",
+                   "--quiet"]) == 0
+  meta = checkpoints.read_meta(cal)
+  assert meta["calibration"]["n_images"] == 1 + 6 * 3 + 2
+  assert meta["calibration"]["data"]["source"] == [one]
+  assert files.read_json(f"{cal}/calibration.json") == meta["calibration"]
+
+  if importlib.util.find_spec("torch") is not None:
+    import torch
+    torch.save({"model.weight": torch.ones((1, 8)),
+                "model.bias": torch.zeros(1)}, tmp_path / "sc_linear.pth")
+    ada = f"{gcs}/models/adapter"
+    assert cli.main(["port", "adapter", str(tmp_path / "sc_linear.pth"),
+                     "--out", ada]) == 0
+    m, _ = checkpoints.load_model(ada, kind="adapter")
+    np.testing.assert_array_equal(np.asarray(m.linear.kernel[...]),
+                                  np.ones((8, 1), np.float32))
+  _no_local_gs(tmp_path, multihost.REPO)

@@ -15,9 +15,11 @@ def add_arguments(p):
                  "fundus_train, is read through it), files, globs or a CSV")
   config_util.add_config_arguments(p, default_model.DEFAULT_CONFIG)
   p.add_argument("--out", required=True,
-                 help="e.g. efiqa_jax/assets/teacher_default")
+                 help="e.g. efiqa_jax/assets/teacher_default (local or "
+                 "gs://)")
   p.add_argument("--workdir", default="runs/teacher_default",
-                 help="checkpoints and cached vessel maps (resumes)")
+                 help="checkpoints and cached vessel maps, local or gs:// "
+                 "(resumes)")
   p.add_argument("--quiet", action="store_true",
                  help="no progress bars (default: off)")
 
@@ -34,6 +36,9 @@ def run(args) -> int:
   except (FileNotFoundError, ValueError, config_util.ConfigError) as e:
     print(f"efiqa build-default-model: error: {e}", file=sys.stderr)
     return 2
+  from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
+  if not runtime.is_primary():  # one report for the one model
+    return 0
   cal = meta["calibration"]
   print(f"wrote {args.out}: map |f(x)| > {meta['map']['threshold']:g} over "
         f"{meta['map']['window']} px (AUROC {cal['map_auroc']:.3f} on the "

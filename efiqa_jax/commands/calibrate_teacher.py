@@ -7,9 +7,10 @@ HELP = ("Measure a trained teacher's map rule, grade cut-offs and "
 
 
 def add_arguments(p):
-  p.add_argument("teacher", help="teacher model directory (efiqa "
-                 "train-teacher's WORKDIR/export, or a ported VUAD)")
-  p.add_argument("--out", required=True, help="calibrated copy to write")
+  p.add_argument("teacher", help="teacher model directory, local or gs:// "
+                 "(efiqa train-teacher's WORKDIR/export, or a ported VUAD)")
+  p.add_argument("--out", required=True,
+                 help="calibrated copy to write (local or gs://)")
   p.add_argument("--photos", nargs="+", default=[],
                  help="good photographs (folders, files, globs, CSV); "
                  "without them: synthetic photographs and scikit-image's "
@@ -31,6 +32,7 @@ def add_arguments(p):
 
 def run(args) -> int:
   import sys  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
   from efiqa_jax.teacher import calibration  # pylint: disable=g-import-not-at-top
   try:
     meta = calibration.calibrate_teacher(
@@ -40,6 +42,8 @@ def run(args) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa calibrate-teacher: error: {e}", file=sys.stderr)
     return 2
+  if not runtime.is_primary():  # one report for the one calibration
+    return 0
   cal, pl, mp = meta["calibration"], meta["pseudo_labels"], meta["map"]
   print(f"wrote {args.out}: map |f(x)| > {mp['threshold']:g} over "
         f"{mp['window']} px (AUROC {cal['map_auroc']:.3f}), grading "

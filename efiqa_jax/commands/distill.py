@@ -7,10 +7,13 @@ HELP = ("Teacher pseudo-labels -> encoder features -> adapter training on a "
 def add_arguments(p):
   p.add_argument("inputs", nargs="+", help="photographs: files, folders, "
                  "globs or a CSV with a 'path' column")
-  p.add_argument("--teacher", required=True, help="teacher model directory")
-  p.add_argument("--encoder", required=True, help="ViT encoder directory")
+  p.add_argument("--teacher", required=True,
+                 help="teacher model directory (local or gs://)")
+  p.add_argument("--encoder", required=True,
+                 help="ViT encoder directory (local or gs://)")
   p.add_argument("--workdir", required=True,
-                 help="pseudo/, features/ and train/ go here (a rerun resumes)")
+                 help="pseudo/, features/ and train/ go here, local or gs:// "
+                 "(a rerun resumes)")
   p.add_argument("--preprocess", choices=("efiqa", "fov"), default=None,
                  help="what the encoder sees: 'fov' (default: the FOV crop "
                  "the pseudo-labels are made on) or 'efiqa' (the whole "
@@ -39,6 +42,8 @@ def run(args) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa distill: error: {e}", file=sys.stderr)
     return 2
-  print(f"step {res.step}/{res.total_steps} loss {res.final_loss:.5f}; "
-        f"adapter: {res.adapter_dir}")
+  from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
+  if runtime.is_primary():  # one report for the one adapter
+    print(f"step {res.step}/{res.total_steps} loss {res.final_loss:.5f}; "
+          f"adapter: {res.adapter_dir}")
   return 0

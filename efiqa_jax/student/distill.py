@@ -20,6 +20,7 @@ already on disk are kept; training restarts from its checkpoint).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -72,33 +73,40 @@ def photograph_labels(pseudo_dir: str, out_dir: str, spec, *,
   whole photograph (n = spec.grid * ceil(T / spec.grid)), 0 outside the
   crop square, and labelled with the same rule (`pseudo_labels.
   patch_labels`). Writes out_dir/labels/<id>.png and out_dir/spec.json
-  (frame 'efiqa'); resumes (labels already there with the same spec are
-  kept). Returns counts {'total', 'ok', 'failed'}."""
-  import csv
+  (frame 'efiqa'), local or gs://; resumes (labels already there with the
+  same spec are kept). Multi-host: process 0 checks and writes spec.json,
+  each process labels its `runtime.process_slice` of the photographs.
+  Returns counts {'total', 'ok', 'failed'} over all processes."""
   import dataclasses
   from PIL import Image
+  from efiqa_jax import files
   from efiqa_jax import fundus
   from efiqa_jax import pseudo_labels
+  from efiqa_jax import runtime
 
-  os.makedirs(os.path.join(out_dir, "labels"), exist_ok=True)
-  rule = {"frame": "efiqa", "from": os.path.abspath(pseudo_dir),
+  files.makedirs(files.join(out_dir, "labels"))
+  rule = {"frame": "efiqa", "from": os.fspath(files.abs_path(pseudo_dir)),
           "work_size": int(work_size), "rule": dataclasses.asdict(spec)}
-  spec_path = os.path.join(out_dir, "spec.json")
-  if os.path.exists(spec_path):
-    with open(spec_path) as f:
-      if json.load(f) != rule:
-        raise ValueError(f"{out_dir} holds photograph-frame labels made "
-                         "with other settings; use another workdir")
-  else:
-    with open(spec_path + ".tmp", "w") as f:
-      json.dump(rule, f, indent=1)
-    os.replace(spec_path + ".tmp", spec_path)
-  with open(os.path.join(pseudo_dir, "manifest.csv"), newline="") as f:
-    rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+  spec_path = files.join(out_dir, "spec.json")
+  error = None
+  if runtime.is_primary():
+    error = ""
+    if files.exists(spec_path):
+      if files.read_json(spec_path) != rule:
+        error = (f"{out_dir} holds photograph-frame labels made with other "
+                 "settings; use another workdir")
+    else:
+      files.atomic_write_text(spec_path, json.dumps(rule, indent=1))
+    error = error.encode()
+  error = runtime.broadcast_bytes("distill-photograph-spec", error).decode()
+  if error:
+    raise ValueError(error)
+  _, rows = files.read_csv(files.join(pseudo_dir, "manifest.csv"))
+  rows = [r for r in rows if r["status"] == "ok"]
   n_ok = failed = 0
-  for r in rows:
-    dst = os.path.join(out_dir, "labels", r["id"] + ".png")
-    if os.path.exists(dst):
+  for r in rows[runtime.process_slice(len(rows))]:
+    dst = files.join(out_dir, "labels", r["id"] + ".png")
+    if files.exists(dst):
       n_ok += 1
       continue
     prep = fundus.prepare_fundus(r["image"], size=work_size)
@@ -107,16 +115,20 @@ def photograph_labels(pseudo_dir: str, out_dir: str, spec, *,
       print(f"distill: {r['image']}: {prep.status} {prep.message}",
             file=sys.stderr)
       continue
-    a = np.load(os.path.join(pseudo_dir, "anomaly", r["id"] + ".npy"))
+    a = files.load_npy(files.join(pseudo_dir, "anomaly", r["id"] + ".npy"))
     n = spec.grid * -(-a.shape[0] // spec.grid)
     on_photo = anomaly_on_photograph(
         a, (prep.crop_x0, prep.crop_y0, prep.crop_size), prep.orig_h,
         prep.orig_w, n)
-    Image.fromarray(pseudo_labels.patch_labels(on_photo, spec)).save(
-        dst + ".tmp", "PNG")
-    os.replace(dst + ".tmp", dst)
+    buf = io.BytesIO()
+    Image.fromarray(pseudo_labels.patch_labels(on_photo, spec)).save(buf,
+                                                                     "PNG")
+    files.atomic_write_bytes(dst, buf.getvalue())
     n_ok += 1
-  if progress:
+  counts = [json.loads(t) for t in runtime.all_gather_text(
+      "distill-photograph-labels", json.dumps([n_ok, failed]))]
+  n_ok, failed = (sum(c[k] for c in counts) for k in (0, 1))
+  if progress and runtime.is_primary():
     print(f"distill: {n_ok} pseudo-labels on the photograph frame "
           f"({out_dir})", file=sys.stderr)
   return {"total": len(rows), "ok": n_ok, "failed": failed}
@@ -127,16 +139,19 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
             preprocess: str | None = None):
   """Runs the three stages; returns train.TrainResult. preprocess: efiqa |
   fov (default config.preprocess, else fov)."""
+  from efiqa_jax import files
   from efiqa_jax import pseudo_labels
+  from efiqa_jax import runtime
   from efiqa_jax import sources
   from efiqa_jax.encoders import extract
   from efiqa_jax.encoders import preprocess as pp
   from efiqa_jax.student import train
-  from efiqa_jax import files
+
+  progress_here = progress and runtime.is_primary()  # one report
   preprocess = pp.check_preprocess(
       preprocess or config.get("preprocess") or pp.DEFAULT_PREPROCESS)
   sources.list_inputs(list(inputs))  # no image: NoInputsError before any work
-  workdir = os.fspath(files.abs_path(workdir))
+  workdir = files.output_dir(workdir)  # local or gs://
   oh, ow = label_grid(config, encoder)
   if oh != ow:
     raise ValueError(f"non-square label grid {oh}x{ow}")
@@ -144,18 +159,18 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
   pl = config.get("pseudo_labels", {})
   spec, origin = pseudo_labels.teacher_label_spec(
       teacher, oh, threshold=pl.get("threshold"), relax=pl.get("relax"))
-  if progress:
+  if progress_here:
     print(f"distill: pseudo-labels |f(x)| > {spec.threshold:g} on "
           f">= {spec.relax:g} of a cell ({origin})", file=sys.stderr)
   # Resumes: photographs already labelled (same rule) are skipped.
   res = pseudo_labels.write_pseudo_labels(
       list(inputs), teacher, pdir, from_photos=True, spec=spec,
       batch_size=batch_size, work_size=config.work_size, progress=progress)
-  if res["failed"]:
+  if res["failed"] and runtime.is_primary():
     print(f"distill: {res['failed']} of {res['total']} photographs got no "
           f"pseudo-label (see {pdir}/manifest.csv)", file=sys.stderr)
   if preprocess == "efiqa":
-    edir = os.path.join(workdir, "pseudo_efiqa")
+    edir = files.join(workdir, "pseudo_efiqa")
     photograph_labels(pdir, edir, spec, work_size=config.work_size,
                       progress=progress)
     pdir = edir

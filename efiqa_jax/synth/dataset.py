@@ -1,6 +1,6 @@
 """Writes a synthetic dataset to disk, byte-identically for the same arguments.
 
-Layout under out_dir:
+Layout under out_dir (a local folder or gs://):
   images/<id>.png        the photograph (.jpg instead when the JPEG degradation
                          was applied: the exact encoded bytes, never re-encoded;
                          labels.csv's `image` column names the file)
@@ -15,8 +15,8 @@ PNGs are written by Pillow with fixed settings and no metadata (no timestamps).
 from __future__ import annotations
 
 import csv
+import io
 import os
-import pathlib
 from typing import Sequence
 
 import numpy as np
@@ -34,9 +34,12 @@ def image_seed(seed: int, index: int) -> int:
   return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
-def _save_png(arr: np.ndarray, path: pathlib.Path):
+def _save_png(arr: np.ndarray, path):
   # compress_level fixed, no pnginfo: identical bytes for identical arrays.
-  Image.fromarray(arr).save(path, format="PNG", compress_level=1)
+  from efiqa_jax import files  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+  files.atomic_write_bytes(path, buf.getvalue())  # local or gs://
 
 
 def write_dataset(out_dir: str | os.PathLike, n: int, seed: int, size: int = 512, *,
@@ -55,9 +58,10 @@ def write_dataset(out_dir: str | os.PathLike, n: int, seed: int, size: int = 512
     `degradations.KINDS`).
   overwrite: allow writing into a folder that already has a labels.csv.
   """
+  from efiqa_jax import files  # pylint: disable=g-import-not-at-top
   if n < 0:
     raise ValueError(f"n must be >= 0, got {n}")
-  out = pathlib.Path(out_dir)
+  out = files.as_path(out_dir)  # local or gs://
   labels_path = out / "labels.csv"
   if labels_path.exists() and not overwrite:
     raise FileExistsError(f"{labels_path} exists; pass overwrite=True (--overwrite)")
@@ -88,7 +92,7 @@ def write_dataset(out_dir: str | os.PathLike, n: int, seed: int, size: int = 512
     jb = smp.info.get("jpeg_bytes")
     if jb is not None:
       name = f"images/{sid}.jpg"
-      (out / name).write_bytes(jb)
+      files.atomic_write_bytes(out / name, jb)
     else:
       name = f"images/{sid}.png"
       _save_png(smp.image, out / name)
@@ -98,11 +102,12 @@ def write_dataset(out_dir: str | os.PathLike, n: int, seed: int, size: int = 512
     row = dict(smp.labels)
     row["image"] = name
     rows.append(row)
-  with open(labels_path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=LABEL_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for row in rows:
-      row = {k: (f"{row[k]:.4f}" if isinstance(row[k], float) else row[k])
-             for k in LABEL_COLUMNS}
-      w.writerow(row)
-  return str(labels_path)
+  f = io.StringIO()
+  w = csv.DictWriter(f, fieldnames=LABEL_COLUMNS, lineterminator="\n")
+  w.writeheader()
+  for row in rows:
+    row = {k: (f"{row[k]:.4f}" if isinstance(row[k], float) else row[k])
+           for k in LABEL_COLUMNS}
+    w.writerow(row)
+  files.atomic_write_text(labels_path, f.getvalue())
+  return os.fspath(labels_path)

@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -125,20 +125,33 @@ class Variants:
   kind: np.ndarray  # (N,) 'clean', a degradation kind or 'erased'
 
 
-def collect(quality_model, crops: Iterable[tuple[np.ndarray, np.ndarray]], *,
-            kinds: Sequence[str] | None = None,
+def collect(quality_model, crops, *, kinds: Sequence[str] | None = None,
             severities: Sequence[float] = SEVERITIES,
             erasures: int = ERASURES, seed: int = 900_000,
-            progress: bool = False) -> Variants:
-  """Runs the teacher on every variant of every (image, fov) crop."""
+            progress: bool = False, skipped: list | None = None) -> Variants:
+  """Runs the teacher on every variant of every photograph of `crops`.
+
+  crops: a sequence of loaders, each `() -> (image, fov)` FOV crop, or a
+  dict {path, status, message} for a photograph that could not be used
+  (collected in `skipped`); or an iterable of (image, fov) pairs. Each
+  photograph's variants are drawn from its own seed (seed, position), so
+  the variants do not depend on how the photographs are split: with
+  several processes each runs the teacher on its `runtime.process_slice`
+  of the photographs, and one gather gives every process all variants in
+  photograph order (the same arrays as one process computes alone).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
   from efiqa_jax import synth  # pylint: disable=g-import-not-at-top
 
   qmod = quality_model
   kinds = list(synth.VESSEL_HIDING if kinds is None else kinds)
   t_size, load = qmod.teacher_size, qmod.load_size
   graphdef, state = qmod._graphdef, qmod._state  # pylint: disable=protected-access
+  crops = [c if callable(c) else functools.partial(lambda c: c, c)
+           for c in crops]
+  skipped = [] if skipped is None else skipped
 
   @jax.jit
   def inputs(images, fov):
@@ -162,13 +175,24 @@ def collect(quality_model, crops: Iterable[tuple[np.ndarray, np.ndarray]], *,
       out.append(np.asarray(anomaly(state, xb))[:k])
     return np.concatenate(out)
 
-  rng = np.random.default_rng(seed)
-  acc = {k: [] for k in ("anomaly", "fov_t", "truth_t", "grade", "kind")}
-  it = crops
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    it = tqdm(crops, desc="calibrate", unit="photo")
-  for image, fov in it:
+  vocab_kind = ["clean", *kinds, "erased"]
+  acc = {k: [] for k in ("anomaly", "fov_t", "truth_t", "grade", "kind",
+                         "photo")}
+  mine = range(len(crops))[runtime.process_slice(len(crops))]
+  bar = None
+  if progress and runtime.is_primary():
+    from efiqa_jax import progress as progress_lib  # pylint: disable=g-import-not-at-top
+    bar = progress_lib.Progress(len(mine), "calibrate", unit="photo")
+  local_skipped = []
+  for i in mine:
+    item = crops[i]()
+    if bar is not None:
+      bar.update(1)
+    if isinstance(item, dict):
+      local_skipped.append(dict(item, index=int(i)))
+      continue
+    image, fov = item
+    rng = np.random.default_rng([seed, int(i)])
     imgs, truth, grades, kk = [image], [np.zeros(fov.shape, np.float32)], [
         "good"], ["clean"]
     for kind in kinds:
@@ -192,16 +216,55 @@ def collect(quality_model, crops: Iterable[tuple[np.ndarray, np.ndarray]], *,
       grades.append(synth.grade(share, share))
       kk.append("erased")
     acc["anomaly"].append(run(x))
-    acc["fov_t"].append(fov_t)
-    acc["truth_t"].append(tr)
-    acc["grade"] += grades
-    acc["kind"] += kk
-  if not acc["anomaly"]:
+    acc["fov_t"].append(fov_t.astype(np.float32))
+    acc["truth_t"].append(tr.astype(np.float32))
+    acc["grade"].append(np.array([quality_lib.GRADES.index(g)
+                                  for g in grades], np.int32))
+    acc["kind"].append(np.array([vocab_kind.index(k) for k in kk], np.int32))
+    acc["photo"].append(np.full(len(kk), i, np.int32))
+  if bar is not None:
+    bar.close()
+  shape = (0, t_size, t_size)
+  local = {k: (np.concatenate(v) if v else np.zeros(
+      shape if k in ("anomaly", "fov_t", "truth_t") else (0,),
+      np.float32 if k in ("anomaly", "fov_t", "truth_t") else np.int32))
+           for k, v in acc.items()}
+  allv, all_skipped = _gather_rows(local, local_skipped)
+  skipped += sorted(all_skipped, key=lambda r: r.pop("index"))
+  if not len(allv["photo"]):
     raise ValueError("no photograph to calibrate on")
-  return Variants(anomaly=np.concatenate(acc["anomaly"]),
-                  fov_t=np.concatenate(acc["fov_t"]),
-                  truth_t=np.concatenate(acc["truth_t"]),
-                  grade=np.asarray(acc["grade"]), kind=np.asarray(acc["kind"]))
+  order = np.argsort(allv["photo"], kind="stable")  # photograph order
+  allv = {k: v[order] for k, v in allv.items()}
+  return Variants(anomaly=allv["anomaly"], fov_t=allv["fov_t"],
+                  truth_t=allv["truth_t"],
+                  grade=np.asarray(quality_lib.GRADES)[allv["grade"]],
+                  kind=np.asarray(vocab_kind)[allv["kind"]])
+
+
+def _gather_rows(local: dict, skipped: list) -> tuple[dict, list]:
+  """Every process's rows (arrays with a leading row axis) and skip records,
+  concatenated in process order, on every process: one device all-gather
+  (rows padded to the longest process's) after a barrier (the processes
+  may finish their slices far apart; gloo's collectives time out)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
+  if runtime.process_count() == 1:
+    return local, list(skipped)
+  n = len(local["photo"])
+  info = [json.loads(t) for t in runtime.all_gather_text(
+      "calibrate-rows", json.dumps({"n": n, "skipped": skipped}))]
+  counts = [d["n"] for d in info]
+  most = max(max(counts), 1)
+  padded = {k: np.concatenate([v, np.zeros((most - n,) + v.shape[1:],
+                                           v.dtype)])
+            for k, v in local.items()}
+  runtime.barrier("calibrate-gather")
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  got = multihost_utils.process_allgather(padded)  # (processes, most, ...)
+  rows = {k: np.concatenate([np.asarray(v)[p, :c]
+                             for p, c in enumerate(counts)])
+          for k, v in got.items()}
+  return rows, [r for d in info for r in d["skipped"]]
 
 
 def _resize_truth(mask: np.ndarray, t: int) -> np.ndarray:
@@ -244,12 +307,35 @@ def calibrate(quality_model, crops, *, kinds=None,
               severities: Sequence[float] = SEVERITIES,
               erasures: int = ERASURES, label_grid: int = LABEL_GRID,
               seed: int = 900_000, data: dict | None = None,
-              progress: bool = True) -> Calibration:
+              progress: bool = True, skipped: list | None = None
+              ) -> Calibration:
   """Measures a teacher's map rule, grade cut-offs and pseudo-label rule on
-  good photographs (`crops`: (image, fov) FOV crops at the model's work size)
-  and their damaged variants (module docstring)."""
+  good photographs (`crops`: loaders of, or (image, fov) FOV crops at the
+  model's work size; see `collect`) and their damaged variants (module
+  docstring). With several processes the teacher's inference is split
+  among them (`collect`), process 0 fits the rules and every process gets
+  its result."""
+  from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
   v = collect(quality_model, crops, kinds=kinds, severities=severities,
-              erasures=erasures, seed=seed, progress=progress)
+              erasures=erasures, seed=seed, progress=progress,
+              skipped=skipped)
+  if runtime.process_count() == 1:
+    return fit(v, label_grid=label_grid, severities=severities,
+               erasures=erasures, seed=seed, data=data)
+  mine = None
+  if runtime.is_primary():
+    mine = fit(v, label_grid=label_grid, severities=severities,
+               erasures=erasures, seed=seed, data=data)
+  got = runtime.broadcast_bytes("calibrate-fit", None if mine is None else
+                                json.dumps(dataclasses.asdict(mine)).encode())
+  return mine if mine is not None else Calibration(**json.loads(got))
+
+
+def fit(v: Variants, *, label_grid: int = LABEL_GRID,
+        severities: Sequence[float] = SEVERITIES, erasures: int = ERASURES,
+        seed: int = 900_000, data: dict | None = None) -> Calibration:
+  """The map rule, grade cut-offs and pseudo-label rule of `calibrate`,
+  from the teacher's |f(x)| on the variants."""
   cl = v.kind == "clean"
   floor = float(np.quantile(v.anomaly[cl][v.fov_t[cl] > 0], CLEAN_QUANTILE))
   # The floor itself is a candidate unless it is 0 (a teacher that fills in
@@ -374,41 +460,55 @@ def calibrated_meta(meta: dict, cal: Calibration, work_size: int) -> dict:
 # ------------------------------------------------------------- photographs
 
 
-def photo_crops(paths: Sequence[str], work_size: int, skipped: list):
-  """(image, fov) FOV crops of photographs; failures go to `skipped`."""
+def photo_crops(paths: Sequence[str], work_size: int) -> list:
+  """Loaders of the (image, fov) FOV crops of photographs (`collect`); a
+  photograph that fails loads as its {path, status, message}."""
   from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
-  for p in paths:
+
+  def load(p):
     prep = fundus.prepare_fundus(p, size=work_size)
     if prep.status != "ok":
-      skipped.append(dict(path=p, status=prep.status, message=prep.message))
-      continue
-    yield prep.image, prep.fov_mask
+      return dict(path=p, status=prep.status, message=prep.message)
+    return prep.image, prep.fov_mask
+
+  return [functools.partial(load, p) for p in paths]
 
 
-def synthetic_crops(n: int, work_size: int, seed: int = 900_000):
-  """Clean synthetic photographs (seeds disjoint from the trainer's) and
-  scikit-image's public-domain retina photograph in 8 orientations: the
-  fallback when no good photographs are given."""
+def synthetic_crops(n: int, work_size: int, seed: int = 900_000) -> list:
+  """Loaders (`collect`) of clean synthetic photographs (seeds disjoint from
+  the trainer's) and of scikit-image's public-domain retina photograph in 8
+  orientations: the fallback when no good photographs are given."""
   from efiqa_jax import fundus, synth  # pylint: disable=g-import-not-at-top
-  for i in range(n):
+
+  def synthetic(i):
     s = synth.generate(seed + i, work_size, degrade=False)
-    yield s.image, s.fov_mask
-  from skimage import data  # pylint: disable=g-import-not-at-top
-  p = fundus.prepare_image(data.retina(), work_size)
-  if p.status != "ok":
-    raise RuntimeError("the scikit-image retina photograph did not prepare")
-  for k in range(4):
-    for flip in (False, True):
-      im, fm = np.rot90(p.image, k), np.rot90(p.fov_mask, k)
-      if flip:
-        im, fm = im[:, ::-1], fm[:, ::-1]
-      yield np.ascontiguousarray(im), np.ascontiguousarray(fm)
+    return s.image, s.fov_mask
+
+  @functools.lru_cache(maxsize=1)
+  def retina():
+    from skimage import data  # pylint: disable=g-import-not-at-top
+    p = fundus.prepare_image(data.retina(), work_size)
+    if p.status != "ok":
+      raise RuntimeError("the scikit-image retina photograph did not prepare")
+    return p
+
+  def oriented(k, flip):
+    p = retina()
+    im, fm = np.rot90(p.image, k), np.rot90(p.fov_mask, k)
+    if flip:
+      im, fm = im[:, ::-1], fm[:, ::-1]
+    return np.ascontiguousarray(im), np.ascontiguousarray(fm)
+
+  return ([functools.partial(synthetic, i) for i in range(n)] +
+          [functools.partial(oriented, k, flip) for k in range(4)
+           for flip in (False, True)])
 
 
 def calibration_photos(inputs: Sequence[str], split: str = "calibration"
                        ) -> tuple[list[str], dict]:
   """The photographs of `split` among good photographs (teacher.data splits)
   and a description for the sidecar."""
+  from efiqa_jax import files  # pylint: disable=g-import-not-at-top
   from efiqa_jax.teacher import data as data_lib  # pylint: disable=g-import-not-at-top
   photos = data_lib.list_good_photos(list(inputs))
   chosen = data_lib.select_split(photos, split)
@@ -416,7 +516,7 @@ def calibration_photos(inputs: Sequence[str], split: str = "calibration"
     raise ValueError(f"no photograph of split {split!r} among {len(photos)} "
                      f"under {list(inputs)}")
   return [p.path for p in chosen], dict(
-      source=[os.path.abspath(i) for i in inputs], split=split,
+      source=[os.fspath(files.abs_path(i)) for i in inputs], split=split,
       ids=[p.id for p in chosen])
 
 
@@ -429,19 +529,22 @@ def calibrate_teacher(teacher: str, out: str, *, photos: Sequence[str] = (),
   cut-offs and pseudo-label rule (no quality label) on the `split` of the
   good photographs `photos` (all of them with split 'all'), or, without
   photographs, on `n` clean synthetic photographs and scikit-image's retina
-  photograph; writes the teacher with them in its sidecar to `out`."""
+  photograph; writes the teacher with them in its sidecar to `out` (local
+  or gs://). Multi-host: every process runs the teacher on its share of
+  the photographs; `out` is written once (`calibrate_and_write`)."""
   from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import files  # pylint: disable=g-import-not-at-top
+  teacher_p, out_p = files.abs_path(teacher), files.abs_path(out)
+  if os.fspath(out_p).rstrip("/") == os.fspath(teacher_p).rstrip("/"):
+    raise ValueError("--out must differ from the teacher directory")
   model, meta = checkpoints.load_model(teacher)
   if meta.get("architecture") != "unet":
     raise ValueError(f"{teacher} is not a teacher (architecture "
                      f"{meta.get('architecture')!r}, expected 'unet')")
-  if os.path.abspath(out) == os.path.abspath(teacher):
-    raise ValueError("--out must differ from the teacher directory")
   ws = int(work_size or meta.get("work_size", 512))
   return calibrate_and_write(
       model, meta, out, work_size=ws, photos=photos, split=split,
-      name=os.path.basename(os.path.normpath(teacher)), n=n,
-      label_grid=label_grid, progress=progress)
+      name=teacher_p.name, n=n, label_grid=label_grid, progress=progress)
 
 
 def calibrate_and_write(model, meta: dict, out: str, *, work_size: int,
@@ -450,10 +553,14 @@ def calibrate_and_write(model, meta: dict, out: str, *, work_size: int,
                         label_grid: int = LABEL_GRID, progress: bool = True,
                         extra: dict | None = None) -> dict:
   """Calibrates a loaded teacher and writes it with its calibration (the
-  sidecar and calibration.json) to `out`; returns the sidecar."""
-  import shutil  # pylint: disable=g-import-not-at-top
+  sidecar and calibration.json) to `out` (local or gs://); returns the
+  sidecar. Every process of a multi-process run calls it: the teacher's
+  inference is split among them (`calibrate`); process 0 writes
+  calibration.json, the model is saved once (`checkpoints.save_model`)."""
   from efiqa_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import files  # pylint: disable=g-import-not-at-top
   from efiqa_jax import quality_model as qm  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
   meta = {k: v for k, v in meta.items()
           if k not in ("format", "version", "architecture", "kwargs")}
   qmod = qm.TeacherQualityModel(model, dict(meta, work_size=work_size),
@@ -461,20 +568,24 @@ def calibrate_and_write(model, meta: dict, out: str, *, work_size: int,
   skipped: list = []
   if photos:
     paths, desc = calibration_photos(photos, split)
-    crops = photo_crops(paths, work_size, skipped)
+    crops = photo_crops(paths, work_size)
   else:
     desc = dict(source=f"{n} clean synthetic photographs (efiqa_jax.synth, "
                 "seeds 900000..) and scikit-image's retina photograph "
                 "(8 orientations)")
     crops = synthetic_crops(n, work_size)
   cal = calibrate(qmod, crops, label_grid=label_grid, data=desc,
-                  progress=progress)
+                  progress=progress, skipped=skipped)
   if skipped:
     cal.data["skipped"] = skipped
   meta = dict(calibrated_meta(meta, cal, work_size), **(extra or {}))
-  if os.path.isdir(out):
-    shutil.rmtree(out)
-  checkpoints.save_model(out, model, meta)
-  with open(os.path.join(out, "calibration.json"), "w") as f:
-    json.dump(dataclasses.asdict(cal), f, indent=2)
+  out_p = files.abs_path(out)
+  if runtime.is_primary() and out_p.exists():
+    out_p.rmtree()
+  runtime.barrier(f"calibrate-cleared:{out_p}")
+  checkpoints.save_model(out_p, model, meta)
+  if runtime.is_primary():
+    files.atomic_write_text(out_p / "calibration.json",
+                            json.dumps(dataclasses.asdict(cal), indent=2))
+  runtime.barrier(f"calibrate-written:{out_p}")
   return meta

@@ -23,7 +23,6 @@ trainer checkpoints next to the model.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import hashlib
@@ -341,16 +340,15 @@ def subject_of(photo_id: str) -> str:
 def _manifest_photos(folder: str) -> list[GoodPhoto] | None:
   """A folder whose manifest.csv has an `image` column (the layout of
   ../shared/data/fundus_train): its rows, annotations included."""
-  mf = os.path.join(folder, "manifest.csv")
-  if not os.path.isfile(mf):
+  mf = files_lib.join(folder, "manifest.csv")
+  if not files_lib.isfile(mf):
     return None
-  with open(mf, newline="") as f:
-    rows = list(csv.DictReader(f))
+  _, rows = files_lib.read_csv(mf)
   if not rows or "image" not in rows[0]:
     return None
 
   def rel(v):
-    return os.path.join(folder, v) if v else ""
+    return files_lib.join(folder, v) if v else ""
 
   out = []
   for r in rows:
@@ -373,12 +371,13 @@ def list_good_photos(inputs: Sequence[str] | str) -> list[GoodPhoto]:
     inputs = [inputs]
   photos: list[GoodPhoto] = []
   for inp in inputs:
-    listed = _manifest_photos(inp) if os.path.isdir(inp) else None
+    is_dir = files_lib.isdir(inp)  # local or gs://
+    listed = _manifest_photos(inp) if is_dir else None
     if listed is None:
       paths = sources.list_inputs([inp])
       listed = []
       for p in paths:
-        if os.path.isdir(inp):
+        if is_dir:
           stratum = os.path.relpath(p, inp).replace(os.sep, "/").split("/")[0]
           stratum = "" if stratum == os.path.basename(p) else stratum
         else:
