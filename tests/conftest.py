@@ -13,6 +13,22 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the whole run (every xdist
+  worker and every `efiqa` subprocess inherits it): the tests compile the
+  same tiny programs many times (reruns after a kill, both processes of a
+  2-process run, the same model in several files). Per run, so nothing
+  stale is ever read; EFIQA_TEST_JAX_CACHE=0 turns it off."""
+  if hasattr(config, "workerinput") or os.environ.get(
+      "EFIQA_TEST_JAX_CACHE", "1") == "0":
+    return
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile  # pylint: disable=g-import-not-at-top
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+        prefix="efiqa-test-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
 # Environment variables that point a folder of ../shared/data elsewhere.
 SHARED_DATA_ENV = {"fundus": "EFIQA_SHARED_FUNDUS"}
 
