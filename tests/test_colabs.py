@@ -4,6 +4,7 @@ beyond the package index, tiny sizes). See tests/notebooks.py."""
 import fnmatch
 import json
 import os
+import re
 from unittest import mock
 
 import pytest
@@ -53,6 +54,10 @@ def test_distill_notebook(tmp_path, monkeypatch, fresh_venv, efiqa_wheel):
                                env={"EFIQA_TEACHER": None,
                                     "EFIQA_ENCODER": None})
   assert "held-out student map AUROC" in text and "adapter:" in text
+  # Both classes among the held-out cells, so the AUROCs are numbers.
+  aucs = re.search(r"student map AUROC (\S+) \| teacher pseudo-label AUROC "
+                   r"(\S+)", text)
+  assert aucs and all(0 <= float(a) <= 1 for a in aucs.groups()), text[-2000:]
   assert pngs and len(pngs[-1]) > 1000
   assert (tmp_path / "distill_work" / "assess" / "logits").is_dir()
 
