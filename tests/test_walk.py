@@ -110,10 +110,12 @@ def test_newcomer_walk_from_a_wheel(tmp_path, core_venv):
   assert meta["image_size"] == 64 and meta["steps"] == 8
 
   # 4. Calibrated label-free (synthetic photographs: tiny teacher, so its
-  # rule is flagged as not to be trusted, but written and usable).
+  # rule is flagged as not to be trusted, but written and usable), at a
+  # 256-px crop that pseudo-label then keeps.
   efiqa("calibrate-teacher", "teacher/export", "--out", "teacher_cal",
-        "--n", 8, "--quiet")
+        "--n", 8, "--work-size", 256, "--quiet")
   cal = json.loads((walk / "teacher_cal" / "efiqa.json").read_text())
+  assert cal["work_size"] == 256
   assert cal["pseudo_labels"]["threshold"] > 0
   assert 0 <= cal["grading"]["usable_min"] <= cal["grading"]["good_min"] <= 1
 
@@ -122,6 +124,7 @@ def test_newcomer_walk_from_a_wheel(tmp_path, core_venv):
         "teacher_cal", "--out", "pseudo", "--grid", GRID, "--quiet")
   man = _rows(walk / "pseudo" / "manifest.csv")
   assert len(man) == N_PHOTOS and {r["status"] for r in man} == {"ok"}
+  assert '"work_size": 256' in (walk / "pseudo" / "run.json").read_text()
   lab = np.asarray(Image.open(walk / "pseudo" / "labels" / f"{man[0]['id']}.png"))
   assert lab.shape == (GRID, GRID) and set(np.unique(lab)) <= {0, 255}
 
