@@ -7,7 +7,6 @@ package folder, a config only found from the repository root, a tiny config
 a later command refuses, ...)."""
 import csv
 import json
-import os
 import pathlib
 import subprocess
 
@@ -53,7 +52,7 @@ def test_newcomer_walk_from_a_wheel(tmp_path, core_venv):
   py = str(fresh_install.venv_python(venv))
 
   def run(*args, expect=0):
-    res = subprocess.run(list(args), cwd=walk, env=env, capture_output=True,
+    res = subprocess.run(list(map(str, args)), cwd=walk, env=env, capture_output=True,
                          text=True, timeout=900)
     assert res.returncode == expect, (
         f"{' '.join(map(str, args))} -> {res.returncode}\n"
@@ -99,6 +98,17 @@ def test_newcomer_walk_from_a_wheel(tmp_path, core_venv):
   assert all((walk / "synth" / r["image"]).is_file() for r in labels)
   grades = [r["grade"] for r in labels]
   assert grades.count("good") >= 2 and len(grades) - grades.count("good") >= 2
+
+  # 2b. ... built into a TFDS dataset and read back, TensorFlow absent
+  # (data/ is the repository's: the builders are not in the wheel).
+  run(py, fresh_install.REPO / "data" / "build.py", "efiqa_synth",
+      "--manual_dir", "synth", "--data_dir", "tfds")
+  out, _ = run(py, "-c", (
+      "import sys, tensorflow_datasets as tfds\n"
+      "ds = tfds.data_source('efiqa_synth', split='train', data_dir='tfds',"
+      " download=False)\n"
+      "print(len(ds), ds[0]['image'].shape, 'tensorflow' in sys.modules)"))
+  assert out.strip().splitlines()[-1] == f"{N_PHOTOS} (256, 256, 3) False", out
 
   # 3. A teacher, its config found by name (no configs/ folder here); the
   # missing TensorBoard is one line naming the extra.
