@@ -19,6 +19,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -85,6 +86,30 @@ def fresh_venv(base: pathlib.Path) -> pathlib.Path:
     subprocess.run([str(venv_python(venv)), "-m", "pip", "install", "-q",
                     "-c", str(REPO / "constraints.txt"), "ipykernel"],
                    check=True, capture_output=True)
+    (venv / ".ready").write_text("")
+    return venv
+
+
+def core_venv(base: pathlib.Path, wheel: pathlib.Path) -> pathlib.Path:
+  """Creates (once) a virtualenv with the wheel's core install: `pip install
+  WHEEL`, no extra, the tested versions (what the README's first command
+  gives a newcomer). Separate from `fresh_venv`, which the colabs fill with
+  their extras. Records the install's wall time in `install_seconds`."""
+  base = pathlib.Path(base)
+  venv = base / "core_venv"
+  with _locked(base / "core_venv.lock"):
+    if (venv / ".ready").exists():
+      return venv
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    env = pip_env(venv)
+    env["PIP_NO_COMPILE"] = "1"  # bytecode is compiled on import
+    t0 = time.monotonic()
+    res = subprocess.run([str(venv_python(venv)), "-m", "pip", "install", "-q",
+                          str(wheel)], env=env, capture_output=True, text=True)
+    if res.returncode:
+      raise RuntimeError(f"pip install {wheel} failed:\n{res.stderr[-3000:]}")
+    (venv / "install_seconds").write_text(f"{time.monotonic() - t0:.1f}\n")
     (venv / ".ready").write_text("")
     return venv
 

@@ -112,6 +112,8 @@ def test_calibrate_teacher_cli_then_pseudo_label_uses_the_rule(tmp_path,
   spec = json.load(open(po / "spec.json"))
   assert (spec["threshold"], spec["relax"], spec["grid"]) == (
       rule["threshold"], rule["relax"], 8)
+  # At the crop side the rule was measured at (not 512).
+  assert json.load(open(po / "run.json"))["settings"]["work_size"] == 128
   a = np.load(po / "anomaly" / "p.npy")
   np.testing.assert_array_equal(
       np.asarray(Image.open(po / "labels" / "p.png")),

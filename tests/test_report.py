@@ -48,6 +48,15 @@ async function check(spec) {
   imgs.forEach(i => i.loading = 'eager');
   await Promise.all(imgs.map(loaded));
   const link = d.querySelector('a.pic');
+  const win = f.contentWindow;
+  // The first card: the photograph under a half-transparent map, same box.
+  const layers = link ? [...link.querySelectorAll('img')].map(i => {
+    const b = i.getBoundingClientRect();
+    return [i.className, win.getComputedStyle(i).opacity,
+            Math.round(b.width), Math.round(b.height)]; }) : [];
+  const bar = d.querySelector('.scale .bar');
+  const scale = bar ? [Math.round(bar.getBoundingClientRect().width),
+      win.getComputedStyle(bar).backgroundImage.split('(')[0]] : [];
   let viewer = 0, viewerBroken = -1;
   if (link) {
     link.click();
@@ -58,7 +67,7 @@ async function check(spec) {
   }
   return {page: spec, images: imgs.length,
           broken: imgs.filter(i => !(i.naturalWidth > 0)).length,
-          viewer, viewerBroken,
+          viewer, viewerBroken, layers, scale,
           viewerShown: link ? f.contentWindow.getComputedStyle(
               d.getElementById('viewer')).display : '',
           warning: d.getElementById('broken') ? f.contentWindow
@@ -166,6 +175,9 @@ def test_report_pictures_load_in_a_browser(tmp_path):
                                         6 + 4, 4 + 4, 10 + 4]
   for r in res:
     assert r["broken"] == 0, r
+    # Photograph first (under), the map over it at 50 %, both 220 px.
+    assert r["layers"] == [["", "1", 220, 220], ["map", "0.5", 220, 220]], r
+    assert r["scale"] == [260, "linear-gradient"], r
     assert r["viewer"] == 4 and r["viewerBroken"] == 0, r
     assert r["viewerShown"] == "block" and r["warning"] == "none", r
   assert any(l.endswith("/run/report/page-2.html")

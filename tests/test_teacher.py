@@ -470,6 +470,15 @@ def test_changed_config_is_refused_with_the_difference(full_run, maps_dir,
   assert "settings: lr 0.001 -> 0.01 (resume needs the same config" in err[0]
 
 
+def test_rerun_of_a_finished_run_reports_its_final_loss(full_run, maps_dir,
+                                                        capsys):
+  """A rerun trains nothing and printed "final loss nan"."""
+  from efiqa_jax import cli
+  assert cli.main(_cli_args(maps_dir, full_run.workdir)) == 0
+  out = capsys.readouterr().out
+  assert f"trained 8/8 steps; final loss {full_run.history[-1][1]:.5g};" in out
+
+
 def _cli_args(maps_dir, workdir, *extra):
   return ["train-teacher", "--config", "configs/teacher.py:tiny",
           "--config.data.source=folder", "--config.data.vessels=precomputed",

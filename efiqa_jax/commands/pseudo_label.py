@@ -19,9 +19,10 @@ def add_arguments(p):
   p.add_argument("--from-photos", action="store_true",
                  help="inputs are photographs: compute label-free vessel "
                  "maps first")
-  p.add_argument("--work-size", type=int, default=512,
+  p.add_argument("--work-size", type=int, default=None,
                  help="--from-photos: FOV crop side before the vessel map "
-                 "(default 512)")
+                 "(default: the side the teacher was calibrated at, "
+                 "efiqa calibrate-teacher --work-size, else 512)")
   p.add_argument("--threshold", type=float, default=None,
                  help="pixel |f(x)| threshold (default: the teacher's "
                  "calibrated one, else the reference's 0.02)")
@@ -45,8 +46,11 @@ def run(args) -> int:
   if args.teacher in ("default", "teacher"):
     from efiqa_jax import quality_model  # pylint: disable=g-import-not-at-top
     args.teacher = quality_model.DEFAULT_MODEL_DIR
-  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import checkpoints, sources  # pylint: disable=g-import-not-at-top
   try:
+    if args.work_size is None:  # its threshold was measured at that side
+      args.work_size = int(checkpoints.read_meta(args.teacher).get(
+          "work_size") or 512)
     spec, origin = pseudo_labels.teacher_label_spec(
         args.teacher, args.grid, threshold=args.threshold, relax=args.relax,
         mode=args.mode)

@@ -29,7 +29,6 @@ def run(args) -> int:
   if code is not None:
     return code
   if runtime.is_primary():
-    last = res.history[-1][1] if res.history else float("nan")
     print(f"trained {res.step}/{res.total_steps} steps; final loss "
-          f"{last:.5g}; model exported to {res.export_dir}")
+          f"{res.final_loss:.5g}; model exported to {res.export_dir}")
   return runtime.EXIT_OK

@@ -112,6 +112,8 @@ class TrainResult:
   graphdef: Any
   export_dir: str | None
   data_description: dict
+  # The last logged loss, also when a rerun of a finished run trains nothing.
+  final_loss: float = float("nan")
 
 
 def _schedule_values(config, epoch: int) -> tuple[float, float]:
@@ -235,7 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     _stop_after_steps=_stop_after_steps)
   return TrainResult(workdir, res.step, res.total_steps, res.history,
                      res.params, res.graphdef,
-                     res.export if res.step >= total_steps else None, desc)
+                     res.export if res.step >= total_steps else None, desc,
+                     res.final_loss)
 
 
 def export_model(config, workdir, model, desc, step, total_steps,
