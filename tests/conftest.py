@@ -26,7 +26,7 @@ def pytest_configure(config):
     import tempfile  # pylint: disable=g-import-not-at-top
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
         prefix="efiqa-test-xla-cache-")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 # Environment variables that point a folder of ../shared/data elsewhere.

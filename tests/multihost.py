@@ -26,9 +26,12 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices: int | None, fast_compile: bool = True) -> dict:
+def _env(devices: int | None, fast_compile: bool = True,
+         compile_cache: bool = True) -> dict:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
+  if not compile_cache:  # a test that needs the compilation to take time
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
   if devices is not None:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
@@ -111,12 +114,12 @@ def run_efiqa(args_of, nproc: int = 2, *, devices: int = 2,
   return [(p.returncode, log) for p, log in zip(procs, logs)], killed
 
 
-def start_efiqa(args, *, devices: int = 8,
-                fast_compile: bool = True) -> subprocess.Popen:
+def start_efiqa(args, *, devices: int = 8, fast_compile: bool = True,
+                compile_cache: bool = True) -> subprocess.Popen:
   """One `efiqa ARGS...` process (output in `log(p)`), for tests that
   signal it."""
   return _popen([sys.executable, "-m", "efiqa_jax", *map(str, args)],
-                cwd=REPO, env=_env(devices, fast_compile))
+                cwd=REPO, env=_env(devices, fast_compile, compile_cache))
 
 
 def finish(p: subprocess.Popen, timeout: float, what: str) -> tuple[int, str]:

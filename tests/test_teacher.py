@@ -499,7 +499,9 @@ def test_ctrl_c_then_sigterm_then_rerun_resumes_bit_exactly(maps_dir,
   over = ["--config.num_epochs=20", "--config.checkpoint_every=5",
           "--config.log_every=5", "--config.image_every=0"]
   wd = tmp_path / "sig"
-  p = multihost.start_efiqa(_cli_args(maps_dir, wd, *over))
+  # Uncached: the signal must arrive while XLA compiles.
+  p = multihost.start_efiqa(_cli_args(maps_dir, wd, *over),
+                            compile_cache=False)
   # Logged once the handlers are in place, before the init and step
   # compilations (seconds of XLA work even for the tiny U-Net).
   multihost.wait_for(lambda: "trainable parameters" in multihost.log(p), p,
