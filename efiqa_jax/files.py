@@ -519,3 +519,71 @@ def identity(path) -> dict:
   listing = [f"{rel}:{size}" for rel, size in file_sizes(p)]
   h.update("\n".join(sorted(listing)).encode())
   return {"path": os.fspath(p), "sha256": h.hexdigest()}
+
+
+class ShardWriter:
+  """ArrayRecord shards `PREFIX-TAG-00000.array_record` of at most
+  `records_per_shard` records, written under a temporary name and renamed
+  when full; the rows of a shard become journal rows (`drain`) only after
+  its rename, so a killed run never journals a record it did not keep.
+  Thread-safe (the driver's writer pool calls `add`). ArrayRecord writes
+  local files: for a cloud folder a shard is written in a local temporary
+  folder and uploaded whole when it closes. Each row gets the shard's name
+  under `name_key` and, with `record_key`, its position in the shard."""
+
+  def __init__(self, out_dir: str, prefix: str, tag: str,
+               records_per_shard: int, *, options: str = "group_size:1",
+               name_key: str = "shard", record_key: str | None = "record"):
+    import threading  # pylint: disable=g-import-not-at-top
+    self.out_dir, self.prefix, self.tag = out_dir, prefix, tag
+    self.records_per_shard = int(records_per_shard)
+    self.options, self.name_key, self.record_key = options, name_key, record_key
+    self.k = 0
+    self.n = 0
+    self.writer = None
+    self.pending: list[dict] = []
+    self.ready: list[dict] = []
+    self._lock = threading.Lock()
+
+  def add(self, data: bytes, row: dict) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+    with self._lock:
+      if self.writer is None:
+        self.name = f"{self.prefix}-{self.tag}-{self.k:05d}.array_record"
+        if is_remote(self.out_dir):
+          self._local_dir = tempfile.mkdtemp(prefix="efiqa-shard-")
+          self.tmp = os.path.join(self._local_dir, self.name + ".tmp")
+        else:
+          self.tmp = os.path.join(self.out_dir, self.name + ".tmp")
+        self.writer = ArrayRecordWriter(self.tmp, self.options)
+        self.n = 0
+      self.writer.write(data)
+      row = dict(row, **{self.name_key: self.name})
+      if self.record_key:
+        row[self.record_key] = self.n
+      self.pending.append(row)
+      self.n += 1
+      if self.n >= self.records_per_shard:
+        self._close()
+
+  def _close(self) -> None:
+    if self.writer is None:
+      return
+    self.writer.close()
+    if is_remote(self.out_dir):
+      with open(self.tmp, "rb") as f:
+        atomic_write_bytes(join(self.out_dir, self.name), f.read())
+      shutil.rmtree(self._local_dir, ignore_errors=True)
+    else:
+      os.replace(self.tmp, os.path.join(self.out_dir, self.name))
+    self.ready += self.pending
+    self.writer, self.pending = None, []
+    self.k += 1
+
+  def drain(self, final: bool) -> list[dict]:
+    """Rows of the shards closed so far (and of the open one if final)."""
+    with self._lock:
+      if final:
+        self._close()
+      rows, self.ready = self.ready, []
+    return rows

@@ -213,62 +213,6 @@ class PreparedSource(grain.sources.RandomAccessDataSource):
 # ------------------------------------------------------------------ writing
 
 
-class ShardWriter:
-  """ArrayRecord shards of at most `records_per_shard` records, written
-  tmp-then-rename; the rows of a shard become journal rows (`drain`) only
-  after its rename. Thread-safe (the driver's writer pool calls `add`). For
-  a cloud folder a shard is written locally and uploaded whole."""
-
-  def __init__(self, out_dir: str, tag: str, records_per_shard: int):
-    self.out_dir, self.tag = out_dir, tag
-    self.records_per_shard = int(records_per_shard)
-    self.k = 0
-    self.writer = None
-    self.n = 0
-    self.pending: list[dict] = []
-    self.ready: list[dict] = []
-    self._lock = threading.Lock()
-
-  def add(self, data: bytes, row: dict) -> None:
-    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
-    with self._lock:
-      if self.writer is None:
-        self.name = f"records-{self.tag}-{self.k:05d}.array_record"
-        if files.is_remote(self.out_dir):
-          self._local_dir = tempfile.mkdtemp(prefix="efiqa-shard-")
-          self.tmp = os.path.join(self._local_dir, self.name + ".tmp")
-        else:
-          self.tmp = os.path.join(self.out_dir, self.name + ".tmp")
-        self.writer = ArrayRecordWriter(self.tmp, WRITER_OPTIONS)
-        self.n = 0
-      self.writer.write(data)
-      self.pending.append(dict(row, shard=self.name, record=self.n))
-      self.n += 1
-      if self.n >= self.records_per_shard:
-        self._close()
-
-  def _close(self) -> None:
-    if self.writer is None:
-      return
-    self.writer.close()
-    if files.is_remote(self.out_dir):
-      with open(self.tmp, "rb") as f:
-        files.atomic_write_bytes(files.join(self.out_dir, self.name), f.read())
-      shutil.rmtree(self._local_dir, ignore_errors=True)
-    else:
-      os.replace(self.tmp, os.path.join(self.out_dir, self.name))
-    self.ready += self.pending
-    self.writer, self.pending = None, []
-    self.k += 1
-
-  def drain(self, final: bool) -> list[dict]:
-    with self._lock:
-      if final:
-        self._close()
-      rows, self.ready = self.ready, []
-    return rows
-
-
 def _versions() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import efiqa_jax  # pylint: disable=g-import-not-at-top
@@ -329,8 +273,9 @@ def prepare(inputs: Sequence[str] | str, out_dir, *, size: int = 512,
       return None
     return {"vessels": step(host)}
 
-  shards = ShardWriter(out_dir, f"{int(time.time() * 1e3)}-"
-                       f"p{runtime.process_index()}", records_per_shard)
+  shards = files.ShardWriter(out_dir, "records", f"{int(time.time() * 1e3)}-"
+                             f"p{runtime.process_index()}", records_per_shard,
+                             options=WRITER_OPTIONS)
 
   def write(rec, res):
     crop, fov = rec["crop"], rec["fov"]

@@ -23,24 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  import sys  # pylint: disable=g-import-not-at-top
-  from efiqa_jax import runtime, sources, vessels  # pylint: disable=g-import-not-at-top
-  try:
-    inputs = sources.resolve_inputs(args.inputs)
-    res = vessels.segment_paths(inputs, args.out, size=args.size,
-                                batch_size=args.batch_size,
-                                overwrite=args.overwrite,
-                                read_threads=args.threads,
-                                progress=not args.quiet)
-  except sources.NoInputsError as e:
-    return sources.no_inputs_exit(NAME, e)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"efiqa vessels: error: {e}", file=sys.stderr)
-    return runtime.EXIT_USAGE
-  if not args.quiet:
-    for r in res.rows:
-      if r["status"] != "ok":
-        print(f"  {r['status']}: {r['image']}: {r['message']}")
+  from efiqa_jax import sources, vessels  # pylint: disable=g-import-not-at-top
+  res, code = commands.run_driver(NAME, lambda: vessels.segment_paths(
+      sources.resolve_inputs(args.inputs), args.out, size=args.size,
+      batch_size=args.batch_size, overwrite=args.overwrite,
+      read_threads=args.threads, progress=not args.quiet), args.quiet)
+  if res is None:
+    return code
   print(f"efiqa vessels: {res.ok}/{res.total} segmented ({res.skipped} "
         f"already done); manifest {res.out_dir / 'manifest.csv'}")
   return 0 if res.failed == 0 else 3

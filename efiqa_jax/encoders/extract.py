@@ -46,8 +46,6 @@ import dataclasses
 import io
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -198,61 +196,6 @@ def iter_arrayrecord(out_dir: str | os.PathLike
             yield id_, index, feats
       finally:
         reader.close()
-
-
-class _ShardWriter:
-  """ArrayRecord shards of at most `shard_size` records, tmp-then-rename;
-  the rows of a shard become journal rows (`drain`) only after its rename.
-  Thread-safe (the driver's writer pool calls `add`). ArrayRecord writes
-  local files: for a cloud `out_dir` a shard is written in a local temporary
-  folder and uploaded whole when it closes."""
-
-  def __init__(self, out_dir: str, tag: str, shard_size: int):
-    import threading
-    self.out_dir, self.tag, self.shard_size = out_dir, tag, shard_size
-    self.k = 0
-    self.writer = None
-    self.pending: list[dict] = []
-    self.ready: list[dict] = []
-    self._lock = threading.Lock()
-
-  def add(self, id_: str, index: int, feats: np.ndarray, row: dict):
-    from array_record.python.array_record_module import ArrayRecordWriter
-    with self._lock:
-      if self.writer is None:
-        self.name = f"features-{self.tag}-{self.k:05d}.array_record"
-        if files.is_remote(self.out_dir):
-          self._local_dir = tempfile.mkdtemp(prefix="efiqa-shard-")
-          self.tmp = os.path.join(self._local_dir, self.name + ".tmp")
-        else:
-          self.tmp = os.path.join(self.out_dir, self.name + ".tmp")
-        self.writer = ArrayRecordWriter(self.tmp, "group_size:1")
-      self.writer.write(encode_record(id_, index, feats))
-      self.pending.append(dict(row, file=self.name))
-      if len(self.pending) >= self.shard_size:
-        self._close()
-
-  def _close(self):
-    if self.writer is None:
-      return
-    self.writer.close()
-    if files.is_remote(self.out_dir):
-      with open(self.tmp, "rb") as f:
-        files.atomic_write_bytes(files.join(self.out_dir, self.name), f.read())
-      shutil.rmtree(self._local_dir, ignore_errors=True)
-    else:
-      os.replace(self.tmp, os.path.join(self.out_dir, self.name))
-    self.ready += self.pending
-    self.writer, self.pending = None, []
-    self.k += 1
-
-  def drain(self, final: bool) -> list[dict]:
-    """Rows of the shards closed so far (and of the open one if final)."""
-    with self._lock:
-      if final:
-        self._close()
-      rows, self.ready = self.ready, []
-    return rows
 
 
 def _versions() -> dict:
@@ -406,8 +349,10 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
     with jax.default_matmul_precision(prec):
       return {"features": sh.to_host_local(fwd_jit(state, g["pixels"]))}
 
-  shards = (_ShardWriter(out_dir, f"{int(time.time() * 1e3)}-p{pi}",
-                         shard_size) if fmt == "arrayrecord" else None)
+  shards = (files.ShardWriter(out_dir, "features",
+                               f"{int(time.time() * 1e3)}-p{pi}", shard_size,
+                               name_key="file", record_key=None)
+            if fmt == "arrayrecord" else None)
 
   def write(rec, res):
     c = rec["crop"]
@@ -428,7 +373,7 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
       name = f"{rec['id']}.npy"
       driver.write_npy(out / name, f)
       return dict(row, file=name)
-    shards.add(rec["id"], rec["index"], f,
+    shards.add(encode_record(rec["id"], rec["index"], f),
                dict(row, image=rec["path"], id=rec["id"],
                     index=rec["index"]))
     return None  # journaled when its shard is renamed (`drain`)
