@@ -20,8 +20,8 @@ from efiqa_jax.models import vit
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
-def test_distill_chain(tmp_path, capsys):
+def _tiny_teacher_encoder_and_folder(tmp_path):
+  """TMP/teacher, TMP/enc (tiny, random) and an empty TMP/imgs."""
   checkpoints.save_model(tmp_path / "teacher", unet.UNet(
       base_channels=4, rngs=nnx.Rngs(0)), {"image_size": 64})
   checkpoints.save_model(tmp_path / "enc", vit.VisionTransformer(
@@ -30,6 +30,12 @@ def test_distill_chain(tmp_path, capsys):
       rngs=nnx.Rngs(0)))
   imgs = tmp_path / "imgs"
   imgs.mkdir()
+  return imgs
+
+
+@pytest.mark.slow
+def test_distill_chain(tmp_path, capsys):
+  imgs = _tiny_teacher_encoder_and_folder(tmp_path)
   for s in range(4):
     Image.fromarray(synth.generate(s, 96).image).save(imgs / f"s{s}.png")
   (imgs / "broken.png").write_bytes(b"not an image")
@@ -118,14 +124,7 @@ def test_distill_efiqa_labels_on_the_photograph(tmp_path, monkeypatch,
                       _fake_pseudo_labels)
   # The teacher is never run (the labeller above stands in for it): distill
   # only reads its sidecar (which must be a teacher's); a tiny U-Net.
-  checkpoints.save_model(tmp_path / "teacher", unet.UNet(
-      base_channels=4, rngs=nnx.Rngs(0)), {"image_size": 64})
-  checkpoints.save_model(tmp_path / "enc", vit.VisionTransformer(
-      patch_size=16, hidden_size=16, depth=1, num_heads=2, mlp_hidden=32,
-      num_registers=4, layerscale=True, qkv_bias="qv", pos="rope",
-      rngs=nnx.Rngs(0)))
-  imgs = tmp_path / "imgs"
-  imgs.mkdir()
+  imgs = _tiny_teacher_encoder_and_folder(tmp_path)
   for s in range(3):  # side bands: the crop square is not the photograph
     im = np.pad(synth.generate(s, 96).image, ((0, 0), (24, 24), (0, 0)))
     Image.fromarray(im).save(imgs / f"s{s}.png")
@@ -184,14 +183,7 @@ def test_two_processes_distill_exactly_once(tmp_path):
   from efiqa_jax import pseudo_labels
   from efiqa_jax.student import distill
   from tests import multihost
-  checkpoints.save_model(tmp_path / "teacher", unet.UNet(
-      base_channels=4, rngs=nnx.Rngs(0)), {"image_size": 64})
-  checkpoints.save_model(tmp_path / "enc", vit.VisionTransformer(
-      patch_size=16, hidden_size=16, depth=1, num_heads=2, mlp_hidden=32,
-      num_registers=4, layerscale=True, qkv_bias="qv", pos="rope",
-      rngs=nnx.Rngs(0)))
-  imgs = tmp_path / "imgs"
-  imgs.mkdir()
+  imgs = _tiny_teacher_encoder_and_folder(tmp_path)
   for s in range(4):
     im = np.pad(synth.generate(s, 96).image, ((0, 0), (24, 24), (0, 0)))
     Image.fromarray(im).save(imgs / f"s{s}.png")
