@@ -24,9 +24,16 @@ def pytest_configure(config):
     return
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile  # pylint: disable=g-import-not-at-top
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
-        prefix="efiqa-test-xla-cache-")
+    config._efiqa_xla_cache = tempfile.mkdtemp(prefix="efiqa-test-xla-cache-")  # pylint: disable=protected-access
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._efiqa_xla_cache  # pylint: disable=protected-access
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_unconfigure(config):
+  cache = getattr(config, "_efiqa_xla_cache", None)
+  if cache:
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 # Environment variables that point a folder of ../shared/data elsewhere.
