@@ -107,3 +107,20 @@ def test_benchmark_reports_model_and_baseline(tmp_path, capsys):
   # The printed table is the JSON's.
   assert (f"| map AUROC | {res['map_auroc']:.3f} | "
           f"{res['baseline_map_auroc']:.3f} |") in out
+
+
+def test_pseudo_label_takes_the_bundled_teacher_by_name(tmp_path):
+  """`--teacher default` (as `assess --model default`): the bundled teacher,
+  its calibrated rule and work size, on the bundled sample photographs."""
+  from efiqa_jax import checkpoints, default_model
+  out = tmp_path / "out"
+  assert cli.main(["pseudo-label", default_model.SAMPLES_DIR, "--teacher",
+                   "default", "--from-photos", "--out", str(out),
+                   "--quiet"]) == 0
+  rows = list(csv.DictReader(open(out / "manifest.csv")))
+  assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
+  side = checkpoints.read_meta(default_model.MODEL_DIR)["image_size"]
+  assert np.load(out / "anomaly" / (rows[0]["id"] + ".npy")).shape == (
+      side, side)
+  run = (out / "run.json").read_text()
+  assert default_model.MODEL_DIR in run or "efiqa-default-teacher" in run, run
