@@ -74,19 +74,31 @@ def venv_python(venv: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(venv) / "bin" / "python"
 
 
-def fresh_venv(base: pathlib.Path) -> pathlib.Path:
-  """Creates (once) an empty virtualenv holding only ipykernel."""
+@contextlib.contextmanager
+def _new_venv(base, name: str):
+  """(venv, ready) under a lock shared by every xdist worker: `ready` when an
+  earlier call finished it; else an empty venv, marked ready once the body
+  (the installs) returns without an error."""
   base = pathlib.Path(base)
-  venv = base / "venv"
-  with _locked(base / "venv.lock"):
+  venv = base / name
+  with _locked(base / f"{name}.lock"):
     if (venv / ".ready").exists():
-      return venv
+      yield venv, True
+      return
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    yield venv, False
+    (venv / ".ready").write_text("")
+
+
+def fresh_venv(base: pathlib.Path) -> pathlib.Path:
+  """Creates (once) an empty virtualenv holding only ipykernel."""
+  with _new_venv(base, "venv") as (venv, ready):
+    if ready:
+      return venv
     subprocess.run([str(venv_python(venv)), "-m", "pip", "install", "-q",
                     "-c", str(REPO / "constraints.txt"), "ipykernel"],
                    check=True, capture_output=True)
-    (venv / ".ready").write_text("")
     return venv
 
 
@@ -95,13 +107,9 @@ def core_venv(base: pathlib.Path, wheel: pathlib.Path) -> pathlib.Path:
   WHEEL`, no extra, the tested versions (what the README's first command
   gives a newcomer). Separate from `fresh_venv`, which the colabs fill with
   their extras. Records the install's wall time in `install_seconds`."""
-  base = pathlib.Path(base)
-  venv = base / "core_venv"
-  with _locked(base / "core_venv.lock"):
-    if (venv / ".ready").exists():
+  with _new_venv(base, "core_venv") as (venv, ready):
+    if ready:
       return venv
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = pip_env(venv)
     env["PIP_NO_COMPILE"] = "1"  # bytecode is compiled on import
     t0 = time.monotonic()
@@ -110,7 +118,6 @@ def core_venv(base: pathlib.Path, wheel: pathlib.Path) -> pathlib.Path:
     if res.returncode:
       raise RuntimeError(f"pip install {wheel} failed:\n{res.stderr[-3000:]}")
     (venv / "install_seconds").write_text(f"{time.monotonic() - t0:.1f}\n")
-    (venv / ".ready").write_text("")
     return venv
 
 
