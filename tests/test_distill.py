@@ -33,6 +33,16 @@ def _tiny_teacher_encoder_and_folder(tmp_path):
   return imgs
 
 
+def _efiqa_distill_args(tmp_path, imgs, wd, *extra):
+  """`efiqa distill` on the tiny models, photograph-frame labels, 64 px."""
+  return ["distill", str(imgs), "--teacher", str(tmp_path / "teacher"),
+          "--encoder", str(tmp_path / "enc"), "--workdir", str(wd),
+          "--preprocess", "efiqa",
+          "--config", os.path.join(REPO, "configs/adapter.py:tiny"),
+          "--set", "config.size=64", "--set", "config.work_size=96", *extra,
+          "--quiet"]
+
+
 @pytest.mark.slow
 def test_distill_chain(tmp_path, capsys):
   imgs = _tiny_teacher_encoder_and_folder(tmp_path)
@@ -129,13 +139,9 @@ def test_distill_efiqa_labels_on_the_photograph(tmp_path, monkeypatch,
     im = np.pad(synth.generate(s, 96).image, ((0, 0), (24, 24), (0, 0)))
     Image.fromarray(im).save(imgs / f"s{s}.png")
   wd = tmp_path / "wd"
-  args = ["distill", str(imgs), "--teacher", str(tmp_path / "teacher"),
-          "--encoder", str(tmp_path / "enc"), "--workdir", str(wd),
-          "--preprocess", "efiqa",
-          "--config", os.path.join(REPO, "configs/adapter.py:tiny"),
-          "--set", "config.size=64", "--set", "config.work_size=96",
-          "--set", "config.batch_size=16", "--set", "config.epochs=1",
-          "--quiet"]
+  args = _efiqa_distill_args(tmp_path, imgs, wd, "--set",
+                             "config.batch_size=16", "--set",
+                             "config.epochs=1")
   assert cli.main(args) == 0, capsys.readouterr().err
   spec = json.load(open(wd / "pseudo_efiqa" / "spec.json"))
   assert spec["frame"] == "efiqa" and spec["rule"]["grid"] == 4
@@ -189,12 +195,8 @@ def test_two_processes_distill_exactly_once(tmp_path):
     Image.fromarray(im).save(imgs / f"s{s}.png")
   (imgs / "broken.png").write_bytes(b"not an image")
   wd = tmp_path / "wd"
-  args = ["distill", str(imgs), "--teacher", str(tmp_path / "teacher"),
-          "--encoder", str(tmp_path / "enc"), "--workdir", str(wd),
-          "--preprocess", "efiqa",
-          "--config", os.path.join(REPO, "configs/adapter.py:tiny"),
-          "--set", "config.size=64", "--set", "config.work_size=96",
-          "--set", "config.batch_size=32", "--batch-size", "2", "--quiet"]
+  args = _efiqa_distill_args(tmp_path, imgs, wd, "--set",
+                             "config.batch_size=32", "--batch-size", "2")
   res, _ = multihost.run_efiqa(lambda i: args, 2, devices=1,
                                what="2-process distill")
   report = re.compile(r"^step \d+/\d+ loss .*; adapter: ", re.M)
