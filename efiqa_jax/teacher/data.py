@@ -453,7 +453,11 @@ class PreparedMaps:
     self.n = len(ok)
     self.prepare = PreparedVesselMap(dc.load_size, dc.gray_threshold,
                                      int(dc.get("min_component", 0) or 0))
-    blob = json.dumps([dc.to_dict(), src.fingerprint, src.meta["shards"],
+    # Reader threads and prefetch depth change no result: a resume may
+    # change them (worker processes change the iterator state's form).
+    what = {k: v for k, v in dc.to_dict().items()
+            if k not in ("num_threads", "prefetch")}
+    blob = json.dumps([what, src.fingerprint, src.meta["shards"],
                        src.meta["counts"]], sort_keys=True, default=str)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     self.desc = dict(
