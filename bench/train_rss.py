@@ -142,6 +142,9 @@ def main() -> int:
     peaks[n] = rss
     print(json.dumps({"records": n, "steps": a.steps, "workers": a.workers,
                       "size": a.size, "peak_rss_mb": round(rss, 1),
+                      # What `load_vessel_maps` would hold instead (uint8
+                      # maps at load_size = size), for comparison.
+                      "in_ram_maps_mb": round(n * a.size ** 2 / 2 ** 20, 1),
                       "wall_s": round(wall, 1),
                       "write_folder_s": round(wrote, 1)}), flush=True)
   if len(peaks) >= 2:

@@ -11,7 +11,13 @@ Sources (config `data`):
                       segments them with `efiqa_jax.vessels` (FOV crop at
                       `data.work_size`, map resized to load_size: the
                       input `efiqa assess` gives the teacher).
-All maps are stored once as uint8 (N, L, L) at `data.load_size` with the
+  source='prepared'   `data.path` a folder of `efiqa prepare --vessels` (also
+                      when given as source='folder'): NOT loaded; `PreparedMaps`
+                      streams its records through
+                      `input_pipeline.training_batches` (each process its rows
+                      of every global batch; the stored probability resized
+                      and thresholded per record as below).
+Otherwise all maps are stored once as uint8 (N, L, L) at `data.load_size` with the
 reference convention (gray <= 50 set to 0) and cached in the workdir so a
 resumed run trains on the very same maps.
 

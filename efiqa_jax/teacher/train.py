@@ -1,7 +1,8 @@
 """VUAD teacher training (EFIQA stage 1): `train_and_evaluate(config, workdir)`.
 
 A task on `efiqa_jax.trainer`: the host feeds uint8 vessel maps (augmented
-per record, see `data.py`; a checkpointed grain iterator), the device
+per record, see `data.py`; a checkpointed grain iterator; streamed from a
+prepared folder, held in RAM otherwise), the device
 converts them to [0,1] 3-channel maps, draws the progressive grid mask from
 the step's key (fold_in(seed key, step)), runs the residual U-Net on the
 masked map and minimises the MSE to the unmasked map with AdamW.
