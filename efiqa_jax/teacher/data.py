@@ -17,9 +17,9 @@ Sources (config `data`):
                       `input_pipeline.training_batches` (each process its rows
                       of every global batch; the stored probability resized
                       and thresholded per record as below).
-Otherwise all maps are stored once as uint8 (N, L, L) at `data.load_size` with the
-reference convention (gray <= 50 set to 0) and cached in the workdir so a
-resumed run trains on the very same maps.
+Otherwise all maps are stored once as uint8 (N, L, L) at `data.load_size`
+with the reference convention (gray <= 50 set to 0) and cached in the
+workdir so a resumed run trains on the very same maps.
 
 The pipeline is a grain MapDataset over the host-local records of a fixed
 sequence of global batches: global record g = step * global_batch + i, epoch
