@@ -18,7 +18,11 @@ Prints one JSON line per folder and one with the ratio:
   {"name": "train_rss", "ratio_20k_over_2k": ..., "bar": 1.2}
 
   PYTHONPATH=$PWD python bench/train_rss.py [--out /work/runs/rss] \
-      [--sizes 2000,20000] [--steps 200] [--workers 0]
+      [--sizes 2000,20000] [--steps 200] [--workers 0] [--old-loader]
+
+--old-loader measures the reference instead: the same maps as PNGs through
+`teacher/data.load_vessel_maps` (data.source=folder, precomputed), which
+holds every map in RAM on every host.
 """
 from __future__ import annotations
 
@@ -91,6 +95,29 @@ def write_prepared(out: pathlib.Path, n: int, size: int, *,
   (out / prepared.METADATA).write_text(json.dumps(meta, indent=1))
 
 
+def write_map_folder(out: pathlib.Path, n: int, size: int,
+                     distinct: int = 8) -> None:
+  """n vessel-map PNGs (the old loader's `data.vessels=precomputed` input):
+  the same maps as the prepared records, as uint8 images."""
+  from efiqa_jax import fundus, synth, vessels
+  if out.exists() and len(list(out.glob("*.png"))) == n:
+    return
+  out.mkdir(parents=True, exist_ok=True)
+  pngs = []
+  for i in range(distinct):
+    buf = io.BytesIO()
+    Image.fromarray(synth.generate(i, size * 2, degrade=False).image).save(
+        buf, "PNG")
+    p = fundus.prepare_fundus(buf.getvalue(), size=size)
+    v = np.asarray(vessels.vessel_probability(p.image[None],
+                                              p.fov_mask[None]))[0]
+    b = io.BytesIO()
+    Image.fromarray(np.round(v * 255).astype(np.uint8)).save(b, "PNG")
+    pngs.append(b.getvalue())
+  for i in range(n):
+    (out / f"map{i:06d}.png").write_bytes(pngs[i % distinct])
+
+
 def peak_rss_of(argv: list[str], env: dict) -> tuple[float, float, int]:
   """(peak RSS MB, wall s, exit code) of one process."""
   t0 = time.perf_counter()
@@ -112,20 +139,32 @@ def main() -> int:
   ap.add_argument("--size", type=int, default=64)
   ap.add_argument("--steps", type=int, default=200)
   ap.add_argument("--workers", type=int, default=0)
+  ap.add_argument("--old-loader", action="store_true",
+                  help="reference: the same maps as PNGs through "
+                  "load_vessel_maps (data.source=folder, precomputed), "
+                  "which holds every map in RAM")
   a = ap.parse_args()
   out = pathlib.Path(a.out)
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   peaks = {}
   for n in (int(s) for s in a.sizes.split(",")):
-    folder = out / f"prepared_{n}"
     t0 = time.perf_counter()
-    write_prepared(folder, n, a.size)
+    if a.old_loader:
+      folder = out / f"maps_{n}"
+      write_map_folder(folder, n, a.size)
+      data = ["--config.data.source=folder", f"--config.data.path={folder}",
+              "--config.data.vessels=precomputed"]
+    else:
+      folder = out / f"prepared_{n}"
+      write_prepared(folder, n, a.size)
+      data = ["--config.data.source=prepared",
+              f"--config.data.path={folder}",
+              "--config.data.vessels=label_free"]
     wrote = time.perf_counter() - t0
     wd = out / f"workdir_{n}"
     subprocess.run(["rm", "-rf", str(wd)], check=True)
     argv = [sys.executable, "-m", "efiqa_jax", "train-teacher", "--config",
-            "configs/teacher.py:tiny", "--config.data.source=prepared",
-            f"--config.data.path={folder}", "--config.data.vessels=label_free",
+            "configs/teacher.py:tiny", *data,
             f"--config.data.work_size={a.size}",
             f"--config.data.load_size={a.size}",
             f"--config.image_size={a.size}", "--config.num_epochs=1",
@@ -140,7 +179,9 @@ def main() -> int:
       print(json.dumps({"records": n, "error": f"exit {rc}"}))
       return 1
     peaks[n] = rss
-    print(json.dumps({"records": n, "steps": a.steps, "workers": a.workers,
+    print(json.dumps({"records": n, "loader": "old (in RAM)" if a.old_loader
+                      else "prepared (streamed)",
+                      "steps": a.steps, "workers": a.workers,
                       "size": a.size, "peak_rss_mb": round(rss, 1),
                       # What `load_vessel_maps` would hold instead (uint8
                       # maps at load_size = size), for comparison.
