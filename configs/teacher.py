@@ -39,8 +39,11 @@ def get_config(arg=None):
   c.model.dtype = "float32"
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"  # 'synthetic' | 'folder'
-  c.data.path = ""  # for source='folder': folder, glob or CSV with `path`
+  c.data.source = "synthetic"  # 'synthetic' | 'folder' | 'prepared'
+  # source='folder': folder, glob or CSV with `path` (a prepared folder is
+  # streamed like source='prepared'); 'prepared': a folder written by
+  # `efiqa prepare --size WORK --vessels`, streamed through grain.
+  c.data.path = ""
   # synthetic: 'label_free' | 'ground_truth'; folder: 'precomputed' | 'label_free'.
   # 'label_free' segments the clean synthetic photographs with
   # efiqa_jax.vessels, i.e. the same segmenter `efiqa pseudo-label` applies at
@@ -63,6 +66,7 @@ def get_config(arg=None):
   c.data.inference_min_component = 0
   c.data.num_threads = 4
   c.data.prefetch = 8
+  c.data.num_workers = 0  # prepared folders: grain worker processes
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.n = 1000
   c.data.synthetic.seed = 100000

@@ -42,6 +42,7 @@ def get_config(arg=None):
   c.data.inference_min_component = 20
   c.data.num_threads = 2
   c.data.prefetch = 4
+  c.data.num_workers = 0  # prepared folders: grain worker processes
   # The reference's 224 px of a 512 crop, at load_size 256.
   c.augment.fov_min_diameter_px = 112.0
   with c.unlocked():

@@ -264,7 +264,9 @@ def training_batches(source, global_batch: int, *, seed: int,
                      process_count: int | None = None,
                      num_workers: int = 0, read_threads: int = 4,
                      prefetch_batches: int = 2,
-                     worker_buffer_size: int = 2) -> grain.IterDataset:
+                     worker_buffer_size: int = 2,
+                     position_key: str | None = None,
+                     contiguous: bool = False) -> grain.IterDataset:
   """Shuffled, repeated, augmented training batches for this process.
 
   Order: range(n) -> shuffle(seed) -> repeat(num_epochs; each epoch
@@ -275,6 +277,14 @@ def training_batches(source, global_batch: int, *, seed: int,
   Failed records stay in the stream with ok=False: mask the loss with `ok`.
   Returns an IterDataset; `iter()` it for a checkpointable DatasetIterator.
   With `num_epochs=None` the stream is infinite.
+
+  position_key: when set, each row gets its stream position there (epoch =
+  position // n) before augmentation, for epoch-scheduled augmentations.
+  contiguous: process p takes rows [p*L, (p+1)*L) of each global batch (L =
+  local batch) instead of the strided rule, so `sharding.to_global` rebuilds
+  every global batch in stream order: a step whose draws depend on the row
+  (the teacher's per-row masks) then gives the same result on any number of
+  processes.
   """
   import jax  # pylint: disable=g-import-not-at-top
   src = _as_source(source)
@@ -288,6 +298,8 @@ def training_batches(source, global_batch: int, *, seed: int,
   ds = grain.MapDataset.range(n).shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   ds = ds.map(sources.ReadRecord(src, prepare))
+  if position_key:
+    ds = ds.map_with_index(_WithPosition(position_key))
   for i, t in enumerate(augment):
     if isinstance(t, grain.transforms.RandomMap):
       # Distinct, fixed seed per augmentation; grain folds in the position.
@@ -300,10 +312,39 @@ def training_batches(source, global_batch: int, *, seed: int,
       raise ValueError(f"{n} records x {num_epochs} epochs is less than one "
                        f"global batch of {global_batch}")
     ds = ds[:whole]
-  ds = ds[p::pc]
+  if contiguous:
+    if num_epochs is None:
+      raise ValueError("contiguous process shares need num_epochs")
+    ds = grain.MapDataset.range(len(ds) // pc).map(
+        _ContiguousShare(ds, global_batch, local, p))
+  else:
+    ds = ds[p::pc]
   return _finish(ds, local, drop_remainder=True, num_workers=num_workers,
                  read_threads=read_threads, prefetch_batches=prefetch_batches,
                  worker_buffer_size=worker_buffer_size)
+
+
+class _WithPosition(grain.transforms.MapWithIndex):
+  """Row -> row with its stream position under `key`."""
+
+  def __init__(self, key: str):
+    self.key = key
+
+  def map_with_index(self, index: int, element: dict[str, Any]):
+    return dict(element, **{self.key: np.int64(index)})
+
+
+class _ContiguousShare(grain.transforms.Map):
+  """Local position -> the stream row at the same place of the global batch
+  (the rows this process contributes to `to_global`); reads nothing else."""
+
+  def __init__(self, ds: grain.MapDataset, global_batch: int, local: int,
+               process_index: int):
+    self.ds, self.gb, self.lb, self.p = ds, global_batch, local, process_index
+
+  def map(self, i):
+    step, within = divmod(int(i), self.lb)
+    return self.ds[step * self.gb + self.p * self.lb + within]
 
 
 def _derive_seed(seed: int, salt: int) -> int:

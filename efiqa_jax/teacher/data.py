@@ -11,9 +11,15 @@ Sources (config `data`):
                       segments them with `efiqa_jax.vessels` (FOV crop at
                       `data.work_size`, map resized to load_size: the
                       input `efiqa assess` gives the teacher).
-All maps are stored once as uint8 (N, L, L) at `data.load_size` with the
-reference convention (gray <= 50 set to 0) and cached in the workdir so a
-resumed run trains on the very same maps.
+  source='prepared'   `data.path` a folder of `efiqa prepare --vessels` (also
+                      when given as source='folder'): NOT loaded; `PreparedMaps`
+                      streams its records through
+                      `input_pipeline.training_batches` (each process its rows
+                      of every global batch; the stored probability resized
+                      and thresholded per record as below).
+Otherwise all maps are stored once as uint8 (N, L, L) at `data.load_size`
+with the reference convention (gray <= 50 set to 0) and cached in the
+workdir so a resumed run trains on the very same maps.
 
 The pipeline is a grain MapDataset over the host-local records of a fixed
 sequence of global batches: global record g = step * global_batch + i, epoch
@@ -34,6 +40,7 @@ import os
 import re
 from typing import Any, Sequence
 
+import grain
 import numpy as np
 from PIL import Image
 
@@ -303,6 +310,184 @@ def make_train_iterator(records: TrainRecords, total_steps: int, *,
   opts = grain.ReadOptions(num_threads=num_threads,
                            prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(opts))
+
+
+# ------------------------------------------- prepared folders (streamed)
+
+
+def prepared_path(dc) -> str | None:
+  """The prepared folder (`efiqa prepare --vessels`) this config trains
+  from, or None (maps made and held in RAM by `load_vessel_maps`):
+  data.source='prepared', or data.source='folder' with data.path a prepared
+  folder."""
+  from efiqa_jax import prepared  # pylint: disable=g-import-not-at-top
+  if dc.source == "prepared":
+    if not dc.path:
+      raise ValueError("data.source='prepared' needs data.path (a folder "
+                       "written by `efiqa prepare --vessels`)")
+    return str(dc.path)
+  if dc.source == "folder" and dc.path and prepared.is_prepared(dc.path):
+    return str(dc.path)
+  return None
+
+
+def _probability_to_load_impl(p, fov_mask, *, size):
+  """A stored vessel probability (S,S) -> (size,size) float32: the tail of
+  `vessels.vessel_map_for_teacher` (same resize, same FOV cut)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from efiqa_jax.kernels.resize import resize_linear  # pylint: disable=g-import-not-at-top
+  pr = resize_linear(p[None], size, size)
+  mr = resize_linear(fov_mask[None].astype(jnp.float32), size, size) > 0.5
+  return (jnp.clip(pr, 0.0, 1.0) * mr)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _probability_to_load():
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.jit(_probability_to_load_impl, static_argnames=("size",))
+
+
+def prepared_float_map(rec: dict, load_size: int) -> np.ndarray:
+  """A prepared record's vessel map at load_size, float32 in [0,1]."""
+  return np.asarray(_probability_to_load()(
+      np.asarray(rec["vessels"], np.float32), np.asarray(rec["fov_mask"]),
+      size=int(load_size)), np.float32)
+
+
+class PreparedVesselMap:
+  """`PreparedSource` record -> {vmap (L,L) uint8, diam}: the map
+  `load_vessel_maps` makes from the photograph (label_free), read from the
+  record's stored probability instead of segmenting again."""
+
+  def __init__(self, load_size: int, gray_threshold: int,
+               min_component: int = 0):
+    self.load_size = int(load_size)
+    self.gray_threshold = int(gray_threshold)
+    self.min_component = int(min_component)
+
+  def blank(self, status: str, message: str = "", path: str = "") -> dict:
+    s = self.load_size
+    return dict(vmap=np.zeros((s, s), np.uint8), diam=np.float32(0),
+                status=status, message=message, path=path, ok=np.bool_(False))
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    rec = element["prepared"]
+    path = element.get("path", "")
+    if rec["status"] != "ok" or "vessels" not in rec:
+      return self.blank(rec["status"] if rec["status"] != "ok" else
+                        "no_vessels", rec.get("message") or "", path)
+    v = to_uint8_map(prepared_float_map(rec, self.load_size), self.load_size,
+                     self.gray_threshold)
+    if self.min_component > 1:  # as load_vessel_maps does
+      from efiqa_jax.teacher import inference  # pylint: disable=g-import-not-at-top
+      v = inference.remove_small_components(v[None], self.min_component)[0]
+    row = self.blank("ok", "", path)
+    row.update(vmap=v, diam=np.float32(rec["crop"][2]), ok=np.bool_(True))
+    return row
+
+
+class TeacherAugment(grain.transforms.RandomMap):
+  """grain RandomMap: the per-record augmentation of `TrainRecords` (flips,
+  rotation, RandomFOV with the epoch's probability) on a streamed row; a
+  record that could not be read stops training with its path and reason."""
+
+  def __init__(self, n: int, aug_cfg: aug_lib.AugmentConfig,
+               fov_p_max: float, fov_start: float, fov_end: float):
+    self.n = int(n)
+    self.aug_cfg = aug_cfg
+    self.fov = (fov_p_max, fov_start, fov_end)
+
+  def random_map(self, row: dict[str, Any], rng: np.random.Generator):
+    if not bool(row["ok"]):
+      raise ValueError(f"prepared record {row['path']!r} is unusable: "
+                       f"{row['status']} {row['message']}".strip())
+    epoch = int(row["position"]) // self.n
+    p = aug_lib.fov_probability(epoch, p_max=self.fov[0], start=self.fov[1],
+                                end=self.fov[2])
+    out, info = aug_lib.augment(row["vmap"], rng, fov_p=p,
+                                orig_diameter=float(row["diam"]),
+                                cfg=self.aug_cfg)
+    return dict(vmap=out, index=row["index"], position=row["position"],
+                fov_crop=np.bool_(info["fov_crop"]))
+
+
+class PreparedMaps:
+  """The training set of a prepared folder, streamed: only its manifest
+  (paths, statuses) is held; maps are read per record by grain.
+
+  Every ok record trains; the folder must hold vessel maps (`efiqa prepare
+  --vessels`) made at the crop size the photographs would be segmented at
+  (data.work_size, or load_size when 0).
+  """
+
+  def __init__(self, dc):
+    from efiqa_jax import prepared  # pylint: disable=g-import-not-at-top
+    from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+    path = prepared_path(dc)
+    if path is None:
+      raise ValueError("not a prepared-folder config")
+    if dc.vessels != "label_free":
+      raise ValueError(f"data.vessels={dc.vessels!r}: a prepared folder holds "
+                       "label-free vessel maps (use data.vessels=label_free)")
+    if str(dc.get("split", "all") or "all") != "all":
+      raise ValueError(f"data.split={dc.split!r}: a prepared folder trains "
+                       "whole (prepare the split's photographs instead)")
+    src = prepared.PreparedSource(path)
+    pre = src.meta["preprocessing"]
+    if not pre.get("vessels"):
+      raise ValueError(f"{path} holds no vessel maps: prepare it with "
+                       "`efiqa prepare ... --vessels`")
+    work = int(dc.get("work_size", 0) or dc.load_size)
+    if src.size != work:
+      raise ValueError(f"{path} was prepared at {src.size} px; this config "
+                       f"segments at data.work_size={work} (set it to "
+                       f"{src.size} or prepare again)")
+    _, rows = files_lib.read_csv(files_lib.join(path, prepared.MANIFEST))
+    ok = [i for i, r in enumerate(rows) if r.get("status") == "ok"]
+    skipped = [dict(path=r["image"], status=r.get("status", ""),
+                    message=r.get("message", "")) for r in rows
+               if r.get("status") != "ok"]
+    if not ok:
+      raise ValueError(f"none of the {len(rows)} records of {path} is ok; "
+                       f"first problems: {skipped[:3]}")
+    if skipped:
+      logging.warning("skipped %d of %d prepared records (not ok): %s",
+                      len(skipped), len(rows), skipped[:3])
+    self.path = path
+    self.skipped = skipped
+    self.source = sources.subset(src, ok)
+    self.n = len(ok)
+    self.prepare = PreparedVesselMap(dc.load_size, dc.gray_threshold,
+                                     int(dc.get("min_component", 0) or 0))
+    # Reader threads and prefetch depth change no result: a resume may
+    # change them (worker processes change the iterator state's form).
+    what = {k: v for k, v in dc.to_dict().items()
+            if k not in ("num_threads", "prefetch")}
+    blob = json.dumps([what, src.fingerprint, src.meta["shards"],
+                       src.meta["counts"]], sort_keys=True, default=str)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    self.desc = dict(
+        description=f"{self.n} prepared vessel maps (label-free) from {path}",
+        num_maps=self.n, num_skipped=len(skipped),
+        load_size=int(dc.load_size), gray_threshold=int(dc.gray_threshold),
+        min_component=self.prepare.min_component, data_key=key)
+
+  def batches(self, *, seed: int, global_batch: int, num_epochs: int,
+              aug_cfg: aug_lib.AugmentConfig, fov_p_max: float,
+              fov_start: float, fov_end: float, num_workers: int = 0,
+              read_threads: int = 1, prefetch_batches: int = 0,
+              process_index: int | None = None,
+              process_count: int | None = None):
+    """This process's share of the run's batches (`training_batches`):
+    contiguous rows of each global batch, augmentation in the pipeline."""
+    from efiqa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    aug = TeacherAugment(self.n, aug_cfg, fov_p_max, fov_start, fov_end)
+    return input_pipeline.training_batches(
+        self.source, global_batch, seed=seed, prepare=self.prepare,
+        augment=[aug], num_epochs=num_epochs, process_index=process_index,
+        process_count=process_count, num_workers=num_workers,
+        read_threads=read_threads, prefetch_batches=prefetch_batches,
+        position_key="position", contiguous=True)
 
 
 # ------------------------------------------------ good photographs, splits

@@ -1,7 +1,8 @@
 """VUAD teacher training (EFIQA stage 1): `train_and_evaluate(config, workdir)`.
 
 A task on `efiqa_jax.trainer`: the host feeds uint8 vessel maps (augmented
-per record, see `data.py`; a checkpointed grain iterator), the device
+per record, see `data.py`; a checkpointed grain iterator; streamed from a
+prepared folder, held in RAM otherwise), the device
 converts them to [0,1] 3-channel maps, draws the progressive grid mask from
 the step's key (fold_in(seed key, step)), runs the residual U-Net on the
 masked map and minimises the MSE to the unmasked map with AdamW.
@@ -180,19 +181,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = files.output_dir(workdir)
   pi, pc = jax.process_index(), jax.process_count()
 
-  maps, diam, desc = data_lib.load_vessel_maps(
-      config.data, cache_dir=files.join(workdir, "data"))
-  n = len(maps)
   gbs = int(config.batch_size)
+  fov_kw = dict(fov_p_max=config.augment.fov_p_max,
+                fov_start=config.augment.fov_start,
+                fov_end=config.augment.fov_end)
+  streamed = None
+  if data_lib.prepared_path(config.data) is not None:
+    # Streamed: each process reads its share of the records through grain.
+    streamed = data_lib.PreparedMaps(config.data)
+    n, desc = streamed.n, streamed.desc
+  else:
+    maps, diam, desc = data_lib.load_vessel_maps(
+        config.data, cache_dir=files.join(workdir, "data"))
+    n = len(maps)
   total_steps = int(config.num_epochs) * n // gbs
   if total_steps < 1:
     raise ValueError(f"{n} maps x {config.num_epochs} epochs is less than one "
                      f"batch of {gbs}")
-  records = data_lib.TrainRecords(
-      maps, diam, seed=config.seed, global_batch=gbs, process_index=pi,
-      process_count=pc, aug_cfg=_aug_config(config),
-      fov_p_max=config.augment.fov_p_max, fov_start=config.augment.fov_start,
-      fov_end=config.augment.fov_end)
+  if streamed is not None:
+    num_workers = int(config.data.get("num_workers", 0) or 0)
+
+    def batches():
+      return iter(streamed.batches(
+          seed=int(config.seed), global_batch=gbs,
+          num_epochs=int(config.num_epochs), aug_cfg=_aug_config(config),
+          num_workers=num_workers,
+          read_threads=max(1, int(config.data.num_threads)),
+          prefetch_batches=int(config.data.prefetch), **fov_kw))
+  else:
+    records = data_lib.TrainRecords(
+        maps, diam, seed=config.seed, global_batch=gbs, process_index=pi,
+        process_count=pc, aug_cfg=_aug_config(config), **fov_kw)
+
+    def batches():
+      return data_lib.make_train_iterator(
+          records, total_steps, num_threads=config.data.num_threads,
+          prefetch=config.data.prefetch)
   mcfg = dict(k_min=int(config.mask.k_min), k_max=int(config.mask.k_max),
               max_ratio=float(config.mask.max_ratio))
   channels = int(config.model.in_channels)
@@ -220,9 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       name="train-teacher",
       build=lambda: build_model(config, nnx.Rngs(config.seed)),
       loss=functools.partial(loss_fn, mcfg=mcfg, channels=channels),
-      batches=lambda: data_lib.make_train_iterator(
-          records, total_steps, num_threads=config.data.num_threads,
-          prefetch=config.data.prefetch),
+      batches=batches,
       global_batch=gbs,
       device_keys=["vmap"],
       step_inputs=step_inputs,

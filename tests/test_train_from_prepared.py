@@ -1,0 +1,172 @@
+"""`train-teacher` streamed from a prepared folder (`efiqa prepare --vessels`):
+the maps equal those the trainer computes from the photographs, each
+process reads its own contiguous share of every global batch through grain,
+a run is reproducible and resumes bit-exactly, 2 processes match 1."""
+import numpy as np
+import pytest
+from PIL import Image
+
+import jax
+
+from efiqa_jax import cli
+from efiqa_jax import config_util
+from efiqa_jax.teacher import data as data_lib
+from efiqa_jax.teacher import train
+from tests import multihost
+
+N = 16
+WORK = 64  # prepare --size = data.work_size = data.load_size = image_size
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+  """Clean synthetic photographs (as `efiqa synth` draws them, 96 px)."""
+  from efiqa_jax import synth
+  d = tmp_path_factory.mktemp("photos")
+  for i in range(N):
+    Image.fromarray(synth.generate(i, 96, degrade=False).image).save(
+        d / f"eye{i:02d}.png")
+  return str(d)
+
+
+@pytest.fixture(scope="module")
+def prep(photos, tmp_path_factory):
+  out = tmp_path_factory.mktemp("prepared") / "p"
+  assert cli.main(["prepare", photos, "--out", str(out), "--size", str(WORK),
+                   "--vessels", "--records-per-shard", "5", "--quiet"]) == 0
+  return str(out)
+
+
+def _cfg(prep, *extra):
+  return config_util.load_config("configs/teacher.py:tiny", [
+      "--config.data.source=prepared", f"--config.data.path={prep}",
+      "--config.data.vessels=label_free", f"--config.data.work_size={WORK}",
+      "--config.progress_bar=False",
+      "--config.augment.fov_min_diameter_px=28", *extra])
+
+
+def _cli_args(prep, workdir, *extra):
+  return ["train-teacher", "--config", "configs/teacher.py:tiny",
+          "--config.data.source=prepared", f"--config.data.path={prep}",
+          "--config.data.vessels=label_free",
+          f"--config.data.work_size={WORK}", "--config.progress_bar=False",
+          "--config.augment.fov_min_diameter_px=28", *extra,
+          "--workdir", str(workdir)]
+
+
+def test_prepared_maps_equal_those_computed_from_the_photographs(photos,
+                                                                 prep):
+  """Same FOV crop, same resize, same threshold: the float maps agree within
+  1e-6 and the uint8 training maps are identical."""
+  from efiqa_jax import fundus
+  cfg = config_util.load_config("configs/teacher.py:tiny", [
+      "--config.data.source=folder", f"--config.data.path={photos}",
+      "--config.data.vessels=label_free", f"--config.data.work_size={WORK}"])
+  dc = cfg.data
+  want, diam, _ = data_lib._folder_maps(dc)  # pylint: disable=protected-access
+  files = data_lib._folder_inputs(dc)  # pylint: disable=protected-access
+  pm = data_lib.PreparedMaps(_cfg(prep).data)
+  assert pm.n == N == len(want)
+  rows = {}
+  for i in range(pm.n):
+    el = pm.source[i]
+    rows[el["path"]] = (el, pm.prepare.map(el))
+  assert sorted(rows) == sorted(files)
+  for f, w, d in zip(files, want, diam):
+    el, row = rows[f]
+    assert row["ok"] and row["vmap"].dtype == np.uint8
+    np.testing.assert_array_equal(row["vmap"], w, err_msg=f)
+    assert float(row["diam"]) == d
+    p = fundus.prepare_fundus(f, size=WORK)
+    ref = data_lib._label_free(p.image[None], p.fov_mask[None], WORK)[0]  # pylint: disable=protected-access
+    got = data_lib.prepared_float_map(el["prepared"], WORK)
+    np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0, err_msg=f)
+  assert sum(int(w.astype(bool).sum()) for w in want) > 0  # maps not empty
+
+
+def test_each_process_reads_a_disjoint_contiguous_share(prep):
+  """Process p of 2 reads rows [p*L, (p+1)*L) of each global batch, records
+  disjoint between processes; the two shares, stacked in process order (as
+  `to_global` does), are the 1-process batches row for row."""
+  pm = data_lib.PreparedMaps(_cfg(prep).data)
+  kw = dict(seed=3, global_batch=8, num_epochs=2, aug_cfg=train._aug_config(  # pylint: disable=protected-access
+      _cfg(prep)), fov_p_max=0.5, fov_start=0, fov_end=1)
+  one = list(pm.batches(process_index=0, process_count=1, **kw))
+  two = [list(pm.batches(process_index=p, process_count=2, **kw))
+         for p in range(2)]
+  assert len(one) == len(two[0]) == len(two[1]) == 2 * N // 8
+  for k, b in enumerate(one):
+    a0, a1 = two[0][k], two[1][k]
+    assert not set(a0["position"]) & set(a1["position"])
+    assert not set(a0["index"]) & set(a1["index"])  # within an epoch batch
+    for key in ("vmap", "index", "position", "fov_crop"):
+      np.testing.assert_array_equal(
+          np.concatenate([a0[key], a1[key]]), b[key], err_msg=key)
+  pos = np.concatenate([b["position"] for b in one])
+  assert list(pos) == list(range(2 * N))
+  idx = np.concatenate([b["index"] for b in one])
+  assert sorted(idx[:N]) == sorted(idx[N:]) == list(range(N))
+  assert list(idx[:N]) != list(idx[N:])  # reshuffled per epoch
+
+
+def test_same_seed_same_params_and_resume_is_bit_exact(prep, tmp_path):
+  """A full run; a second run from scratch with grain worker processes,
+  killed after step 5 (checkpoint 3) and resumed through the CLI: the
+  same parameters bit for bit."""
+  full = train.train_and_evaluate(_cfg(prep), str(tmp_path / "full"))
+  assert full.step == full.total_steps == 8  # 4 epochs x 16 / batch 8
+  assert full.data_description["num_maps"] == N
+  losses = [l for _, l in full.history]
+  assert np.isfinite(losses).all()
+  wd = tmp_path / "resumed"
+  part = train.train_and_evaluate(_cfg(prep, "--config.data.num_workers=1"),
+                                  str(wd), _stop_after_steps=5)
+  assert part.step == 5 and part.export_dir is None
+  assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["3"]
+  assert cli.main(_cli_args(prep, wd, "--config.data.num_workers=1")) == 0
+  from efiqa_jax import checkpoints
+  from flax import nnx
+  model, meta = checkpoints.load_unet_checkpoint(str(wd / "export"))
+  assert meta["steps"] == 8
+  got = jax.tree.leaves(nnx.state(model, nnx.Param))
+  want = jax.tree.leaves(full.params)
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_folder_without_vessel_maps_is_refused_in_one_line(photos, tmp_path,
+                                                           capsys):
+  out = tmp_path / "novessels"
+  assert cli.main(["prepare", photos, "--out", str(out), "--size", str(WORK),
+                   "--quiet"]) == 0
+  with pytest.raises(ValueError, match="--vessels"):
+    data_lib.PreparedMaps(_cfg(str(out)).data)
+  capsys.readouterr()
+  rc = cli.main(_cli_args(str(out), tmp_path / "wd"))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc != 0 and len(err) == 1 and "--vessels" in err[0], err
+  # A photograph folder given as data.path of source=prepared: one line too.
+  rc = cli.main(_cli_args(photos, tmp_path / "wd2"))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc != 0 and len(err) == 1, err
+
+
+def test_two_processes_match_one_on_the_same_mesh(prep, tmp_path):
+  """`efiqa train-teacher` on 2 processes x 1 device from the prepared
+  folder: the parameters of 1 process on a 2-device mesh (gloo may sum in
+  another order: atol 1e-5)."""
+  from efiqa_jax import checkpoints
+  from flax import nnx
+  wd = tmp_path / "mp"
+  res, _ = multihost.run_efiqa(lambda i: _cli_args(prep, wd), 2, devices=1,
+                               timeout=900, what="2-process train-teacher")
+  assert "trained 8/8 steps" in res[0][1]
+  model, meta = checkpoints.load_unet_checkpoint(str(wd / "export"))
+  assert meta["steps"] == 8
+  one = train.train_and_evaluate(_cfg(prep, "--config.mesh.data=2"),
+                                 str(tmp_path / "one"))
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
+                  jax.tree.leaves(one.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5,
+                               rtol=0)
