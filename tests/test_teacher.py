@@ -495,7 +495,6 @@ def test_ctrl_c_then_sigterm_then_rerun_resumes_bit_exactly(maps_dir,
   checkpoint at the step it reached, says so in one line and exits 75; the
   same command resumes and ends bit for bit where an uninterrupted run
   ends."""
-  from efiqa_jax import cli
   over = ["--config.num_epochs=20", "--config.checkpoint_every=5",
           "--config.log_every=5", "--config.image_every=0"]
   wd = tmp_path / "sig"
