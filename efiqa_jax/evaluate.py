@@ -218,7 +218,7 @@ def labels_from_tfds(spec: str, data_dir: str | None = None,
   a ClassLabel; its class NAME becomes the label, e.g. good/usable/reject
   for EyeQ, good/bad for MSHF). Rows: {image: image/filename, label}.
   Images are not decoded."""
-  import tensorflow_datasets as tfds
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
   parts = spec.split(":")
   if parts[0] != "tfds" or len(parts) not in (3, 4):
     raise ValueError(f"expected tfds:NAME[/CONFIG]:SPLIT[:FEATURE], got "
@@ -226,15 +226,11 @@ def labels_from_tfds(spec: str, data_dir: str | None = None,
   name, split = parts[1], parts[2]
   feature = parts[3] if len(parts) == 4 else "quality"
   # A built dataset is read from its files; the builder code is not needed.
-  builder = tfds.builder(name, data_dir=data_dir)
-  feats = builder.info.features
+  src = sources.tfds_data_source(name, split, data_dir)
+  feats = src.dataset_info.features
   if feature not in feats:
     raise ValueError(f"{name} has no feature {feature!r}: {sorted(feats)}")
   names = getattr(feats[feature], "names", None)
-  skip = {k: tfds.decode.SkipDecoding() for k, f in feats.items()
-          if isinstance(f, (tfds.features.Image, tfds.features.Tensor))}
-  src = tfds.data_source(name, split=split, data_dir=data_dir,
-                         decoders=skip or None, download=False)
   rows = []
   for i in range(len(src)):
     ex = src[i]

@@ -233,8 +233,8 @@ def prepare(inputs: Sequence[str] | str, out_dir, *, size: int = 512,
             progress: bool = False, max_steps: int | None = None):
   """`efiqa prepare`: every input decoded and FOV-cropped once into DIR.
 
-  Inputs as for every command (`sources.list_inputs`: files, folders,
-  globs, CSVs; a prepared folder is refused). Runs on the inference driver
+  Inputs as for every command (`sources.resolve_inputs`: files, folders,
+  globs, CSVs, tfds:NAME[:SPLIT]; a prepared folder is refused). Runs on the inference driver
   (`efiqa_jax.driver`): multi-process exactly once (each process writes its
   own shards; the manifest and prepared.json list them all), resumable
   (shards are renamed into place, then journaled; a rerun skips ok
@@ -252,8 +252,9 @@ def prepare(inputs: Sequence[str] | str, out_dir, *, size: int = 512,
                      f"{records_per_shard}")
   if isinstance(inputs, (str, os.PathLike)):
     inputs = [inputs]
-  paths = sources.list_inputs([os.fspath(p) for p in inputs])
-  ids = sources.unique_ids(paths)
+  resolved = sources.resolve_inputs([os.fspath(p) for p in inputs],
+                                    prepared_ok=False)
+  paths, ids = resolved.paths, resolved.ids
   out = driver.output_dir(out_dir)
   out_dir = os.fspath(out)
   config = vessels_lib.DEFAULT_CONFIG
@@ -343,7 +344,8 @@ def prepare(inputs: Sequence[str] | str, out_dir, *, size: int = 512,
       temporaries=("*.tmp-*", "*.array_record.tmp"),
       finish=finish, drain=shards.drain,
       unit=1 if step is None else step.global_unit)
-  return driver.run(task, paths, out, ids=ids, batch_size=batch_size,
+  return driver.run(task, paths, out, ids=ids, source=resolved.source,
+                    batch_size=batch_size,
                     overwrite=overwrite, num_workers=num_workers,
                     read_threads=read_threads, progress=progress,
                     max_steps=max_steps)

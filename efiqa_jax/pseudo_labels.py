@@ -182,7 +182,9 @@ class PrepareVesselMap:
     from efiqa_jax import files  # pylint: disable=g-import-not-at-top
     path = element["path"]
     try:
-      with Image.open(io.BytesIO(files.read_bytes(path))) as im:
+      data = (element["encoded"] if "encoded" in element
+              else files.read_bytes(path))
+      with Image.open(io.BytesIO(data)) as im:
         arr = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
       return self.blank("not_found", f"no such file: {path}", path)

@@ -449,9 +449,10 @@ class PhotographPrepare:
 
   def map(self, element):
     from efiqa_jax.encoders import preprocess as pp  # pylint: disable=g-import-not-at-top
-    src = element["path"]
-    p, enc = pp.prepare_photograph(src, self.size, self.work_size)
-    row = self.blank(p.status, p.message or "", src)
+    from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+    p, enc = pp.prepare_photograph(sources.record_source(element), self.size,
+                                   self.work_size)
+    row = self.blank(p.status, p.message or "", element["path"])
     row["crop"] = np.array([-1, -1, -1, p.orig_h, p.orig_w], np.int32)
     if p.fov is not None:
       row["fov"] = np.array([p.fov.cx, p.fov.cy, p.fov.r], np.float32)

@@ -125,6 +125,10 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
     item = os.fspath(raw)
     if not files.is_remote(item):
       item = os.path.expanduser(item)
+    if item.startswith(TFDS_PREFIX):
+      raise NoInputsError(f"{item}: this command reads photograph files; "
+                          "assess, extract, pseudo-label, vessels and "
+                          "prepare read tfds: datasets")
     if item.lower().endswith(".csv") and files.isfile(item):
       out.extend(_read_csv(item))
     elif files.isdir(item) and _prepared_folder(item) is not None:
@@ -190,7 +194,8 @@ class Inputs:
 
 
 class InputSource(grain.sources.RandomAccessDataSource):
-  """Photographs and prepared records in one input order (`Inputs.source`).
+  """Photographs, prepared records and TFDS records in one input order
+  (`Inputs.source`).
   `fingerprint`: what prepared the records (None without any), so that
   results of other preparations are never silently reused."""
 
@@ -199,13 +204,12 @@ class InputSource(grain.sources.RandomAccessDataSource):
 
   @property
   def fingerprint(self):
-    if not self._prepared:
-      return None
     fps = []
     for p in self._prepared:
-      if p.fingerprint not in fps:
-        fps.append(p.fingerprint)
-    return fps
+      fp = getattr(p, "fingerprint", None)  # TFDS records are photographs
+      if fp is not None and fp not in fps:
+        fps.append(fp)
+    return fps or None
 
   def __len__(self) -> int:
     return len(self._paths)
@@ -239,9 +243,13 @@ def subset(source, indices: Sequence[int]):
   return _Subset(source, indices)
 
 
-def resolve_inputs(inputs: Sequence[str] | str) -> Inputs:
+def resolve_inputs(inputs: Sequence[str] | str, *,
+                   prepared_ok: bool = True) -> Inputs:
   """`list_inputs`, where a folder holding `prepared.json` (`efiqa
-  prepare`) stands for its records, in its input order; see `Inputs`."""
+  prepare`) stands for its records, in its input order, and
+  `tfds:NAME[/CONFIG][:SPLIT]` for a built dataset's records (`TFDSInputs`);
+  see `Inputs`. prepared_ok=False: a prepared folder is refused as
+  `list_inputs` refuses it."""
   if isinstance(inputs, (str, os.PathLike)):
     inputs = [inputs]
   if not inputs:
@@ -249,22 +257,29 @@ def resolve_inputs(inputs: Sequence[str] | str) -> Inputs:
   paths: list[str] = []
   refs: list = []
   folders: list = []
+  record_sources: list = []  # prepared folders and TFDS datasets
   for raw in inputs:
     item = os.fspath(raw)
-    if not files.is_remote(item):
-      item = os.path.expanduser(item)
-    ps = _prepared_folder(item) if files.isdir(item) else None
-    if ps is None:
+    if item.startswith(TFDS_PREFIX):
+      rs = TFDSInputs(item)
+    else:
+      if not files.is_remote(item):
+        item = os.path.expanduser(item)
+      rs = (_prepared_folder(item) if prepared_ok and files.isdir(item)
+            else None)
+    if rs is None:
       found = list_inputs([item])
       paths.extend(found)
       refs.extend([None] * len(found))
       continue
-    if len(ps) == 0:  # pylint: disable=g-explicit-length-test
-      raise NoInputsError(f"prepared folder {item!r} holds no record")
-    paths.extend(ps.paths)
-    refs.extend((len(folders), j) for j in range(len(ps)))
-    folders.append(ps)
-  return Inputs(paths, InputSource(paths, refs, folders), folders)
+    if len(rs) == 0:  # pylint: disable=g-explicit-length-test
+      raise NoInputsError(f"{item} holds no record")
+    paths.extend(rs.paths)
+    refs.extend((len(record_sources), j) for j in range(len(rs)))
+    record_sources.append(rs)
+    if not isinstance(rs, TFDSInputs):
+      folders.append(rs)
+  return Inputs(paths, InputSource(paths, refs, record_sources), folders)
 
 
 def unique_ids(paths: Sequence[str]) -> list[str]:
@@ -408,6 +423,82 @@ class TFDSSource(grain.sources.RandomAccessDataSource):
     return f"TFDSSource({self._name!r}, {self._split!r}, n={len(self)})"
 
 
+TFDS_PREFIX = "tfds:"
+
+
+def tfds_data_source(name: str, split: str, data_dir: str | None = None):
+  """`tfds.data_source` of a built dataset with every image and tensor
+  feature left encoded (read without TensorFlow, decoded by our decoder).
+  A dataset that is not built is one clear NoInputsError."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    feats = builder.info.features
+    skip = {k: tfds.decode.SkipDecoding() for k, f in feats.items()
+            if isinstance(f, (tfds.features.Image, tfds.features.Tensor))}
+    return builder.as_data_source(split=split, decoders=skip or None)
+  except Exception as e:  # pylint: disable=broad-except
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "TFDS's data_dir"
+    why = (str(e).splitlines() or [""])[0]
+    raise NoInputsError(
+        f"tfds:{name}:{split}: no built dataset under {where} "
+        f"({type(e).__name__}: {why}); build it with `python -m data.build "
+        f"NAME --manual_dir=...` and set TFDS_DATA_DIR") from None
+
+
+class TFDSInputs:
+  """`tfds:NAME[/CONFIG][:SPLIT]` as the input of a command: the records of
+  a dataset built by a `data/` builder (TFDS_DATA_DIR, else TFDS's default
+  data_dir), each known as `tfds:NAME:SPLIT/<image/filename>` (so ids are
+  the file stems, as from the photographs, and `evaluate` joins them with
+  the same dataset's labels). Record j = {'path', 'encoded': the stored
+  photograph bytes}, decoded by the same decoder as files. The file names
+  are read once here (one pass over the records, like `evaluate`'s tfds:
+  labels); picklable for grain workers (reopened from the dataset folder).
+  """
+
+  def __init__(self, spec: str):
+    parts = spec[len(TFDS_PREFIX):].split(":")
+    if not parts[0] or len(parts) > 2:
+      raise NoInputsError(f"expected tfds:NAME[/CONFIG][:SPLIT], got {spec!r}")
+    self._name = parts[0]
+    self._split = parts[1] if len(parts) == 2 and parts[1] else "train"
+    self._data_dir = os.environ.get("TFDS_DATA_DIR") or None
+    self._ds = tfds_data_source(self._name, self._split, self._data_dir)
+    feats = self._ds.dataset_info.features
+    if "image" not in feats:
+      raise NoInputsError(f"{spec}: the dataset has no 'image' feature")
+    has_names = "image/filename" in feats
+    prefix = f"{TFDS_PREFIX}{self._name}:{self._split}/"
+    self.paths = []
+    for j in range(len(self._ds)):
+      fn = self._ds[j]["image/filename"] if has_names else f"{j:08d}"
+      self.paths.append(prefix + (fn.decode() if isinstance(fn, bytes)
+                                  else str(fn)))
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state["_ds"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._ds = tfds_data_source(self._name, self._split, self._data_dir)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"path": self.paths[int(index)],
+            "encoded": bytes(self._ds[int(index)]["image"])}
+
+
+def record_source(element: dict[str, Any]):
+  """What a decoder reads for a raw record: its stored bytes (a TFDS
+  record) or its path."""
+  return element["encoded"] if "encoded" in element else element["path"]
+
+
 # ------------------------------------------------------- per-record transforms
 
 
@@ -458,7 +549,8 @@ class PrepareFundus(grain.transforms.Map):
       fn = fundus.prepare_fundus
     if "prepared" in element:  # efiqa prepare did this step already
       return self._from_prepared(element)
-    src = element[self.source_key]
+    src = (record_source(element) if self.source_key == "path"
+           else element[self.source_key])
     path = element.get("path", src if isinstance(src, str) else "")
     p = fn(src, self.size, **self.load_opts)
     row = self.blank(p.status, p.message or "", path)

@@ -136,10 +136,18 @@ _ARRAYS = {"assess": ("maps/*.npy", "overlays/*.png", "report/*"),
            "vessels": ("*.png",)}
 
 
-def _same_outputs(cmd, a, b):
+def _same_outputs(cmd, a, b, ignore=()):
+  """Equal tables (every column but `ignore`, failures' status rows
+  included; in input order, or by id when `ignore` names the image column,
+  since a TFDS build holds its records in its own order) and arrays (within
+  1e-6)."""
   ta, tb = _csv(os.path.join(a, _TABLE[cmd])), _csv(os.path.join(b,
                                                                  _TABLE[cmd]))
-  assert ta == tb  # every column, failures' status rows included
+
+  def table(rows):
+    rows = [{k: v for k, v in r.items() if k not in ignore} for r in rows]
+    return sorted(rows, key=lambda r: r["id"]) if ignore else rows
+  assert table(ta) == table(tb)
   for pat in _ARRAYS[cmd]:
     names = sorted(os.path.relpath(f, a) for f in glob.glob(os.path.join(
         a, pat)))
@@ -302,3 +310,65 @@ def test_two_processes_prepare_and_read_exactly_once(photos, tmp_path):
     b = np.asarray(Image.open(os.path.join(out, os.path.basename(f))),
                    np.int16)
     assert np.abs(a - b).max() <= 1, f  # XLA options differ in the workers
+
+
+# ------------------------------------------------- tfds:NAME[:SPLIT] inputs
+
+
+@pytest.fixture(scope="module")
+def synth_tfds(tmp_path_factory):
+  """`efiqa synth` photographs (160 px) and the same folder built as the
+  data/efiqa_synth TFDS dataset (ArrayRecord): (images folder, data_dir)."""
+  from data import build as data_build
+  from efiqa_jax.synth import dataset
+  manual = tmp_path_factory.mktemp("synth")
+  dataset.write_dataset(manual, n=4, seed=0, size=160)
+  data_dir = tmp_path_factory.mktemp("tfds")
+  data_build.build("efiqa_synth", str(manual), str(data_dir))
+  return str(manual / "images"), str(data_dir)
+
+
+@pytest.mark.parametrize("cmd", ["assess", "extract", "pseudo-label",
+                                 "vessels"])
+def test_outputs_from_a_tfds_dataset_equal_the_photographs(
+    cmd, synth_tfds, teacher, encoder, tmp_path, monkeypatch):
+  """`tfds:efiqa_synth:train` (a data/ builder's ArrayRecord build, found
+  through TFDS_DATA_DIR): the same rows and arrays as the photographs, ids
+  being the photographs' file stems; only the image column names the
+  dataset record."""
+  images, data_dir = synth_tfds
+  monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+  a, b = str(tmp_path / "photos"), str(tmp_path / "tfds")
+  assert cli.main(_command(cmd, [images], a, teacher, encoder)) == 0
+  assert cli.main(_command(cmd, ["tfds:efiqa_synth:train"], b, teacher,
+                           encoder)) == 0
+  rows = _same_outputs(cmd, a, b, ignore=("image",))
+  got = _csv(os.path.join(b, _TABLE[cmd]))
+  assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+  assert sorted(r["image"] for r in got) == sorted(
+      f"tfds:efiqa_synth:train/{os.path.basename(r['image'])}" for r in rows)
+
+
+def test_prepare_a_tfds_dataset_then_assess_it(synth_tfds, teacher, tmp_path,
+                                               monkeypatch, capsys):
+  """Decode once from a TFDS build: `prepare tfds:...`, then assess from the
+  prepared folder equals assess from the photographs. A dataset that is not
+  built, and a command that reads only files, refuse in one line (exit 4)."""
+  images, data_dir = synth_tfds
+  monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+  prep = str(tmp_path / "prep")
+  assert cli.main(["prepare", "tfds:efiqa_synth", "--out", prep, "--size",
+                   str(SIZE), "--quiet"]) == 0
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  assert cli.main(_command("assess", [images], a, teacher, None)) == 0
+  assert cli.main(_command("assess", [prep], b, teacher, None)) == 0
+  _same_outputs("assess", a, b, ignore=("image",))
+  capsys.readouterr()
+  assert cli.main(["assess", "tfds:no_such_dataset:test", "--out",
+                   str(tmp_path / "c"), "--model", teacher,
+                   "--quiet"]) == sources.EXIT_NO_INPUTS
+  _one_line(capsys.readouterr().err, "tfds:no_such_dataset:test",
+            "TFDS_DATA_DIR")
+  assert cli.main(["benchmark", "tfds:efiqa_synth", "--quiet"]
+                  ) == sources.EXIT_NO_INPUTS
+  _one_line(capsys.readouterr().err, "tfds:efiqa_synth", "read tfds:")

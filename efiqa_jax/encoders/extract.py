@@ -103,7 +103,8 @@ class PrepareEncoderInput(sources.PrepareFundus):
         row["ok"] = np.bool_(True)
       return row
     from efiqa_jax import fundus
-    src = element[self.source_key]
+    src = (sources.record_source(element) if self.source_key == "path"
+           else element[self.source_key])
     path = element.get("path", src if isinstance(src, str) else "")
     opts = {k: v for k, v in self.load_opts.items() if k == "max_pixels"}
     dec = fundus.decode_image(src, **opts)  # full resolution, as the reference
