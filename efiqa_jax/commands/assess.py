@@ -8,7 +8,8 @@ def add_arguments(p):
   p.add_argument("inputs", nargs="+",
                  help="image files, folders (recursive), globs, a CSV with "
                  "a 'path' column, or prepared folders (efiqa prepare, at the "
-                 "model's work size)")
+                 "model's work size), or tfds:NAME[:SPLIT] (a built data/ "
+                 "dataset, under TFDS_DATA_DIR)")
   p.add_argument("--out", required=True, help="output folder (re-running "
                  "into it skips finished images)")
   p.add_argument("--model", default="default",

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("inputs", nargs="+",
                  help="files, folders, globs, CSVs with a `path` column, or "
                  "prepared folders (efiqa prepare --size WORK_SIZE; "
-                 "--preprocess fov)")
+                 "--preprocess fov), or tfds:NAME[:SPLIT] (a built data/ "
+                 "dataset)")
   p.add_argument("--encoder", required=True,
                  help="efiqa model directory of a ViT (efiqa port dinov3 ...)")
   p.add_argument("--out", required=True, help="output folder")

@@ -10,8 +10,9 @@ HELP = ("Decode, find the FOV and crop every photograph once (the code assess "
 
 def add_arguments(p):
   p.add_argument("inputs", nargs="+",
-                 help="image files, folders (recursive), globs, or a CSV with "
-                 "a 'path' column")
+                 help="image files, folders (recursive), globs, a CSV with "
+                 "a 'path' column, or tfds:NAME[:SPLIT] (a built data/ "
+                 "dataset, under TFDS_DATA_DIR)")
   p.add_argument("--out", required=True,
                  help="the prepared folder (re-running into it skips "
                  "finished photographs)")

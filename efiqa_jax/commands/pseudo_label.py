@@ -10,7 +10,8 @@ def add_arguments(p):
   p.add_argument("inputs", nargs="+", help="vessel maps (or photographs with "
                  "--from-photos): files, folders, globs or a CSV; with "
                  "--from-photos also prepared folders (efiqa prepare "
-                 "--size WORK_SIZE)")
+                 "--size WORK_SIZE) and tfds:NAME[:SPLIT] (a built data/ "
+                 "dataset)")
   p.add_argument("--teacher", required=True,
                  help="teacher model directory, or 'default' (the bundled "
                  "teacher, as in assess --model default)")

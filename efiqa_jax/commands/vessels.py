@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("inputs", nargs="+",
                       help="image files, folders, globs, a CSV with a "
                       "`path` column, or prepared folders (efiqa prepare "
-                      "--size SIZE)")
+                      "--size SIZE), or tfds:NAME[:SPLIT] (a built data/ "
+                      "dataset)")
   parser.add_argument("--out", required=True, help="output folder (re-running "
                       "into it skips finished images)")
   parser.add_argument("--size", type=int, default=512,
