@@ -24,6 +24,10 @@ read back from an ArrayRecord shard). Prints JSON lines on stdout:
   {"name": "assess_default_model", ...}  (--cpu-model) the bundled teacher
                              computed on this CPU (label-free vessels and
                              U-Net share the cores with decoding)
+  {"name": "pseudo_label_default_teacher", ...}  (--pseudo-label)
+                             `pseudo-label --from-photos` with the bundled
+                             teacher computed on this CPU, anomaly maps and
+                             patch labels checked equal between the sides
 
 "per core" divides by the cores this process may use
 (`os.sched_getaffinity`). Each round runs both sides back to back, the
@@ -85,6 +89,35 @@ def _assess_rate(inputs, out, model, batch, threads, n, overlays) -> float:
   return n / dt
 
 
+def _pseudo_rate(inputs, out, batch, threads, n) -> float:
+  from efiqa_jax import pseudo_labels, quality_model
+  t0 = time.perf_counter()
+  res = pseudo_labels.write_pseudo_labels(
+      inputs, quality_model.DEFAULT_MODEL_DIR, out, from_photos=True,
+      batch_size=batch, read_threads=threads, progress=False, overwrite=True)
+  dt = time.perf_counter() - t0
+  assert res["total"] == n, res
+  return n / dt
+
+
+def _same_pseudo(a, b) -> float:
+  """Max |anomaly difference| of two pseudo-label folders (manifests and
+  label PNGs equal)."""
+  from PIL import Image
+  for name in ("manifest.csv",):
+    with open(os.path.join(a, name)) as f, open(os.path.join(b, name)) as g:
+      assert f.read() == g.read(), f"{name} differ"
+  worst = 0.0
+  for f in glob.glob(os.path.join(a, "anomaly", "*.npy")):
+    stem = os.path.basename(f)[:-4]
+    worst = max(worst, float(np.abs(np.load(f) - np.load(os.path.join(
+        b, "anomaly", stem + ".npy"))).max()))
+    la = np.asarray(Image.open(os.path.join(a, "labels", stem + ".png")))
+    lb = np.asarray(Image.open(os.path.join(b, "labels", stem + ".png")))
+    assert np.array_equal(la, lb), stem
+  return worst
+
+
 def _same(a, b) -> float:
   """Max |map difference| of two assess folders (their tables equal)."""
   with open(os.path.join(a, "scores.csv")) as f:
@@ -136,6 +169,9 @@ def main(argv=None):
   ap.add_argument("--cpu-model", action="store_true",
                   help="also time assess with the bundled teacher computed "
                   "on this CPU")
+  ap.add_argument("--pseudo-label", action="store_true",
+                  help="also time pseudo-label --from-photos (the bundled "
+                  "teacher computed on this CPU)")
   ap.add_argument("--quick", action="store_true")
   args = ap.parse_args(argv)
   if args.quick:
@@ -209,7 +245,26 @@ def main(argv=None):
                           "replayed": qm is replay})
 
 
-class Replay:
+  if args.pseudo_label:
+    # Each write_pseudo_labels call builds its step anew: a persistent
+    # compilation cache keeps XLA compilation out of the timed runs.
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.join(tmp, "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    a, b = os.path.join(tmp, "pl", "photos"), os.path.join(tmp, "pl", "prep")
+    _pseudo_rate([csv_in], a, args.batch, threads, n)  # compiles
+    _pseudo_rate([prep_dir], b, args.batch, threads, n)
+    diff = _same_pseudo(a, b)
+    _rounds("pseudo_label_default_teacher",
+            lambda: _pseudo_rate([csv_in], a, args.batch, threads, n),
+            lambda: _pseudo_rate([prep_dir], b, args.batch, threads, n),
+            args.rounds, {"set": kind, "batch": args.batch,
+                          "threads": threads, "max_anomaly_diff": diff,
+                          "replayed": False})
+
+
+class Replay:  # a quality_model.QualityModel
   """A quality model whose maps are those `model` gave the same crops
   earlier (`recording`: compute and keep them): the model at no cost, so
   that what is timed is the host's share of assess."""
@@ -218,9 +273,15 @@ class Replay:
     self._model, self._maps, self.recording = model, {}, False
 
   def __getattr__(self, name):
-    if name in ("predict_all", "predict_logits", "assess_prepare"):
-      raise AttributeError(name)  # the teacher's path through assess
-    return getattr(self._model, name)
+    return getattr(self._model, name)  # name, work_size, grading, ...
+
+  def assess_prepare(self):
+    return self._model.assess_prepare()
+
+  def predict_all(self, images, fov, encoder_images=None):
+    del encoder_images  # a teacher reads the crop only
+    return {"maps": self.predict(images, fov), "logits": None,
+            "class_probs": None}
 
   @staticmethod
   def _key(image, fov):
