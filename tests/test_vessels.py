@@ -254,8 +254,9 @@ def test_segment_paths_writes_maps_and_full_manifest(tmp_path):
   paths.append(str(tmp_path / "missing.jpg"))
   out = tmp_path / "out"
   # size/batch as in the other tests: the compiled shape is reused.
-  res = vessels.segment_paths(paths, out, size=256, batch_size=2,
-                              prepare=_test_preparer)
+  from efiqa_jax import vessel_maps
+  res = vessel_maps.segment_paths(paths, out, size=256, batch_size=2,
+                                  prepare=_test_preparer)
   manifest = res.out_dir / "manifest.csv"
   with open(manifest, newline="") as f:
     rows = list(csv.DictReader(f))

@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from efiqa_jax import sources, vessels  # pylint: disable=g-import-not-at-top
-  res, code = commands.run_driver(NAME, lambda: vessels.segment_paths(
+  from efiqa_jax import sources, vessel_maps  # pylint: disable=g-import-not-at-top
+  res, code = commands.run_driver(NAME, lambda: vessel_maps.segment_paths(
       sources.resolve_inputs(args.inputs), args.out, size=args.size,
       batch_size=args.batch_size, overwrite=args.overwrite,
       read_threads=args.threads, progress=not args.quiet), args.quiet)
