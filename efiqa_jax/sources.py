@@ -370,28 +370,57 @@ class SyntheticSource(grain.sources.RandomAccessDataSource):
     return f"SyntheticSource(n={self._n}, seed={self._seed}, size={self._size})"
 
 
+TFDS_PREFIX = "tfds:"
+
+
+def _skip_decoding(builder):
+  """Decoders leaving every image and tensor feature encoded."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  skip = {k: tfds.decode.SkipDecoding()
+          for k, f in builder.info.features.items()
+          if isinstance(f, (tfds.features.Image, tfds.features.Tensor))}
+  return skip or None
+
+
+def tfds_data_source(name: str, split: str, data_dir: str | None = None):
+  """`tfds.data_source` of a built dataset (ArrayRecord, no TensorFlow, the
+  builder code not needed) with every image and tensor feature left
+  encoded, to be decoded by our decoder. A dataset that is not built is one
+  clear NoInputsError."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    return builder.as_data_source(split=split,
+                                  decoders=_skip_decoding(builder))
+  except Exception as e:  # pylint: disable=broad-except
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "TFDS's data_dir"
+    why = (str(e).splitlines() or [""])[0]
+    raise NoInputsError(
+        f"tfds:{name}:{split}: no built dataset under {where} "
+        f"({type(e).__name__}: {why}); build it with `python -m data.build "
+        f"NAME --manual_dir=...` and set TFDS_DATA_DIR") from None
+
+
 class TFDSSource(grain.sources.RandomAccessDataSource):
   """A TFDS dataset built in ArrayRecord format, read without tf.data.
 
-  Wraps `tfds.data_source(name, split=..., data_dir=...)`. The image feature
-  is read as encoded bytes (`SkipDecoding`) so that decoding happens once, in
-  `PrepareFundus`, with the same decoder as files on disk. Record i is
+  `tfds_data_source(name, split, data_dir)`: image and tensor features are
+  read as encoded bytes so that decoding happens once, in `PrepareFundus`,
+  with the same decoder as files on disk. Record i is
   {'path': f'{name}/{split}/{i}' (or the value of `id_key`), 'image': bytes,
-  plus the other features}.
+  plus the other features}. Picklable: grain workers reopen it from its
+  folder, so the builder class need not be importable there.
   """
 
   def __init__(self, name: str, split: str = "train", *,
-               data_dir: str | None = None, image_key: str = "image",
-               id_key: str | None = None):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    self._name, self._split = name, split
-    self._image_key, self._id_key = image_key, id_key
-    self._ds = tfds.data_source(
-        name, split=split, data_dir=data_dir, download=False,
-        decoders={image_key: tfds.decode.SkipDecoding()})
-    # Workers reopen from the prepared folder, so the builder class need not
-    # be importable there (it may live in a notebook or a test).
+               data_dir: str | None = None, id_key: str | None = None):
+    self._name, self._split, self._id_key = name, split, id_key
+    self._ds = tfds_data_source(name, split, data_dir)
     self._builder_dir = os.fspath(self._ds.dataset_info.data_dir)
+
+  @property
+  def features(self):
+    return self._ds.dataset_info.features
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -402,9 +431,8 @@ class TFDSSource(grain.sources.RandomAccessDataSource):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.__dict__.update(state)
     builder = tfds.builder_from_directory(self._builder_dir)
-    self._ds = builder.as_data_source(
-        split=self._split,
-        decoders={self._image_key: tfds.decode.SkipDecoding()})
+    self._ds = builder.as_data_source(split=self._split,
+                                      decoders=_skip_decoding(builder))
 
   def __len__(self) -> int:
     return len(self._ds)
@@ -423,29 +451,6 @@ class TFDSSource(grain.sources.RandomAccessDataSource):
     return f"TFDSSource({self._name!r}, {self._split!r}, n={len(self)})"
 
 
-TFDS_PREFIX = "tfds:"
-
-
-def tfds_data_source(name: str, split: str, data_dir: str | None = None):
-  """`tfds.data_source` of a built dataset with every image and tensor
-  feature left encoded (read without TensorFlow, decoded by our decoder).
-  A dataset that is not built is one clear NoInputsError."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-    feats = builder.info.features
-    skip = {k: tfds.decode.SkipDecoding() for k, f in feats.items()
-            if isinstance(f, (tfds.features.Image, tfds.features.Tensor))}
-    return builder.as_data_source(split=split, decoders=skip or None)
-  except Exception as e:  # pylint: disable=broad-except
-    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "TFDS's data_dir"
-    why = (str(e).splitlines() or [""])[0]
-    raise NoInputsError(
-        f"tfds:{name}:{split}: no built dataset under {where} "
-        f"({type(e).__name__}: {why}); build it with `python -m data.build "
-        f"NAME --manual_dir=...` and set TFDS_DATA_DIR") from None
-
-
 class TFDSInputs:
   """`tfds:NAME[/CONFIG][:SPLIT]` as the input of a command: the records of
   a dataset built by a `data/` builder (TFDS_DATA_DIR, else TFDS's default
@@ -454,43 +459,31 @@ class TFDSInputs:
   the same dataset's labels). Record j = {'path', 'encoded': the stored
   photograph bytes}, decoded by the same decoder as files. The file names
   are read once here (one pass over the records, like `evaluate`'s tfds:
-  labels); picklable for grain workers (reopened from the dataset folder).
-  """
+  labels)."""
 
   def __init__(self, spec: str):
     parts = spec[len(TFDS_PREFIX):].split(":")
     if not parts[0] or len(parts) > 2:
       raise NoInputsError(f"expected tfds:NAME[/CONFIG][:SPLIT], got {spec!r}")
-    self._name = parts[0]
-    self._split = parts[1] if len(parts) == 2 and parts[1] else "train"
-    self._data_dir = os.environ.get("TFDS_DATA_DIR") or None
-    self._ds = tfds_data_source(self._name, self._split, self._data_dir)
-    feats = self._ds.dataset_info.features
-    if "image" not in feats:
+    name = parts[0]
+    split = parts[1] if len(parts) == 2 and parts[1] else "train"
+    self._src = TFDSSource(name, split,
+                           data_dir=os.environ.get("TFDS_DATA_DIR") or None)
+    if "image" not in self._src.features:
       raise NoInputsError(f"{spec}: the dataset has no 'image' feature")
-    has_names = "image/filename" in feats
-    prefix = f"{TFDS_PREFIX}{self._name}:{self._split}/"
+    prefix = f"{TFDS_PREFIX}{name}:{split}/"
     self.paths = []
-    for j in range(len(self._ds)):
-      fn = self._ds[j]["image/filename"] if has_names else f"{j:08d}"
+    for j in range(len(self._src)):
+      fn = self._src[j].get("image/filename", f"{j:08d}")
       self.paths.append(prefix + (fn.decode() if isinstance(fn, bytes)
                                   else str(fn)))
-
-  def __getstate__(self):
-    state = dict(self.__dict__)
-    del state["_ds"]
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._ds = tfds_data_source(self._name, self._split, self._data_dir)
 
   def __len__(self) -> int:
     return len(self.paths)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return {"path": self.paths[int(index)],
-            "encoded": bytes(self._ds[int(index)]["image"])}
+            "encoded": bytes(self._src[int(index)]["image"])}
 
 
 def record_source(element: dict[str, Any]):
