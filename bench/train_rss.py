@@ -42,16 +42,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def write_prepared(out: pathlib.Path, n: int, size: int, *,
-                   distinct: int = 8, per_shard: int = 1024) -> None:
-  """A prepared folder (--vessels) of n records at `size` px."""
-  from efiqa_jax import driver, files, fundus, prepared, synth, vessels
-  if (out / prepared.METADATA).exists():
-    meta = prepared.read_metadata(out)
-    if meta["counts"]["total"] == n and meta["preprocessing"]["size"] == size:
-      return
-  out.mkdir(parents=True, exist_ok=True)
-  base = []
+def _crops_and_maps(distinct: int, size: int) -> list:
+  """(fundus.Prepared, label-free vessel map) of `distinct` clean synthetic
+  photographs drawn at twice `size`, cropped at `size`."""
+  from efiqa_jax import fundus, synth, vessels
+  out = []
   for i in range(distinct):
     buf = io.BytesIO()
     Image.fromarray(synth.generate(i, size * 2, degrade=False).image).save(
@@ -60,7 +55,20 @@ def write_prepared(out: pathlib.Path, n: int, size: int, *,
     assert p.status == "ok", (p.status, p.message)
     v = np.asarray(vessels.vessel_probability(p.image[None],
                                               p.fov_mask[None]))[0]
-    base.append((p, v))
+    out.append((p, v))
+  return out
+
+
+def write_prepared(out: pathlib.Path, n: int, size: int, *,
+                   distinct: int = 8, per_shard: int = 1024) -> None:
+  """A prepared folder (--vessels) of n records at `size` px."""
+  from efiqa_jax import driver, files, prepared
+  if (out / prepared.METADATA).exists():
+    meta = prepared.read_metadata(out)
+    if meta["counts"]["total"] == n and meta["preprocessing"]["size"] == size:
+      return
+  out.mkdir(parents=True, exist_ok=True)
+  base = _crops_and_maps(distinct, size)
   w = files.ShardWriter(str(out), "records", "bench", per_shard,
                         options=prepared.WRITER_OPTIONS)
   for i in range(n):
@@ -99,18 +107,11 @@ def write_map_folder(out: pathlib.Path, n: int, size: int,
                      distinct: int = 8) -> None:
   """n vessel-map PNGs (the old loader's `data.vessels=precomputed` input):
   the same maps as the prepared records, as uint8 images."""
-  from efiqa_jax import fundus, synth, vessels
   if out.exists() and len(list(out.glob("*.png"))) == n:
     return
   out.mkdir(parents=True, exist_ok=True)
   pngs = []
-  for i in range(distinct):
-    buf = io.BytesIO()
-    Image.fromarray(synth.generate(i, size * 2, degrade=False).image).save(
-        buf, "PNG")
-    p = fundus.prepare_fundus(buf.getvalue(), size=size)
-    v = np.asarray(vessels.vessel_probability(p.image[None],
-                                              p.fov_mask[None]))[0]
+  for _, v in _crops_and_maps(distinct, size):
     b = io.BytesIO()
     Image.fromarray(np.round(v * 255).astype(np.uint8)).save(b, "PNG")
     pngs.append(b.getvalue())
