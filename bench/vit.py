@@ -2,8 +2,9 @@
 (PyTorch), same CPU, same weights, float32 and bfloat16.
 
 One JSON line per setting (name, ours, reference, unit, ratio, ...):
-  vit_l16_fp32, vit_l16_bf16   ours/reference in ms per batch (median of
-  --iters timed calls after a warm-up / compile call); ratio =
+  vit_l16_fp32, vit_l16_bf16   ours/reference in ms per batch (medians of
+  --iters timed calls after a warm-up / compile call, the two sides
+  alternating call by call); ratio = the median of the per-pair
   reference / ours (> 1: ours is faster).
 
 The weights are a randomly initialised HF DINOv3ViTModel with the
@@ -21,14 +22,22 @@ import tempfile
 import time
 
 
-def _time(fn, iters):
-  fn()  # compile / warm-up
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    ts.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(ts)
+def _time_pairs(run_ref, run_ours, iters):
+  """(median ref ms, median ours ms, median of the per-pair ratios): after
+  one warm-up call each, `iters` pairs timed back to back, the order
+  alternating, so that both sides see the same load on a shared machine."""
+  run_ref()
+  run_ours()
+  refs, ours = [], []
+  for i in range(iters):
+    pair = ((refs, run_ref), (ours, run_ours))
+    for ts, fn in (pair if i % 2 == 0 else pair[::-1]):
+      t0 = time.perf_counter()
+      fn()
+      ts.append((time.perf_counter() - t0) * 1e3)
+  ratios = [r / o for r, o in zip(refs, ours)]
+  return (statistics.median(refs), statistics.median(ours),
+          statistics.median(ratios))
 
 
 def main():
@@ -91,10 +100,9 @@ def main():
     def run_ours():
       fwd(model, xj).block_until_ready()
 
-    t_ref = _time(run_ref, args.iters)
-    t_ours = _time(run_ours, args.iters)
+    t_ref, t_ours, ratio = _time_pairs(run_ref, run_ours, args.iters)
     row = dict(name=name, ours=round(t_ours, 2), reference=round(t_ref, 2),
-               unit="ms/batch", ratio=round(t_ref / t_ours, 3), **common)
+               unit="ms/batch", ratio=round(ratio, 3), **common)
     if name == "vit_l16_fp32":
       row["max_abs_diff_fp32"] = diff
     print(json.dumps(row), flush=True)
