@@ -5,11 +5,17 @@ Matching follows the reference `SIFDataset`: feature file, patch-label PNG
 > 0. Ids present on one side only are reported (`DataReport`), never
 silently dropped.
 
-Batches are a grain `MapDataset` indexed by the training step: batch s is a
-pure function of (seed, s) -- epoch e = s // steps_per_epoch uses the
-permutation `default_rng([seed, e])` -- so a resumed run reads exactly the
-batches an uninterrupted run would. The last batch of an epoch is padded to
-the fixed batch size with `mask` = 0 rows (static shapes for jit).
+Cached features: batches are a grain `MapDataset` indexed by the training
+step: batch s is a pure function of (seed, s) -- epoch e = s //
+steps_per_epoch uses the permutation `default_rng([seed, e])` -- so a
+resumed run reads exactly the batches an uninterrupted run would. The last
+batch of an epoch is padded to the fixed batch size with `mask` = 0 rows
+(static shapes for jit).
+
+End to end (photographs or a prepared folder, `encoder_inputs`): streamed
+through `input_pipeline.training_batches` (`EncoderRows`: one record ->
+encoder pixels + its label, read per record), each process reading only its
+rows of every global batch; only ids and paths are held.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import io
 import os
 from typing import Any, Sequence
 
+import grain
 import numpy as np
 from PIL import Image
 
@@ -110,8 +117,10 @@ def match(left: dict[str, str], labels: dict[str, str], not_ok=()
           ) -> DataReport:
   # Sorted: the data order does not depend on how the features are stored.
   ids = sorted(i for i in left if i in labels)
+  # A label whose input is listed as not ok is reported there, once.
+  bad = {i for i, _ in not_ok}
   return DataReport(ids, sorted(set(left) - set(labels)),
-                    sorted(set(labels) - set(left)), list(not_ok))
+                    sorted(set(labels) - set(left) - bad), list(not_ok))
 
 
 def load_features(f) -> np.ndarray:
@@ -179,66 +188,6 @@ def _flip(x, y, seed, step):
   return x, y
 
 
-class PixelBatch:
-  """step -> {pixels (B, S, S, 3) float32 normalised, y, mask} for the end-to-
-  end mode (`encoders.extract.PrepareEncoderInput`: the FOV crop or, with
-  preprocess='efiqa', the whole photograph; EFIQA's resize/normalisation).
-
-  `check()` prepares every photograph once up front, returns the ones that
-  fail (so training never dies on a bad file mid-run) and keeps the prepared
-  pixels in memory up to `cache_bytes`; the rest are prepared again when
-  their batch comes."""
-
-  def __init__(self, paths: Sequence[str], labels: Sequence[np.ndarray],
-               batch: int, seed: int, size: int, work_size: int,
-               flip: bool = False, cache_bytes: float = 4e9,
-               preprocess: str = "fov"):
-    from efiqa_jax.encoders import extract
-    self.paths, self.labels = list(paths), list(labels)
-    self.batch, self.seed, self.flip = batch, seed, flip
-    self._prep = extract.PrepareEncoderInput(size, work_size=work_size,
-                                             preprocess=preprocess)
-    self._cache: dict[int, np.ndarray] = {}
-    self.size = size
-    self.cache_bytes = cache_bytes
-
-  def check(self) -> list[tuple[int, str]]:
-    """Prepare all; drop failures; -> [(original index, status message)]."""
-    keep, failed, used = [], [], 0
-    cache = {}
-    for i, p in enumerate(self.paths):
-      row = self._prep.map({"path": p})
-      if not bool(row["ok"]):
-        failed.append((i, f"{row['status']}: {row['message']}"))
-        continue
-      if used + row["pixels"].nbytes <= self.cache_bytes:
-        cache[len(keep)] = row["pixels"]
-        used += row["pixels"].nbytes
-      keep.append(i)
-    self.paths = [self.paths[i] for i in keep]
-    self.labels = [self.labels[i] for i in keep]
-    self._cache = cache
-    return failed
-
-  def pixels(self, i: int) -> np.ndarray:
-    if i in self._cache:
-      return self._cache[i]
-    row = self._prep.map({"path": self.paths[i]})
-    if not bool(row["ok"]):
-      raise ValueError(f"{self.paths[i]}: {row['status']} {row['message']}")
-    return row["pixels"]
-
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    idx, mask = epoch_indices(len(self.paths), self.batch, self.seed, step)
-    x = np.stack([self.pixels(i) for i in idx])
-    y = np.stack([self.labels[i] for i in idx])
-    if self.flip:
-      # Flipping the photograph flips its token grid; the label grid follows.
-      x, y = _flip(x, y, self.seed, step)
-    m = np.broadcast_to(mask[:, None, None], y.shape).astype(np.float32)
-    return {"pixels": x, "y": y * m, "mask": np.ascontiguousarray(m)}
-
-
 def step_dataset(make_batch: Any, start: int, total: int, *,
                  threads: int = 2, prefetch: int = 4):
   """grain pipeline over steps [start, total): batch s = make_batch(s)."""
@@ -246,3 +195,183 @@ def step_dataset(make_batch: Any, start: int, total: int, *,
   ds = grain.MapDataset.range(start, total).map(make_batch)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                               prefetch_buffer_size=prefetch))
+
+
+# ------------------------------------------------- end to end, streamed
+
+
+@dataclasses.dataclass
+class EncoderInputs:
+  """The photographs of an end-to-end run, as a random-access source.
+
+  by_id: id -> position in `source` of every usable record; not_ok: (id,
+  'status: message') of the records that cannot be used; source: record i =
+  {'path'} (a photograph) or a `prepared.PreparedSource` record; prepared:
+  the prepared folder (None for photographs); fingerprint: what prepared
+  its crops (None for photographs).
+  """
+  by_id: dict[str, int]
+  not_ok: list[tuple[str, str]]
+  source: Any
+  prepared: str | None = None
+  fingerprint: Any = None
+
+
+def encoder_inputs(images, *, size: int, work_size: int, preprocess: str,
+                   wanted=None) -> EncoderInputs:
+  """`images` (photographs: files, folders, globs, CSVs; or a folder of
+  `efiqa prepare`) -> `EncoderInputs`.
+
+  A prepared folder is not read: its manifest says which records are ok
+  (its crops were made at `work_size`: another size, or preprocess 'efiqa'
+  (the whole photograph), is refused in one line). Photographs are
+  prepared once here (`extract.PrepareEncoderInput`, nothing kept) so that
+  training never stops on a bad file mid-run; only those whose id is in
+  `wanted` (all when None) are checked.
+  """
+  from efiqa_jax import prepared as prepared_lib
+  from efiqa_jax import sources
+  from efiqa_jax.encoders import extract
+  folder = os.fspath(images) if isinstance(images, (str, os.PathLike)) \
+      else None
+  if folder is not None and prepared_lib.is_prepared(folder):
+    src = prepared_lib.PreparedSource(folder)
+    if preprocess != "fov":
+      raise ValueError(f"{folder} is a prepared folder (FOV crops): "
+                       f"preprocess {preprocess!r} needs the whole "
+                       "photographs; give them instead, or use preprocess "
+                       "fov")
+    if src.size != int(work_size):
+      raise ValueError(f"{folder} was prepared at {src.size} px, this run "
+                       f"works at {int(work_size)} px (work_size): prepare "
+                       f"the photographs again with --size {int(work_size)}")
+    _, rows = files_lib.read_csv(files_lib.join(folder, prepared_lib.MANIFEST))
+    by_id, not_ok = {}, []
+    for i, r in enumerate(rows):
+      if r.get("status") == "ok":
+        by_id[r["id"]] = i
+      else:
+        not_ok.append((r["id"], f"{r.get('status') or 'pending'}: "
+                       f"{r.get('message', '')}".rstrip(": ")))
+    return EncoderInputs(by_id, not_ok, src, folder, src.fingerprint)
+  paths = sources.list_inputs([images] if folder is not None else images)
+  ids = sources.unique_ids(paths)
+  prep = extract.PrepareEncoderInput(size, work_size=work_size,
+                                     preprocess=preprocess)
+  by_id, not_ok = {}, []
+  for i, (id_, p) in enumerate(zip(ids, paths)):
+    if wanted is not None and id_ not in wanted:
+      by_id[id_] = i  # unchecked: it has no label and is never read
+      continue
+    row = prep.map({"path": p})
+    if bool(row["ok"]):
+      by_id[id_] = i
+    else:
+      not_ok.append((id_, f"{row['status']}: {row['message']}"))
+  return EncoderInputs(by_id, not_ok, sources.PathSource(paths))
+
+
+class Labelled(grain.sources.RandomAccessDataSource):
+  """Records `indices` of `source`, each with its label file under
+  'label' (None: no label, e.g. self-supervised pretraining)."""
+
+  def __init__(self, source, indices, labels=None):
+    self.source, self.indices = source, list(indices)
+    self.labels = None if labels is None else list(labels)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int):
+    rec = dict(self.source[self.indices[int(index)]])
+    if self.labels is not None:
+      rec["label"] = self.labels[int(index)]
+    return rec
+
+
+class EncoderRows(grain.transforms.Map):
+  """Record -> row: `pixels` (size, size, 3) float32, the encoder input
+  (`extract.PrepareEncoderInput`: the photograph's or the prepared record's
+  FOV crop, or the whole photograph), and with `label_grid` its label `y`
+  and `mask` (ones; zeros on a row that failed)."""
+
+  def __init__(self, size: int, work_size: int, preprocess: str = "fov",
+               label_grid: tuple[int, int] | None = None,
+               label_resize: str = "error"):
+    from efiqa_jax.encoders import extract
+    self.prep = extract.PrepareEncoderInput(size, work_size=work_size,
+                                            preprocess=preprocess)
+    self.grid = None if label_grid is None else tuple(label_grid)
+    self.label_resize = label_resize
+
+  def blank(self, status: str, message: str = "", path: str = "") -> dict:
+    row = self.prep.blank(status, message, path)
+    if self.grid is not None:
+      row["y"] = np.zeros(self.grid, np.float32)
+      row["mask"] = np.zeros(self.grid, np.float32)
+    return row
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    row = self.prep.map(element)
+    if self.grid is None:
+      return row
+    y = read_label(element["label"])
+    if y.shape != self.grid and self.label_resize == "nearest":
+      y = resize_nearest(y, self.grid)
+    if y.shape != self.grid:
+      raise ValueError(f"label {element['label']} is {y.shape[0]}x"
+                       f"{y.shape[1]}, the adapter outputs {self.grid[0]}x"
+                       f"{self.grid[1]}")
+    ok = np.float32(bool(row["ok"]))
+    row["y"] = y * ok
+    row["mask"] = np.full(self.grid, ok, np.float32)
+    return row
+
+
+class RequireOk(grain.transforms.Map):
+  """A record that could not be read stops training with its path and
+  reason (usable records were checked before training)."""
+
+  def map(self, row):
+    if not bool(row["ok"]):
+      raise ValueError(f"{row['path']!r} is unusable: {row['status']} "
+                       f"{row['message']}".strip())
+    return row
+
+
+def encoder_batches(source, rows: EncoderRows, *, seed: int,
+                    global_batch: int, num_epochs: int, flip: bool = False,
+                    flip_vertical: bool = False, num_workers: int = 0,
+                    read_threads: int = 2, prefetch_batches: int = 2,
+                    process_index: int | None = None,
+                    process_count: int | None = None):
+  """This process's rows [p*L, (p+1)*L) of every global batch
+  (`input_pipeline.training_batches`, contiguous): records read and prepared
+  in the pipeline, flips drawn per record from (seed, position); the
+  iterator state is checkpointable."""
+  from efiqa_jax import input_pipeline
+  aug = [RequireOk()]
+  keys = ("pixels", "y", "mask") if rows.grid is not None else ("pixels",)
+  if flip:  # the photograph and its label grid flip together
+    aug.append(input_pipeline.RandomFlipRotate(keys, rotate=False))
+  if flip_vertical:
+    aug.append(VerticalFlip(keys))
+  return input_pipeline.training_batches(
+      source, global_batch, seed=seed, prepare=rows, augment=aug,
+      num_epochs=num_epochs, num_workers=num_workers,
+      read_threads=read_threads, prefetch_batches=prefetch_batches,
+      process_index=process_index, process_count=process_count,
+      contiguous=True)
+
+
+class VerticalFlip(grain.transforms.RandomMap):
+  """Flips the rows of every `keys` array of a row with probability 1/2."""
+
+  def __init__(self, keys=("pixels",)):
+    self.keys = tuple(keys)
+
+  def random_map(self, row, rng: np.random.Generator):
+    if not rng.integers(2):
+      return row
+    return dict(row, **{k: np.ascontiguousarray(row[k][::-1])
+                        for k in self.keys if k in row})

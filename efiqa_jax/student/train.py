@@ -99,9 +99,9 @@ def resolve_preprocess(config, features_meta: dict | None
   return pp.DEFAULT_PREPROCESS, "default"
 
 
-def _load_training_data(config, enc_meta=None):
-  """-> (items, report, token grid (gh, gw, D), labels, source metadata)."""
-  from efiqa_jax import sources
+def _load_training_data(config, enc_meta=None, preprocess=None):
+  """-> (items, report, token grid (gh, gw, D), labels, source metadata);
+  end to end, items is a `data.EncoderInputs`."""
   mode = config.mode
   labels = data_lib.label_files(config.labels_dir)
   if mode == "features":
@@ -119,19 +119,21 @@ def _load_training_data(config, enc_meta=None):
     grid = tuple(int(s) for s in first.shape)
     return files, rep, grid, labels, meta
   if mode == "end_to_end":
-    paths = sources.list_inputs([config.images])
-    ids = sources.unique_ids(paths)
-    by_id = dict(zip(ids, paths))
-    rep = data_lib.match(by_id, labels)
-    if not rep.matched:
-      raise ValueError(f"no photograph in {config.images} has a label in "
-                       f"{config.labels_dir}")
     p = int(enc_meta["kwargs"]["patch_size"])
     if config.size % p:
       raise ValueError(f"size {config.size} is not a multiple of {p}")
+    # Photographs are checked once (the labelled ones); a prepared folder's
+    # manifest says which records are ok. Nothing is kept but the ids.
+    inputs = data_lib.encoder_inputs(
+        config.images, size=int(config.size), work_size=int(config.work_size),
+        preprocess=preprocess, wanted=set(labels))
+    rep = data_lib.match(inputs.by_id, labels, inputs.not_ok)
+    if not rep.matched:
+      raise ValueError(f"no usable photograph in {config.images} has a "
+                       f"label in {config.labels_dir}")
     grid = (config.size // p, config.size // p,
             int(enc_meta["kwargs"]["hidden_size"]))
-    return by_id, rep, grid, labels, enc_meta
+    return inputs, rep, grid, labels, enc_meta
   raise ValueError(f"config.mode must be 'features' or 'end_to_end', got "
                    f"{mode!r}")
 
@@ -204,11 +206,14 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     enc_meta = checkpoints.check_kind(config.encoder, "encoder")
     if enc_meta["architecture"] != "vit":
       raise ValueError(f"{config.encoder} is not a ViT encoder")
-  items, rep, (gh, gw, d), labels, src_meta = _load_training_data(
-      config, enc_meta)
   from efiqa_jax.encoders import preprocess as pp
-  preprocess, origin = resolve_preprocess(
-      config, src_meta if config.mode == "features" else None)
+  if e2e:  # the config's (the photographs are prepared with it)
+    preprocess, origin = resolve_preprocess(config, None)
+    items, rep, (gh, gw, d), labels, src_meta = _load_training_data(
+        config, enc_meta, preprocess)
+  else:  # what the features' metadata says
+    items, rep, (gh, gw, d), labels, src_meta = _load_training_data(config)
+    preprocess, origin = resolve_preprocess(config, src_meta)
   if preprocess is None:
     print(f"train-adapter: {config.features_dir} does not say how its "
           "features were made; the adapter records no preprocessing (set "
@@ -224,53 +229,61 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   oh, ow = nnx.eval_shape(lambda: adapters.build_adapter(
       config.adapter.name, d, **ada_kwargs)).output_grid(gh, gw)
   ids = rep.matched
-  ys = []
-  for i in ids:
+  label_resize = config.get("label_resize", "error")
+
+  def label(i):
     y = data_lib.read_label(labels[i])
-    if y.shape != (oh, ow) and config.get("label_resize", "error") == "nearest":
+    if y.shape != (oh, ow) and label_resize == "nearest":
       y = data_lib.resize_nearest(y, (oh, ow))
     if y.shape != (oh, ow):
       raise ValueError(f"label {labels[i]} is {y.shape[0]}x{y.shape[1]} but "
                        f"the adapter outputs {oh}x{ow} for {gh}x{gw} tokens "
                        "(pseudo-label --grid must match, or set "
                        "config.label_resize=nearest)")
-    ys.append(y)
+    return y
 
   batching = config.batching
   bsz = int(config.batch_size)
   flip = bool(config.get("augment_flip", False))
-  if config.mode == "features" and batching == "patch":
-    if (oh, ow) != (gh, gw):
-      raise ValueError(f"patch batching needs a per-token adapter; "
-                       f"{config.adapter.name} maps {gh}x{gw} -> {oh}x{ow}")
-    x = np.stack([data_lib.load_features(items[i]).reshape(-1, d)
-                  for i in ids]).reshape(-1, d)
-    y = np.stack(ys).reshape(-1)
-    make_batch = data_lib.PatchBatch(x, y, bsz, int(config.seed))
-    n_items = len(x)
-  elif batching == "image":
-    if config.mode == "features":
+  make_batch = streamed = None
+  if e2e:
+    # Streamed: labels are checked here and read again per record, so
+    # nothing grows with the dataset but the ids.
+    if batching != "image":
+      raise ValueError("mode 'end_to_end' trains on whole photographs: set "
+                       "batching='image'")
+    pos = float(np.mean([label(i).mean() for i in ids]))
+    n_items = len(ids)
+    streamed = data_lib.Labelled(items.source, [items.by_id[i] for i in ids],
+                                 [labels[i] for i in ids])
+    rows = data_lib.EncoderRows(int(config.size), int(config.work_size),
+                                preprocess, (oh, ow), label_resize)
+    total = n_items * int(config.epochs) // bsz
+    if total < 1:
+      raise ValueError(f"{n_items} photographs x {config.epochs} epochs is "
+                       f"less than one batch of {bsz}")
+    spe = n_items / bsz
+  else:
+    ys = [label(i) for i in ids]
+    if batching == "patch":
+      if (oh, ow) != (gh, gw):
+        raise ValueError(f"patch batching needs a per-token adapter; "
+                         f"{config.adapter.name} maps {gh}x{gw} -> {oh}x{ow}")
+      x = np.stack([data_lib.load_features(items[i]).reshape(-1, d)
+                    for i in ids]).reshape(-1, d)
+      y = np.stack(ys).reshape(-1)
+      make_batch = data_lib.PatchBatch(x, y, bsz, int(config.seed))
+      n_items = len(x)
+    elif batching == "image":
       make_batch = data_lib.ImageFeatureBatch([items[i] for i in ids], ys,
                                               bsz, int(config.seed), flip)
+      n_items = len(ids)
     else:
-      make_batch = data_lib.PixelBatch(
-          [items[i] for i in ids], ys, bsz, int(config.seed), config.size,
-          config.work_size, flip, preprocess=preprocess,
-          cache_bytes=float(config.get("pixel_cache_gb", 4.0)) * 1e9)
-      failed = make_batch.check()
-      rep.not_ok.extend((ids[i], msg) for i, msg in failed)
-      bad = {ids[i] for i, _ in failed}
-      ys = [y for i, y in zip(ids, ys) if i not in bad]
-      ids = [i for i in ids if i not in bad]
-      if not ids:
-        raise ValueError("no photograph could be prepared (see data.json)")
-    n_items = len(ids)
-  else:
-    raise ValueError(f"batching must be 'patch' (features mode) or 'image', "
-                     f"got {batching!r} in mode {config.mode!r}")
-  pos = float(np.mean(np.stack(ys)))
-  spe = data_lib.steps_per_epoch(n_items, bsz)
-  total = spe * int(config.epochs)
+      raise ValueError(f"batching must be 'patch' or 'image', got "
+                       f"{batching!r}")
+    pos = float(np.mean(np.stack(ys)))
+    spe = data_lib.steps_per_epoch(n_items, bsz)
+    total = spe * int(config.epochs)
   report = dict(rep.as_dict(), items=n_items, batching=batching,
                 token_grid=[gh, gw, d], label_grid=[oh, ow],
                 positive_fraction=pos, steps_per_epoch=spe,
@@ -353,11 +366,19 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   lo, hi = bsz * pi // pc, bsz * (pi + 1) // pc
 
   def batches():
+    if streamed is not None:
+      # This process's rows [p*L, (p+1)*L) of every global batch, read and
+      # prepared in the pipeline (worker processes: config.data_workers).
+      return iter(data_lib.encoder_batches(
+          streamed, rows, seed=int(config.seed), global_batch=bsz,
+          num_epochs=int(config.epochs), flip=flip,
+          num_workers=int(config.get("data_workers", 0) or 0),
+          read_threads=max(1, int(config.data_threads))))
     # Every process draws the same global batch (a function of the step)
     # and keeps its contiguous share of rows.
-    rows = lambda b: {k: np.ascontiguousarray(v[lo:hi]) for k, v in b.items()}
+    share = lambda b: {k: np.ascontiguousarray(v[lo:hi]) for k, v in b.items()}
     return iter(data_lib.step_dataset(
-        lambda s: rows(make_batch(s)), 0, total,
+        lambda s: share(make_batch(s)), 0, total,
         threads=int(config.data_threads)))
 
   def export(model, res):
@@ -387,7 +408,8 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
         files_lib.join(config.encoder, checkpoints.SIDECAR))).hexdigest()
   fp = trainer.config_fingerprint(
       config, dict(ids=ids, items=n_items, encoder_sha=enc_sha,
-                   preprocess=preprocess),
+                   preprocess=preprocess,
+                   prepared=getattr(items, "fingerprint", None)),
       volatile=trainer.VOLATILE_KEYS + _PATH_KEYS)
   task = trainer.Task(
       name="train-adapter", build=build, loss=loss, batches=batches,

@@ -1,0 +1,165 @@
+"""`train-adapter` end to end and `pretrain-encoder` streamed from a prepared
+folder (`efiqa prepare`): the same parameters as from the photographs, each
+process reads its own contiguous share of every global batch through grain,
+a killed run resumes bit-exactly, 2 processes match 1."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import jax
+
+from efiqa_jax import cli
+from efiqa_jax import config_util
+from efiqa_jax import synth
+from efiqa_jax.student import data as data_lib
+from efiqa_jax.student import train
+from tests import multihost
+from tests.test_train_adapter import _tiny_encoder
+
+N = 8
+WORK = 64  # prepare --size = config.work_size
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  """8 synthetic photographs (96 px) + 4x4 labels, one broken file (with a
+  label), their prepared folder and a tiny ViT encoder."""
+  root = tmp_path_factory.mktemp("adapter_prepared")
+  imgs, ld = root / "imgs", root / "pl" / "labels"
+  imgs.mkdir()
+  ld.mkdir(parents=True)
+  rng = np.random.default_rng(3)
+  for i in range(N):
+    Image.fromarray(synth.generate(i, 96, degrade=False).image).save(
+        imgs / f"p{i}.png")
+    Image.fromarray((rng.random((4, 4)) < 0.3).astype(np.uint8) * 255).save(
+        ld / f"p{i}.png")
+  (imgs / "broken.png").write_bytes(b"not a png")
+  Image.fromarray(np.zeros((4, 4), np.uint8)).save(ld / "broken.png")
+  prep = root / "prepared"
+  assert cli.main(["prepare", str(imgs), "--out", str(prep), "--size",
+                   str(WORK), "--records-per-shard", "3", "--quiet"]) == 3  # 1 failed
+  return dict(imgs=str(imgs), labels=str(root / "pl"), prep=str(prep),
+              enc=_tiny_encoder(root / "enc"))
+
+
+def _over(data, images, **kw):
+  o = {"mode": "end_to_end", "images": images, "labels_dir": data["labels"],
+       "encoder": data["enc"], "size": 64, "work_size": WORK,
+       "batching": "image", "batch_size": 4, "epochs": 2,
+       "augment_flip": True, "checkpoint_every": 2, "mesh.data": 4}
+  o.update(kw)
+  return [f"--config.{k}={v}" for k, v in o.items()]
+
+
+def _cfg(data, images, **kw):
+  return config_util.load_config("configs/adapter.py:tiny",
+                                 _over(data, images, **kw))
+
+
+def _same(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_same_seed_same_params_from_prepared_and_photographs(data, tmp_path):
+  """The prepared crop is the photograph's (lossless), so the encoder inputs
+  are equal bit for bit, and so are the batches and the parameters. The
+  broken file is listed as not ok either way, never trained."""
+  from_photos = train.train_and_evaluate(_cfg(data, data["imgs"]),
+                                         str(tmp_path / "photos"))
+  from_prep = train.train_and_evaluate(_cfg(data, data["prep"]),
+                                       str(tmp_path / "prep"))
+  assert from_prep.step == from_photos.step == 4  # 8 x 2 epochs / 4
+  _same(from_prep.params, from_photos.params)
+  _same(from_prep.opt_state, from_photos.opt_state)
+  assert from_prep.final_loss == from_photos.final_loss
+  for wd in ("photos", "prep"):
+    rep = json.load(open(tmp_path / wd / "data.json"))
+    assert rep["items"] == N and rep["matched"] == N
+    assert [x[0] for x in rep["not_ok"]] == ["broken"], rep
+    assert rep["labels_without_features"] == []
+
+
+def test_each_process_reads_a_disjoint_contiguous_share(data):
+  """Process p of 2 reads rows [p*L, (p+1)*L) of each global batch, records
+  disjoint between processes; the two shares stacked in process order are
+  the 1-process batches row for row."""
+  inputs = data_lib.encoder_inputs(data["prep"], size=64, work_size=WORK,
+                                   preprocess="fov")
+  ids = sorted(inputs.by_id)
+  src = data_lib.Labelled(inputs.source, [inputs.by_id[i] for i in ids],
+                          [f"{data['labels']}/labels/{i}.png" for i in ids])
+  rows = data_lib.EncoderRows(64, WORK, "fov", (4, 4))
+  kw = dict(seed=5, global_batch=4, num_epochs=2, flip=True,
+            prefetch_batches=0)
+  one = list(data_lib.encoder_batches(src, rows, process_index=0,
+                                      process_count=1, **kw))
+  two = [list(data_lib.encoder_batches(src, rows, process_index=p,
+                                       process_count=2, **kw))
+         for p in range(2)]
+  assert len(one) == len(two[0]) == len(two[1]) == 2 * N // 4
+  for b, a0, a1 in zip(one, *two):
+    assert not set(a0["index"]) & set(a1["index"])
+    for key in ("pixels", "y", "mask", "index"):
+      np.testing.assert_array_equal(np.concatenate([a0[key], a1[key]]),
+                                    b[key], err_msg=key)
+  idx = np.concatenate([b["index"] for b in one])
+  assert sorted(idx[:N]) == sorted(idx[N:]) == list(range(N))
+  assert list(idx[:N]) != list(idx[N:])  # reshuffled per epoch
+
+
+def test_resume_after_kill_is_bit_exact(data, tmp_path):
+  """Stopped after step 2 (grain worker processes), resumed through the
+  CLI: the parameters and optimizer state of the uninterrupted run."""
+  full = train.train_and_evaluate(_cfg(data, data["prep"]),
+                                  str(tmp_path / "full"))
+  wd = tmp_path / "resumed"
+  part = train.train_and_evaluate(
+      _cfg(data, data["prep"], data_workers=1, max_steps=2), str(wd))
+  assert part.step == 2 and part.adapter_dir is None
+  assert cli.main(["train-adapter", "--config", "configs/adapter.py:tiny",
+                   "--workdir", str(wd),
+                   *_over(data, data["prep"], data_workers=1)]) == 0
+  from efiqa_jax import checkpoints
+  from flax import nnx
+  ada, meta = checkpoints.load_model(str(wd / "adapter"))
+  assert meta["training"]["steps"] == 4
+  _same(nnx.to_pure_dict(nnx.state(ada, nnx.Param)), full.params)
+
+
+def test_refused_in_one_line(data, tmp_path, capsys):
+  """A folder prepared at another size than work_size, or with 'efiqa'
+  inputs (the whole photograph, which a prepared folder does not hold)."""
+  base = ["train-adapter", "--config", "configs/adapter.py:tiny"]
+  for extra, what in (([f"--config.work_size={WORK * 2}"], "prepared at"),
+                      (["--preprocess", "efiqa"], "whole photographs")):
+    capsys.readouterr()
+    rc = cli.main(base + ["--workdir", str(tmp_path / "wd")]
+                  + _over(data, data["prep"]) + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and what in err[0], err
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_match_one_on_the_same_mesh(data, tmp_path):
+  """`efiqa train-adapter` end to end on 2 processes x 1 device from the
+  prepared folder: the adapter of 1 process on a 2-device mesh (gloo may
+  sum in another order: atol 1e-6)."""
+  from efiqa_jax import checkpoints
+  from flax import nnx
+  wd = tmp_path / "mp"
+  args = ["train-adapter", "--config", "configs/adapter.py:tiny",
+          "--workdir", str(wd), *_over(data, data["prep"], **{"mesh.data": 2})]
+  res, _ = multihost.run_efiqa(lambda i: args, 2, devices=1, timeout=900,
+                               what="2-process train-adapter")
+  assert "step 4/4" in res[0][1], res[0][1][-2000:]
+  ada, meta = checkpoints.load_model(str(wd / "adapter"))
+  assert meta["training"]["steps"] == 4
+  one = train.train_and_evaluate(
+      _cfg(data, data["prep"], **{"mesh.data": 2}), str(tmp_path / "one"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6,
+                                                       rtol=0),
+               nnx.to_pure_dict(nnx.state(ada, nnx.Param)), one.params)
