@@ -163,3 +163,36 @@ def test_two_processes_match_one_on_the_same_mesh(data, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6,
                                                        rtol=0),
                nnx.to_pure_dict(nnx.state(ada, nnx.Param)), one.params)
+
+
+def test_pretrain_encoder_from_prepared_equals_photographs_and_resumes(
+    data, tmp_path):
+  """MIM pretraining streams the prepared crops: the encoder trained from
+  the photographs bit for bit, the broken file left out either way; a run
+  stopped at step 2 resumes to the same encoder."""
+  from efiqa_jax import checkpoints
+  from efiqa_jax.encoders import pretrain
+  from flax import nnx
+
+  def cfg(*extra):
+    return config_util.load_config("configs/encoder_mim.py:tiny", [
+        f"--config.work_size={WORK}", "--config.steps=4", *extra])
+
+  def params(out):
+    return nnx.state(checkpoints.load_model(out)[0], nnx.Param)
+
+  a = pretrain.pretrain_mim([data["imgs"]], str(tmp_path / "photos"), cfg(),
+                            progress=False)
+  b = pretrain.pretrain_mim([data["prep"]], str(tmp_path / "prep"), cfg(),
+                            progress=False)
+  assert a.n_images == b.n_images == N and a.steps == b.steps == 4
+  assert [f[0].rsplit("/", 1)[-1] for f in a.failed] == \
+      [f[0].rsplit("/", 1)[-1] for f in b.failed] == ["broken.png"]
+  assert a.final_loss == b.final_loss
+  _same(params(tmp_path / "photos"), params(tmp_path / "prep"))
+  out = tmp_path / "part"
+  part = pretrain.pretrain_mim([data["prep"]], str(out),
+                               cfg("--config.max_steps=2"), progress=False)
+  assert part.steps == 2
+  pretrain.pretrain_mim([data["prep"]], str(out), cfg(), progress=False)
+  _same(params(out), params(tmp_path / "prep"))

@@ -213,12 +213,24 @@ class EncoderInputs:
   by_id: dict[str, int]
   not_ok: list[tuple[str, str]]
   source: Any
+  paths: list[str]
   prepared: str | None = None
   fingerprint: Any = None
 
+  @property
+  def failed(self) -> list[tuple[str, str]]:
+    """(path, 'status: message') of the records that cannot be used."""
+    where = dict(zip(self.ids, self.paths))
+    return [(where.get(i, i), m) for i, m in self.not_ok]
+
+  @property
+  def ids(self) -> list[str]:
+    from efiqa_jax import sources
+    return sources.unique_ids(self.paths)
+
 
 def encoder_inputs(images, *, size: int, work_size: int, preprocess: str,
-                   wanted=None) -> EncoderInputs:
+                   wanted=None, progress: bool = False) -> EncoderInputs:
   """`images` (photographs: files, folders, globs, CSVs; or a folder of
   `efiqa prepare`) -> `EncoderInputs`.
 
@@ -232,6 +244,8 @@ def encoder_inputs(images, *, size: int, work_size: int, preprocess: str,
   from efiqa_jax import prepared as prepared_lib
   from efiqa_jax import sources
   from efiqa_jax.encoders import extract
+  if not isinstance(images, (str, os.PathLike)) and len(images) == 1:
+    images = images[0]
   folder = os.fspath(images) if isinstance(images, (str, os.PathLike)) \
       else None
   if folder is not None and prepared_lib.is_prepared(folder):
@@ -253,13 +267,20 @@ def encoder_inputs(images, *, size: int, work_size: int, preprocess: str,
       else:
         not_ok.append((r["id"], f"{r.get('status') or 'pending'}: "
                        f"{r.get('message', '')}".rstrip(": ")))
-    return EncoderInputs(by_id, not_ok, src, folder, src.fingerprint)
+    return EncoderInputs(by_id, not_ok, src, src.paths, folder,
+                         src.fingerprint)
   paths = sources.list_inputs([images] if folder is not None else images)
   ids = sources.unique_ids(paths)
   prep = extract.PrepareEncoderInput(size, work_size=work_size,
                                      preprocess=preprocess)
   by_id, not_ok = {}, []
-  for i, (id_, p) in enumerate(zip(ids, paths)):
+  todo = enumerate(zip(ids, paths))
+  if progress:
+    import sys
+    from tqdm.auto import tqdm
+    todo = tqdm(todo, total=len(paths), desc="check photographs", unit="img",
+                file=sys.stderr)
+  for i, (id_, p) in todo:
     if wanted is not None and id_ not in wanted:
       by_id[id_] = i  # unchecked: it has no label and is never read
       continue
@@ -268,7 +289,7 @@ def encoder_inputs(images, *, size: int, work_size: int, preprocess: str,
       by_id[id_] = i
     else:
       not_ok.append((id_, f"{row['status']}: {row['message']}"))
-  return EncoderInputs(by_id, not_ok, sources.PathSource(paths))
+  return EncoderInputs(by_id, not_ok, sources.PathSource(paths), paths)
 
 
 class Labelled(grain.sources.RandomAccessDataSource):
