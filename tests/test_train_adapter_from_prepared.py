@@ -196,3 +196,58 @@ def test_pretrain_encoder_from_prepared_equals_photographs_and_resumes(
   assert part.steps == 2
   pretrain.pretrain_mim([data["prep"]], str(out), cfg(), progress=False)
   _same(params(out), params(tmp_path / "prep"))
+
+
+@pytest.fixture(scope="module")
+def features(data, tmp_path_factory):
+  """`extract` of the prepared folder, as ArrayRecord shards and as .npy."""
+  from efiqa_jax.encoders import extract
+  root = tmp_path_factory.mktemp("features")
+  for fmt in ("arrayrecord", "npy"):
+    extract.extract_features([data["prep"]], data["enc"], root / fmt,
+                             size=64, work_size=WORK, batch_size=4, fmt=fmt,
+                             shard_size=3)
+  return {fmt: str(root / fmt) for fmt in ("arrayrecord", "npy")}
+
+
+def test_cached_features_are_indexed_and_streamed_per_process(data,
+                                                              features):
+  """Cached features are indexed (ids -> shard positions), not loaded; the
+  per-token pool streams: each process reads only its contiguous rows of
+  every global batch (padded epochs), the same rows from ArrayRecord as
+  from .npy."""
+  labels = data_lib.label_files(data["labels"])
+  got = {}
+  for fmt, d in features.items():
+    store = data_lib.FeatureStore(d)
+    assert sorted(store.ids) == [f"p{i}" for i in range(N)]
+    assert [x[0] for x in store.not_ok] == ["broken"]
+    if fmt == "arrayrecord":  # an index, no arrays
+      assert all(isinstance(v, int) for v in store._where.values())  # pylint: disable=protected-access
+    ids = sorted(store.ids)
+    src = data_lib.FeatureRecords(ids, [labels[i] for i in ids], 16)
+    rows = data_lib.FeatureRows(store, (4, 4, 16), (4, 4), per_token=True)
+    kw = dict(seed=1, global_batch=48, num_epochs=2, prefetch_batches=0,
+              pad_epochs=True)
+    one = list(data_lib.feature_batches(src, rows, process_index=0,
+                                        process_count=1, **kw))
+    two = [list(data_lib.feature_batches(src, rows, process_index=p,
+                                         process_count=2, **kw))
+           for p in range(2)]
+    assert len(one) == 2 * 3  # 128 tokens: ceil(128 / 48) per epoch
+    for b, a0, a1 in zip(one, *two):
+      real = [set(a["index"][a["valid"]]) for a in (a0, a1)]
+      assert not real[0] & real[1]
+      for key in ("x", "y", "mask", "index"):
+        np.testing.assert_array_equal(np.concatenate([a0[key], a1[key]]),
+                                      b[key], err_msg=key)
+    idx = np.concatenate([b["index"] for b in one])
+    mask = np.concatenate([b["mask"] for b in one])
+    assert sorted(idx[:128]) == list(range(128)) and mask[128:144].sum() == 0
+    k = int(idx[0])  # token k % 16 of image k // 16
+    np.testing.assert_array_equal(
+        one[0]["x"][0], store.read(ids[k // 16]).reshape(-1, 16)[k % 16])
+    got[fmt] = one
+  for a, b in zip(got["arrayrecord"], got["npy"]):
+    for key in ("x", "y", "mask", "index"):
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -5,24 +5,23 @@ Matching follows the reference `SIFDataset`: feature file, patch-label PNG
 > 0. Ids present on one side only are reported (`DataReport`), never
 silently dropped.
 
-Cached features: batches are a grain `MapDataset` indexed by the training
-step: batch s is a pure function of (seed, s) -- epoch e = s //
-steps_per_epoch uses the permutation `default_rng([seed, e])` -- so a
-resumed run reads exactly the batches an uninterrupted run would. The last
-batch of an epoch is padded to the fixed batch size with `mask` = 0 rows
-(static shapes for jit).
-
-End to end (photographs or a prepared folder, `encoder_inputs`): streamed
-through `input_pipeline.training_batches` (`EncoderRows`: one record ->
-encoder pixels + its label, read per record), each process reading only its
-rows of every global batch; only ids and paths are held.
+Streamed, never loaded whole: `input_pipeline.training_batches` over the
+matched ids (sorted), each process reading only its rows [p*L, (p+1)*L) of
+every global batch (epochs reshuffled by grain from the seed; the stream
+is cut to whole global batches; the iterator state is checkpointed), labels
+read per record. Cached features (`FeatureStore`: .npy files, or ArrayRecord
+shards indexed by id) give one record per image ('image' batching) or per
+token ('patch': the reference's pool of patches); end to end
+(`encoder_inputs`: photographs or a prepared folder) one record per
+photograph (`EncoderRows`: the encoder's input pixels). Only ids and paths
+are held.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -127,74 +126,6 @@ def load_features(f) -> np.ndarray:
   """A feature entry (path of an .npy or an in-memory array) as float32."""
   return (files_lib.load_npy(f) if isinstance(f, str)
           else np.asarray(f)).astype(np.float32)
-
-
-def steps_per_epoch(n: int, batch: int) -> int:
-  return -(-n // batch)
-
-
-def epoch_indices(n: int, batch: int, seed: int, step: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-  """(indices (batch,), mask (batch,)) of the items in batch `step`."""
-  spe = steps_per_epoch(n, batch)
-  epoch, k = divmod(int(step), spe)
-  perm = np.random.default_rng([int(seed), epoch]).permutation(n)
-  idx = perm[k * batch:(k + 1) * batch]
-  mask = np.zeros(batch, np.float32)
-  mask[:len(idx)] = 1.0
-  full = np.zeros(batch, np.int64)
-  full[:len(idx)] = idx
-  return full, mask
-
-
-class PatchBatch:
-  """step -> {x (B, D), y (B,), mask (B,)} from in-memory patch arrays."""
-
-  def __init__(self, x: np.ndarray, y: np.ndarray, batch: int, seed: int):
-    self.x, self.y, self.batch, self.seed = x, y, batch, seed
-
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    idx, mask = epoch_indices(len(self.x), self.batch, self.seed, step)
-    return {"x": self.x[idx], "y": self.y[idx] * mask, "mask": mask}
-
-
-class ImageFeatureBatch:
-  """step -> {x (B, gh, gw, D), y (B, oh, ow), mask (B, oh, ow)}."""
-
-  def __init__(self, feats: Sequence, labels: Sequence[np.ndarray],
-               batch: int, seed: int, flip: bool = False):
-    self.feats, self.labels = feats, labels
-    self.batch, self.seed, self.flip = batch, seed, flip
-
-  def _feat(self, i):
-    return load_features(self.feats[i])
-
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    idx, mask = epoch_indices(len(self.feats), self.batch, self.seed, step)
-    x = np.stack([self._feat(i) for i in idx])
-    y = np.stack([self.labels[i] for i in idx])
-    if self.flip:
-      x, y = _flip(x, y, self.seed, step)
-    m = np.broadcast_to(mask[:, None, None], y.shape).astype(np.float32)
-    return {"x": x, "y": y * m, "mask": np.ascontiguousarray(m)}
-
-
-def _flip(x, y, seed, step):
-  """Horizontal flip per sample, drawn from (seed, step)."""
-  rng = np.random.default_rng([int(seed), int(step), 7])
-  f = rng.random(x.shape[0]) < 0.5
-  x = np.where(f[:, None, None, None], x[:, :, ::-1], x)
-  y = np.where(f[:, None, None], y[:, :, ::-1], y)
-  return x, y
-
-
-def step_dataset(make_batch: Any, start: int, total: int, *,
-                 threads: int = 2, prefetch: int = 4):
-  """grain pipeline over steps [start, total): batch s = make_batch(s)."""
-  import grain
-  ds = grain.MapDataset.range(start, total).map(make_batch)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                              prefetch_buffer_size=prefetch))
 
 
 # ------------------------------------------------- end to end, streamed
@@ -351,10 +282,11 @@ class EncoderRows(grain.transforms.Map):
 
 class RequireOk(grain.transforms.Map):
   """A record that could not be read stops training with its path and
-  reason (usable records were checked before training)."""
+  reason (usable records were checked before training); padding rows
+  (valid=False, mask 0) pass."""
 
   def map(self, row):
-    if not bool(row["ok"]):
+    if bool(row["valid"]) and not bool(row["ok"]):
       raise ValueError(f"{row['path']!r} is unusable: {row['status']} "
                        f"{row['message']}".strip())
     return row
@@ -365,7 +297,8 @@ def encoder_batches(source, rows: EncoderRows, *, seed: int,
                     flip_vertical: bool = False, num_workers: int = 0,
                     read_threads: int = 2, prefetch_batches: int = 2,
                     process_index: int | None = None,
-                    process_count: int | None = None):
+                    process_count: int | None = None,
+                    pad_epochs: bool = False):
   """This process's rows [p*L, (p+1)*L) of every global batch
   (`input_pipeline.training_batches`, contiguous): records read and prepared
   in the pipeline, flips drawn per record from (seed, position); the
@@ -382,7 +315,7 @@ def encoder_batches(source, rows: EncoderRows, *, seed: int,
       num_epochs=num_epochs, num_workers=num_workers,
       read_threads=read_threads, prefetch_batches=prefetch_batches,
       process_index=process_index, process_count=process_count,
-      contiguous=True)
+      contiguous=True, pad_epochs=pad_epochs)
 
 
 class VerticalFlip(grain.transforms.RandomMap):
@@ -396,3 +329,197 @@ class VerticalFlip(grain.transforms.RandomMap):
       return row
     return dict(row, **{k: np.ascontiguousarray(row[k][::-1])
                         for k in self.keys if k in row})
+
+
+# --------------------------------------------- cached features, streamed
+
+
+class FeatureStore:
+  """`efiqa extract` output, read per image: never loaded whole.
+
+  ids: the ok ids (manifest / folder of .npy / the journal of ArrayRecord
+  shards); not_ok: (id, status) manifest rows; meta: metadata.json.
+  `read(id)` -> (gh, gw, D) float32; `row(id, t)` -> token t's (D,)
+  features (a memory map of the .npy; a whole ArrayRecord record).
+  ArrayRecord shards are indexed once (each record's id; nothing kept but
+  the shard and position) and read through `grain.sources.
+  ArrayRecordDataSource` (shards of a cloud folder are copied to a local
+  temporary folder first). Picklable: worker processes reopen the shards.
+  """
+
+  def __init__(self, features_dir):
+    from efiqa_jax.encoders import extract
+    self.dir = os.fspath(features_dir)
+    meta_path = files_lib.join(self.dir, extract.METADATA)
+    self.meta = (files_lib.read_json(meta_path)
+                 if files_lib.exists(meta_path) else {})
+    self.format = self.meta.get("format", "npy")
+    self.not_ok: list = []
+    self._where: dict = {}
+    self._shards: list[str] = []
+    self._ds = None
+    if self.format == "arrayrecord":
+      self._index_arrayrecord()
+    elif self.format == "npy":
+      files, self.not_ok, _ = feature_files(self.dir)
+      self._where = dict(files)
+    else:
+      raise ValueError(f"{self.dir}: unknown format {self.format!r}")
+    if not self._where:
+      raise ValueError(f"no features in {self.dir}")
+
+  def _index_arrayrecord(self):
+    """id -> global record position over the shards; only records the
+    journal attributes to their shard count (`extract.iter_arrayrecord`)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+    from efiqa_jax.encoders import extract
+    journal = files_lib.Journal.read(self.dir)
+    offset = 0
+    for path in files_lib.glob(files_lib.join(self.dir,
+                                              "features-*.array_record")):
+      name = path.rsplit("/", 1)[-1]
+      with files_lib.local_copy(path) as local:
+        reader = ArrayRecordReader(local)
+        try:
+          n = reader.num_records()
+          for i in range(n):
+            with np.load(io.BytesIO(reader.read([i])[0])) as z:
+              id_ = str(z["id"])  # the features are not read
+            r = journal.get(id_)
+            if (r is not None and r.get("status") == "ok"
+                and r.get("file") == name):
+              self._where[id_] = offset + i
+        finally:
+          reader.close()
+      self._shards.append(path)
+      offset += n
+    for r in extract.read_manifest(self.dir):
+      if r["status"] != "ok":
+        self.not_ok.append((r["id"], r["status"]))
+
+  def __getstate__(self):
+    return dict(self.__dict__, _ds=None)
+
+  @property
+  def ids(self) -> list[str]:
+    return list(self._where)
+
+  def _open(self):
+    if self._ds is None:
+      paths = self._shards
+      if files_lib.is_remote(self.dir):
+        import atexit
+        import shutil
+        import tempfile
+        cache = tempfile.mkdtemp(prefix="efiqa-features-")
+        atexit.register(shutil.rmtree, cache, True)
+        local = []
+        for p in paths:
+          dst = os.path.join(cache, p.rsplit("/", 1)[-1])
+          with open(dst, "wb") as f:
+            f.write(files_lib.read_bytes(p))
+          local.append(dst)
+        paths = local
+      self._ds = grain.sources.ArrayRecordDataSource(paths)
+    return self._ds
+
+  def read(self, id_: str) -> np.ndarray:
+    w = self._where[id_]
+    if self.format == "arrayrecord":
+      from efiqa_jax.encoders import extract
+      return extract.decode_record(self._open()[int(w)])[2].astype(
+          np.float32)
+    return load_features(w)
+
+  def row(self, id_: str, t: int) -> np.ndarray:
+    w = self._where[id_]
+    if self.format == "npy" and not files_lib.is_remote(w):
+      a = np.load(w, mmap_mode="r")
+      return np.asarray(a.reshape(-1, a.shape[-1])[int(t)], np.float32)
+    a = self.read(id_)
+    return a.reshape(-1, a.shape[-1])[int(t)]
+
+
+class FeatureRecords(grain.sources.RandomAccessDataSource):
+  """Training records over cached features, in `ids` order: per image
+  (tokens=None: record k = image k) or per token (record k = token k % T
+  of image k // T, the reference's pool of patches)."""
+
+  def __init__(self, ids, labels, tokens: int | None = None):
+    self.ids, self.labels, self.tokens = list(ids), list(labels), tokens
+
+  def __len__(self) -> int:
+    return len(self.ids) * (self.tokens or 1)
+
+  def __getitem__(self, k: int) -> dict[str, Any]:
+    i, t = divmod(int(k), self.tokens) if self.tokens else (int(k), -1)
+    return {"id": self.ids[i], "path": self.ids[i], "token": t,
+            "label": self.labels[i]}
+
+
+class FeatureRows(grain.transforms.Map):
+  """Feature record -> row {x, y, mask}: (gh, gw, D) features with the
+  (oh, ow) label grid, or one token's (D,) features with its label cell."""
+
+  def __init__(self, store: FeatureStore, grid, label_grid,
+               label_resize: str = "error", per_token: bool = False):
+    self.store, self.grid = store, tuple(grid)
+    self.label_grid, self.label_resize = tuple(label_grid), label_resize
+    self.per_token = per_token
+
+  def _label(self, path):
+    y = read_label(path)
+    if y.shape != self.label_grid and self.label_resize == "nearest":
+      y = resize_nearest(y, self.label_grid)
+    if y.shape != self.label_grid:
+      raise ValueError(f"label {path} is {y.shape[0]}x{y.shape[1]}, the "
+                       f"adapter outputs {self.label_grid[0]}x"
+                       f"{self.label_grid[1]}")
+    return y
+
+  def blank(self, status: str, message: str = "", path: str = "") -> dict:
+    d = self.grid[-1]
+    x = (np.zeros((d,), np.float32) if self.per_token
+         else np.zeros(self.grid, np.float32))
+    y = (np.float32(0) if self.per_token
+         else np.zeros(self.label_grid, np.float32))
+    return {"x": x, "y": y, "mask": np.zeros_like(y), "ok": np.bool_(False),
+            "valid": np.bool_(False), "index": np.int64(-1),
+            "status": status, "message": message, "path": path}
+
+  def map(self, el: dict[str, Any]) -> dict[str, Any]:
+    row = self.blank("ok", "", el["path"])
+    y = self._label(el["label"])
+    if self.per_token:
+      x = self.store.row(el["id"], el["token"])
+      y = np.float32(y.reshape(-1)[el["token"]])
+    else:
+      x = self.store.read(el["id"])
+      if x.shape != self.grid:
+        raise ValueError(f"features of {el['id']} are {x.shape}, expected "
+                         f"{self.grid}")
+    row.update(x=x, y=y, mask=np.ones_like(y), ok=np.bool_(True))
+    return row
+
+
+def feature_batches(source, rows: FeatureRows, *, seed: int,
+                    global_batch: int, num_epochs: int, flip: bool = False,
+                    num_workers: int = 0, read_threads: int = 2,
+                    prefetch_batches: int = 2,
+                    process_index: int | None = None,
+                    process_count: int | None = None,
+                    pad_epochs: bool = False):
+  """This process's rows [p*L, (p+1)*L) of every global batch of cached
+  features (`input_pipeline.training_batches`, contiguous); flips (image
+  records only: the token grid and its label grid together) per record."""
+  from efiqa_jax import input_pipeline
+  aug = [RequireOk()]
+  if flip and not rows.per_token:
+    aug.append(input_pipeline.RandomFlipRotate(("x", "y", "mask"),
+                                               rotate=False))
+  return input_pipeline.training_batches(
+      source, global_batch, seed=seed, prepare=rows, augment=aug,
+      num_epochs=num_epochs, num_workers=num_workers,
+      read_threads=read_threads, prefetch_batches=prefetch_batches,
+      process_index=process_index, process_count=process_count,
+      contiguous=True, pad_epochs=pad_epochs)

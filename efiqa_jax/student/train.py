@@ -105,19 +105,17 @@ def _load_training_data(config, enc_meta=None, preprocess=None):
   mode = config.mode
   labels = data_lib.label_files(config.labels_dir)
   if mode == "features":
-    files, not_ok, meta = data_lib.feature_files(config.features_dir)
-    rep = data_lib.match(files, labels, not_ok)
+    # Indexed, not loaded: features are read per record while training.
+    store = data_lib.FeatureStore(config.features_dir)
+    rep = data_lib.match(store.ids, labels, store.not_ok)
     if not rep.matched:
       raise ValueError(f"no feature file in {config.features_dir} has a "
                        f"label in {config.labels_dir}")
-    f0 = files[rep.matched[0]]
-    first = (files_lib.load_npy(f0) if isinstance(f0, str) and
-             files_lib.is_remote(f0) else np.load(f0, mmap_mode="r")
-             if isinstance(f0, str) else f0)
+    first = store.read(rep.matched[0])
     if first.ndim != 3:
       raise ValueError(f"features must be (gh, gw, D), got {first.shape}")
     grid = tuple(int(s) for s in first.shape)
-    return files, rep, grid, labels, meta
+    return store, rep, grid, labels, store.meta
   if mode == "end_to_end":
     p = int(enc_meta["kwargs"]["patch_size"])
     if config.size % p:
@@ -245,45 +243,36 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   batching = config.batching
   bsz = int(config.batch_size)
   flip = bool(config.get("augment_flip", False))
-  make_batch = streamed = None
+  # Streamed: labels are checked here and read again per record, so
+  # nothing grows with the dataset but the ids.
+  pos = float(np.mean([label(i).mean() for i in ids]))
   if e2e:
-    # Streamed: labels are checked here and read again per record, so
-    # nothing grows with the dataset but the ids.
     if batching != "image":
       raise ValueError("mode 'end_to_end' trains on whole photographs: set "
                        "batching='image'")
-    pos = float(np.mean([label(i).mean() for i in ids]))
-    n_items = len(ids)
     streamed = data_lib.Labelled(items.source, [items.by_id[i] for i in ids],
                                  [labels[i] for i in ids])
     rows = data_lib.EncoderRows(int(config.size), int(config.work_size),
                                 preprocess, (oh, ow), label_resize)
-    total = n_items * int(config.epochs) // bsz
-    if total < 1:
-      raise ValueError(f"{n_items} photographs x {config.epochs} epochs is "
-                       f"less than one batch of {bsz}")
-    spe = n_items / bsz
+  elif batching in ("patch", "image"):
+    per_token = batching == "patch"
+    if per_token and (oh, ow) != (gh, gw):
+      raise ValueError(f"patch batching needs a per-token adapter; "
+                       f"{config.adapter.name} maps {gh}x{gw} -> {oh}x{ow}")
+    # patch: the pool of every token of every image (the reference
+    # prepare_patch_dataset.py), one record per token.
+    streamed = data_lib.FeatureRecords(ids, [labels[i] for i in ids],
+                                       gh * gw if per_token else None)
+    rows = data_lib.FeatureRows(items, (gh, gw, d), (oh, ow), label_resize,
+                                per_token)
   else:
-    ys = [label(i) for i in ids]
-    if batching == "patch":
-      if (oh, ow) != (gh, gw):
-        raise ValueError(f"patch batching needs a per-token adapter; "
-                         f"{config.adapter.name} maps {gh}x{gw} -> {oh}x{ow}")
-      x = np.stack([data_lib.load_features(items[i]).reshape(-1, d)
-                    for i in ids]).reshape(-1, d)
-      y = np.stack(ys).reshape(-1)
-      make_batch = data_lib.PatchBatch(x, y, bsz, int(config.seed))
-      n_items = len(x)
-    elif batching == "image":
-      make_batch = data_lib.ImageFeatureBatch([items[i] for i in ids], ys,
-                                              bsz, int(config.seed), flip)
-      n_items = len(ids)
-    else:
-      raise ValueError(f"batching must be 'patch' or 'image', got "
-                       f"{batching!r}")
-    pos = float(np.mean(np.stack(ys)))
-    spe = data_lib.steps_per_epoch(n_items, bsz)
-    total = spe * int(config.epochs)
+    raise ValueError(f"batching must be 'patch' or 'image', got "
+                     f"{batching!r}")
+  n_items = len(streamed)
+  # Each epoch ends with a partial batch padded with mask-0 rows (the
+  # reference's DataLoader without drop_last; static shapes for jit).
+  spe = -(-n_items // bsz)
+  total = spe * int(config.epochs)
   report = dict(rep.as_dict(), items=n_items, batching=batching,
                 token_grid=[gh, gw, d], label_grid=[oh, ow],
                 positive_fraction=pos, steps_per_epoch=spe,
@@ -359,27 +348,22 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     # A batch the loss skips (nnPU without P or U) makes no optimizer step.
     return l, {"skip_update": valid <= 0}
 
-  pc, pi = jax.process_count(), jax.process_index()
+  pc = jax.process_count()
   if bsz % pc:
     raise ValueError(f"batch_size {bsz} is not divisible by the {pc} "
                      "processes")
-  lo, hi = bsz * pi // pc, bsz * (pi + 1) // pc
 
   def batches():
-    if streamed is not None:
-      # This process's rows [p*L, (p+1)*L) of every global batch, read and
-      # prepared in the pipeline (worker processes: config.data_workers).
-      return iter(data_lib.encoder_batches(
-          streamed, rows, seed=int(config.seed), global_batch=bsz,
-          num_epochs=int(config.epochs), flip=flip,
-          num_workers=int(config.get("data_workers", 0) or 0),
-          read_threads=max(1, int(config.data_threads))))
-    # Every process draws the same global batch (a function of the step)
-    # and keeps its contiguous share of rows.
-    share = lambda b: {k: np.ascontiguousarray(v[lo:hi]) for k, v in b.items()}
-    return iter(data_lib.step_dataset(
-        lambda s: share(make_batch(s)), 0, total,
-        threads=int(config.data_threads)))
+    # This process's rows [p*L, (p+1)*L) of every global batch, read and
+    # prepared in the pipeline (worker processes: config.data_workers).
+    kw = dict(seed=int(config.seed), global_batch=bsz,
+              num_epochs=int(config.epochs), flip=flip,
+              num_workers=int(config.get("data_workers", 0) or 0),
+              read_threads=max(1, int(config.data_threads)),
+              pad_epochs=True)
+    if e2e:
+      return iter(data_lib.encoder_batches(streamed, rows, **kw))
+    return iter(data_lib.feature_batches(streamed, rows, **kw))
 
   def export(model, res):
     adapter_dir = files_lib.join(workdir, "adapter")
