@@ -15,7 +15,8 @@ its children and it waits for them).
 
 --trainer adapter: `python -m efiqa_jax train-adapter` end to end
 (configs/adapter.py:tiny, mode=end_to_end, image batching, batch 8) from
-the same kind of folder (no vessel maps) with one 4x4 label PNG per record
+the same kind of folder (no vessel maps) with one label PNG per record (on
+the --size / 16 token grid)
 and a tiny random ViT encoder (patch 16, D 16, depth 1) at --size: the
 frozen encoder runs on the streamed crops.
 
@@ -131,9 +132,10 @@ def write_map_folder(out: pathlib.Path, n: int, size: int,
     (out / f"map{i:06d}.png").write_bytes(pngs[i % distinct])
 
 
-def write_adapter_inputs(out: pathlib.Path, n: int) -> tuple[str, str]:
-  """(labels folder with one random 4x4 label PNG per record id of
-  write_prepared, a tiny random ViT encoder) for train-adapter."""
+def write_adapter_inputs(out: pathlib.Path, n: int,
+                         grid: int) -> tuple[str, str]:
+  """(labels folder with one random grid x grid label PNG per record id of
+  write_prepared, a tiny random ViT encoder, patch 16) for train-adapter."""
   from flax import nnx
   from efiqa_jax import checkpoints
   from efiqa_jax.models import vit
@@ -142,8 +144,8 @@ def write_adapter_inputs(out: pathlib.Path, n: int) -> tuple[str, str]:
     labels.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n):
-      Image.fromarray((rng.random((4, 4)) < 0.3).astype(np.uint8) * 255).save(
-          labels / f"syn{i:06d}.png")
+      Image.fromarray((rng.random((grid, grid)) < 0.3).astype(np.uint8)
+                      * 255).save(labels / f"syn{i:06d}.png")
   enc = out / "encoder"
   if not (enc / checkpoints.SIDECAR).exists():
     m = vit.VisionTransformer(patch_size=16, hidden_size=16, depth=1,
@@ -193,7 +195,7 @@ def main() -> int:
                          "in-RAM loaders are gone)")
       folder = out / f"prepared_novessels_{n}"
       write_prepared(folder, n, a.size, with_vessels=False)
-      labels, enc = write_adapter_inputs(out, n)
+      labels, enc = write_adapter_inputs(out, n, a.size // 16)
     elif a.old_loader:
       folder = out / f"maps_{n}"
       write_map_folder(folder, n, a.size)

@@ -222,8 +222,9 @@ def test_cached_features_are_indexed_and_streamed_per_process(data,
     store = data_lib.FeatureStore(d)
     assert sorted(store.ids) == [f"p{i}" for i in range(N)]
     assert [x[0] for x in store.not_ok] == ["broken"]
-    if fmt == "arrayrecord":  # an index, no arrays
+    if fmt == "arrayrecord":  # an index from the journal, no arrays
       assert all(isinstance(v, int) for v in store._where.values())  # pylint: disable=protected-access
+      assert not store.scanned
     ids = sorted(store.ids)
     src = data_lib.FeatureRecords(ids, [labels[i] for i in ids], 16)
     rows = data_lib.FeatureRows(store, (4, 4, 16), (4, 4), per_token=True)
@@ -251,3 +252,21 @@ def test_cached_features_are_indexed_and_streamed_per_process(data,
   for a, b in zip(got["arrayrecord"], got["npy"]):
     for key in ("x", "y", "mask", "index"):
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_arrayrecord_index_without_journaled_positions(features, tmp_path):
+  """Features written before extract journaled record positions: each
+  record's id is read once, giving the same index."""
+  import shutil
+  d = tmp_path / "old"
+  shutil.copytree(features["arrayrecord"], d)
+  for f in (d / ".journal").iterdir():
+    rows = [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+    f.write_text("".join(json.dumps({k: v for k, v in r.items()
+                                     if k != "record"}) + "\n" for r in rows))
+  old = data_lib.FeatureStore(str(d))
+  new = data_lib.FeatureStore(features["arrayrecord"])
+  assert old.scanned and not new.scanned
+  assert old._where == new._where  # pylint: disable=protected-access
+  for i in new.ids:
+    np.testing.assert_array_equal(old.read(i), new.read(i))

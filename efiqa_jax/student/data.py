@@ -190,14 +190,17 @@ def encoder_inputs(images, *, size: int, work_size: int, preprocess: str,
       raise ValueError(f"{folder} was prepared at {src.size} px, this run "
                        f"works at {int(work_size)} px (work_size): prepare "
                        f"the photographs again with --size {int(work_size)}")
-    _, rows = files_lib.read_csv(files_lib.join(folder, prepared_lib.MANIFEST))
+    import csv
     by_id, not_ok = {}, []
-    for i, r in enumerate(rows):
-      if r.get("status") == "ok":
-        by_id[r["id"]] = i
-      else:
-        not_ok.append((r["id"], f"{r.get('status') or 'pending'}: "
-                       f"{r.get('message', '')}".rstrip(": ")))
+    with files_lib.as_path(files_lib.join(folder, prepared_lib.MANIFEST)
+                           ).open("r") as f:
+      rows = csv.DictReader(f)  # row by row: no list of every row
+      for i, r in enumerate(rows):
+        if r.get("status") == "ok":
+          by_id[r["id"]] = i
+        else:
+          not_ok.append((r["id"], f"{r.get('status') or 'pending'}: "
+                         f"{r.get('message', '')}".rstrip(": ")))
     return EncoderInputs(by_id, not_ok, src, src.paths, folder,
                          src.fingerprint)
   paths = sources.list_inputs([images] if folder is not None else images)
@@ -358,6 +361,7 @@ class FeatureStore:
     self._where: dict = {}
     self._shards: list[str] = []
     self._ds = None
+    self.scanned = False  # ArrayRecord ids read from the records
     if self.format == "arrayrecord":
       self._index_arrayrecord()
     elif self.format == "npy":
@@ -370,10 +374,19 @@ class FeatureStore:
 
   def _index_arrayrecord(self):
     """id -> global record position over the shards; only records the
-    journal attributes to their shard count (`extract.iter_arrayrecord`)."""
+    journal attributes to their shard count (`extract.iter_arrayrecord`).
+    The journal's record positions are used where it has them (extract
+    writes them); otherwise each record's id is read once."""
     from array_record.python.array_record_module import ArrayRecordReader
     from efiqa_jax.encoders import extract
     journal = files_lib.Journal.read(self.dir)
+    ok = {i: r for i, r in journal.items() if r.get("status") == "ok"}
+    journaled = all(str(r.get("record", "")).isdigit() for r in ok.values())
+    by_shard: dict = {}
+    if journaled:
+      for i, r in ok.items():
+        by_shard.setdefault(r.get("file"), []).append((i, int(r["record"])))
+    self.scanned = not journaled
     offset = 0
     for path in files_lib.glob(files_lib.join(self.dir,
                                               "features-*.array_record")):
@@ -382,13 +395,16 @@ class FeatureStore:
         reader = ArrayRecordReader(local)
         try:
           n = reader.num_records()
-          for i in range(n):
-            with np.load(io.BytesIO(reader.read([i])[0])) as z:
-              id_ = str(z["id"])  # the features are not read
-            r = journal.get(id_)
-            if (r is not None and r.get("status") == "ok"
-                and r.get("file") == name):
-              self._where[id_] = offset + i
+          if journaled:
+            for id_, k in by_shard.get(name, ()):
+              self._where[id_] = offset + k
+          else:
+            for k in range(n):
+              with np.load(io.BytesIO(reader.read([k])[0])) as z:
+                id_ = str(z["id"])  # the features are not read
+              r = ok.get(id_)
+              if r is not None and r.get("file") == name:
+                self._where[id_] = offset + k
         finally:
           reader.close()
       self._shards.append(path)

@@ -5,8 +5,12 @@ Two modes (config.mode):
               'patch' flattens every token of every image into one pool of
               patches (the reference `prepare_patch_dataset.py`; batch 4096
               patches); 'image' keeps whole (gh, gw, D) grids (the CNN head).
-  end_to_end  photographs + pseudo-labels; the frozen encoder runs inside the
-              jitted step (optionally in bfloat16), always per image.
+  end_to_end  photographs (or a folder of `efiqa prepare`) + pseudo-labels;
+              the frozen encoder runs inside the jitted step (optionally in
+              bfloat16), always per image.
+Both stream (`student.data`): records are read per step through
+`input_pipeline.training_batches`, each process only its rows of every
+global batch; nothing is loaded whole.
 
 A task on `efiqa_jax.trainer`. Only the adapter is differentiated (the
 trainable filter): the encoder is a frozen part of the model, restored from
