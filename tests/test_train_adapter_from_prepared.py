@@ -270,3 +270,27 @@ def test_arrayrecord_index_without_journaled_positions(features, tmp_path):
   assert old._where == new._where  # pylint: disable=protected-access
   for i in new.ids:
     np.testing.assert_array_equal(old.read(i), new.read(i))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_npy_features_read_by_offset(tmp_path, dtype):
+  """FeatureStore reads a token's bytes at its offset (the header parsed
+  once, under the lock numpy's ast-based parser needs in threads): the
+  values np.load gives, whole and per token, C or Fortran order."""
+  rng = np.random.default_rng(0)
+  d = tmp_path / "f"
+  d.mkdir()
+  want = {}
+  for k, shape in enumerate([(4, 4, 16), (4, 4, 16), (3, 5, 7)]):
+    a = rng.normal(size=shape).astype(dtype)
+    if k == 2:
+      a = np.asfortranarray(a)
+    np.save(d / f"i{k}.npy", a)
+    want[f"i{k}"] = a.astype(np.float32)
+  store = data_lib.FeatureStore(str(d))
+  for i, a in want.items():
+    np.testing.assert_array_equal(store.read(i), a)
+    flat = a.reshape(-1, a.shape[-1])
+    for t in (0, 5, len(flat) - 1):
+      np.testing.assert_array_equal(store.row(i, t), flat[t])
+  assert len(store._headers) == 2  # pylint: disable=protected-access

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import threading
 from typing import Any
 
 import grain
@@ -130,6 +131,11 @@ def load_features(f) -> np.ndarray:
 
 # ------------------------------------------------- end to end, streamed
 
+# numpy parses .npy headers with ast.literal_eval, which CPython 3.11 does
+# not make thread-safe ("AST constructor recursion depth mismatch" under
+# grain's reader threads): every np.load of a record goes through this.
+_NPY_LOCK = threading.Lock()
+
 
 @dataclasses.dataclass
 class EncoderInputs:
@@ -238,7 +244,8 @@ class Labelled(grain.sources.RandomAccessDataSource):
     return len(self.indices)
 
   def __getitem__(self, index: int):
-    rec = dict(self.source[self.indices[int(index)]])
+    with _NPY_LOCK:  # a prepared record is an .npz
+      rec = dict(self.source[self.indices[int(index)]])
     if self.labels is not None:
       rec["label"] = self.labels[int(index)]
     return rec
@@ -361,6 +368,7 @@ class FeatureStore:
     self._where: dict = {}
     self._shards: list[str] = []
     self._ds = None
+    self._headers: dict = {}  # .npy header bytes -> (shape, dtype, offset)
     self.scanned = False  # ArrayRecord ids read from the records
     if self.format == "arrayrecord":
       self._index_arrayrecord()
@@ -414,7 +422,7 @@ class FeatureStore:
         self.not_ok.append((r["id"], r["status"]))
 
   def __getstate__(self):
-    return dict(self.__dict__, _ds=None)
+    return dict(self.__dict__, _ds=None, _headers={})
 
   @property
   def ids(self) -> list[str]:
@@ -443,17 +451,56 @@ class FeatureStore:
     w = self._where[id_]
     if self.format == "arrayrecord":
       from efiqa_jax.encoders import extract
-      return extract.decode_record(self._open()[int(w)])[2].astype(
-          np.float32)
-    return load_features(w)
+      data = self._open()[int(w)]
+      with _NPY_LOCK:
+        return extract.decode_record(data)[2].astype(np.float32)
+    if files_lib.is_remote(w):
+      with _NPY_LOCK:
+        return load_features(w)
+    return self._npy(w)
 
   def row(self, id_: str, t: int) -> np.ndarray:
     w = self._where[id_]
     if self.format == "npy" and not files_lib.is_remote(w):
-      a = np.load(w, mmap_mode="r")
-      return np.asarray(a.reshape(-1, a.shape[-1])[int(t)], np.float32)
+      return self._npy(w, int(t))
     a = self.read(id_)
     return a.reshape(-1, a.shape[-1])[int(t)]
+
+  def _npy(self, path: str, token: int | None = None) -> np.ndarray:
+    """A local .npy (or its row `token` of the (-1, D) view) as float32,
+    reading only those bytes; each distinct header is parsed once."""
+    with open(path, "rb") as f:
+      head = f.read(12)
+      major = head[6] if len(head) >= 8 else 0
+      n = 10 + (int.from_bytes(head[8:10], "little") if major == 1 else
+                int.from_bytes(head[8:12], "little") + 2)
+      f.seek(0)
+      key = f.read(n)
+      info = self._headers.get(key)
+      if info is None:
+        with _NPY_LOCK:
+          f.seek(0)
+          version = np.lib.format.read_magic(f)
+          shape, fortran, dtype = (
+              np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+              else np.lib.format.read_array_header_2_0(f))
+        info = (tuple(shape), np.dtype(dtype), f.tell(), bool(fortran))
+        self._headers[key] = info
+      shape, dtype, offset, fortran = info
+      if fortran or dtype.hasobject:
+        with _NPY_LOCK:
+          a = np.load(path)
+        a = a.astype(np.float32)
+        return a if token is None else a.reshape(-1, a.shape[-1])[token]
+      if token is None:
+        f.seek(offset)
+        count = int(np.prod(shape))
+        a = np.frombuffer(f.read(count * dtype.itemsize), dtype, count)
+        return a.reshape(shape).astype(np.float32)
+      d = int(shape[-1])
+      f.seek(offset + token * d * dtype.itemsize)
+      return np.frombuffer(f.read(d * dtype.itemsize), dtype,
+                           d).astype(np.float32)
 
 
 class FeatureRecords(grain.sources.RandomAccessDataSource):
