@@ -294,3 +294,35 @@ def test_npy_features_read_by_offset(tmp_path, dtype):
     for t in (0, 5, len(flat) - 1):
       np.testing.assert_array_equal(store.row(i, t), flat[t])
   assert len(store._headers) == 2  # pylint: disable=protected-access
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_pretrain_encoder_two_processes_match_one(data, tmp_path):
+  """`efiqa pretrain-encoder PREPARED` on 2 processes x 1 device: each
+  reads its rows of every global batch; the encoder of 1 process on a
+  2-device mesh (gloo may sum in another order: atol 1e-5)."""
+  from efiqa_jax import checkpoints
+  from efiqa_jax.encoders import pretrain
+  from flax import nnx
+  prep = tmp_path / "prepared_ok"  # no failed record: exit 0 (3 otherwise)
+  assert cli.main(["prepare", f"{data['imgs']}/p*.png", "--out", str(prep),
+                   "--size", str(WORK), "--quiet"]) == 0
+  over = ["--config", "configs/encoder_mim.py:tiny", "--set",
+          f"config.work_size={WORK}", "--set", "config.steps=4", "--set",
+          "config.mesh.data=2"]
+  out = tmp_path / "mp"
+  res, _ = multihost.run_efiqa(
+      lambda i: ["pretrain-encoder", str(prep), "--out", str(out),
+                 "--quiet", *over], 2, devices=1, timeout=900,
+      what="2-process pretrain-encoder")
+  assert f"{N} photographs, 4 steps" in res[0][1], res[0][1][-2000:]
+  cfg = config_util.load_config("configs/encoder_mim.py:tiny", [
+      f"--config.work_size={WORK}", "--config.steps=4",
+      "--config.mesh.data=2"])
+  pretrain.pretrain_mim([str(prep)], str(tmp_path / "one"), cfg,
+                        progress=False)
+  a = nnx.state(checkpoints.load_model(out)[0], nnx.Param)
+  b = nnx.state(checkpoints.load_model(tmp_path / "one")[0], nnx.Param)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(
+      np.asarray(x), np.asarray(y), atol=1e-5, rtol=0), a, b)
