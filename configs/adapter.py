@@ -21,6 +21,8 @@ def get_config(arg=None):
   c.features_dir = ""            # efiqa extract output (npy)
   c.labels_dir = ""              # efiqa pseudo-label output (labels/<id>.png)
   c.images = ""                  # end_to_end: photographs (folder/glob/CSV)
+  #                                or a folder of `efiqa prepare --size
+  #                                work_size` (streamed, not decoded again)
   c.encoder = ""                 # end_to_end: ViT encoder model directory
   c.encoder_dtype = "float32"    # end_to_end: float32 | bfloat16
   c.size = 224                   # end_to_end: encoder input side
@@ -69,6 +71,7 @@ def get_config(arg=None):
   c.max_steps = -1               # > 0: stop there (checkpoint, no export)
   c.profile_steps = ""           # "A:B": jax.profiler trace of steps A+1..B
   c.data_threads = 2
+  c.data_workers = 0             # end_to_end: grain worker processes
   # `efiqa distill`'s pseudo-labels: a pixel is anomalous when |f(x)| >
   # threshold, a cell positive when >= relax of it is. None: the teacher's
   # calibrated rule (`efiqa calibrate-teacher`), else the reference 0.02/0.9.

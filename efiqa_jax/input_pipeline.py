@@ -266,7 +266,8 @@ def training_batches(source, global_batch: int, *, seed: int,
                      prefetch_batches: int = 2,
                      worker_buffer_size: int = 2,
                      position_key: str | None = None,
-                     contiguous: bool = False) -> grain.IterDataset:
+                     contiguous: bool = False,
+                     pad_epochs: bool = False) -> grain.IterDataset:
   """Shuffled, repeated, augmented training batches for this process.
 
   Order: range(n) -> shuffle(seed) -> repeat(num_epochs; each epoch
@@ -285,6 +286,10 @@ def training_batches(source, global_batch: int, *, seed: int,
   every global batch in stream order: a step whose draws depend on the row
   (the teacher's per-row masks) then gives the same result on any number of
   processes.
+  pad_epochs: each epoch ends with its own last, partial batch, filled up
+  with padding rows (valid=False, ok=False: mask the loss with them), as
+  a torch DataLoader without drop_last: ceil(n / global_batch) steps per
+  epoch, batches never span two epochs (the adapter trainer).
   """
   import jax  # pylint: disable=g-import-not-at-top
   src = _as_source(source)
@@ -297,6 +302,12 @@ def training_batches(source, global_batch: int, *, seed: int,
   prepare = prepare if prepare is not None else sources.PrepareFundus(size)
   ds = grain.MapDataset.range(n).shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
+  if pad_epochs:
+    if num_epochs is None:
+      raise ValueError("padded epochs need num_epochs")
+    per = -(-n // global_batch) * global_batch
+    ds = grain.MapDataset.range(num_epochs * per).map(
+        _PaddedEpochs(ds, n, per))
   ds = ds.map(sources.ReadRecord(src, prepare))
   if position_key:
     ds = ds.map_with_index(_WithPosition(position_key))
@@ -332,6 +343,18 @@ class _WithPosition(grain.transforms.MapWithIndex):
 
   def map_with_index(self, index: int, element: dict[str, Any]):
     return dict(element, **{self.key: np.int64(index)})
+
+
+class _PaddedEpochs(grain.transforms.Map):
+  """Padded stream position -> the shuffled record position, or n (a
+  padding row, `ReadRecord`) past the epoch's n records."""
+
+  def __init__(self, order: grain.MapDataset, n: int, per_epoch: int):
+    self.order, self.n, self.per = order, n, per_epoch
+
+  def map(self, i):
+    epoch, k = divmod(int(i), self.per)
+    return self.order[epoch * self.n + k] if k < self.n else self.n
 
 
 class _ContiguousShare(grain.transforms.Map):

@@ -244,6 +244,33 @@ def test_training_epochs_shuffle_and_drop_remainder():
   assert all(b["valid"].all() for b in out)
 
 
+def test_training_padded_epochs():
+  """pad_epochs: every epoch is a permutation of the records followed by
+  padding rows (valid=False, ok=False) up to a whole global batch; the same
+  order as the unpadded stream within each epoch; 2 processes' contiguous
+  shares stack to the 1-process batches."""
+  out = list(_train(n=21, num_epochs=3, pad_epochs=True))
+  assert len(out) == 3 * 3  # ceil(21 / 8) per epoch
+  plain = np.concatenate([b["index"] for b in _train(n=21, num_epochs=3)])
+  for e in range(3):
+    ep = out[3 * e:3 * e + 3]
+    idx = np.concatenate([b["index"] for b in ep])
+    valid = np.concatenate([b["valid"] for b in ep])
+    assert valid[:21].all() and not valid[21:].any()
+    assert not np.concatenate([b["ok"] for b in ep])[21:].any()
+    assert list(idx[21:]) == [-1] * 3
+    assert sorted(idx[:21]) == list(range(21))
+    if e < 2:  # the unpadded stream drops the last 63 % 8 rows
+      assert list(idx[:21]) == list(plain[21 * e:21 * (e + 1)])
+  two = [list(_train(n=21, num_epochs=3, pad_epochs=True, pc=2, p=p,
+                     contiguous=True)) for p in range(2)]
+  for b, a0, a1 in zip(out, *two):
+    np.testing.assert_array_equal(
+        np.concatenate([a0["index"], a1["index"]]), b["index"])
+  with pytest.raises(ValueError, match="num_epochs"):
+    _train(n=21, pad_epochs=True)
+
+
 def test_training_deterministic_and_independent_of_process_count():
   one = _take(iter(_train(n=21)), 4)
   _eq(one, _take(iter(_train(n=21, read_threads=1, prefetch_batches=0)), 4))

@@ -260,9 +260,9 @@ def test_end_to_end_encoder_frozen(tmp_path, dtype, mesh2d, preprocess):
           "linear", D, seed=504), nnx.Param))["linear"]["kernel"])
 
 
-def test_pixel_batch_preprocess(tmp_path):
+def test_encoder_rows_preprocess(tmp_path):
   """End to end, 'efiqa' feeds the whole photograph (the reference
-  extractor's input), 'fov' the FOV crop."""
+  extractor's input), 'fov' the FOV crop; the label comes with it."""
   from efiqa_jax import fundus
   from efiqa_jax import synth
   from efiqa_jax.encoders import preprocess as pp
@@ -270,13 +270,20 @@ def test_pixel_batch_preprocess(tmp_path):
   p = str(tmp_path / "a.png")
   Image.fromarray(np.pad(synth.generate(0, 96).image,
                          ((0, 0), (20, 20), (0, 0)))).save(p)
-  y = [np.zeros((4, 4), np.float32)]
-  whole = data_lib.PixelBatch([p], y, 1, 0, 64, 96, preprocess="efiqa")
-  np.testing.assert_array_equal(whole(0)["pixels"][0],
+  lab = str(tmp_path / "a_label.png")
+  y = (np.arange(16).reshape(4, 4) % 3 == 0).astype(np.uint8) * 255
+  Image.fromarray(y).save(lab)
+  rec = {"path": p, "label": lab}
+  whole = data_lib.EncoderRows(64, 96, "efiqa", (4, 4)).map(rec)
+  np.testing.assert_array_equal(whole["pixels"],
                                 pp.preprocess(p, 64, "efiqa"))
-  crop = data_lib.PixelBatch([p], y, 1, 0, 64, 96)
-  np.testing.assert_array_equal(crop(0)["pixels"][0], pp.preprocess(
+  crop = data_lib.EncoderRows(64, 96, "fov", (4, 4)).map(rec)
+  np.testing.assert_array_equal(crop["pixels"], pp.preprocess(
       fundus.prepare_fundus(p, 96).image, 64, "efiqa"))
+  np.testing.assert_array_equal(crop["y"], y > 0)
+  np.testing.assert_array_equal(crop["mask"], np.ones((4, 4)))
+
+
 def test_end_to_end_model_sharded_resumes_and_matches_replicated(tmp_path):
   """The tiny ViT sharded over `model` (data 4 x model 2): a run stopped at
   step 3 resumes bit for bit; the replicated run (inference form) agrees

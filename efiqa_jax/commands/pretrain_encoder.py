@@ -7,7 +7,9 @@ HELP = ("Pretrain a small ViT encoder self-supervised (masked image "
 
 def add_arguments(p):
   p.add_argument("inputs", nargs="+", help="photographs: files, folders, "
-                 "globs or a CSV with a 'path' column")
+                 "globs or a CSV with a 'path' column; or one folder of "
+                 "`efiqa prepare --size WORK_SIZE` (streamed, not decoded "
+                 "again)")
   p.add_argument("--out", required=True, help="encoder model directory")
   p.add_argument("--workdir", default=None,
                  help="checkpoints and metrics (default OUT/train)")

@@ -352,7 +352,7 @@ def extract_features(inputs: Sequence[str] | str, encoder: str | os.PathLike,
 
   shards = (files.ShardWriter(out_dir, "features",
                                f"{int(time.time() * 1e3)}-p{pi}", shard_size,
-                               name_key="file", record_key=None)
+                               name_key="file", record_key="record")
             if fmt == "arrayrecord" else None)
 
   def write(rec, res):

@@ -7,7 +7,12 @@ SimMIM-style masked image modelling on photographs.
 
   * input: FOV crops with the student's exact chain (`efiqa extract`'s
     `encoders.extract.PrepareEncoderInput`: crop at work_size -> bicubic to `size` ->
-    ImageNet mean/std), random horizontal / vertical flips;
+    ImageNet mean/std), random horizontal / vertical flips; from
+    photographs or the records of a prepared folder (`efiqa prepare --size
+    work_size`: the same crops, not decoded again), streamed through
+    `input_pipeline.training_batches` (`student.data.encoder_batches`):
+    each process reads only its rows of every global batch, epochs
+    reshuffled, the iterator state in the checkpoint;
   * a random `mask_ratio` share of the patches of each image is blanked
     (pixels set to 0 in normalised space, i.e. the ImageNet mean colour);
   * the encoder (`efiqa_jax.models.vit.VisionTransformer`) sees the blanked
@@ -19,8 +24,7 @@ Nothing but photographs is read: no labels, no degradation masks.
 A task on `efiqa_jax.trainer` (mesh and parameter sharding from
 `config.mesh` / `config.sharding.params`, AdamW with the warm-up + cosine
 schedule of `config.schedule`), with checkpoints, metrics and the run
-fingerprint in OUT/train: a stopped run resumes where it was. Batch s is a
-function of (seed, s). The encoder alone is written with
+fingerprint in OUT/train: a stopped run resumes where it was. The encoder alone is written with
 `checkpoints.save_model`, so `efiqa extract / distill --encoder DIR` load it.
 """
 from __future__ import annotations
@@ -32,7 +36,6 @@ import sys
 import time
 from typing import Any, Sequence
 
-import numpy as np
 
 
 @dataclasses.dataclass
@@ -81,48 +84,6 @@ def mim_loss(encoder, decoder, x, mask, patch: int, eps: float = 1e-6):
   return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def load_pixels(inputs: Sequence[str] | str, size: int, work_size: int,
-                progress: bool = False):
-  """Photographs -> ((N, size, size, 3) float32 encoder inputs, ok paths,
-  [(path, 'status: message')] of those that could not be prepared)."""
-  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
-  from efiqa_jax.encoders import extract  # pylint: disable=g-import-not-at-top
-  if isinstance(inputs, str):
-    inputs = [inputs]
-  paths = sources.list_inputs(list(inputs))
-  prep = extract.PrepareEncoderInput(size, work_size=work_size)
-  xs, ok, failed = [], [], []
-  it = paths
-  if progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    it = tqdm(paths, desc="pretrain: prepare", unit="img", file=sys.stderr)
-  for p in it:
-    row = prep.map({"path": p})
-    if bool(row["ok"]):
-      xs.append(row["pixels"])
-      ok.append(p)
-    else:
-      failed.append((p, f"{row['status']}: {row['message']}"))
-  if not xs:
-    raise ValueError(f"no photograph could be prepared from {list(inputs)}"
-                     + (f" (first failure: {failed[0]})" if failed else ""))
-  return np.stack(xs).astype(np.float32), ok, failed
-
-
-def host_batch(pixels: np.ndarray, batch: int, seed: int, step: int,
-               flip: bool = True) -> np.ndarray:
-  """Batch `step`: images drawn with replacement, flipped, from (seed, step)."""
-  rng = np.random.default_rng([int(seed), int(step)])
-  idx = rng.integers(len(pixels), size=batch)
-  x = pixels[idx]
-  if flip:
-    fh = rng.random(batch) < 0.5
-    fv = rng.random(batch) < 0.5
-    x = np.where(fh[:, None, None, None], x[:, :, ::-1], x)
-    x = np.where(fv[:, None, None, None], x[:, ::-1], x)
-  return np.ascontiguousarray(x)
-
-
 def build_encoder(config):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from efiqa_jax.models import vit  # pylint: disable=g-import-not-at-top
@@ -154,11 +115,22 @@ def pretrain_mim(inputs: Sequence[str] | str, out_dir: str, config, *,
   runtime.initialize()
   workdir = files.output_dir(workdir or files.join(out_dir, "train"))
   size, work = int(config.size), int(config.work_size)
-  pixels, ok_paths, failed = load_pixels(
-      inputs, size, work, progress and runtime.is_primary())
+  from efiqa_jax.student import data as data_lib  # pylint: disable=g-import-not-at-top
+  # Only ids and paths are held: photographs are checked once here, a
+  # prepared folder's manifest says which records are ok.
+  found = data_lib.encoder_inputs(
+      inputs, size=size, work_size=work, preprocess="fov",
+      progress=progress and runtime.is_primary())
+  ok = sorted(found.by_id.values())  # input order
+  if not ok:
+    raise ValueError(f"no photograph could be prepared from {inputs}"
+                     + (f" (first failure: {found.failed[0]})"
+                        if found.failed else ""))
+  ok_paths = [found.paths[i] for i in ok]
+  failed = found.failed
   if runtime.is_primary():
-    for p, msg in failed:
-      print(f"pretrain-encoder: left out {p}: {msg}", file=sys.stderr)
+    for q, msg in failed:
+      print(f"pretrain-encoder: left out {q}: {msg}", file=sys.stderr)
   abstract = nnx.eval_shape(lambda: build_encoder(config))
   p = abstract.cfg["patch_size"]
   if size % p:
@@ -176,26 +148,23 @@ def pretrain_mim(inputs: Sequence[str] | str, out_dir: str, config, *,
 
   def loss(model, batch, rng, step):
     del step
-    x = batch["x"]
+    x = batch["pixels"]
     mask = random_patch_mask(rng, x.shape[0], gh, gw, ratio)
     return mim_loss(model["encoder"], model["decoder"], x, mask, p), {}
 
   bsz, steps = int(config.batch_size), int(config.steps)
-  pc, pi = jax.process_count(), jax.process_index()
-  if bsz % pc:
-    raise ValueError(f"batch_size {bsz} is not divisible by the {pc} "
-                     "processes")
-  lo, hi = bsz * pi // pc, bsz * (pi + 1) // pc
+  # Whole reshuffled epochs, enough of them for `steps` global batches.
+  epochs = -(-steps * bsz // len(ok))
   flip = bool(config.flip)
+  source = data_lib.Labelled(found.source, ok)
+  rows = data_lib.EncoderRows(size, work, "fov")
 
   def batches():
-    import grain  # pylint: disable=g-import-not-at-top
-    # Every process draws the same global batch (a function of the step)
-    # and keeps its contiguous share of rows.
-    ds = grain.MapDataset.range(steps).map(lambda s: {"x": host_batch(
-        pixels, bsz, int(config.seed), s, flip)[lo:hi]})
-    return iter(ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=2, prefetch_buffer_size=4)))
+    return iter(data_lib.encoder_batches(
+        source, rows, seed=int(config.seed), global_batch=bsz,
+        num_epochs=epochs, flip=flip, flip_vertical=flip,
+        num_workers=int(config.get("data_workers", 0) or 0),
+        read_threads=max(1, int(config.get("data_threads", 2)))))
 
   def export(model, res):
     curve = [(int(r["step"]), float(r["loss"]))
@@ -231,9 +200,10 @@ def pretrain_mim(inputs: Sequence[str] | str, out_dir: str, config, *,
       os.path.basename(q) for q in ok_paths)).encode()).hexdigest()[:16]
   task = trainer.Task(
       name="pretrain-encoder", build=build, loss=loss, batches=batches,
-      global_batch=bsz, device_keys=["x"], export=export,
+      global_batch=bsz, device_keys=["pixels"], export=export,
       fingerprint=trainer.config_fingerprint(
-          config, dict(images=len(ok_paths), image_names_sha=names)),
+          config, dict(images=len(ok_paths), image_names_sha=names,
+                       prepared=found.fingerprint)),
       jit_key=json.dumps(dict(encoder=config.encoder.to_dict(), seed=int(
           config.seed), size=size, mask_ratio=ratio), sort_keys=True,
                          default=str))

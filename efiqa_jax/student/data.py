@@ -5,19 +5,26 @@ Matching follows the reference `SIFDataset`: feature file, patch-label PNG
 > 0. Ids present on one side only are reported (`DataReport`), never
 silently dropped.
 
-Batches are a grain `MapDataset` indexed by the training step: batch s is a
-pure function of (seed, s) -- epoch e = s // steps_per_epoch uses the
-permutation `default_rng([seed, e])` -- so a resumed run reads exactly the
-batches an uninterrupted run would. The last batch of an epoch is padded to
-the fixed batch size with `mask` = 0 rows (static shapes for jit).
+Streamed, never loaded whole: `input_pipeline.training_batches` over the
+matched ids (sorted), each process reading only its rows [p*L, (p+1)*L) of
+every global batch (epochs reshuffled by grain from the seed; the stream
+is cut to whole global batches; the iterator state is checkpointed), labels
+read per record. Cached features (`FeatureStore`: .npy files, or ArrayRecord
+shards indexed by id) give one record per image ('image' batching) or per
+token ('patch': the reference's pool of patches); end to end
+(`encoder_inputs`: photographs or a prepared folder) one record per
+photograph (`EncoderRows`: the encoder's input pixels). Only ids and paths
+are held.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
 import os
-from typing import Any, Sequence
+import threading
+from typing import Any
 
+import grain
 import numpy as np
 from PIL import Image
 
@@ -110,8 +117,10 @@ def match(left: dict[str, str], labels: dict[str, str], not_ok=()
           ) -> DataReport:
   # Sorted: the data order does not depend on how the features are stored.
   ids = sorted(i for i in left if i in labels)
+  # A label whose input is listed as not ok is reported there, once.
+  bad = {i for i, _ in not_ok}
   return DataReport(ids, sorted(set(left) - set(labels)),
-                    sorted(set(labels) - set(left)), list(not_ok))
+                    sorted(set(labels) - set(left) - bad), list(not_ok))
 
 
 def load_features(f) -> np.ndarray:
@@ -120,129 +129,460 @@ def load_features(f) -> np.ndarray:
           else np.asarray(f)).astype(np.float32)
 
 
-def steps_per_epoch(n: int, batch: int) -> int:
-  return -(-n // batch)
+# ------------------------------------------------- end to end, streamed
+
+# numpy parses .npy headers with ast.literal_eval, which CPython 3.11 does
+# not make thread-safe ("AST constructor recursion depth mismatch" under
+# grain's reader threads): every np.load of a record goes through this.
+_NPY_LOCK = threading.Lock()
 
 
-def epoch_indices(n: int, batch: int, seed: int, step: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-  """(indices (batch,), mask (batch,)) of the items in batch `step`."""
-  spe = steps_per_epoch(n, batch)
-  epoch, k = divmod(int(step), spe)
-  perm = np.random.default_rng([int(seed), epoch]).permutation(n)
-  idx = perm[k * batch:(k + 1) * batch]
-  mask = np.zeros(batch, np.float32)
-  mask[:len(idx)] = 1.0
-  full = np.zeros(batch, np.int64)
-  full[:len(idx)] = idx
-  return full, mask
+@dataclasses.dataclass
+class EncoderInputs:
+  """The photographs of an end-to-end run, as a random-access source.
+
+  by_id: id -> position in `source` of every usable record; not_ok: (id,
+  'status: message') of the records that cannot be used; source: record i =
+  {'path'} (a photograph) or a `prepared.PreparedSource` record; prepared:
+  the prepared folder (None for photographs); fingerprint: what prepared
+  its crops (None for photographs).
+  """
+  by_id: dict[str, int]
+  not_ok: list[tuple[str, str]]
+  source: Any
+  paths: list[str]
+  prepared: str | None = None
+  fingerprint: Any = None
+
+  @property
+  def failed(self) -> list[tuple[str, str]]:
+    """(path, 'status: message') of the records that cannot be used."""
+    where = dict(zip(self.ids, self.paths))
+    return [(where.get(i, i), m) for i, m in self.not_ok]
+
+  @property
+  def ids(self) -> list[str]:
+    from efiqa_jax import sources
+    return sources.unique_ids(self.paths)
 
 
-class PatchBatch:
-  """step -> {x (B, D), y (B,), mask (B,)} from in-memory patch arrays."""
+def encoder_inputs(images, *, size: int, work_size: int, preprocess: str,
+                   wanted=None, progress: bool = False) -> EncoderInputs:
+  """`images` (photographs: files, folders, globs, CSVs; or a folder of
+  `efiqa prepare`) -> `EncoderInputs`.
 
-  def __init__(self, x: np.ndarray, y: np.ndarray, batch: int, seed: int):
-    self.x, self.y, self.batch, self.seed = x, y, batch, seed
+  A prepared folder is not read: its manifest says which records are ok
+  (its crops were made at `work_size`: another size, or preprocess 'efiqa'
+  (the whole photograph), is refused in one line). Photographs are
+  prepared once here (`extract.PrepareEncoderInput`, nothing kept) so that
+  training never stops on a bad file mid-run; only those whose id is in
+  `wanted` (all when None) are checked.
+  """
+  from efiqa_jax import prepared as prepared_lib
+  from efiqa_jax import sources
+  from efiqa_jax.encoders import extract
+  if not isinstance(images, (str, os.PathLike)) and len(images) == 1:
+    images = images[0]
+  folder = os.fspath(images) if isinstance(images, (str, os.PathLike)) \
+      else None
+  if folder is not None and prepared_lib.is_prepared(folder):
+    src = prepared_lib.PreparedSource(folder)
+    if preprocess != "fov":
+      raise ValueError(f"{folder} is a prepared folder (FOV crops): "
+                       f"preprocess {preprocess!r} needs the whole "
+                       "photographs; give them instead, or use preprocess "
+                       "fov")
+    if src.size != int(work_size):
+      raise ValueError(f"{folder} was prepared at {src.size} px, this run "
+                       f"works at {int(work_size)} px (work_size): prepare "
+                       f"the photographs again with --size {int(work_size)}")
+    import csv
+    by_id, not_ok = {}, []
+    with files_lib.as_path(files_lib.join(folder, prepared_lib.MANIFEST)
+                           ).open("r") as f:
+      rows = csv.DictReader(f)  # row by row: no list of every row
+      for i, r in enumerate(rows):
+        if r.get("status") == "ok":
+          by_id[r["id"]] = i
+        else:
+          not_ok.append((r["id"], f"{r.get('status') or 'pending'}: "
+                         f"{r.get('message', '')}".rstrip(": ")))
+    return EncoderInputs(by_id, not_ok, src, src.paths, folder,
+                         src.fingerprint)
+  paths = sources.list_inputs([images] if folder is not None else images)
+  ids = sources.unique_ids(paths)
+  prep = extract.PrepareEncoderInput(size, work_size=work_size,
+                                     preprocess=preprocess)
+  by_id, not_ok = {}, []
+  todo = enumerate(zip(ids, paths))
+  if progress:
+    import sys
+    from tqdm.auto import tqdm
+    todo = tqdm(todo, total=len(paths), desc="check photographs", unit="img",
+                file=sys.stderr)
+  for i, (id_, p) in todo:
+    if wanted is not None and id_ not in wanted:
+      by_id[id_] = i  # unchecked: it has no label and is never read
+      continue
+    row = prep.map({"path": p})
+    if bool(row["ok"]):
+      by_id[id_] = i
+    else:
+      not_ok.append((id_, f"{row['status']}: {row['message']}"))
+  return EncoderInputs(by_id, not_ok, sources.PathSource(paths), paths)
 
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    idx, mask = epoch_indices(len(self.x), self.batch, self.seed, step)
-    return {"x": self.x[idx], "y": self.y[idx] * mask, "mask": mask}
+
+class Labelled(grain.sources.RandomAccessDataSource):
+  """Records `indices` of `source`, each with its label file under
+  'label' (None: no label, e.g. self-supervised pretraining)."""
+
+  def __init__(self, source, indices, labels=None):
+    self.source, self.indices = source, list(indices)
+    self.labels = None if labels is None else list(labels)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int):
+    with _NPY_LOCK:  # a prepared record is an .npz
+      rec = dict(self.source[self.indices[int(index)]])
+    if self.labels is not None:
+      rec["label"] = self.labels[int(index)]
+    return rec
 
 
-class ImageFeatureBatch:
-  """step -> {x (B, gh, gw, D), y (B, oh, ow), mask (B, oh, ow)}."""
+class EncoderRows(grain.transforms.Map):
+  """Record -> row: `pixels` (size, size, 3) float32, the encoder input
+  (`extract.PrepareEncoderInput`: the photograph's or the prepared record's
+  FOV crop, or the whole photograph), and with `label_grid` its label `y`
+  and `mask` (ones; zeros on a row that failed)."""
 
-  def __init__(self, feats: Sequence, labels: Sequence[np.ndarray],
-               batch: int, seed: int, flip: bool = False):
-    self.feats, self.labels = feats, labels
-    self.batch, self.seed, self.flip = batch, seed, flip
-
-  def _feat(self, i):
-    return load_features(self.feats[i])
-
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    idx, mask = epoch_indices(len(self.feats), self.batch, self.seed, step)
-    x = np.stack([self._feat(i) for i in idx])
-    y = np.stack([self.labels[i] for i in idx])
-    if self.flip:
-      x, y = _flip(x, y, self.seed, step)
-    m = np.broadcast_to(mask[:, None, None], y.shape).astype(np.float32)
-    return {"x": x, "y": y * m, "mask": np.ascontiguousarray(m)}
-
-
-def _flip(x, y, seed, step):
-  """Horizontal flip per sample, drawn from (seed, step)."""
-  rng = np.random.default_rng([int(seed), int(step), 7])
-  f = rng.random(x.shape[0]) < 0.5
-  x = np.where(f[:, None, None, None], x[:, :, ::-1], x)
-  y = np.where(f[:, None, None], y[:, :, ::-1], y)
-  return x, y
-
-
-class PixelBatch:
-  """step -> {pixels (B, S, S, 3) float32 normalised, y, mask} for the end-to-
-  end mode (`encoders.extract.PrepareEncoderInput`: the FOV crop or, with
-  preprocess='efiqa', the whole photograph; EFIQA's resize/normalisation).
-
-  `check()` prepares every photograph once up front, returns the ones that
-  fail (so training never dies on a bad file mid-run) and keeps the prepared
-  pixels in memory up to `cache_bytes`; the rest are prepared again when
-  their batch comes."""
-
-  def __init__(self, paths: Sequence[str], labels: Sequence[np.ndarray],
-               batch: int, seed: int, size: int, work_size: int,
-               flip: bool = False, cache_bytes: float = 4e9,
-               preprocess: str = "fov"):
+  def __init__(self, size: int, work_size: int, preprocess: str = "fov",
+               label_grid: tuple[int, int] | None = None,
+               label_resize: str = "error"):
     from efiqa_jax.encoders import extract
-    self.paths, self.labels = list(paths), list(labels)
-    self.batch, self.seed, self.flip = batch, seed, flip
-    self._prep = extract.PrepareEncoderInput(size, work_size=work_size,
-                                             preprocess=preprocess)
-    self._cache: dict[int, np.ndarray] = {}
-    self.size = size
-    self.cache_bytes = cache_bytes
+    self.prep = extract.PrepareEncoderInput(size, work_size=work_size,
+                                            preprocess=preprocess)
+    self.grid = None if label_grid is None else tuple(label_grid)
+    self.label_resize = label_resize
 
-  def check(self) -> list[tuple[int, str]]:
-    """Prepare all; drop failures; -> [(original index, status message)]."""
-    keep, failed, used = [], [], 0
-    cache = {}
-    for i, p in enumerate(self.paths):
-      row = self._prep.map({"path": p})
-      if not bool(row["ok"]):
-        failed.append((i, f"{row['status']}: {row['message']}"))
-        continue
-      if used + row["pixels"].nbytes <= self.cache_bytes:
-        cache[len(keep)] = row["pixels"]
-        used += row["pixels"].nbytes
-      keep.append(i)
-    self.paths = [self.paths[i] for i in keep]
-    self.labels = [self.labels[i] for i in keep]
-    self._cache = cache
-    return failed
+  def blank(self, status: str, message: str = "", path: str = "") -> dict:
+    row = self.prep.blank(status, message, path)
+    if self.grid is not None:
+      row["y"] = np.zeros(self.grid, np.float32)
+      row["mask"] = np.zeros(self.grid, np.float32)
+    return row
 
-  def pixels(self, i: int) -> np.ndarray:
-    if i in self._cache:
-      return self._cache[i]
-    row = self._prep.map({"path": self.paths[i]})
-    if not bool(row["ok"]):
-      raise ValueError(f"{self.paths[i]}: {row['status']} {row['message']}")
-    return row["pixels"]
-
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    idx, mask = epoch_indices(len(self.paths), self.batch, self.seed, step)
-    x = np.stack([self.pixels(i) for i in idx])
-    y = np.stack([self.labels[i] for i in idx])
-    if self.flip:
-      # Flipping the photograph flips its token grid; the label grid follows.
-      x, y = _flip(x, y, self.seed, step)
-    m = np.broadcast_to(mask[:, None, None], y.shape).astype(np.float32)
-    return {"pixels": x, "y": y * m, "mask": np.ascontiguousarray(m)}
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    row = self.prep.map(element)
+    if self.grid is None:
+      return row
+    y = read_label(element["label"])
+    if y.shape != self.grid and self.label_resize == "nearest":
+      y = resize_nearest(y, self.grid)
+    if y.shape != self.grid:
+      raise ValueError(f"label {element['label']} is {y.shape[0]}x"
+                       f"{y.shape[1]}, the adapter outputs {self.grid[0]}x"
+                       f"{self.grid[1]}")
+    ok = np.float32(bool(row["ok"]))
+    row["y"] = y * ok
+    row["mask"] = np.full(self.grid, ok, np.float32)
+    return row
 
 
-def step_dataset(make_batch: Any, start: int, total: int, *,
-                 threads: int = 2, prefetch: int = 4):
-  """grain pipeline over steps [start, total): batch s = make_batch(s)."""
-  import grain
-  ds = grain.MapDataset.range(start, total).map(make_batch)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                              prefetch_buffer_size=prefetch))
+class RequireOk(grain.transforms.Map):
+  """A record that could not be read stops training with its path and
+  reason (usable records were checked before training); padding rows
+  (valid=False, mask 0) pass."""
+
+  def map(self, row):
+    if bool(row["valid"]) and not bool(row["ok"]):
+      raise ValueError(f"{row['path']!r} is unusable: {row['status']} "
+                       f"{row['message']}".strip())
+    return row
+
+
+def encoder_batches(source, rows: EncoderRows, *, seed: int,
+                    global_batch: int, num_epochs: int, flip: bool = False,
+                    flip_vertical: bool = False, num_workers: int = 0,
+                    read_threads: int = 2, prefetch_batches: int = 2,
+                    process_index: int | None = None,
+                    process_count: int | None = None,
+                    pad_epochs: bool = False):
+  """This process's rows [p*L, (p+1)*L) of every global batch
+  (`input_pipeline.training_batches`, contiguous): records read and prepared
+  in the pipeline, flips drawn per record from (seed, position); the
+  iterator state is checkpointable."""
+  from efiqa_jax import input_pipeline
+  aug = [RequireOk()]
+  keys = ("pixels", "y", "mask") if rows.grid is not None else ("pixels",)
+  if flip:  # the photograph and its label grid flip together
+    aug.append(input_pipeline.RandomFlipRotate(keys, rotate=False))
+  if flip_vertical:
+    aug.append(VerticalFlip(keys))
+  return input_pipeline.training_batches(
+      source, global_batch, seed=seed, prepare=rows, augment=aug,
+      num_epochs=num_epochs, num_workers=num_workers,
+      read_threads=read_threads, prefetch_batches=prefetch_batches,
+      process_index=process_index, process_count=process_count,
+      contiguous=True, pad_epochs=pad_epochs)
+
+
+class VerticalFlip(grain.transforms.RandomMap):
+  """Flips the rows of every `keys` array of a row with probability 1/2."""
+
+  def __init__(self, keys=("pixels",)):
+    self.keys = tuple(keys)
+
+  def random_map(self, row, rng: np.random.Generator):
+    if not rng.integers(2):
+      return row
+    return dict(row, **{k: np.ascontiguousarray(row[k][::-1])
+                        for k in self.keys if k in row})
+
+
+# --------------------------------------------- cached features, streamed
+
+
+class FeatureStore:
+  """`efiqa extract` output, read per image: never loaded whole.
+
+  ids: the ok ids (manifest / folder of .npy / the journal of ArrayRecord
+  shards); not_ok: (id, status) manifest rows; meta: metadata.json.
+  `read(id)` -> (gh, gw, D) float32; `row(id, t)` -> token t's (D,)
+  features (a memory map of the .npy; a whole ArrayRecord record).
+  ArrayRecord shards are indexed once (each record's id; nothing kept but
+  the shard and position) and read through `grain.sources.
+  ArrayRecordDataSource` (shards of a cloud folder are copied to a local
+  temporary folder first). Picklable: worker processes reopen the shards.
+  """
+
+  def __init__(self, features_dir):
+    from efiqa_jax.encoders import extract
+    self.dir = os.fspath(features_dir)
+    meta_path = files_lib.join(self.dir, extract.METADATA)
+    self.meta = (files_lib.read_json(meta_path)
+                 if files_lib.exists(meta_path) else {})
+    self.format = self.meta.get("format", "npy")
+    self.not_ok: list = []
+    self._where: dict = {}
+    self._shards: list[str] = []
+    self._ds = None
+    self._headers: dict = {}  # .npy header bytes -> (shape, dtype, offset)
+    self.scanned = False  # ArrayRecord ids read from the records
+    if self.format == "arrayrecord":
+      self._index_arrayrecord()
+    elif self.format == "npy":
+      files, self.not_ok, _ = feature_files(self.dir)
+      self._where = dict(files)
+    else:
+      raise ValueError(f"{self.dir}: unknown format {self.format!r}")
+    if not self._where:
+      raise ValueError(f"no features in {self.dir}")
+
+  def _index_arrayrecord(self):
+    """id -> global record position over the shards; only records the
+    journal attributes to their shard count (`extract.iter_arrayrecord`).
+    The journal's record positions are used where it has them (extract
+    writes them); otherwise each record's id is read once."""
+    from array_record.python.array_record_module import ArrayRecordReader
+    from efiqa_jax.encoders import extract
+    journal = files_lib.Journal.read(self.dir)
+    ok = {i: r for i, r in journal.items() if r.get("status") == "ok"}
+    journaled = all(str(r.get("record", "")).isdigit() for r in ok.values())
+    by_shard: dict = {}
+    if journaled:
+      for i, r in ok.items():
+        by_shard.setdefault(r.get("file"), []).append((i, int(r["record"])))
+    self.scanned = not journaled
+    offset = 0
+    for path in files_lib.glob(files_lib.join(self.dir,
+                                              "features-*.array_record")):
+      name = path.rsplit("/", 1)[-1]
+      with files_lib.local_copy(path) as local:
+        reader = ArrayRecordReader(local)
+        try:
+          n = reader.num_records()
+          if journaled:
+            for id_, k in by_shard.get(name, ()):
+              self._where[id_] = offset + k
+          else:
+            for k in range(n):
+              with np.load(io.BytesIO(reader.read([k])[0])) as z:
+                id_ = str(z["id"])  # the features are not read
+              r = ok.get(id_)
+              if r is not None and r.get("file") == name:
+                self._where[id_] = offset + k
+        finally:
+          reader.close()
+      self._shards.append(path)
+      offset += n
+    for r in extract.read_manifest(self.dir):
+      if r["status"] != "ok":
+        self.not_ok.append((r["id"], r["status"]))
+
+  def __getstate__(self):
+    return dict(self.__dict__, _ds=None, _headers={})
+
+  @property
+  def ids(self) -> list[str]:
+    return list(self._where)
+
+  def _open(self):
+    if self._ds is None:
+      paths = self._shards
+      if files_lib.is_remote(self.dir):
+        import atexit
+        import shutil
+        import tempfile
+        cache = tempfile.mkdtemp(prefix="efiqa-features-")
+        atexit.register(shutil.rmtree, cache, True)
+        local = []
+        for p in paths:
+          dst = os.path.join(cache, p.rsplit("/", 1)[-1])
+          with open(dst, "wb") as f:
+            f.write(files_lib.read_bytes(p))
+          local.append(dst)
+        paths = local
+      self._ds = grain.sources.ArrayRecordDataSource(paths)
+    return self._ds
+
+  def read(self, id_: str) -> np.ndarray:
+    w = self._where[id_]
+    if self.format == "arrayrecord":
+      from efiqa_jax.encoders import extract
+      data = self._open()[int(w)]
+      with _NPY_LOCK:
+        return extract.decode_record(data)[2].astype(np.float32)
+    if files_lib.is_remote(w):
+      with _NPY_LOCK:
+        return load_features(w)
+    return self._npy(w)
+
+  def row(self, id_: str, t: int) -> np.ndarray:
+    w = self._where[id_]
+    if self.format == "npy" and not files_lib.is_remote(w):
+      return self._npy(w, int(t))
+    a = self.read(id_)
+    return a.reshape(-1, a.shape[-1])[int(t)]
+
+  def _npy(self, path: str, token: int | None = None) -> np.ndarray:
+    """A local .npy (or its row `token` of the (-1, D) view) as float32,
+    reading only those bytes; each distinct header is parsed once."""
+    with open(path, "rb") as f:
+      head = f.read(12)
+      major = head[6] if len(head) >= 8 else 0
+      n = 10 + (int.from_bytes(head[8:10], "little") if major == 1 else
+                int.from_bytes(head[8:12], "little") + 2)
+      f.seek(0)
+      key = f.read(n)
+      info = self._headers.get(key)
+      if info is None:
+        with _NPY_LOCK:
+          f.seek(0)
+          version = np.lib.format.read_magic(f)
+          shape, fortran, dtype = (
+              np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+              else np.lib.format.read_array_header_2_0(f))
+        info = (tuple(shape), np.dtype(dtype), f.tell(), bool(fortran))
+        self._headers[key] = info
+      shape, dtype, offset, fortran = info
+      if fortran or dtype.hasobject:
+        with _NPY_LOCK:
+          a = np.load(path)
+        a = a.astype(np.float32)
+        return a if token is None else a.reshape(-1, a.shape[-1])[token]
+      if token is None:
+        f.seek(offset)
+        count = int(np.prod(shape))
+        a = np.frombuffer(f.read(count * dtype.itemsize), dtype, count)
+        return a.reshape(shape).astype(np.float32)
+      d = int(shape[-1])
+      f.seek(offset + token * d * dtype.itemsize)
+      return np.frombuffer(f.read(d * dtype.itemsize), dtype,
+                           d).astype(np.float32)
+
+
+class FeatureRecords(grain.sources.RandomAccessDataSource):
+  """Training records over cached features, in `ids` order: per image
+  (tokens=None: record k = image k) or per token (record k = token k % T
+  of image k // T, the reference's pool of patches)."""
+
+  def __init__(self, ids, labels, tokens: int | None = None):
+    self.ids, self.labels, self.tokens = list(ids), list(labels), tokens
+
+  def __len__(self) -> int:
+    return len(self.ids) * (self.tokens or 1)
+
+  def __getitem__(self, k: int) -> dict[str, Any]:
+    i, t = divmod(int(k), self.tokens) if self.tokens else (int(k), -1)
+    return {"id": self.ids[i], "path": self.ids[i], "token": t,
+            "label": self.labels[i]}
+
+
+class FeatureRows(grain.transforms.Map):
+  """Feature record -> row {x, y, mask}: (gh, gw, D) features with the
+  (oh, ow) label grid, or one token's (D,) features with its label cell."""
+
+  def __init__(self, store: FeatureStore, grid, label_grid,
+               label_resize: str = "error", per_token: bool = False):
+    self.store, self.grid = store, tuple(grid)
+    self.label_grid, self.label_resize = tuple(label_grid), label_resize
+    self.per_token = per_token
+
+  def _label(self, path):
+    y = read_label(path)
+    if y.shape != self.label_grid and self.label_resize == "nearest":
+      y = resize_nearest(y, self.label_grid)
+    if y.shape != self.label_grid:
+      raise ValueError(f"label {path} is {y.shape[0]}x{y.shape[1]}, the "
+                       f"adapter outputs {self.label_grid[0]}x"
+                       f"{self.label_grid[1]}")
+    return y
+
+  def blank(self, status: str, message: str = "", path: str = "") -> dict:
+    d = self.grid[-1]
+    x = (np.zeros((d,), np.float32) if self.per_token
+         else np.zeros(self.grid, np.float32))
+    y = (np.float32(0) if self.per_token
+         else np.zeros(self.label_grid, np.float32))
+    return {"x": x, "y": y, "mask": np.zeros_like(y), "ok": np.bool_(False),
+            "valid": np.bool_(False), "index": np.int64(-1),
+            "status": status, "message": message, "path": path}
+
+  def map(self, el: dict[str, Any]) -> dict[str, Any]:
+    row = self.blank("ok", "", el["path"])
+    y = self._label(el["label"])
+    if self.per_token:
+      x = self.store.row(el["id"], el["token"])
+      y = np.float32(y.reshape(-1)[el["token"]])
+    else:
+      x = self.store.read(el["id"])
+      if x.shape != self.grid:
+        raise ValueError(f"features of {el['id']} are {x.shape}, expected "
+                         f"{self.grid}")
+    row.update(x=x, y=y, mask=np.ones_like(y), ok=np.bool_(True))
+    return row
+
+
+def feature_batches(source, rows: FeatureRows, *, seed: int,
+                    global_batch: int, num_epochs: int, flip: bool = False,
+                    num_workers: int = 0, read_threads: int = 2,
+                    prefetch_batches: int = 2,
+                    process_index: int | None = None,
+                    process_count: int | None = None,
+                    pad_epochs: bool = False):
+  """This process's rows [p*L, (p+1)*L) of every global batch of cached
+  features (`input_pipeline.training_batches`, contiguous); flips (image
+  records only: the token grid and its label grid together) per record."""
+  from efiqa_jax import input_pipeline
+  aug = [RequireOk()]
+  if flip and not rows.per_token:
+    aug.append(input_pipeline.RandomFlipRotate(("x", "y", "mask"),
+                                               rotate=False))
+  return input_pipeline.training_batches(
+      source, global_batch, seed=seed, prepare=rows, augment=aug,
+      num_epochs=num_epochs, num_workers=num_workers,
+      read_threads=read_threads, prefetch_batches=prefetch_batches,
+      process_index=process_index, process_count=process_count,
+      contiguous=True, pad_epochs=pad_epochs)

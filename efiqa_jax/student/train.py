@@ -5,8 +5,12 @@ Two modes (config.mode):
               'patch' flattens every token of every image into one pool of
               patches (the reference `prepare_patch_dataset.py`; batch 4096
               patches); 'image' keeps whole (gh, gw, D) grids (the CNN head).
-  end_to_end  photographs + pseudo-labels; the frozen encoder runs inside the
-              jitted step (optionally in bfloat16), always per image.
+  end_to_end  photographs (or a folder of `efiqa prepare`) + pseudo-labels;
+              the frozen encoder runs inside the jitted step (optionally in
+              bfloat16), always per image.
+Both stream (`student.data`): records are read per step through
+`input_pipeline.training_batches`, each process only its rows of every
+global batch; nothing is loaded whole.
 
 A task on `efiqa_jax.trainer`. Only the adapter is differentiated (the
 trainable filter): the encoder is a frozen part of the model, restored from
@@ -99,39 +103,39 @@ def resolve_preprocess(config, features_meta: dict | None
   return pp.DEFAULT_PREPROCESS, "default"
 
 
-def _load_training_data(config, enc_meta=None):
-  """-> (items, report, token grid (gh, gw, D), labels, source metadata)."""
-  from efiqa_jax import sources
+def _load_training_data(config, enc_meta=None, preprocess=None):
+  """-> (items, report, token grid (gh, gw, D), labels, source metadata);
+  end to end, items is a `data.EncoderInputs`."""
   mode = config.mode
   labels = data_lib.label_files(config.labels_dir)
   if mode == "features":
-    files, not_ok, meta = data_lib.feature_files(config.features_dir)
-    rep = data_lib.match(files, labels, not_ok)
+    # Indexed, not loaded: features are read per record while training.
+    store = data_lib.FeatureStore(config.features_dir)
+    rep = data_lib.match(store.ids, labels, store.not_ok)
     if not rep.matched:
       raise ValueError(f"no feature file in {config.features_dir} has a "
                        f"label in {config.labels_dir}")
-    f0 = files[rep.matched[0]]
-    first = (files_lib.load_npy(f0) if isinstance(f0, str) and
-             files_lib.is_remote(f0) else np.load(f0, mmap_mode="r")
-             if isinstance(f0, str) else f0)
+    first = store.read(rep.matched[0])
     if first.ndim != 3:
       raise ValueError(f"features must be (gh, gw, D), got {first.shape}")
     grid = tuple(int(s) for s in first.shape)
-    return files, rep, grid, labels, meta
+    return store, rep, grid, labels, store.meta
   if mode == "end_to_end":
-    paths = sources.list_inputs([config.images])
-    ids = sources.unique_ids(paths)
-    by_id = dict(zip(ids, paths))
-    rep = data_lib.match(by_id, labels)
-    if not rep.matched:
-      raise ValueError(f"no photograph in {config.images} has a label in "
-                       f"{config.labels_dir}")
     p = int(enc_meta["kwargs"]["patch_size"])
     if config.size % p:
       raise ValueError(f"size {config.size} is not a multiple of {p}")
+    # Photographs are checked once (the labelled ones); a prepared folder's
+    # manifest says which records are ok. Nothing is kept but the ids.
+    inputs = data_lib.encoder_inputs(
+        config.images, size=int(config.size), work_size=int(config.work_size),
+        preprocess=preprocess, wanted=set(labels))
+    rep = data_lib.match(inputs.by_id, labels, inputs.not_ok)
+    if not rep.matched:
+      raise ValueError(f"no usable photograph in {config.images} has a "
+                       f"label in {config.labels_dir}")
     grid = (config.size // p, config.size // p,
             int(enc_meta["kwargs"]["hidden_size"]))
-    return by_id, rep, grid, labels, enc_meta
+    return inputs, rep, grid, labels, enc_meta
   raise ValueError(f"config.mode must be 'features' or 'end_to_end', got "
                    f"{mode!r}")
 
@@ -204,11 +208,14 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     enc_meta = checkpoints.check_kind(config.encoder, "encoder")
     if enc_meta["architecture"] != "vit":
       raise ValueError(f"{config.encoder} is not a ViT encoder")
-  items, rep, (gh, gw, d), labels, src_meta = _load_training_data(
-      config, enc_meta)
   from efiqa_jax.encoders import preprocess as pp
-  preprocess, origin = resolve_preprocess(
-      config, src_meta if config.mode == "features" else None)
+  if e2e:  # the config's (the photographs are prepared with it)
+    preprocess, origin = resolve_preprocess(config, None)
+    items, rep, (gh, gw, d), labels, src_meta = _load_training_data(
+        config, enc_meta, preprocess)
+  else:  # what the features' metadata says
+    items, rep, (gh, gw, d), labels, src_meta = _load_training_data(config)
+    preprocess, origin = resolve_preprocess(config, src_meta)
   if preprocess is None:
     print(f"train-adapter: {config.features_dir} does not say how its "
           "features were made; the adapter records no preprocessing (set "
@@ -224,52 +231,51 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
   oh, ow = nnx.eval_shape(lambda: adapters.build_adapter(
       config.adapter.name, d, **ada_kwargs)).output_grid(gh, gw)
   ids = rep.matched
-  ys = []
-  for i in ids:
+  label_resize = config.get("label_resize", "error")
+
+  def label(i):
     y = data_lib.read_label(labels[i])
-    if y.shape != (oh, ow) and config.get("label_resize", "error") == "nearest":
+    if y.shape != (oh, ow) and label_resize == "nearest":
       y = data_lib.resize_nearest(y, (oh, ow))
     if y.shape != (oh, ow):
       raise ValueError(f"label {labels[i]} is {y.shape[0]}x{y.shape[1]} but "
                        f"the adapter outputs {oh}x{ow} for {gh}x{gw} tokens "
                        "(pseudo-label --grid must match, or set "
                        "config.label_resize=nearest)")
-    ys.append(y)
+    return y
 
   batching = config.batching
   bsz = int(config.batch_size)
   flip = bool(config.get("augment_flip", False))
-  if config.mode == "features" and batching == "patch":
-    if (oh, ow) != (gh, gw):
+  # Streamed: labels are checked here and read again per record, so
+  # nothing grows with the dataset but the ids.
+  pos = float(np.mean([label(i).mean() for i in ids]))
+  if e2e:
+    if batching != "image":
+      raise ValueError("mode 'end_to_end' trains on whole photographs: set "
+                       "batching='image'")
+    streamed = data_lib.Labelled(items.source, [items.by_id[i] for i in ids],
+                                 [labels[i] for i in ids])
+    rows = data_lib.EncoderRows(int(config.size), int(config.work_size),
+                                preprocess, (oh, ow), label_resize)
+  elif batching in ("patch", "image"):
+    per_token = batching == "patch"
+    if per_token and (oh, ow) != (gh, gw):
       raise ValueError(f"patch batching needs a per-token adapter; "
                        f"{config.adapter.name} maps {gh}x{gw} -> {oh}x{ow}")
-    x = np.stack([data_lib.load_features(items[i]).reshape(-1, d)
-                  for i in ids]).reshape(-1, d)
-    y = np.stack(ys).reshape(-1)
-    make_batch = data_lib.PatchBatch(x, y, bsz, int(config.seed))
-    n_items = len(x)
-  elif batching == "image":
-    if config.mode == "features":
-      make_batch = data_lib.ImageFeatureBatch([items[i] for i in ids], ys,
-                                              bsz, int(config.seed), flip)
-    else:
-      make_batch = data_lib.PixelBatch(
-          [items[i] for i in ids], ys, bsz, int(config.seed), config.size,
-          config.work_size, flip, preprocess=preprocess,
-          cache_bytes=float(config.get("pixel_cache_gb", 4.0)) * 1e9)
-      failed = make_batch.check()
-      rep.not_ok.extend((ids[i], msg) for i, msg in failed)
-      bad = {ids[i] for i, _ in failed}
-      ys = [y for i, y in zip(ids, ys) if i not in bad]
-      ids = [i for i in ids if i not in bad]
-      if not ids:
-        raise ValueError("no photograph could be prepared (see data.json)")
-    n_items = len(ids)
+    # patch: the pool of every token of every image (the reference
+    # prepare_patch_dataset.py), one record per token.
+    streamed = data_lib.FeatureRecords(ids, [labels[i] for i in ids],
+                                       gh * gw if per_token else None)
+    rows = data_lib.FeatureRows(items, (gh, gw, d), (oh, ow), label_resize,
+                                per_token)
   else:
-    raise ValueError(f"batching must be 'patch' (features mode) or 'image', "
-                     f"got {batching!r} in mode {config.mode!r}")
-  pos = float(np.mean(np.stack(ys)))
-  spe = data_lib.steps_per_epoch(n_items, bsz)
+    raise ValueError(f"batching must be 'patch' or 'image', got "
+                     f"{batching!r}")
+  n_items = len(streamed)
+  # Each epoch ends with a partial batch padded with mask-0 rows (the
+  # reference's DataLoader without drop_last; static shapes for jit).
+  spe = -(-n_items // bsz)
   total = spe * int(config.epochs)
   report = dict(rep.as_dict(), items=n_items, batching=batching,
                 token_grid=[gh, gw, d], label_grid=[oh, ow],
@@ -346,19 +352,22 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
     # A batch the loss skips (nnPU without P or U) makes no optimizer step.
     return l, {"skip_update": valid <= 0}
 
-  pc, pi = jax.process_count(), jax.process_index()
+  pc = jax.process_count()
   if bsz % pc:
     raise ValueError(f"batch_size {bsz} is not divisible by the {pc} "
                      "processes")
-  lo, hi = bsz * pi // pc, bsz * (pi + 1) // pc
 
   def batches():
-    # Every process draws the same global batch (a function of the step)
-    # and keeps its contiguous share of rows.
-    rows = lambda b: {k: np.ascontiguousarray(v[lo:hi]) for k, v in b.items()}
-    return iter(data_lib.step_dataset(
-        lambda s: rows(make_batch(s)), 0, total,
-        threads=int(config.data_threads)))
+    # This process's rows [p*L, (p+1)*L) of every global batch, read and
+    # prepared in the pipeline (worker processes: config.data_workers).
+    kw = dict(seed=int(config.seed), global_batch=bsz,
+              num_epochs=int(config.epochs), flip=flip,
+              num_workers=int(config.get("data_workers", 0) or 0),
+              read_threads=max(1, int(config.data_threads)),
+              pad_epochs=True)
+    if e2e:
+      return iter(data_lib.encoder_batches(streamed, rows, **kw))
+    return iter(data_lib.feature_batches(streamed, rows, **kw))
 
   def export(model, res):
     adapter_dir = files_lib.join(workdir, "adapter")
@@ -387,7 +396,8 @@ def train_and_evaluate(config, workdir: str) -> TrainResult:
         files_lib.join(config.encoder, checkpoints.SIDECAR))).hexdigest()
   fp = trainer.config_fingerprint(
       config, dict(ids=ids, items=n_items, encoder_sha=enc_sha,
-                   preprocess=preprocess),
+                   preprocess=preprocess,
+                   prepared=getattr(items, "fingerprint", None)),
       volatile=trainer.VOLATILE_KEYS + _PATH_KEYS)
   task = trainer.Task(
       name="train-adapter", build=build, loss=loss, batches=batches,
