@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -134,9 +135,17 @@ def read_json(path: PathLike) -> Any:
   return json.loads(read_text(path))
 
 
+# numpy parses .npy headers with ast.literal_eval, which CPython 3.11 does
+# not make thread-safe ("AST constructor recursion depth mismatch" under
+# grain's reader threads): every np.load in a reader thread holds this.
+NPY_LOCK = threading.Lock()
+
+
 def load_npy(path: PathLike) -> np.ndarray:
   """`np.load` of a `.npy` file, local or remote (no pickles)."""
-  return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+  data = read_bytes(path)
+  with NPY_LOCK:
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 @contextlib.contextmanager

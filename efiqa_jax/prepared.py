@@ -77,7 +77,7 @@ def encode_record(rec: dict) -> bytes:
 
 
 def decode_record(data: bytes) -> dict:
-  with np.load(io.BytesIO(data), allow_pickle=False) as z:
+  with files.NPY_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as z:
     out = {k: z[k] for k in z.files}
   for k in ("id", "path", "status", "message"):
     out[k] = str(out[k])

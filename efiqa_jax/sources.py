@@ -136,8 +136,9 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
       # in every command).
       raise NoInputsError(
           f"{item} is a prepared folder (efiqa prepare): this command reads "
-          "photographs; assess, extract, pseudo-label --from-photos and "
-          "vessels read prepared folders")
+          "photographs; assess, extract, pseudo-label --from-photos, "
+          "vessels, train-teacher, train-adapter and pretrain-encoder read "
+          "prepared folders")
     elif files.isdir(item):
       found = files.list_images(item)
       if not found:

@@ -4,8 +4,9 @@ from efiqa_jax import commands
 NAME = "prepare"
 HELP = ("Decode, find the FOV and crop every photograph once (the code assess "
         "runs); write ArrayRecord shards, manifest.csv and prepared.json. "
-        "assess, extract, pseudo-label --from-photos and vessels read the "
-        "folder instead of the photographs. Resumable, multi-process.")
+        "assess, extract, pseudo-label --from-photos, vessels and the "
+        "trainers read the folder instead of the photographs. Resumable, "
+        "multi-process.")
 
 
 def add_arguments(p):

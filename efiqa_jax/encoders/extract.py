@@ -169,7 +169,7 @@ def encode_record(id_: str, index: int, features: np.ndarray) -> bytes:
 
 
 def decode_record(data: bytes) -> tuple[str, int, np.ndarray]:
-  with np.load(io.BytesIO(data)) as z:
+  with files.NPY_LOCK, np.load(io.BytesIO(data)) as z:
     return str(z["id"]), int(z["index"]), np.array(z["features"])
 
 

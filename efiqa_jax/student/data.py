@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import threading
 from typing import Any
 
 import grain
@@ -131,12 +130,6 @@ def load_features(f) -> np.ndarray:
 
 # ------------------------------------------------- end to end, streamed
 
-# numpy parses .npy headers with ast.literal_eval, which CPython 3.11 does
-# not make thread-safe ("AST constructor recursion depth mismatch" under
-# grain's reader threads): every np.load of a record goes through this.
-_NPY_LOCK = threading.Lock()
-
-
 @dataclasses.dataclass
 class EncoderInputs:
   """The photographs of an end-to-end run, as a random-access source.
@@ -244,8 +237,7 @@ class Labelled(grain.sources.RandomAccessDataSource):
     return len(self.indices)
 
   def __getitem__(self, index: int):
-    with _NPY_LOCK:  # a prepared record is an .npz
-      rec = dict(self.source[self.indices[int(index)]])
+    rec = dict(self.source[self.indices[int(index)]])
     if self.labels is not None:
       rec["label"] = self.labels[int(index)]
     return rec
@@ -452,11 +444,9 @@ class FeatureStore:
     if self.format == "arrayrecord":
       from efiqa_jax.encoders import extract
       data = self._open()[int(w)]
-      with _NPY_LOCK:
-        return extract.decode_record(data)[2].astype(np.float32)
+      return extract.decode_record(data)[2].astype(np.float32)
     if files_lib.is_remote(w):
-      with _NPY_LOCK:
-        return load_features(w)
+      return load_features(w)  # files.load_npy holds NPY_LOCK
     return self._npy(w)
 
   def row(self, id_: str, t: int) -> np.ndarray:
@@ -478,7 +468,7 @@ class FeatureStore:
       key = f.read(n)
       info = self._headers.get(key)
       if info is None:
-        with _NPY_LOCK:
+        with files_lib.NPY_LOCK:
           f.seek(0)
           version = np.lib.format.read_magic(f)
           shape, fortran, dtype = (
@@ -488,7 +478,7 @@ class FeatureStore:
         self._headers[key] = info
       shape, dtype, offset, fortran = info
       if fortran or dtype.hasobject:
-        with _NPY_LOCK:
+        with files_lib.NPY_LOCK:
           a = np.load(path)
         a = a.astype(np.float32)
         return a if token is None else a.reshape(-1, a.shape[-1])[token]
