@@ -326,3 +326,42 @@ def test_pretrain_encoder_two_processes_match_one(data, tmp_path):
   b = nnx.state(checkpoints.load_model(tmp_path / "one")[0], nnx.Param)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(
       np.asarray(x), np.asarray(y), atol=1e-5, rtol=0), a, b)
+
+
+def test_adapter_and_mim_from_a_tfds_build_equal_the_photographs(
+    data, tmp_path, monkeypatch):
+  """`tfds:messidor2` (the data/ builder over the 8 good photographs,
+  found through TFDS_DATA_DIR) trains the adapter end to end and the MIM
+  encoder to the parameters the same photographs give, listed in the
+  dataset's record order (a TFDS build keeps its own order)."""
+  import shutil
+  from data import build as data_build
+  from efiqa_jax import checkpoints, sources
+  from efiqa_jax.encoders import pretrain
+  from flax import nnx
+  manual = tmp_path / "manual"
+  (manual / "IMAGES").mkdir(parents=True)
+  for i in range(N):
+    shutil.copy(f"{data['imgs']}/p{i}.png", manual / "IMAGES")
+  data_build.build("messidor2", str(manual), str(tmp_path / "tfds"))
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  spec = "tfds:messidor2"
+  order = [p.rsplit("/", 1)[-1] for p in sources.TFDSInputs(spec).paths]
+  assert sorted(order) == sorted(f"p{i}.png" for i in range(N))
+  listing = tmp_path / "photos.csv"
+  listing.write_text("path\n" + "".join(f"{data['imgs']}/{f}\n"
+                                        for f in order))
+  a = train.train_and_evaluate(_cfg(data, str(listing)),
+                               str(tmp_path / "photos"))
+  b = train.train_and_evaluate(_cfg(data, spec), str(tmp_path / "tfds_run"))
+  assert a.step == b.step == 4
+  _same(a.params, b.params)
+
+  cfg = config_util.load_config("configs/encoder_mim.py:tiny", [
+      f"--config.work_size={WORK}", "--config.steps=2"])
+  for src, out in ((str(listing), "mim_photos"), (spec, "mim_tfds")):
+    res = pretrain.pretrain_mim([src], str(tmp_path / out), cfg,
+                                progress=False)
+    assert res.n_images == N and not res.failed
+  _same(*(nnx.state(checkpoints.load_model(tmp_path / o)[0], nnx.Param)
+          for o in ("mim_photos", "mim_tfds")))

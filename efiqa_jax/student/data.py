@@ -161,8 +161,8 @@ class EncoderInputs:
 
 def encoder_inputs(images, *, size: int, work_size: int, preprocess: str,
                    wanted=None, progress: bool = False) -> EncoderInputs:
-  """`images` (photographs: files, folders, globs, CSVs; or a folder of
-  `efiqa prepare`) -> `EncoderInputs`.
+  """`images` (photographs: files, folders, globs, CSVs, tfds:NAME[:SPLIT];
+  or a folder of `efiqa prepare`) -> `EncoderInputs`.
 
   A prepared folder is not read: its manifest says which records are ok
   (its crops were made at `work_size`: another size, or preprocess 'efiqa'
@@ -202,8 +202,9 @@ def encoder_inputs(images, *, size: int, work_size: int, preprocess: str,
                          f"{r.get('message', '')}".rstrip(": ")))
     return EncoderInputs(by_id, not_ok, src, src.paths, folder,
                          src.fingerprint)
-  paths = sources.list_inputs([images] if folder is not None else images)
-  ids = sources.unique_ids(paths)
+  resolved = sources.resolve_inputs([images] if folder is not None
+                                    else images, prepared_ok=False)
+  paths, ids = resolved.paths, resolved.ids
   prep = extract.PrepareEncoderInput(size, work_size=work_size,
                                      preprocess=preprocess)
   by_id, not_ok = {}, []
@@ -213,16 +214,16 @@ def encoder_inputs(images, *, size: int, work_size: int, preprocess: str,
     from tqdm.auto import tqdm
     todo = tqdm(todo, total=len(paths), desc="check photographs", unit="img",
                 file=sys.stderr)
-  for i, (id_, p) in todo:
+  for i, (id_, _) in todo:
     if wanted is not None and id_ not in wanted:
       by_id[id_] = i  # unchecked: it has no label and is never read
       continue
-    row = prep.map({"path": p})
+    row = prep.map(resolved.source[i])
     if bool(row["ok"]):
       by_id[id_] = i
     else:
       not_ok.append((id_, f"{row['status']}: {row['message']}"))
-  return EncoderInputs(by_id, not_ok, sources.PathSource(paths), paths)
+  return EncoderInputs(by_id, not_ok, resolved.source, paths)
 
 
 class Labelled(grain.sources.RandomAccessDataSource):
