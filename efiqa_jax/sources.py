@@ -127,8 +127,9 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
       item = os.path.expanduser(item)
     if item.startswith(TFDS_PREFIX):
       raise NoInputsError(f"{item}: this command reads photograph files; "
-                          "assess, extract, pseudo-label, vessels and "
-                          "prepare read tfds: datasets")
+                          "assess, extract, pseudo-label, vessels, prepare, "
+                          "train-adapter and pretrain-encoder read tfds: "
+                          "datasets")
     if item.lower().endswith(".csv") and files.isfile(item):
       out.extend(_read_csv(item))
     elif files.isdir(item) and _prepared_folder(item) is not None:
