@@ -182,19 +182,21 @@ def test_outputs_from_a_prepared_folder_equal_the_photographs(
 
 
 def test_real_photographs_from_a_prepared_folder(fundus_dir, teacher,
-                                                 tmp_path):
+                                                 encoder, tmp_path):
   """../shared/data/fundus (evaluation photographs: only compared, nothing
-  tuned): assess from the photographs and from their prepared records."""
+  tuned): assess, extract and pseudo-label from the photographs and from
+  their prepared records."""
   inputs = [str(fundus_dir)]
   prep = str(tmp_path / "prep")
   code = cli.main(["prepare", *inputs, "--out", prep, "--size", str(SIZE),
                    "--quiet"])
   assert code in (0, 3)
-  a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  assert cli.main(_command("assess", inputs, a, teacher, None)) == code
-  assert cli.main(_command("assess", [prep], b, teacher, None)) == code
-  rows = _same_outputs("assess", a, b)
-  assert sum(r["status"] == "ok" for r in rows) >= 10
+  for cmd in ("assess", "extract", "pseudo-label"):
+    a, b = str(tmp_path / cmd / "a"), str(tmp_path / cmd / "b")
+    assert cli.main(_command(cmd, inputs, a, teacher, encoder)) == code
+    assert cli.main(_command(cmd, [prep], b, teacher, encoder)) == code
+    rows = _same_outputs(cmd, a, b)
+    assert sum(r["status"] == "ok" for r in rows) >= 10, cmd
 
 
 def test_a_stopped_prepare_resumes_and_assess_from_it_resumes(
