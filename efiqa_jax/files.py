@@ -166,6 +166,24 @@ def local_copy(path: PathLike):
     shutil.rmtree(d, ignore_errors=True)
 
 
+def local_copies(paths: Sequence[PathLike], prefix: str) -> list[str]:
+  """Local file paths holding `paths`' bytes (ArrayRecord reads local files
+  only): the paths themselves when local, else copies in one temporary
+  folder removed when the process ends."""
+  if not any(is_remote(p) for p in paths):
+    return [os.fspath(as_path(p)) for p in paths]
+  import atexit  # pylint: disable=g-import-not-at-top
+  cache = tempfile.mkdtemp(prefix=prefix)
+  atexit.register(shutil.rmtree, cache, True)
+  local = []
+  for p in paths:
+    dst = os.path.join(cache, os.fspath(p).rsplit("/", 1)[-1])
+    with open(dst, "wb") as f:
+      f.write(read_bytes(p))
+    local.append(dst)
+  return local
+
+
 def _tmp_name(p: epath.Path) -> epath.Path:
   # `NAME.tmp-*`: what the driver's cleanup of a killed run's temporaries
   # matches.

@@ -25,12 +25,9 @@ decode and FOV step and gets the same rows (`PreparedSource` serves them to
 """
 from __future__ import annotations
 
-import atexit
 import io
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -172,18 +169,9 @@ class PreparedSource(grain.sources.RandomAccessDataSource):
   def _open(self):
     with self._lock:
       if self._ds is None:
-        paths = [files.join(self.folder, s) for s in self._shards]
-        if files.is_remote(self.folder):
-          cache = tempfile.mkdtemp(prefix="efiqa-prepared-")
-          # The copies go when the process ends.
-          atexit.register(shutil.rmtree, cache, True)
-          local = []
-          for p in paths:
-            dst = os.path.join(cache, p.rsplit("/", 1)[-1])
-            with open(dst, "wb") as f:
-              f.write(files.read_bytes(p))
-            local.append(dst)
-          paths = local
+        paths = files.local_copies(
+            [files.join(self.folder, s) for s in self._shards],
+            "efiqa-prepared-")
         self._ds = grain.sources.ArrayRecordDataSource(paths) if paths else []
     return self._ds
 

@@ -74,6 +74,19 @@ def resize_nearest(y: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
   return y[np.minimum(ri, h - 1)][:, np.minimum(ci, w - 1)]
 
 
+def read_label_at(path: str, grid, label_resize: str) -> np.ndarray:
+  """`read_label` on the adapter's output grid: resized nearest (the
+  reference's rule) when label_resize is 'nearest', else a label of another
+  shape is one clear ValueError."""
+  y = read_label(path)
+  if tuple(y.shape) != tuple(grid) and label_resize == "nearest":
+    y = resize_nearest(y, tuple(grid))
+  if tuple(y.shape) != tuple(grid):
+    raise ValueError(f"label {path} is {y.shape[0]}x{y.shape[1]}, the "
+                     f"adapter outputs {grid[0]}x{grid[1]}")
+  return y
+
+
 def feature_files(features_dir: str) -> tuple[dict[str, str], list, dict]:
   """(id -> .npy path (or, for ArrayRecord output, the array), not-ok
   manifest rows, metadata) of `efiqa extract` output."""
@@ -270,13 +283,7 @@ class EncoderRows(grain.transforms.Map):
     row = self.prep.map(element)
     if self.grid is None:
       return row
-    y = read_label(element["label"])
-    if y.shape != self.grid and self.label_resize == "nearest":
-      y = resize_nearest(y, self.grid)
-    if y.shape != self.grid:
-      raise ValueError(f"label {element['label']} is {y.shape[0]}x"
-                       f"{y.shape[1]}, the adapter outputs {self.grid[0]}x"
-                       f"{self.grid[1]}")
+    y = read_label_at(element["label"], self.grid, self.label_resize)
     ok = np.float32(bool(row["ok"]))
     row["y"] = y * ok
     row["mask"] = np.full(self.grid, ok, np.float32)
@@ -423,20 +430,7 @@ class FeatureStore:
 
   def _open(self):
     if self._ds is None:
-      paths = self._shards
-      if files_lib.is_remote(self.dir):
-        import atexit
-        import shutil
-        import tempfile
-        cache = tempfile.mkdtemp(prefix="efiqa-features-")
-        atexit.register(shutil.rmtree, cache, True)
-        local = []
-        for p in paths:
-          dst = os.path.join(cache, p.rsplit("/", 1)[-1])
-          with open(dst, "wb") as f:
-            f.write(files_lib.read_bytes(p))
-          local.append(dst)
-        paths = local
+      paths = files_lib.local_copies(self._shards, "efiqa-features-")
       self._ds = grain.sources.ArrayRecordDataSource(paths)
     return self._ds
 
@@ -522,14 +516,7 @@ class FeatureRows(grain.transforms.Map):
     self.per_token = per_token
 
   def _label(self, path):
-    y = read_label(path)
-    if y.shape != self.label_grid and self.label_resize == "nearest":
-      y = resize_nearest(y, self.label_grid)
-    if y.shape != self.label_grid:
-      raise ValueError(f"label {path} is {y.shape[0]}x{y.shape[1]}, the "
-                       f"adapter outputs {self.label_grid[0]}x"
-                       f"{self.label_grid[1]}")
-    return y
+    return read_label_at(path, self.label_grid, self.label_resize)
 
   def blank(self, status: str, message: str = "", path: str = "") -> dict:
     d = self.grid[-1]
