@@ -302,30 +302,40 @@ class RequireOk(grain.transforms.Map):
     return row
 
 
-def encoder_batches(source, rows: EncoderRows, *, seed: int,
-                    global_batch: int, num_epochs: int, flip: bool = False,
-                    flip_vertical: bool = False, num_workers: int = 0,
-                    read_threads: int = 2, prefetch_batches: int = 2,
-                    process_index: int | None = None,
-                    process_count: int | None = None,
-                    pad_epochs: bool = False):
+def _contiguous_batches(source, rows, augment, *, seed: int,
+                        global_batch: int, num_epochs: int,
+                        num_workers: int = 0, read_threads: int = 2,
+                        prefetch_batches: int = 2,
+                        process_index: int | None = None,
+                        process_count: int | None = None,
+                        pad_epochs: bool = False):
   """This process's rows [p*L, (p+1)*L) of every global batch
-  (`input_pipeline.training_batches`, contiguous): records read and prepared
-  in the pipeline, flips drawn per record from (seed, position); the
-  iterator state is checkpointable."""
+  (`input_pipeline.training_batches`, contiguous): records read and
+  prepared by `rows` in the pipeline, `augment` drawn per record from
+  (seed, position); the iterator state is checkpointable."""
   from efiqa_jax import input_pipeline
-  aug = [RequireOk()]
-  keys = ("pixels", "y", "mask") if rows.grid is not None else ("pixels",)
-  if flip:  # the photograph and its label grid flip together
-    aug.append(input_pipeline.RandomFlipRotate(keys, rotate=False))
-  if flip_vertical:
-    aug.append(VerticalFlip(keys))
   return input_pipeline.training_batches(
-      source, global_batch, seed=seed, prepare=rows, augment=aug,
+      source, global_batch, seed=seed, prepare=rows, augment=augment,
       num_epochs=num_epochs, num_workers=num_workers,
       read_threads=read_threads, prefetch_batches=prefetch_batches,
       process_index=process_index, process_count=process_count,
       contiguous=True, pad_epochs=pad_epochs)
+
+
+def encoder_batches(source, rows: EncoderRows, *, flip: bool = False,
+                    flip_vertical: bool = False, **pipeline):
+  """Photographs or prepared crops for the encoder, streamed as
+  `_contiguous_batches` (seed, global_batch, num_epochs, workers, threads,
+  process share, pad_epochs); the photograph and its label grid flip
+  together."""
+  from efiqa_jax import input_pipeline
+  aug = [RequireOk()]
+  keys = ("pixels", "y", "mask") if rows.grid is not None else ("pixels",)
+  if flip:
+    aug.append(input_pipeline.RandomFlipRotate(keys, rotate=False))
+  if flip_vertical:
+    aug.append(VerticalFlip(keys))
+  return _contiguous_batches(source, rows, aug, **pipeline)
 
 
 class VerticalFlip(grain.transforms.RandomMap):
@@ -543,24 +553,13 @@ class FeatureRows(grain.transforms.Map):
     return row
 
 
-def feature_batches(source, rows: FeatureRows, *, seed: int,
-                    global_batch: int, num_epochs: int, flip: bool = False,
-                    num_workers: int = 0, read_threads: int = 2,
-                    prefetch_batches: int = 2,
-                    process_index: int | None = None,
-                    process_count: int | None = None,
-                    pad_epochs: bool = False):
-  """This process's rows [p*L, (p+1)*L) of every global batch of cached
-  features (`input_pipeline.training_batches`, contiguous); flips (image
+def feature_batches(source, rows: FeatureRows, *, flip: bool = False,
+                    **pipeline):
+  """Cached features streamed as `_contiguous_batches`; flips (image
   records only: the token grid and its label grid together) per record."""
   from efiqa_jax import input_pipeline
   aug = [RequireOk()]
   if flip and not rows.per_token:
     aug.append(input_pipeline.RandomFlipRotate(("x", "y", "mask"),
                                                rotate=False))
-  return input_pipeline.training_batches(
-      source, global_batch, seed=seed, prepare=rows, augment=aug,
-      num_epochs=num_epochs, num_workers=num_workers,
-      read_threads=read_threads, prefetch_batches=prefetch_batches,
-      process_index=process_index, process_count=process_count,
-      contiguous=True, pad_epochs=pad_epochs)
+  return _contiguous_batches(source, rows, aug, **pipeline)
