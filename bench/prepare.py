@@ -78,23 +78,44 @@ def _pipeline_rate(source, n, batch, threads, size) -> float:
   return n / (time.perf_counter() - t0)
 
 
-def _assess_rate(inputs, out, model, batch, threads, n, overlays) -> float:
+def _model_rate(source, n, batch, threads, size, model, rounds) -> float:
+  """The model alone on crops already decoded (from the prepared records):
+  photographs/s for the whole device, host-to-device copies included. Above
+  assess's rate, the host sets assess's pace; near it, the model does."""
+  from efiqa_jax import input_pipeline, sources
+  batches = [(b["image"], b["fov_mask"]) for b in
+             input_pipeline.inference_batches(
+                 source, batch, prepare=sources.PrepareFundus(size),
+                 read_threads=threads)]
+  np.asarray(model.predict(*batches[0]))  # compiles
+  rates = []
+  for _ in range(max(rounds, 5)):
+    t0 = time.perf_counter()
+    for images, fov in batches:
+      np.asarray(model.predict(images, fov))
+    rates.append(n / (time.perf_counter() - t0))
+  return statistics.median(rates)
+
+
+def _assess_rate(inputs, out, model, batch, threads, n, overlays,
+                 workers=0) -> float:
   from efiqa_jax import assess
   t0 = time.perf_counter()
   res = assess.assess(inputs, out, quality_model=model, batch_size=batch,
-                      num_threads=threads, progress=False, overwrite=True,
-                      overlays=overlays)
+                      num_threads=threads, num_workers=workers,
+                      progress=False, overwrite=True, overlays=overlays)
   dt = time.perf_counter() - t0
   assert res.total == n, res
   return n / dt
 
 
-def _pseudo_rate(inputs, out, batch, threads, n) -> float:
+def _pseudo_rate(inputs, out, batch, threads, n, workers=0) -> float:
   from efiqa_jax import pseudo_labels, quality_model
   t0 = time.perf_counter()
   res = pseudo_labels.write_pseudo_labels(
       inputs, quality_model.DEFAULT_MODEL_DIR, out, from_photos=True,
-      batch_size=batch, read_threads=threads, progress=False, overwrite=True)
+      batch_size=batch, read_threads=threads, num_workers=workers,
+      progress=False, overwrite=True)
   dt = time.perf_counter() - t0
   assert res["total"] == n, res
   return n / dt
@@ -166,17 +187,22 @@ def main(argv=None):
   ap.add_argument("--threads", type=int, default=None,
                   help="decode threads (default min(4, cores))")
   ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--workers", type=int, default=0,
+                  help="grain worker processes for assess and pseudo-label "
+                  "(their --workers / --num-workers; default 0: threads)")
   ap.add_argument("--cpu-model", action="store_true",
                   help="also time assess with the bundled teacher computed "
-                  "on this CPU")
+                  "on JAX's default device (this CPU, or the accelerator), "
+                  "and the model alone on decoded crops")
   ap.add_argument("--pseudo-label", action="store_true",
                   help="also time pseudo-label --from-photos (the bundled "
-                  "teacher computed on this CPU)")
+                  "teacher computed on JAX's default device)")
   ap.add_argument("--quick", action="store_true")
   args = ap.parse_args(argv)
   if args.quick:
     args.n, args.rounds, args.synthetic = 6, 1, min(args.synthetic, 6)
   threads = args.threads or min(4, cores())
+  W = args.workers  # pylint: disable=invalid-name
 
   from efiqa_jax import prepared, quality_model, sources
 
@@ -229,19 +255,30 @@ def main(argv=None):
             ("assess_replayed_model_no_overlays", replay, False)]
   if args.cpu_model:
     models.append(("assess_default_model", base, True))
+    import jax  # pylint: disable=g-import-not-at-top
+    rate = _model_rate(resolved.source, n, args.batch, threads, args.size,
+                       base, args.rounds)
+    print(json.dumps({"name": "default_model_only", "set": kind,
+                      "rate": round(rate, 2), "batch": args.batch,
+                      "unit": "photographs/s, whole device (label-free "
+                      "vessels + teacher on decoded crops)",
+                      "device": str(jax.devices()[0].device_kind)}),
+          flush=True)
   for name, qm, ov in models:
     a, b = os.path.join(tmp, name, "photos"), os.path.join(tmp, name, "prep")
     replay.recording = True  # warm-up: compiles, and records the maps
-    _assess_rate([csv_in], a, qm, args.batch, threads, n, ov)
-    _assess_rate([prep_dir], b, qm, args.batch, threads, n, ov)
+    _assess_rate([csv_in], a, qm, args.batch, threads, n, ov, W)
+    _assess_rate([prep_dir], b, qm, args.batch, threads, n, ov, W)
     replay.recording = False
     diff = _same(a, b)
     _rounds(name,
-            lambda: _assess_rate([csv_in], a, qm, args.batch, threads, n, ov),
+            lambda: _assess_rate([csv_in], a, qm, args.batch, threads, n, ov,
+                                 W),
             lambda: _assess_rate([prep_dir], b, qm, args.batch, threads, n,
-                                 ov),
+                                 ov, W),
             args.rounds, {"set": kind, "batch": args.batch,
-                          "threads": threads, "max_map_diff": diff,
+                          "threads": threads, "workers": W,
+                          "max_map_diff": diff,
                           "replayed": qm is replay})
 
 
@@ -253,14 +290,15 @@ def main(argv=None):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     a, b = os.path.join(tmp, "pl", "photos"), os.path.join(tmp, "pl", "prep")
-    _pseudo_rate([csv_in], a, args.batch, threads, n)  # compiles
-    _pseudo_rate([prep_dir], b, args.batch, threads, n)
+    _pseudo_rate([csv_in], a, args.batch, threads, n, W)  # compiles
+    _pseudo_rate([prep_dir], b, args.batch, threads, n, W)
     diff = _same_pseudo(a, b)
     _rounds("pseudo_label_default_teacher",
-            lambda: _pseudo_rate([csv_in], a, args.batch, threads, n),
-            lambda: _pseudo_rate([prep_dir], b, args.batch, threads, n),
+            lambda: _pseudo_rate([csv_in], a, args.batch, threads, n, W),
+            lambda: _pseudo_rate([prep_dir], b, args.batch, threads, n, W),
             args.rounds, {"set": kind, "batch": args.batch,
-                          "threads": threads, "max_anomaly_diff": diff,
+                          "threads": threads, "workers": W,
+                          "max_anomaly_diff": diff,
                           "replayed": False})
 
 
@@ -271,12 +309,22 @@ class Replay:  # a quality_model.QualityModel
 
   def __init__(self, model):
     self._model, self._maps, self.recording = model, {}, False
+    # Explicit members: Python 3.12's protocol isinstance looks attributes
+    # up statically, past __getattr__.
+    for k in ("name", "work_size", "grading", "meta", "has_logits"):
+      setattr(self, k, getattr(model, k))
 
-  def __getattr__(self, name):
-    return getattr(self._model, name)  # name, work_size, grading, ...
+  def prepare(self, path):
+    return self._model.prepare(path)
 
   def assess_prepare(self):
     return self._model.assess_prepare()
+
+  def preprocess_note(self):
+    return self._model.preprocess_note()
+
+  def summarise(self, qmap, fov_weight):
+    return self._model.summarise(qmap, fov_weight)
 
   def predict_all(self, images, fov, encoder_images=None):
     del encoder_images  # a teacher reads the crop only

@@ -23,7 +23,7 @@ _spec = importlib.util.spec_from_file_location(
 _teacher = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_teacher)
 
-VARIANTS = ("", "tiny")
+VARIANTS = ("", "tiny", "paper")
 check = _teacher.check
 
 
@@ -75,6 +75,21 @@ def get_config(arg=None):
     c.log_every = 2
     c.image_every = 4
     c.checkpoint_every = 2
+  elif arg == "paper":
+    # The paper's teacher (configs/teacher.py: residual U-Net base 64, 31 M
+    # parameters, 256², batch 16) on the same label-free maps, split and
+    # calibration as the bundled one: the GPU comparison of issue 12
+    # (README, "The default model"). One seed; about 3 min on one H200.
+    c.image_size = 256
+    c.batch_size = 16
+    c.model.base_channels = 64
+    c.steps = 4000
+    c.build_seeds = (36,)
+    c.data.num_threads = 8
+    c.data.prefetch = 8
+    c.log_every = 250
+    c.image_every = 2000
+    c.checkpoint_every = 1000
   elif arg not in (None, ""):
-    raise ValueError(f"unknown variant {arg!r} (known: tiny)")
+    raise ValueError(f"unknown variant {arg!r} (known: tiny, paper)")
   return c
