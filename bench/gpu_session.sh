@@ -3,7 +3,7 @@
 # paper-size teacher on the bundled model's real maps, and issue 14's
 # assess / pseudo-label from prepared records on the device.
 #
-#   FUNDUS_TRAIN=../shared/data/fundus_train OUT=/tmp/gpu bash bench/gpu_session.sh [teacher] [prepare] [default]
+#   FUNDUS_TRAIN=../shared/data/fundus_train OUT=/tmp/gpu bash bench/gpu_session.sh [teacher] [prepare] [default] [networks]
 #
 # Wheels for what the machine's image lacks (grain, array-record,
 # ml-collections, portpicker) are installed from .whl/ when present.
@@ -69,6 +69,12 @@ prepare)
     --threads ${THREADS:-16} --workers ${WORKERS:-0} --rounds 2 --cpu-model \
     --pseudo-label | tee "$OUT/prepare_bench.jsonl"
   echo "prepare bench rc=${PIPESTATUS[0]}"
+  ;;
+networks)
+  # bench/gpu.py: U-Net and ViT-L/16 against PyTorch, same weights.
+  at "networks"
+  timeout ${T_NETWORKS:-300} python3 bench/gpu.py | tee "$OUT/bench_gpu.jsonl"
+  echo "networks rc=${PIPESTATUS[0]}"
   ;;
 esac
 done
