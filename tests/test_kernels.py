@@ -244,6 +244,19 @@ def test_dense_bf16_rounds_once():
   assert float(on[0, 0]) == 4128.0 and float(off[0, 0]) == 4096.0
 
 
+def test_dense_bf16_adds_the_float32_bias():
+  """The fast form adds the bias as stored (float32), not rounded to bf16
+  first: 0 + 1.00390625 (bf16 rounds it to 1.0) then 256 -> 257.00390625,
+  one rounding -> 258 (bf16 spacing at 256 is 2); a bias rounded first gives
+  256 + 1 = 257 -> 256 (tie to even)."""
+  x, w = jnp.ones((1, 256), jnp.bfloat16), jnp.ones((256, 1), jnp.float32)
+  b = jnp.full((1,), 1.00390625, jnp.float32)
+  for layout, wl in (("in_out", w), ("out_in", w.T)):
+    on, off = _both(lambda x, w, b: attention.dense(
+        x, w, b, dtype=jnp.bfloat16, w_layout=layout), x, wl, b)  # pylint: disable=cell-var-from-loop
+    assert float(on[0, 0]) == 258.0 and float(off[0, 0]) == 256.0
+
+
 # ------------------------------------------------------------ vit inference
 
 def _vit(**kw):

@@ -94,21 +94,19 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *,
   """activation(x @ w + b) in compute `dtype` (default: x's and w's type).
 
   w is (in, out) (nnx.Linear's layout), or (out, in) with w_layout="out_in"
-  (torch's; the ViT inference form). The bias is held in `dtype`, as in
-  nnx.Linear and torch.
-  Fast form for fp16 / bf16: products accumulated in float32, the bias and
-  the activation applied to the float32 sum, one rounding at the end (XLA:CPU
-  runs bf16 x bf16 -> float32 on its AMX path and bf16 -> bf16 slowly; GPUs
-  and TPUs accumulate in float32 either way). Plain form: the product in
-  `dtype`, then the bias, then the activation (nnx.Linear).
+  (torch's; the ViT inference form).
+  Fast form for fp16 / bf16: products accumulated in float32, the bias as
+  stored (float32) and the activation applied to the float32 sum, one
+  rounding at the end (XLA:CPU runs bf16 x bf16 -> float32 on its AMX path
+  and bf16 -> bf16 slowly; GPUs and TPUs accumulate in float32 either way).
+  Plain form: the product in `dtype`, then the bias rounded to `dtype` (as
+  nnx.Linear and torch hold it), then the activation.
   """
   if w_layout not in ("in_out", "out_in"):
     raise ValueError(f"w_layout must be in_out or out_in, got {w_layout!r}")
   dtype = jnp.dtype(jnp.result_type(x, w) if dtype is None else dtype)
   x, w = x.astype(dtype), w.astype(dtype)
   dims = (((x.ndim - 1,), (0 if w_layout == "in_out" else 1,)), ((), ()))
-  if b is not None:
-    b = b.astype(dtype)
   if switch.enabled() and dtype in _LOW:
     y = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
     if b is not None:
@@ -118,5 +116,5 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *,
     return y.astype(dtype)
   y = jax.lax.dot_general(x, w, dims)
   if b is not None:
-    y = y + b
+    y = y + b.astype(dtype)
   return y if activation is None else activation(y)
