@@ -2,8 +2,8 @@
 
   PYTHONPATH=$PWD python bench/same_program.py --before 8bb90ff [--after HEAD]
 
-For each network of the speed harnesses (U-Net forward, base 64, batch 4,
-256²; DINOv3 ViT-L/16 forward in its inference form, 224², batch 2, fp32
+For each network of the speed harnesses (U-Net forward and MSE + AdamW
+train step as bench/unet.py times them, base 64, batch 4, 256²; DINOv3 ViT-L/16 forward in its inference form, 224², batch 2, fp32
 and bf16; random weights from the reference models) both trees are compiled
 on this machine's backend in fresh processes, and the optimised HLO is
 compared instruction by instruction (names, source locations and metadata
@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NETWORKS = ("unet_forward", "vit_l16_fp32", "vit_l16_bf16")
+NETWORKS = ("unet_forward", "unet_train_step", "vit_l16_fp32", "vit_l16_bf16")
 
 
 def _instructions(hlo: str) -> list[str]:
@@ -42,6 +42,7 @@ def _dump(out_dir: str) -> None:
   import tempfile as tf  # pylint: disable=g-import-not-at-top,reimported
   import jax
   import jax.numpy as jnp
+  import optax
   import torch
   import transformers
   from flax import nnx
@@ -60,8 +61,18 @@ def _dump(out_dir: str) -> None:
   sd = {k: v.detach().numpy() for k, v in RefUNetRes(3, 3, 64)
         .state_dict().items()}
   graphdef, state = nnx.split(port_unet_state_dict(sd))
-  save("unet_forward", lambda s, x: nnx.merge(graphdef, s)(x), state,
-       jnp.zeros((4, 256, 256, 3), jnp.float32))
+  x = jnp.zeros((4, 256, 256, 3), jnp.float32)
+  save("unet_forward", lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+  tx = optax.adamw(1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+
+  def step(state, opt_state, x, y):
+    def loss_fn(s):
+      return jnp.mean((nnx.merge(graphdef, s)(x) - y) ** 2)
+    loss, grads = jax.value_and_grad(loss_fn)(state)
+    updates, opt_state = tx.update(grads, opt_state, state)
+    return optax.apply_updates(state, updates), opt_state, loss
+
+  save("unet_train_step", step, state, tx.init(state), x, x)
 
   if hasattr(vit, "inference_copy"):  # trees before efiqa_jax/kernels/
     to_inference = vit.inference_copy
