@@ -200,7 +200,10 @@ def _same_distill(a, b):
   trained adapter parameters (within 1e-6)."""
   from flax import nnx
   from efiqa_jax import checkpoints
-  for pat in ("pseudo/anomaly/*.npy", "pseudo/labels/*.png", "features/*.npy"):
+  pats = ["pseudo/anomaly/*.npy", "pseudo/labels/*.png", "features/*.npy"]
+  if os.path.isdir(os.path.join(a, "pseudo_efiqa")):
+    pats.append("pseudo_efiqa/labels/*.png")
+  for pat in pats:
     names = sorted(os.path.relpath(f, a) for f in glob.glob(os.path.join(
         a, pat)))
     assert names and names == sorted(os.path.relpath(f, b) for f in
@@ -235,6 +238,14 @@ def test_distill_from_a_prepared_folder_and_tfds_equals_the_photographs(
   assert len(os.listdir(os.path.join(a, "pseudo", "labels"))) == 4
   _same_distill(a, b)
   _same_distill(a, c)
+  # Whole-photograph features and photograph-frame labels from tfds:
+  # records (their stored bytes, not a file).
+  e1, e2 = str(tmp_path / "e1"), str(tmp_path / "e2")
+  assert _distill(tmp_path, [images], e1, "--preprocess", "efiqa") == 0
+  assert _distill(tmp_path, ["tfds:efiqa_synth:train"], e2, "--preprocess",
+                  "efiqa") == 0
+  assert len(os.listdir(os.path.join(e1, "pseudo_efiqa", "labels"))) == 4
+  _same_distill(e1, e2)
   # Another work size than the prepared one; whole-photograph features
   # from FOV crops: one line each, exit 2, nothing written.
   capsys.readouterr()
