@@ -220,18 +220,26 @@ def _entries(inputs: list[str], split: str | None):
     return [(p, r.source, i) for i, p in enumerate(r.paths)], r.prepared
   import dataclasses  # pylint: disable=g-import-not-at-top
   from efiqa_jax.teacher import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  def records(item):
+    return (item.startswith(sources.TFDS_PREFIX)
+            or prepared_lib.is_prepared(item))
+
   photos, where, folders = [], [], []
-  for item in inputs:
-    if (item.startswith(sources.TFDS_PREFIX)
-        or prepared_lib.is_prepared(item)):
-      r = sources.resolve_inputs([item])
-      folders += r.prepared
-      photos += _record_photos(r.paths)
-      where += [(r.source, i) for i in range(len(r.paths))]
-    else:
-      found = data_lib.list_good_photos([item])
-      photos += found
-      where += [(None, -1)] * len(found)
+  if not any(records(item) for item in inputs):  # photographs: as before
+    photos = data_lib.list_good_photos(inputs)
+    where = [(None, -1)] * len(photos)
+  else:
+    for item in inputs:
+      if records(item):
+        r = sources.resolve_inputs([item])
+        folders += r.prepared
+        photos += _record_photos(r.paths)
+        where += [(r.source, i) for i in range(len(r.paths))]
+      else:
+        found = data_lib.list_good_photos([item])
+        photos += found
+        where += [(None, -1)] * len(found)
   ids = sources.unique_ids([p.path for p in photos])  # as list_good_photos
   photos = [dataclasses.replace(p, id=p.id or i, group=p.group or
                                 data_lib.subject_of(p.id or i))

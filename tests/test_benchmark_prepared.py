@@ -257,3 +257,6 @@ def test_distill_from_a_prepared_folder_and_tfds_equals_the_photographs(
   _one_line(capsys.readouterr().err, "efiqa distill", "--preprocess efiqa")
   assert not os.path.exists(tmp_path / "d") and not os.path.exists(
       tmp_path / "e")
+  # The photographs' workdir is not silently reused for prepared crops.
+  assert _distill(tmp_path, [prep], a) == 2
+  _one_line(capsys.readouterr().err, "efiqa distill", "prepared_inputs")
