@@ -15,8 +15,13 @@ see):
                        with label-free vessel probability >= 0.5; local map =
                        1 - local vessel density)
   clean_*              the clean photographs' quality and degraded_fraction
-With `split`, a folder of good photographs is split as the default model's
-build splits it (teacher.data.assign_splits) and only that split is used.
+Inputs are photographs, prepared folders (`efiqa prepare` at the model's
+work size: the stored FOV crop and mask are degraded, as the photograph's
+would be) or tfds: datasets, with the same results from each. With `split`,
+a folder of good photographs is split as the default model's build splits
+it (teacher.data.assign_splits) and only that split is used; a prepared
+folder or tfds: dataset of those photographs splits the same way.
+Not split across processes: each process runs the whole benchmark.
 The model is never tuned on these numbers inside this command.
 """
 from __future__ import annotations
@@ -88,39 +93,41 @@ def run_benchmark(inputs, *, model: str = "default", kinds=None,
                   split: str | None = None, quality_model=None,
                   out_json: str | None = None,
                   progress: bool = True) -> BenchmarkResult:
-  """kinds: names, or None for all (synth.KINDS); split: with a folder of
-  good photographs, only that split ('heldout', 'calibration', 'train')."""
+  """inputs: photographs, prepared folders or tfds: datasets; kinds: names,
+  or None for all (synth.KINDS); split: with a folder of good photographs
+  (or its prepared folder / tfds: dataset), only that split ('heldout',
+  'calibration', 'train')."""
   import jax  # pylint: disable=g-import-not-at-top
   from efiqa_jax import sources, synth, vessels  # pylint: disable=g-import-not-at-top
   from efiqa_jax import quality_model as qm_lib  # pylint: disable=g-import-not-at-top
 
-  if isinstance(inputs, str):
+  if isinstance(inputs, (str, os.PathLike)):
     inputs = [inputs]
+  inputs = [os.fspath(p) for p in inputs]
   # Listed before the model is loaded: no image exits fast (4).
-  if split:
-    from efiqa_jax.teacher import data as data_lib  # pylint: disable=g-import-not-at-top
-    paths = [p.path for p in data_lib.select_split(
-        data_lib.list_good_photos(list(inputs)), split)]
-    if not paths:
-      raise sources.NoInputsError(f"no photograph of split {split!r} under "
-                                  f"{list(inputs)}")
-  else:
-    paths = sources.list_inputs(list(inputs))
+  entries, prepared = _entries(inputs, split)
   qm = quality_model or qm_lib.load_quality_model(model)
+  # Prepared crops are checked as assess checks them.
+  checks = sources.Inputs([e[0] for e in entries], None, prepared)
+  if qm.assess_prepare() is not None:
+    checks.require_photographs(
+        f"model {qm.name!r} reads whole photographs (--preprocess efiqa)")
+  checks.check_size(qm.work_size, f"model {qm.name!r}")
   kinds = list(kinds) if kinds else list(synth.KINDS)
   vfn = jax.jit(vessels.vessel_probability)
+  crop = sources.PrepareFundus(qm.work_size)
 
   rows = []  # per variant: (kind or None, severity, y, map, baseline, w, ...)
   failed = []
-  it = paths
+  it = entries
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    it = tqdm(paths, desc="benchmark", unit="photo")
-  for path in it:
-    prep = qm.prepare(path)
+    it = tqdm(entries, desc="benchmark", unit="photo")
+  for path, src, j in it:
+    prep = _read(qm, crop, path, src, j)
     if prep.status != "ok":
       failed.append({"image": path, "status": prep.status,
-                     "message": prep.message})
+                     "message": prep.message or ""})
       continue
     variants = [(prep.image, np.zeros(prep.fov_mask.shape, np.float32),
                  0.0, None)]
@@ -192,6 +199,92 @@ def run_benchmark(inputs, *, model: str = "default", kinds=None,
     from efiqa_jax import files  # pylint: disable=g-import-not-at-top
     files.atomic_write_json(out_json, dataclasses.asdict(res), indent=2)
   return res
+
+
+def _entries(inputs: list[str], split: str | None):
+  """([(path, source, index)], prepared folders): the photographs to
+  benchmark in input order; record `index` of `source` is the raw record
+  (`sources.InputSource`: a photograph's path, a prepared record, a tfds:
+  record), source None: the photograph at path.
+
+  With `split`, photograph folders are read as `teacher.data.
+  list_good_photos` reads them (a folder manifest's sets), and the records
+  of a prepared folder or tfds: dataset each get the stratum their
+  photograph has in the folder the records share (`_record_photos`), so a
+  prepared folder of a folder of photographs splits as the folder does.
+  """
+  from efiqa_jax import prepared as prepared_lib  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+  if not split:
+    r = sources.resolve_inputs(inputs)
+    return [(p, r.source, i) for i, p in enumerate(r.paths)], r.prepared
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from efiqa_jax.teacher import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  def records(item):
+    return (item.startswith(sources.TFDS_PREFIX)
+            or prepared_lib.is_prepared(item))
+
+  photos, where, folders = [], [], []
+  if not any(records(item) for item in inputs):  # photographs: as before
+    photos = data_lib.list_good_photos(inputs)
+    where = [(None, -1)] * len(photos)
+  else:
+    for item in inputs:
+      if records(item):
+        r = sources.resolve_inputs([item])
+        folders += r.prepared
+        photos += _record_photos(r.paths)
+        where += [(r.source, i) for i in range(len(r.paths))]
+      else:
+        found = data_lib.list_good_photos([item])
+        photos += found
+        where += [(None, -1)] * len(found)
+  ids = sources.unique_ids([p.path for p in photos])  # as list_good_photos
+  photos = [dataclasses.replace(p, id=p.id or i, group=p.group or
+                                data_lib.subject_of(p.id or i))
+            for p, i in zip(photos, ids)]
+  of = data_lib.assign_splits(photos)
+  out = [(p.path, *w) for p, w in zip(photos, where) if of[p.id] == split]
+  if not out:
+    raise sources.NoInputsError(f"no photograph of split {split!r} under "
+                                f"{list(inputs)}")
+  return out, folders
+
+
+def _record_photos(paths: list[str]) -> list:
+  """`teacher.data.GoodPhoto`s (ids to be given) of records known by their
+  photographs' paths: the stratum is the first folder below the folder all
+  of them share ('' for a photograph directly in it), as
+  `list_good_photos` reads that folder."""
+  from efiqa_jax.teacher import data as data_lib  # pylint: disable=g-import-not-at-top
+  dirs = [p.replace(os.sep, "/").split("/")[:-1] for p in paths]
+  depth = 0
+  while dirs and all(len(d) > depth and d[depth] == dirs[0][depth]
+                     for d in dirs):
+    depth += 1
+  return [data_lib.GoodPhoto(path=p, id="", group="",
+                             stratum=d[depth] if len(d) > depth else "")
+          for p, d in zip(paths, dirs)]
+
+
+def _read(qm, crop, path: str, source, index: int):
+  """The photograph's FOV crop on the model's frame (`fundus.Prepared`
+  fields status, message, image, fov_mask): a prepared record as stored,
+  otherwise `qm.prepare` of the file or the tfds: record's bytes."""
+  import types  # pylint: disable=g-import-not-at-top
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+  try:
+    rec = {"path": path} if source is None else source[index]
+    if "prepared" not in rec:
+      return qm.prepare(sources.record_source(rec))
+    row = crop.map(rec)
+  except Exception as e:  # pylint: disable=broad-except
+    # A record that cannot be read is a failure row, as in assess.
+    return types.SimpleNamespace(status="error", image=None, fov_mask=None,
+                                 message=f"{type(e).__name__}: {e}")
+  return types.SimpleNamespace(status=row["status"], message=row["message"],
+                               image=row["image"], fov_mask=row["fov_mask"])
 
 
 def variant_seed(seed: int, path: str, kind: str, severity: float) -> int:

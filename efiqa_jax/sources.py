@@ -128,8 +128,8 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
     if item.startswith(TFDS_PREFIX):
       raise NoInputsError(f"{item}: this command reads photograph files; "
                           "assess, extract, pseudo-label, vessels, prepare, "
-                          "train-adapter and pretrain-encoder read tfds: "
-                          "datasets")
+                          "benchmark, distill, train-adapter and "
+                          "pretrain-encoder read tfds: datasets")
     if item.lower().endswith(".csv") and files.isfile(item):
       out.extend(_read_csv(item))
     elif files.isdir(item) and _prepared_folder(item) is not None:
@@ -138,8 +138,8 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
       raise NoInputsError(
           f"{item} is a prepared folder (efiqa prepare): this command reads "
           "photographs; assess, extract, pseudo-label --from-photos, "
-          "vessels, train-teacher, train-adapter and pretrain-encoder read "
-          "prepared folders")
+          "vessels, benchmark, distill, train-teacher, train-adapter and "
+          "pretrain-encoder read prepared folders")
     elif files.isdir(item):
       found = files.list_images(item)
       if not found:

@@ -6,7 +6,9 @@ HELP = ("Teacher pseudo-labels -> encoder features -> adapter training on a "
 
 def add_arguments(p):
   p.add_argument("inputs", nargs="+", help="photographs: files, folders, "
-                 "globs or a CSV with a 'path' column")
+                 "globs or a CSV with a 'path' column, prepared folders "
+                 "(efiqa prepare --size WORK_SIZE; not with --preprocess "
+                 "efiqa) or tfds:NAME[/CONFIG][:SPLIT]")
   p.add_argument("--teacher", required=True,
                  help="teacher model directory (local or gs://)")
   p.add_argument("--encoder", required=True,

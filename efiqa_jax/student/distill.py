@@ -1,6 +1,9 @@
 """`efiqa distill`: teacher pseudo-labels -> feature extraction -> adapter.
 
-One command for EFIQA's stages 1 -> 2 on a folder of photographs:
+One command for EFIQA's stages 1 -> 2 on a folder of photographs (or a
+prepared folder, `efiqa prepare --size WORK_SIZE`, or a tfds: dataset: the
+same outputs; --preprocess efiqa needs the whole photographs, so not a
+prepared folder):
   WORKDIR/pseudo/    `efiqa pseudo-label --from-photos` (teacher anomaly on
                      the label-free vessel map of the 512 FOV crop), on the
                      adapter's output grid (14x14 for the linear adapter at
@@ -64,7 +67,8 @@ def anomaly_on_photograph(anomaly: np.ndarray, crop: Sequence[int],
 
 
 def photograph_labels(pseudo_dir: str, out_dir: str, spec, *,
-                      work_size: int, progress: bool = False) -> dict:
+                      work_size: int, progress: bool = False,
+                      inputs=None) -> dict:
   """Pseudo-labels of `pseudo_dir` (FOV crop frame) -> the photograph frame.
 
   For each photograph labelled there: its anomaly map (teacher resolution
@@ -74,8 +78,10 @@ def photograph_labels(pseudo_dir: str, out_dir: str, spec, *,
   crop square, and labelled with the same rule (`pseudo_labels.
   patch_labels`). Writes out_dir/labels/<id>.png and out_dir/spec.json
   (frame 'efiqa'), local or gs://; resumes (labels already there with the
-  same spec are kept). Multi-host: process 0 checks and writes spec.json,
-  each process labels its `runtime.process_slice` of the photographs.
+  same spec are kept). inputs: the `sources.Inputs` labelled there, whose
+  records are read (a tfds: record's bytes) instead of the manifest's
+  paths. Multi-host: process 0 checks and writes spec.json, each process
+  labels its `runtime.process_slice` of the photographs.
   Returns counts {'total', 'ok', 'failed'} over all processes."""
   import dataclasses
   from PIL import Image
@@ -83,6 +89,7 @@ def photograph_labels(pseudo_dir: str, out_dir: str, spec, *,
   from efiqa_jax import fundus
   from efiqa_jax import pseudo_labels
   from efiqa_jax import runtime
+  from efiqa_jax import sources
 
   files.makedirs(files.join(out_dir, "labels"))
   rule = {"frame": "efiqa", "from": os.fspath(files.abs_path(pseudo_dir)),
@@ -103,13 +110,18 @@ def photograph_labels(pseudo_dir: str, out_dir: str, spec, *,
     raise ValueError(error)
   _, rows = files.read_csv(files.join(pseudo_dir, "manifest.csv"))
   rows = [r for r in rows if r["status"] == "ok"]
+  record_of = ({i: k for k, i in enumerate(inputs.ids)} if inputs is not None
+               else {})
   n_ok = failed = 0
   for r in rows[runtime.process_slice(len(rows))]:
     dst = files.join(out_dir, "labels", r["id"] + ".png")
     if files.exists(dst):
       n_ok += 1
       continue
-    prep = fundus.prepare_fundus(r["image"], size=work_size)
+    k = record_of.get(r["id"])
+    src = (r["image"] if k is None
+           else sources.record_source(inputs.source[k]))
+    prep = fundus.prepare_fundus(src, size=work_size)
     if not prep.ok:  # the labels were made, so this only happens if the
       failed += 1    # file changed since
       print(f"distill: {r['image']}: {prep.status} {prep.message}",
@@ -150,7 +162,12 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
   progress_here = progress and runtime.is_primary()  # one report
   preprocess = pp.check_preprocess(
       preprocess or config.get("preprocess") or pp.DEFAULT_PREPROCESS)
-  sources.list_inputs(list(inputs))  # no image: NoInputsError before any work
+  # No image: NoInputsError before any work; prepared crops of another
+  # size, or for whole-photograph features, refused in one line.
+  resolved = sources.resolve_inputs([os.fspath(p) for p in inputs])
+  if preprocess == "efiqa":
+    resolved.require_photographs("--preprocess efiqa reads whole photographs")
+  resolved.check_size(config.work_size, "config.work_size")
   workdir = files.output_dir(workdir)  # local or gs://
   oh, ow = label_grid(config, encoder)
   if oh != ow:
@@ -172,7 +189,7 @@ def distill(inputs: Sequence[str], teacher: str, encoder: str, workdir: str,
   if preprocess == "efiqa":
     edir = files.join(workdir, "pseudo_efiqa")
     photograph_labels(pdir, edir, spec, work_size=config.work_size,
-                      progress=progress)
+                      progress=progress, inputs=resolved)
     pdir = edir
   fdir = files.join(workdir, "features")
   extract.extract_features(list(inputs), encoder, fdir, size=config.size,
