@@ -41,7 +41,8 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"  # 'synthetic' | 'folder' | 'prepared'
   # source='folder': folder, glob or CSV with `path` (a prepared folder is
-  # streamed like source='prepared'); 'prepared': a folder written by
+  # streamed like source='prepared'; tfds:NAME[:SPLIT] streams a TFDS build's
+  # photographs, segmented label-free as read); 'prepared': a folder written by
   # `efiqa prepare --size WORK --vessels`, streamed through grain.
   c.data.path = ""
   # synthetic: 'label_free' | 'ground_truth'; folder: 'precomputed' | 'label_free'.

@@ -128,8 +128,8 @@ def list_inputs(inputs: Sequence[str] | str) -> list[str]:
     if item.startswith(TFDS_PREFIX):
       raise NoInputsError(f"{item}: this command reads photograph files; "
                           "assess, extract, pseudo-label, vessels, prepare, "
-                          "benchmark, distill, train-adapter and "
-                          "pretrain-encoder read tfds: datasets")
+                          "benchmark, distill, train-teacher, train-adapter "
+                          "and pretrain-encoder read tfds: datasets")
     if item.lower().endswith(".csv") and files.isfile(item):
       out.extend(_read_csv(item))
     elif files.isdir(item) and _prepared_folder(item) is not None:
@@ -479,6 +479,11 @@ class TFDSInputs:
       fn = self._src[j].get("image/filename", f"{j:08d}")
       self.paths.append(prefix + (fn.decode() if isinstance(fn, bytes)
                                   else str(fn)))
+
+  @property
+  def dataset_info(self):
+    """The build's `tfds.core.DatasetInfo` (name, version, splits)."""
+    return self._src._ds.dataset_info  # pylint: disable=protected-access
 
   def __len__(self) -> int:
     return len(self.paths)

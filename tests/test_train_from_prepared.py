@@ -1,7 +1,10 @@
-"""`train-teacher` streamed from a prepared folder (`efiqa prepare --vessels`):
-the maps equal those the trainer computes from the photographs, each
-process reads its own contiguous share of every global batch through grain,
-a run is reproducible and resumes bit-exactly, 2 processes match 1."""
+"""`train-teacher` streamed from a prepared folder (`efiqa prepare --vessels`)
+and from a TFDS build (`data.path=tfds:NAME`): the maps equal those the
+trainer computes from the photographs, each process reads its own contiguous
+share of every global batch through grain, a run is reproducible and resumes
+bit-exactly, 2 processes match 1."""
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -37,9 +40,39 @@ def prep(photos, tmp_path_factory):
   return str(out)
 
 
+@pytest.fixture(scope="module")
+def synth_tfds(tmp_path_factory):
+  """`efiqa synth` photographs (96 px) built as the data/efiqa_synth TFDS
+  dataset (ArrayRecord): (images folder, data_dir)."""
+  from data import build as data_build
+  from efiqa_jax.synth import dataset
+  manual = tmp_path_factory.mktemp("synth")
+  dataset.write_dataset(manual, n=N, seed=0, size=96)
+  data_dir = tmp_path_factory.mktemp("tfds")
+  data_build.build("efiqa_synth", str(manual), str(data_dir))
+  return str(manual / "images"), str(data_dir)
+
+
+TFDS = "tfds:efiqa_synth:train"
+
+
+@pytest.fixture(params=["prepared", "tfds"])
+def streamed(request, monkeypatch):
+  """data.path of a streamed teacher run: the prepared folder, or the TFDS
+  build (source='folder', path='tfds:...')."""
+  if request.param == "prepared":
+    return request.getfixturevalue("prep")
+  monkeypatch.setenv("TFDS_DATA_DIR", request.getfixturevalue("synth_tfds")[1])
+  return TFDS
+
+
+def _source(path):
+  return "folder" if path.startswith("tfds:") else "prepared"
+
+
 def _cfg(prep, *extra):
   return config_util.load_config("configs/teacher.py:tiny", [
-      "--config.data.source=prepared", f"--config.data.path={prep}",
+      f"--config.data.source={_source(prep)}", f"--config.data.path={prep}",
       "--config.data.vessels=label_free", f"--config.data.work_size={WORK}",
       "--config.progress_bar=False",
       "--config.augment.fov_min_diameter_px=28", *extra])
@@ -47,7 +80,8 @@ def _cfg(prep, *extra):
 
 def _cli_args(prep, workdir, *extra):
   return ["train-teacher", "--config", "configs/teacher.py:tiny",
-          "--config.data.source=prepared", f"--config.data.path={prep}",
+          f"--config.data.source={_source(str(prep))}",
+          f"--config.data.path={prep}",
           "--config.data.vessels=label_free",
           f"--config.data.work_size={WORK}", "--config.progress_bar=False",
           "--config.augment.fov_min_diameter_px=28", *extra,
@@ -84,11 +118,78 @@ def test_prepared_maps_equal_those_computed_from_the_photographs(photos,
   assert sum(int(w.astype(bool).sum()) for w in want) > 0  # maps not empty
 
 
-def test_each_process_reads_a_disjoint_contiguous_share(prep):
+def test_tfds_maps_equal_those_computed_from_the_photographs(synth_tfds,
+                                                            monkeypatch):
+  """`tfds:` records go through the folder's code (`photograph_map`): the
+  uint8 training maps and FOV diameters are those of the same photographs
+  as files, identical; no record is held up front."""
+  images, data_dir = synth_tfds
+  monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+  cfg = config_util.load_config("configs/teacher.py:tiny", [
+      "--config.data.source=folder", f"--config.data.path={images}",
+      "--config.data.vessels=label_free", f"--config.data.work_size={WORK}"])
+  want, diam, skipped = data_lib._folder_maps(cfg.data)  # pylint: disable=protected-access
+  files = data_lib._folder_inputs(cfg.data)  # pylint: disable=protected-access
+  assert not skipped and len(want) == N
+  by_name = {os.path.basename(f): (w, d) for f, w, d in zip(files, want, diam)}
+  tm = data_lib.streamed_maps(_cfg(TFDS).data)
+  assert isinstance(tm, data_lib.TFDSMaps) and tm.n == N
+  names = []
+  for i in range(tm.n):
+    el = tm.source[i]
+    assert el["path"].startswith(TFDS + "/")
+    names.append(os.path.basename(el["path"]))
+    row = tm.prepare.map(el)
+    w, d = by_name[names[-1]]
+    assert row["ok"] and row["vmap"].dtype == np.uint8
+    np.testing.assert_array_equal(row["vmap"], w, err_msg=names[-1])
+    assert float(row["diam"]) == d
+  assert sorted(names) == sorted(by_name)
+  assert sum(int(w.astype(bool).sum()) for w in want) > 0  # maps not empty
+
+
+def test_tfds_trains_as_its_prepared_folder(synth_tfds, tmp_path,
+                                            monkeypatch):
+  """Training straight from `tfds:` equals training from `efiqa prepare
+  tfds:... --vessels` of the same build, bit for bit: same record order,
+  identical uint8 maps (prepared maps equal the photographs', above), one
+  pipeline. A tfds: run with data.vessels other than label_free, or a
+  dataset that is not built, is refused in one line."""
+  monkeypatch.setenv("TFDS_DATA_DIR", synth_tfds[1])
+  prep = str(tmp_path / "prep")
+  assert cli.main(["prepare", TFDS, "--out", prep, "--size", str(WORK),
+                   "--vessels", "--quiet"]) == 0
+  a = train.train_and_evaluate(_cfg(TFDS), str(tmp_path / "tfds"))
+  b = train.train_and_evaluate(_cfg(prep), str(tmp_path / "prep_run"))
+  assert a.step == b.step == a.total_steps == 8
+  assert "tfds:efiqa_synth" in a.data_description["description"]
+  got, want = jax.tree.leaves(a.params), jax.tree.leaves(b.params)
+  assert len(got) == len(want)
+  for x, y in zip(got, want):
+    assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_tfds_refusals_are_one_line(synth_tfds, tmp_path, monkeypatch,
+                                    capsys):
+  monkeypatch.setenv("TFDS_DATA_DIR", synth_tfds[1])
+  for extra, words in ((["--config.data.vessels=precomputed"], "label_free"),
+                       (["--config.data.split=train"], "tfds:NAME:SPLIT")):
+    capsys.readouterr()
+    rc = cli.main(_cli_args(TFDS, tmp_path / "wd", *extra))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and words in err[0], err
+  args = _cli_args("tfds:no_such_dataset:train", tmp_path / "wd2")
+  assert cli.main(args) == 4  # sources.EXIT_NO_INPUTS
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "TFDS_DATA_DIR" in err[0], err
+
+
+def test_each_process_reads_a_disjoint_contiguous_share(streamed):
   """Process p of 2 reads rows [p*L, (p+1)*L) of each global batch, records
   disjoint between processes; the two shares, stacked in process order (as
   `to_global` does), are the 1-process batches row for row."""
-  pm = data_lib.PreparedMaps(_cfg(prep).data)
+  prep = streamed
+  pm = data_lib.streamed_maps(_cfg(prep).data)
   kw = dict(seed=3, global_batch=8, num_epochs=2, aug_cfg=train._aug_config(  # pylint: disable=protected-access
       _cfg(prep)), fov_p_max=0.5, fov_start=0, fov_end=1)
   one = list(pm.batches(process_index=0, process_count=1, **kw))
@@ -152,10 +253,13 @@ def test_folder_without_vessel_maps_is_refused_in_one_line(photos, tmp_path,
   assert rc != 0 and len(err) == 1, err
 
 
-def test_two_processes_match_one_on_the_same_mesh(prep, tmp_path):
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_match_one_on_the_same_mesh(streamed, tmp_path):
   """`efiqa train-teacher` on 2 processes x 1 device from the prepared
-  folder: the parameters of 1 process on a 2-device mesh (gloo may sum in
-  another order: atol 1e-5)."""
+  folder / the TFDS build: the parameters of 1 process on a 2-device mesh
+  (gloo may sum in another order: atol 1e-5)."""
+  prep = streamed
   from efiqa_jax import checkpoints
   from flax import nnx
   wd = tmp_path / "mp"

@@ -11,6 +11,11 @@ Sources (config `data`):
                       segments them with `efiqa_jax.vessels` (FOV crop at
                       `data.work_size`, map resized to load_size: the
                       input `efiqa assess` gives the teacher).
+                      data.path='tfds:NAME[/CONFIG][:SPLIT]' (label_free):
+                      a TFDS build's photographs, NOT loaded; `TFDSMaps`
+                      streams them like a prepared folder, each record
+                      decoded, cropped and segmented by the folder's code
+                      (`photograph_map`) when its process reads it.
   source='prepared'   `data.path` a folder of `efiqa prepare --vessels` (also
                       when given as source='folder'): NOT loaded; `PreparedMaps`
                       streams its records through
@@ -158,6 +163,23 @@ def _synthetic_maps(dc) -> tuple[np.ndarray, np.ndarray, list[dict]]:
   return np.stack(maps), np.asarray(diam, np.float32), []
 
 
+def photograph_map(src, dc):
+  """A photograph (path or encoded bytes) -> (uint8 (L,L) map or None,
+  original FOV diameter, status, message): segmented label-free at the crop
+  size `efiqa assess` uses (data.work_size), then resized to load_size: the
+  map teacher/inference.teacher_input makes. The one path for photographs,
+  whether files (`_folder_maps`) or streamed `tfds:` records (`TFDSMaps`);
+  data.min_component is applied by the caller."""
+  from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
+  work = int(dc.get("work_size", 0) or dc.load_size)
+  p = fundus.prepare_fundus(src, size=work)
+  if p.status != "ok":
+    return None, 0.0, p.status, p.message or ""
+  v = _label_free(p.image[None], p.fov_mask[None], dc.load_size)[0]
+  return (to_uint8_map(v, dc.load_size, dc.gray_threshold),
+          float(p.crop_size), "ok", "")
+
+
 def _folder_maps(dc) -> tuple[np.ndarray, np.ndarray, list[dict]]:
   if not dc.path:
     raise ValueError("data.source='folder' needs data.path (a folder, glob or "
@@ -181,18 +203,13 @@ def _folder_maps(dc) -> tuple[np.ndarray, np.ndarray, list[dict]]:
       maps.append(to_uint8_map(g, dc.load_size, dc.gray_threshold))
       diam.append(float(max(g.shape)))
   elif dc.vessels == "label_free":
-    from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
-    # Segmented at the crop size `efiqa assess` uses (data.work_size), then
-    # resized to load_size: the map teacher/inference.teacher_input makes.
-    work = int(dc.get("work_size", 0) or dc.load_size)
     for f in files:
-      p = fundus.prepare_fundus(f, size=work)
-      if p.status != "ok":
-        skipped.append(dict(path=f, status=p.status, message=p.message))
+      v, d, status, message = photograph_map(f, dc)
+      if v is None:
+        skipped.append(dict(path=f, status=status, message=message))
         continue
-      v = _label_free(p.image[None], p.fov_mask[None], dc.load_size)[0]
-      maps.append(to_uint8_map(v, dc.load_size, dc.gray_threshold))
-      diam.append(float(p.crop_size))
+      maps.append(v)
+      diam.append(d)
   else:
     raise ValueError(f"data.vessels={dc.vessels!r} is not valid with "
                      "data.source='folder' (use 'precomputed' or 'label_free')")
@@ -411,7 +428,34 @@ class TeacherAugment(grain.transforms.RandomMap):
                 fov_crop=np.bool_(info["fov_crop"]))
 
 
-class PreparedMaps:
+class _Streamed:
+  """A streamed teacher training set: `source` (random access), `prepare`
+  (record -> {vmap, diam, ok, ...}), `n`, `desc`."""
+
+  source: Any
+  prepare: Any
+  n: int
+  desc: dict
+
+  def batches(self, *, seed: int, global_batch: int, num_epochs: int,
+              aug_cfg: aug_lib.AugmentConfig, fov_p_max: float,
+              fov_start: float, fov_end: float, num_workers: int = 0,
+              read_threads: int = 1, prefetch_batches: int = 0,
+              process_index: int | None = None,
+              process_count: int | None = None):
+    """This process's share of the run's batches (`training_batches`):
+    contiguous rows of each global batch, augmentation in the pipeline."""
+    from efiqa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    aug = TeacherAugment(self.n, aug_cfg, fov_p_max, fov_start, fov_end)
+    return input_pipeline.training_batches(
+        self.source, global_batch, seed=seed, prepare=self.prepare,
+        augment=[aug], num_epochs=num_epochs, process_index=process_index,
+        process_count=process_count, num_workers=num_workers,
+        read_threads=read_threads, prefetch_batches=prefetch_batches,
+        position_key="position", contiguous=True)
+
+
+class PreparedMaps(_Streamed):
   """The training set of a prepared folder, streamed: only its manifest
   (paths, statuses) is held; maps are read per record by grain.
 
@@ -472,22 +516,106 @@ class PreparedMaps:
         load_size=int(dc.load_size), gray_threshold=int(dc.gray_threshold),
         min_component=self.prepare.min_component, data_key=key)
 
-  def batches(self, *, seed: int, global_batch: int, num_epochs: int,
-              aug_cfg: aug_lib.AugmentConfig, fov_p_max: float,
-              fov_start: float, fov_end: float, num_workers: int = 0,
-              read_threads: int = 1, prefetch_batches: int = 0,
-              process_index: int | None = None,
-              process_count: int | None = None):
-    """This process's share of the run's batches (`training_batches`):
-    contiguous rows of each global batch, augmentation in the pipeline."""
-    from efiqa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-    aug = TeacherAugment(self.n, aug_cfg, fov_p_max, fov_start, fov_end)
-    return input_pipeline.training_batches(
-        self.source, global_batch, seed=seed, prepare=self.prepare,
-        augment=[aug], num_epochs=num_epochs, process_index=process_index,
-        process_count=process_count, num_workers=num_workers,
-        read_threads=read_threads, prefetch_batches=prefetch_batches,
-        position_key="position", contiguous=True)
+
+# ------------------------------------------ tfds: photographs (streamed)
+
+
+def tfds_spec(dc) -> str | None:
+  """The `tfds:NAME[/CONFIG][:SPLIT]` this config trains from
+  (data.source='folder', data.path='tfds:...'), or None."""
+  from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+  path = str(dc.get("path", "") or "")
+  if dc.source == "folder" and path.startswith(sources.TFDS_PREFIX):
+    return path
+  return None
+
+
+def streamed_maps(dc):
+  """The streamed training set of this config (`PreparedMaps` for a
+  prepared folder, `TFDSMaps` for `tfds:`), or None: maps made and held in
+  RAM by `load_vessel_maps`."""
+  if tfds_spec(dc) is not None:
+    return TFDSMaps(dc)
+  if prepared_path(dc) is not None:
+    return PreparedMaps(dc)
+  return None
+
+
+class PhotographVesselMap:
+  """`TFDSInputs` record {'path', 'encoded'} -> {vmap (L,L) uint8, diam}:
+  the photograph decoded, FOV-cropped and segmented by `photograph_map`, the
+  code `load_vessel_maps` runs on a folder of the same photographs."""
+
+  def __init__(self, dc):
+    # Plain values, no ConfigDict: picklable for grain worker processes.
+    self.dc = {k: dc.get(k) for k in ("work_size", "load_size",
+                                      "gray_threshold")}
+    self.min_component = int(dc.get("min_component", 0) or 0)
+
+  blank = PreparedVesselMap.blank
+
+  @property
+  def load_size(self) -> int:
+    return int(self.dc["load_size"])
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    path = element.get("path", "")
+    v, d, status, message = photograph_map(
+        sources.record_source(element), ml_collections.ConfigDict(self.dc))
+    if v is None:
+      return self.blank(status, message, path)
+    if self.min_component > 1:  # as load_vessel_maps does
+      from efiqa_jax.teacher import inference  # pylint: disable=g-import-not-at-top
+      v = inference.remove_small_components(v[None], self.min_component)[0]
+    row = self.blank("ok", "", path)
+    row.update(vmap=v, diam=np.float32(d), ok=np.bool_(True))
+    return row
+
+
+class TFDSMaps(_Streamed):
+  """The training set of a TFDS build (`data.path=tfds:NAME[/CONFIG][:SPLIT]`
+  with data.source='folder', data.vessels='label_free'), streamed: each
+  process reads only its rows of every global batch and decodes, FOV-crops
+  and segments each photograph when it reads it (`PhotographVesselMap`), so
+  nothing is held or cached per dataset. A photograph is segmented again at
+  every epoch: for many epochs, `efiqa prepare tfds:... --vessels` once and
+  train on that folder. Every record trains: one that cannot be decoded
+  stops training with its id and reason (prepare keeps it as a status row).
+  """
+
+  def __init__(self, dc):
+    from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
+    spec = tfds_spec(dc)
+    if spec is None:
+      raise ValueError("not a tfds: config")
+    if dc.vessels != "label_free":
+      raise ValueError(f"data.vessels={dc.vessels!r}: a tfds: dataset holds "
+                       "photographs (use data.vessels=label_free)")
+    if str(dc.get("split", "all") or "all") != "all":
+      raise ValueError(f"data.split={dc.split!r}: a tfds: dataset trains "
+                       "whole (name the split in tfds:NAME:SPLIT)")
+    inputs = sources.TFDSInputs(spec)
+    if len(inputs) == 0:  # pylint: disable=g-explicit-length-test
+      raise sources.NoInputsError(f"{spec} holds no record")
+    self.spec = spec
+    self.source = inputs
+    self.n = len(inputs)
+    self.skipped = []
+    self.prepare = PhotographVesselMap(dc)
+    what = {k: v for k, v in dc.to_dict().items()
+            if k not in ("num_threads", "prefetch", "num_workers")}
+    info = inputs.dataset_info
+    blob = json.dumps([what, str(info.full_name), str(info.version),
+                       inputs.paths], sort_keys=True, default=str)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    self.desc = dict(
+        description=(f"{self.n} photographs of {spec} ({info.full_name}) "
+                     "segmented label-free, streamed"),
+        num_maps=self.n, num_skipped=0, load_size=int(dc.load_size),
+        gray_threshold=int(dc.gray_threshold),
+        min_component=self.prepare.min_component, data_key=key)
 
 
 # ------------------------------------------------ good photographs, splits

@@ -2,7 +2,7 @@
 
 A task on `efiqa_jax.trainer`: the host feeds uint8 vessel maps (augmented
 per record, see `data.py`; a checkpointed grain iterator; streamed from a
-prepared folder, held in RAM otherwise), the device
+prepared folder or a tfds: build, held in RAM otherwise), the device
 converts them to [0,1] 3-channel maps, draws the progressive grid mask from
 the step's key (fold_in(seed key, step)), runs the residual U-Net on the
 masked map and minimises the MSE to the unmasked map with AdamW.
@@ -185,10 +185,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   fov_kw = dict(fov_p_max=config.augment.fov_p_max,
                 fov_start=config.augment.fov_start,
                 fov_end=config.augment.fov_end)
-  streamed = None
-  if data_lib.prepared_path(config.data) is not None:
-    # Streamed: each process reads its share of the records through grain.
-    streamed = data_lib.PreparedMaps(config.data)
+  # Streamed (a prepared folder or tfds:): each process reads its share of
+  # the records through grain.
+  streamed = data_lib.streamed_maps(config.data)
+  if streamed is not None:
     n, desc = streamed.n, streamed.desc
   else:
     maps, diam, desc = data_lib.load_vessel_maps(
