@@ -469,6 +469,7 @@ class TFDSInputs:
       raise NoInputsError(f"expected tfds:NAME[/CONFIG][:SPLIT], got {spec!r}")
     name = parts[0]
     split = parts[1] if len(parts) == 2 and parts[1] else "train"
+    self.split = split
     self._src = TFDSSource(name, split,
                            data_dir=os.environ.get("TFDS_DATA_DIR") or None)
     if "image" not in self._src.features:

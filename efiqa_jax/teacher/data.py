@@ -607,8 +607,14 @@ class TFDSMaps(_Streamed):
     what = {k: v for k, v in dc.to_dict().items()
             if k not in ("num_threads", "prefetch", "num_workers")}
     info = inputs.dataset_info
+    # A rebuilt dataset (other bytes) is another training set.
+    try:
+      split_bytes = int(info.splits[inputs.split].num_bytes)
+    except Exception:  # pylint: disable=broad-except
+      split_bytes = -1  # a split spelling TFDS cannot size: names + version
     blob = json.dumps([what, str(info.full_name), str(info.version),
-                       inputs.paths], sort_keys=True, default=str)
+                       split_bytes, inputs.paths], sort_keys=True,
+                      default=str)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     self.desc = dict(
         description=(f"{self.n} photographs of {spec} ({info.full_name}) "
