@@ -1,7 +1,8 @@
 """`train-adapter` end to end and `pretrain-encoder` streamed from a prepared
-folder (`efiqa prepare`): the same parameters as from the photographs, each
-process reads its own contiguous share of every global batch through grain,
-a killed run resumes bit-exactly, 2 processes match 1."""
+folder (`efiqa prepare`) and from a TFDS build (`tfds:messidor2`): the same
+parameters as from the photographs, each process reads its own contiguous
+share of every global batch through grain, a killed run resumes
+bit-exactly, 2 processes match 1."""
 import json
 
 import numpy as np
@@ -45,6 +46,34 @@ def data(tmp_path_factory):
               enc=_tiny_encoder(root / "enc"))
 
 
+@pytest.fixture(scope="module")
+def tfds_dir(data, tmp_path_factory):
+  """The 8 good photographs built as the data/messidor2 TFDS dataset
+  (ArrayRecord): its data_dir."""
+  import shutil
+  from data import build as data_build
+  root = tmp_path_factory.mktemp("messidor2")
+  manual = root / "manual"
+  (manual / "IMAGES").mkdir(parents=True)
+  for i in range(N):
+    shutil.copy(f"{data['imgs']}/p{i}.png", manual / "IMAGES")
+  data_build.build("messidor2", str(manual), str(root / "tfds"))
+  return str(root / "tfds")
+
+
+TFDS = "tfds:messidor2"
+
+
+@pytest.fixture(params=["prepared", "tfds"])
+def streamed(request, data, monkeypatch):
+  """The input of a streamed run: the prepared folder (8 photographs, 1
+  broken file) or the TFDS build (the 8 photographs)."""
+  if request.param == "prepared":
+    return data["prep"]
+  monkeypatch.setenv("TFDS_DATA_DIR", request.getfixturevalue("tfds_dir"))
+  return TFDS
+
+
 def _over(data, images, **kw):
   o = {"mode": "end_to_end", "images": images, "labels_dir": data["labels"],
        "encoder": data["enc"], "size": 64, "work_size": WORK,
@@ -82,11 +111,11 @@ def test_same_seed_same_params_from_prepared_and_photographs(data, tmp_path):
     assert rep["labels_without_features"] == []
 
 
-def test_each_process_reads_a_disjoint_contiguous_share(data):
+def test_each_process_reads_a_disjoint_contiguous_share(data, streamed):
   """Process p of 2 reads rows [p*L, (p+1)*L) of each global batch, records
   disjoint between processes; the two shares stacked in process order are
   the 1-process batches row for row."""
-  inputs = data_lib.encoder_inputs(data["prep"], size=64, work_size=WORK,
+  inputs = data_lib.encoder_inputs(streamed, size=64, work_size=WORK,
                                    preprocess="fov")
   ids = sorted(inputs.by_id)
   src = data_lib.Labelled(inputs.source, [inputs.by_id[i] for i in ids],
@@ -144,22 +173,22 @@ def test_refused_in_one_line(data, tmp_path, capsys):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_two_processes_match_one_on_the_same_mesh(data, tmp_path):
+def test_two_processes_match_one_on_the_same_mesh(data, streamed, tmp_path):
   """`efiqa train-adapter` end to end on 2 processes x 1 device from the
-  prepared folder: the adapter of 1 process on a 2-device mesh (gloo may
-  sum in another order: atol 1e-6)."""
+  prepared folder / the TFDS build: the adapter of 1 process on a 2-device
+  mesh (gloo may sum in another order: atol 1e-6)."""
   from efiqa_jax import checkpoints
   from flax import nnx
   wd = tmp_path / "mp"
   args = ["train-adapter", "--config", "configs/adapter.py:tiny",
-          "--workdir", str(wd), *_over(data, data["prep"], **{"mesh.data": 2})]
+          "--workdir", str(wd), *_over(data, streamed, **{"mesh.data": 2})]
   res, _ = multihost.run_efiqa(lambda i: args, 2, devices=1, timeout=900,
                                what="2-process train-adapter")
   assert "step 4/4" in res[0][1], res[0][1][-2000:]
   ada, meta = checkpoints.load_model(str(wd / "adapter"))
   assert meta["training"]["steps"] == 4
   one = train.train_and_evaluate(
-      _cfg(data, data["prep"], **{"mesh.data": 2}), str(tmp_path / "one"))
+      _cfg(data, streamed, **{"mesh.data": 2}), str(tmp_path / "one"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6,
                                                        rtol=0),
                nnx.to_pure_dict(nnx.state(ada, nnx.Param)), one.params)
@@ -298,16 +327,18 @@ def test_npy_features_read_by_offset(tmp_path, dtype):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_pretrain_encoder_two_processes_match_one(data, tmp_path):
-  """`efiqa pretrain-encoder PREPARED` on 2 processes x 1 device: each
-  reads its rows of every global batch; the encoder of 1 process on a
+def test_pretrain_encoder_two_processes_match_one(data, streamed, tmp_path):
+  """`efiqa pretrain-encoder PREPARED|tfds:NAME` on 2 processes x 1 device:
+  each reads its rows of every global batch; the encoder of 1 process on a
   2-device mesh (gloo may sum in another order: atol 1e-5)."""
   from efiqa_jax import checkpoints
   from efiqa_jax.encoders import pretrain
   from flax import nnx
-  prep = tmp_path / "prepared_ok"  # no failed record: exit 0 (3 otherwise)
-  assert cli.main(["prepare", f"{data['imgs']}/p*.png", "--out", str(prep),
-                   "--size", str(WORK), "--quiet"]) == 0
+  prep = streamed
+  if prep != TFDS:
+    prep = tmp_path / "prepared_ok"  # no failed record: exit 0 (3 otherwise)
+    assert cli.main(["prepare", f"{data['imgs']}/p*.png", "--out", str(prep),
+                     "--size", str(WORK), "--quiet"]) == 0
   over = ["--config", "configs/encoder_mim.py:tiny", "--set",
           f"config.work_size={WORK}", "--set", "config.steps=4", "--set",
           "config.mesh.data=2"]
@@ -329,23 +360,16 @@ def test_pretrain_encoder_two_processes_match_one(data, tmp_path):
 
 
 def test_adapter_and_mim_from_a_tfds_build_equal_the_photographs(
-    data, tmp_path, monkeypatch):
+    data, tfds_dir, tmp_path, monkeypatch):
   """`tfds:messidor2` (the data/ builder over the 8 good photographs,
   found through TFDS_DATA_DIR) trains the adapter end to end and the MIM
   encoder to the parameters the same photographs give, listed in the
   dataset's record order (a TFDS build keeps its own order)."""
-  import shutil
-  from data import build as data_build
   from efiqa_jax import checkpoints, sources
   from efiqa_jax.encoders import pretrain
   from flax import nnx
-  manual = tmp_path / "manual"
-  (manual / "IMAGES").mkdir(parents=True)
-  for i in range(N):
-    shutil.copy(f"{data['imgs']}/p{i}.png", manual / "IMAGES")
-  data_build.build("messidor2", str(manual), str(tmp_path / "tfds"))
-  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
-  spec = "tfds:messidor2"
+  monkeypatch.setenv("TFDS_DATA_DIR", tfds_dir)
+  spec = TFDS
   order = [p.rsplit("/", 1)[-1] for p in sources.TFDSInputs(spec).paths]
   assert sorted(order) == sorted(f"p{i}.png" for i in range(N))
   listing = tmp_path / "photos.csv"
