@@ -389,3 +389,32 @@ def test_adapter_and_mim_from_a_tfds_build_equal_the_photographs(
     assert res.n_images == N and not res.failed
   _same(*(nnx.state(checkpoints.load_model(tmp_path / o)[0], nnx.Param)
           for o in ("mim_photos", "mim_tfds")))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_read_disjoint_shares_of_a_tfds_build(
+    tfds_dir, tmp_path, monkeypatch):
+  """2 real JAX processes on `tfds:messidor2`: the record ids each one
+  reads in the teacher's stream and in the adapter's / MIM's stream
+  (`tests/tfds_shares.py`) are disjoint at every step, and process 0's rows
+  then process 1's are the 1-process global batch, id for id."""
+  from tests import tfds_shares
+  monkeypatch.setenv("TFDS_DATA_DIR", tfds_dir)
+  outs = [tmp_path / f"ids{i}.json" for i in range(2)]
+  multihost.run_workers("tfds_share_worker.py",
+                        lambda i: [TFDS, WORK, outs[i]], 2, timeout=600,
+                        what="2-process tfds: shares")
+  seen = [json.loads(o.read_text()) for o in outs]
+  for kind, fn in (("teacher", tfds_shares.teacher_ids),
+                   ("encoder", tfds_shares.encoder_ids)):
+    one = fn(TFDS, WORK, process_index=0, process_count=1)
+    a, b = seen[0][kind], seen[1][kind]
+    assert len(one) == len(a) == len(b) == 2 * N // 4, kind
+    for k, want in enumerate(one):
+      assert not set(a[k]) & set(b[k]), (kind, k)
+      assert len(a[k]) == len(b[k]) == 2
+      assert a[k] + b[k] == want, (kind, k)
+    assert all(p.startswith(TFDS + ":train/") for s in one for p in s)
+    assert sorted(p for s in one[:2] for p in s) == sorted(
+        f"{TFDS}:train/p{i}.png" for i in range(N))
