@@ -178,6 +178,12 @@ def test_tfds_refusals_are_one_line(synth_tfds, tmp_path, monkeypatch,
     rc = cli.main(_cli_args(TFDS, tmp_path / "wd", *extra))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and words in err[0], err
+  args = _cli_args(TFDS, tmp_path / "wd3")
+  args[args.index("--config.data.source=folder")] = \
+      "--config.data.source=prepared"
+  assert cli.main(args) == 2  # runtime.EXIT_USAGE
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "data.source=folder" in err[0], err
   args = _cli_args("tfds:no_such_dataset:train", tmp_path / "wd2")
   assert cli.main(args) == 4  # sources.EXIT_NO_INPUTS
   err = capsys.readouterr().err.strip().splitlines()

@@ -342,6 +342,10 @@ def prepared_path(dc) -> str | None:
     if not dc.path:
       raise ValueError("data.source='prepared' needs data.path (a folder "
                        "written by `efiqa prepare --vessels`)")
+    if str(dc.path).startswith("tfds:"):
+      raise ValueError(f"data.path={dc.path}: a TFDS build trains with "
+                       "data.source=folder (its photographs are segmented "
+                       "as read)")
     return str(dc.path)
   if dc.source == "folder" and dc.path and prepared.is_prepared(dc.path):
     return str(dc.path)
