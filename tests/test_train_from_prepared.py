@@ -216,10 +216,11 @@ def test_each_process_reads_a_disjoint_contiguous_share(streamed):
   assert list(idx[:N]) != list(idx[N:])  # reshuffled per epoch
 
 
-def test_same_seed_same_params_and_resume_is_bit_exact(prep, tmp_path):
+def test_same_seed_same_params_and_resume_is_bit_exact(streamed, tmp_path):
   """A full run; a second run from scratch with grain worker processes,
   killed after step 5 (checkpoint 3) and resumed through the CLI: the
   same parameters bit for bit."""
+  prep = streamed
   full = train.train_and_evaluate(_cfg(prep), str(tmp_path / "full"))
   assert full.step == full.total_steps == 8  # 4 epochs x 16 / batch 8
   assert full.data_description["num_maps"] == N
