@@ -1,5 +1,5 @@
-"""Peak host RSS of `efiqa train-teacher` and `train-adapter` (end to end)
-streaming prepared folders of 2 k and 20 k records (issue 14 §3-4: host
+"""Peak host RSS of `efiqa train-teacher`, `train-adapter` (end to end) and
+`pretrain-encoder` streaming prepared folders of 2 k and 20 k records (issue 14 §3-4: host
 memory must not grow with the dataset; the bar is 20 k within 20 % of 2 k).
 
 Each folder is written with the prepared writer (`prepared.encode_record`,
@@ -20,12 +20,16 @@ the --size / 16 token grid)
 and a tiny random ViT encoder (patch 16, D 16, depth 1) at --size: the
 frozen encoder runs on the streamed crops.
 
+--trainer mim: `python -m efiqa_jax pretrain-encoder` (configs/
+encoder_mim.py:tiny at --size, batch 8) on the same kind of folder as the
+adapter's.
+
 Prints one JSON line per folder and one with the ratio:
   {"records": 2000, "steps": S, "peak_rss_mb": ..., "wall_s": ...}
   {"name": "train_rss", "ratio_20k_over_2k": ..., "bar": 1.2}
 
   PYTHONPATH=$PWD python bench/train_rss.py [--out /work/runs/rss] \
-      [--trainer teacher|adapter] [--sizes 2000,20000] [--steps 200] \
+      [--trainer teacher|adapter|mim] [--sizes 2000,20000] [--steps 200] \
       [--workers 0] [--old-loader]
 
 --old-loader measures the reference instead: the same maps as PNGs through
@@ -175,7 +179,7 @@ def peak_rss_of(argv: list[str], env: dict) -> tuple[float, float, int]:
 def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default="/tmp/efiqa-train-rss")
-  ap.add_argument("--trainer", choices=("teacher", "adapter"),
+  ap.add_argument("--trainer", choices=("teacher", "adapter", "mim"),
                   default="teacher")
   ap.add_argument("--sizes", default="2000,20000")
   ap.add_argument("--size", type=int, default=64)
@@ -191,13 +195,14 @@ def main() -> int:
   peaks = {}
   for n in (int(s) for s in a.sizes.split(",")):
     t0 = time.perf_counter()
-    if a.trainer == "adapter":
+    if a.trainer in ("adapter", "mim"):
       if a.old_loader:
-        raise SystemExit("--old-loader: teacher only (the adapter's "
+        raise SystemExit("--old-loader: teacher only (the other trainers' "
                          "in-RAM loaders are gone)")
       folder = out / f"prepared_novessels_{n}"
       write_prepared(folder, n, a.size, with_vessels=False)
-      labels, enc = write_adapter_inputs(out, n, a.size // 16)
+      if a.trainer == "adapter":
+        labels, enc = write_adapter_inputs(out, n, a.size // 16)
     elif a.old_loader:
       folder = out / f"maps_{n}"
       write_map_folder(folder, n, a.size)
@@ -212,7 +217,16 @@ def main() -> int:
     wrote = time.perf_counter() - t0
     wd = out / f"workdir_{n}"
     subprocess.run(["rm", "-rf", str(wd)], check=True)
-    if a.trainer == "adapter":
+    if a.trainer == "mim":
+      argv = [sys.executable, "-m", "efiqa_jax", "pretrain-encoder",
+              str(folder), "--out", str(wd / "encoder"), "--workdir",
+              str(wd), "--quiet", "--config", "configs/encoder_mim.py:tiny",
+              f"--config.size={a.size}", f"--config.work_size={a.size}",
+              f"--config.steps={a.steps}", "--config.batch_size=8",
+              f"--config.data_workers={a.workers}",
+              "--config.data_threads=2", "--config.log_every=50",
+              "--config.checkpoint_every=100000"]
+    elif a.trainer == "adapter":
       argv = [sys.executable, "-m", "efiqa_jax", "train-adapter", "--config",
               "configs/adapter.py:tiny", "--workdir", str(wd),
               "config.mode=end_to_end", f"config.images={folder}",
@@ -249,11 +263,10 @@ def main() -> int:
                       # `load_vessel_maps`' uint8 maps at load_size = size;
                       # adapter, the float32 encoder inputs the previous
                       # end-to-end loader cached (up to 4 GB).
-                      ("in_ram_pixels_mb" if a.trainer == "adapter" else
-                       "in_ram_maps_mb"): round(
-                           min(n * a.size ** 2 * 12, 4e9) / 2 ** 20
-                           if a.trainer == "adapter"
-                           else n * a.size ** 2 / 2 ** 20, 1),
+                      ("in_ram_maps_mb" if a.trainer == "teacher" else
+                       "in_ram_pixels_mb"): round(
+                           n * a.size ** 2 / 2 ** 20 if a.trainer == "teacher"
+                           else min(n * a.size ** 2 * 12, 4e9) / 2 ** 20, 1),
                       "wall_s": round(wall, 1),
                       "write_folder_s": round(wrote, 1)}), flush=True)
   if len(peaks) >= 2:
