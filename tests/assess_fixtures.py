@@ -17,6 +17,21 @@ def tiny_teacher(path, *, base=4, image_size=64, work_size=128, seed=0):
   return str(path)
 
 
+def distill_models(tmp_path):
+  """TMP/teacher (tiny U-Net, 64 px) and TMP/enc (tiny random ViT, patch
+  16, registers, RoPE): the models the distill tests chain."""
+  from flax import nnx
+  from efiqa_jax import checkpoints
+  from efiqa_jax.models import unet
+  from efiqa_jax.models import vit
+  checkpoints.save_model(tmp_path / "teacher", unet.UNet(
+      base_channels=4, rngs=nnx.Rngs(0)), {"image_size": 64})
+  checkpoints.save_model(tmp_path / "enc", vit.VisionTransformer(
+      patch_size=16, hidden_size=16, depth=1, num_heads=2, mlp_hidden=32,
+      num_registers=4, layerscale=True, qkv_bias="qv", pos="rope",
+      rngs=nnx.Rngs(0)))
+
+
 def fundus_like(size=300, seed=0, offset=(0, 0)):
   """A bright orange disc with dark lines on black: enough to find a FOV."""
   rng = np.random.default_rng(seed)

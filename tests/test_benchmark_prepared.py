@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from efiqa_jax import cli
-from tests.assess_fixtures import tiny_teacher
+from tests.assess_fixtures import distill_models, tiny_teacher
 
 SIZE = 128  # the tiny teacher's work size
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,17 +118,6 @@ def test_benchmark_split_of_a_prepared_folder_is_the_folders(
   assert a == json.load(open(tmp_path / "b.json"))
 
 
-@pytest.fixture(scope="module")
-def synth_tfds(tmp_path_factory):
-  """`efiqa synth` photographs (160 px) and the same folder built as the
-  data/efiqa_synth TFDS dataset (ArrayRecord): (images folder, data_dir)."""
-  from data import build as data_build
-  from efiqa_jax.synth import dataset
-  manual = tmp_path_factory.mktemp("synth")
-  dataset.write_dataset(manual, n=4, seed=0, size=160)
-  data_dir = tmp_path_factory.mktemp("tfds")
-  data_build.build("efiqa_synth", str(manual), str(data_dir))
-  return str(manual / "images"), str(data_dir)
 
 
 def test_benchmark_from_a_tfds_dataset_equals_the_photographs(
@@ -172,20 +161,6 @@ def test_benchmark_heldout_of_prepared_fundus_train(fundus_train_dir,
 # ---------------------------------------------------------------- distill
 
 
-def _distill_models(tmp_path):
-  """TMP/teacher (tiny U-Net) and TMP/enc (tiny random ViT)."""
-  from flax import nnx
-  from efiqa_jax import checkpoints
-  from efiqa_jax.models import unet
-  from efiqa_jax.models import vit
-  checkpoints.save_model(tmp_path / "teacher", unet.UNet(
-      base_channels=4, rngs=nnx.Rngs(0)), {"image_size": 64})
-  checkpoints.save_model(tmp_path / "enc", vit.VisionTransformer(
-      patch_size=16, hidden_size=16, depth=1, num_heads=2, mlp_hidden=32,
-      num_registers=4, layerscale=True, qkv_bias="qv", pos="rope",
-      rngs=nnx.Rngs(0)))
-
-
 def _distill(tmp_path, inputs, wd, *extra):
   return cli.main(["distill", *inputs, "--teacher", str(tmp_path / "teacher"),
                    "--encoder", str(tmp_path / "enc"), "--workdir", str(wd),
@@ -227,7 +202,7 @@ def test_distill_from_a_prepared_folder_and_tfds_equals_the_photographs(
     synth_tfds, tmp_path, monkeypatch, capsys):
   images, data_dir = synth_tfds
   monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
-  _distill_models(tmp_path)
+  distill_models(tmp_path)
   prep = str(tmp_path / "prep")
   assert cli.main(["prepare", images, "--out", prep, "--size", "96",
                    "--quiet"]) == 0

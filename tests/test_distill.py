@@ -9,25 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flax import nnx
-
 from efiqa_jax import checkpoints
 from efiqa_jax import cli
 from efiqa_jax import synth
-from efiqa_jax.models import unet
-from efiqa_jax.models import vit
+from tests.assess_fixtures import distill_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_teacher_encoder_and_folder(tmp_path):
   """TMP/teacher, TMP/enc (tiny, random) and an empty TMP/imgs."""
-  checkpoints.save_model(tmp_path / "teacher", unet.UNet(
-      base_channels=4, rngs=nnx.Rngs(0)), {"image_size": 64})
-  checkpoints.save_model(tmp_path / "enc", vit.VisionTransformer(
-      patch_size=16, hidden_size=16, depth=1, num_heads=2, mlp_hidden=32,
-      num_registers=4, layerscale=True, qkv_bias="qv", pos="rope",
-      rngs=nnx.Rngs(0)))
+  distill_models(tmp_path)
   imgs = tmp_path / "imgs"
   imgs.mkdir()
   return imgs

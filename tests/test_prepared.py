@@ -317,17 +317,6 @@ def test_two_processes_prepare_and_read_exactly_once(photos, tmp_path):
 # ------------------------------------------------- tfds:NAME[:SPLIT] inputs
 
 
-@pytest.fixture(scope="module")
-def synth_tfds(tmp_path_factory):
-  """`efiqa synth` photographs (160 px) and the same folder built as the
-  data/efiqa_synth TFDS dataset (ArrayRecord): (images folder, data_dir)."""
-  from data import build as data_build
-  from efiqa_jax.synth import dataset
-  manual = tmp_path_factory.mktemp("synth")
-  dataset.write_dataset(manual, n=4, seed=0, size=160)
-  data_dir = tmp_path_factory.mktemp("tfds")
-  data_build.build("efiqa_synth", str(manual), str(data_dir))
-  return str(manual / "images"), str(data_dir)
 
 
 @pytest.mark.parametrize("cmd", ["assess", "extract", "pseudo-label",

@@ -368,6 +368,17 @@ def _probability_to_load():
   return jax.jit(_probability_to_load_impl, static_argnames=("size",))
 
 
+def _check_streamed(dc, what: str, holds: str, split_hint: str) -> None:
+  """The one-line refusals of a streamed training set (`what`, which holds
+  `holds`): label-free maps only, trained whole."""
+  if dc.vessels != "label_free":
+    raise ValueError(f"data.vessels={dc.vessels!r}: {what} holds {holds} "
+                     "(use data.vessels=label_free)")
+  if str(dc.get("split", "all") or "all") != "all":
+    raise ValueError(f"data.split={dc.split!r}: {what} trains whole "
+                     f"({split_hint})")
+
+
 def prepared_float_map(rec: dict, load_size: int) -> np.ndarray:
   """A prepared record's vessel map at load_size, float32 in [0,1]."""
   return np.asarray(_probability_to_load()(
@@ -474,12 +485,8 @@ class PreparedMaps(_Streamed):
     path = prepared_path(dc)
     if path is None:
       raise ValueError("not a prepared-folder config")
-    if dc.vessels != "label_free":
-      raise ValueError(f"data.vessels={dc.vessels!r}: a prepared folder holds "
-                       "label-free vessel maps (use data.vessels=label_free)")
-    if str(dc.get("split", "all") or "all") != "all":
-      raise ValueError(f"data.split={dc.split!r}: a prepared folder trains "
-                       "whole (prepare the split's photographs instead)")
+    _check_streamed(dc, "a prepared folder", "label-free vessel maps",
+                    "prepare the split's photographs instead")
     src = prepared.PreparedSource(path)
     pre = src.meta["preprocessing"]
     if not pre.get("vessels"):
@@ -594,12 +601,8 @@ class TFDSMaps(_Streamed):
     spec = tfds_spec(dc)
     if spec is None:
       raise ValueError("not a tfds: config")
-    if dc.vessels != "label_free":
-      raise ValueError(f"data.vessels={dc.vessels!r}: a tfds: dataset holds "
-                       "photographs (use data.vessels=label_free)")
-    if str(dc.get("split", "all") or "all") != "all":
-      raise ValueError(f"data.split={dc.split!r}: a tfds: dataset trains "
-                       "whole (name the split in tfds:NAME:SPLIT)")
+    _check_streamed(dc, "a tfds: dataset", "photographs",
+                    "name the split in tfds:NAME:SPLIT")
     inputs = sources.TFDSInputs(spec)
     if len(inputs) == 0:  # pylint: disable=g-explicit-length-test
       raise sources.NoInputsError(f"{spec} holds no record")
