@@ -163,21 +163,28 @@ def _synthetic_maps(dc) -> tuple[np.ndarray, np.ndarray, list[dict]]:
   return np.stack(maps), np.asarray(diam, np.float32), []
 
 
-def photograph_map(src, dc):
+def photograph_map(src, work_size: int, load_size: int,
+                   gray_threshold: int):
   """A photograph (path or encoded bytes) -> (uint8 (L,L) map or None,
   original FOV diameter, status, message): segmented label-free at the crop
-  size `efiqa assess` uses (data.work_size), then resized to load_size: the
-  map teacher/inference.teacher_input makes. The one path for photographs,
-  whether files (`_folder_maps`) or streamed `tfds:` records (`TFDSMaps`);
-  data.min_component is applied by the caller."""
+  size `efiqa assess` uses (`map_sizes`' work size), then resized to
+  load_size: the map teacher/inference.teacher_input makes. The one path for
+  photographs, whether files (`_folder_maps`) or streamed `tfds:` records
+  (`TFDSMaps`); data.min_component is applied by the caller."""
   from efiqa_jax import fundus  # pylint: disable=g-import-not-at-top
-  work = int(dc.get("work_size", 0) or dc.load_size)
-  p = fundus.prepare_fundus(src, size=work)
+  p = fundus.prepare_fundus(src, size=work_size)
   if p.status != "ok":
     return None, 0.0, p.status, p.message or ""
-  v = _label_free(p.image[None], p.fov_mask[None], dc.load_size)[0]
-  return (to_uint8_map(v, dc.load_size, dc.gray_threshold),
+  v = _label_free(p.image[None], p.fov_mask[None], load_size)[0]
+  return (to_uint8_map(v, load_size, gray_threshold),
           float(p.crop_size), "ok", "")
+
+
+def map_sizes(dc) -> tuple[int, int, int]:
+  """`photograph_map`'s (work_size, load_size, gray_threshold) of a data
+  config: work_size 0 means load_size."""
+  load = int(dc.load_size)
+  return int(dc.get("work_size", 0) or load), load, int(dc.gray_threshold)
 
 
 def _folder_maps(dc) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -203,8 +210,9 @@ def _folder_maps(dc) -> tuple[np.ndarray, np.ndarray, list[dict]]:
       maps.append(to_uint8_map(g, dc.load_size, dc.gray_threshold))
       diam.append(float(max(g.shape)))
   elif dc.vessels == "label_free":
+    sizes = map_sizes(dc)
     for f in files:
-      v, d, status, message = photograph_map(f, dc)
+      v, d, status, message = photograph_map(f, *sizes)
       if v is None:
         skipped.append(dict(path=f, status=status, message=message))
         continue
@@ -558,23 +566,21 @@ class PhotographVesselMap:
   code `load_vessel_maps` runs on a folder of the same photographs."""
 
   def __init__(self, dc):
-    # Plain values, no ConfigDict: picklable for grain worker processes.
-    self.dc = {k: dc.get(k) for k in ("work_size", "load_size",
-                                      "gray_threshold")}
+    # Plain ints, no ConfigDict: picklable for grain worker processes.
+    self.sizes = map_sizes(dc)
     self.min_component = int(dc.get("min_component", 0) or 0)
 
   blank = PreparedVesselMap.blank
 
   @property
   def load_size(self) -> int:
-    return int(self.dc["load_size"])
+    return self.sizes[1]
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
     from efiqa_jax import sources  # pylint: disable=g-import-not-at-top
-    import ml_collections  # pylint: disable=g-import-not-at-top
     path = element.get("path", "")
-    v, d, status, message = photograph_map(
-        sources.record_source(element), ml_collections.ConfigDict(self.dc))
+    v, d, status, message = photograph_map(sources.record_source(element),
+                                           *self.sizes)
     if v is None:
       return self.blank(status, message, path)
     if self.min_component > 1:  # as load_vessel_maps does
