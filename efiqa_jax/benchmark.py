@@ -8,7 +8,12 @@ over the kinds that hide vessels from the label-free segmenter
 see):
   map_auroc            pixel AUROC of the map against the degradation masks
                        (local severity >= 0.5; inside the FOV, degraded
-                       variants and clean originals)
+                       variants and clean originals pooled): mostly which
+                       photographs are damaged, since most damage covers
+                       most of the FOV
+  within_auroc         the same AUROC inside each partly damaged variant
+                       (5-95 % of its FOV), averaged: where the damage is
+                       (a map of one value per photograph scores 0.5)
   rank_spearman        Spearman correlation of (1 - quality) with severity
   image_auroc          AUROC of (1 - quality) for degraded vs clean
   baseline_*           the same for a vessel-density baseline (share of FOV
@@ -50,6 +55,9 @@ class BenchmarkResult:
   baseline_image_auroc: float
   per_kind: dict
   failed: list
+  within_auroc: float = float("nan")
+  baseline_within_auroc: float = float("nan")
+  n_within: int = 0  # partly damaged variants within_auroc averages over
   # The same metrics over the vessel-hiding kinds present (None if none).
   hiding: dict | None = None
   clean_quality_min: float = float("nan")
@@ -68,6 +76,8 @@ class BenchmarkResult:
              "variants", "", f"| metric | {head} |",
              "|---|" + "---|---|" * len(cols)]
     for name, key in (("map AUROC", "map_auroc"),
+                      ("map AUROC within photographs (partly damaged)",
+                       "within_auroc"),
                       ("image AUROC (degraded vs clean)", "image_auroc"),
                       ("Spearman (severity vs 1 - quality)",
                        "rank_spearman")):
@@ -79,10 +89,11 @@ class BenchmarkResult:
               f"{self.clean_fraction_mean:.3f} (max "
               f"{self.clean_fraction_max:.3f})"]
     if self.per_kind:
-      lines += ["", "| degradation | map AUROC | image AUROC | mean quality "
-                "drop |", "|---|---|---|---|"]
+      lines += ["", "| degradation | map AUROC | within photographs | "
+                "image AUROC | mean quality drop |", "|---|---|---|---|---|"]
       for k, v in sorted(self.per_kind.items()):
         lines.append(f"| {k} | {v['map_auroc']:.3f} | "
+                     f"{_cell(v.get('within_auroc'))} | "
                      f"{v.get('image_auroc', float('nan')):.3f} | "
                      f"{v['quality_drop']:.3f} |")
     return "\n".join(lines)
@@ -156,10 +167,14 @@ def run_benchmark(inputs, *, model: str = "default", kinds=None,
       b_score = 1.0 - _global_density(vprob, prep)
       if kind is None:
         clean_q = q
+      y_cells = (m_small >= 0.5)[None]
+      within, b_within = (float(metrics.within_image_auroc(
+          y_cells, x[None], w[None])[0]) for x in (qmap, b_map))
       rows.append(dict(kind=kind, sev=sev, y=(m_small >= 0.5).ravel(),
                        s=qmap.ravel(), b=b_map.ravel(), w=w.ravel(),
                        score=1.0 - q, b_score=b_score, q=q, frac=frac,
-                       drop=clean_q - q))
+                       drop=clean_q - q, within=within,
+                       b_within=b_within))
   if not rows:
     raise ValueError("no photograph could be read: " + json.dumps(failed[:5]))
 
@@ -169,7 +184,15 @@ def run_benchmark(inputs, *, model: str = "default", kinds=None,
     sev = np.asarray([x["sev"] for x in r])
     score = np.asarray([x["score"] for x in r])
     b_score = np.asarray([x["b_score"] for x in r])
+    within = np.asarray([x["within"] for x in r])
+    b_within = np.asarray([x["b_within"] for x in r])
+    part = np.isfinite(within)
     return dict(map_auroc=metrics.auroc(y, s, w),
+                within_auroc=(float(np.mean(within[part])) if part.any()
+                              else float("nan")),
+                baseline_within_auroc=(float(np.mean(b_within[part]))
+                                       if part.any() else float("nan")),
+                n_within=int(part.sum()),
                 rank_spearman=metrics.spearman(sev, score),
                 image_auroc=metrics.auroc(sev > 0, score),
                 baseline_map_auroc=metrics.auroc(y, b, w),
@@ -184,6 +207,7 @@ def run_benchmark(inputs, *, model: str = "default", kinds=None,
   for k in kinds:
     m = measure([k])
     per_kind[k] = {"map_auroc": m["map_auroc"], "image_auroc": m["image_auroc"],
+                   "within_auroc": m["within_auroc"],
                    "quality_drop": float(np.mean([x["drop"] for x in rows
                                                   if x["kind"] == k]))}
   clean = [x for x in rows if x["kind"] is None]
@@ -295,6 +319,12 @@ def variant_seed(seed: int, path: str, kind: str, severity: float) -> int:
   key = f"{seed}:{os.path.basename(str(path))}:{kind}:{severity:g}"
   return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4],
                         "little") & 0x7FFFFFFF
+
+
+def _cell(x) -> str:
+  """A table cell: 3 decimals, or a dash where nothing was measured (no
+  partly damaged variant of that kind)."""
+  return "—" if x is None or not np.isfinite(x) else f"{x:.3f}"
 
 
 def _area(x: np.ndarray, shape) -> np.ndarray:

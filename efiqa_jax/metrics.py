@@ -20,20 +20,33 @@ def auroc(labels, scores, weights=None) -> float:
   wp, wn = w[y].sum(), w[~y].sum()
   if wp == 0 or wn == 0:
     return float("nan")
-  order = np.argsort(s, kind="mergesort")
-  s, y, w = s[order], y[order], w[order]
   # Group ties: within a tie block negatives below count fully, ties half.
-  uniq, start = np.unique(s, return_index=True)
-  ends = np.append(start[1:], len(s))
-  cum_neg = 0.0
-  total = 0.0
-  for a, b in zip(start, ends):
-    wy = w[a:b][y[a:b]].sum()
-    wneg = w[a:b][~y[a:b]].sum()
-    total += wy * (cum_neg + 0.5 * wneg)
-    cum_neg += wneg
-  del uniq
-  return float(total / (wp * wn))
+  _, group = np.unique(s, return_inverse=True)
+  pos = np.bincount(group, weights=np.where(y, w, 0.0))
+  neg = np.bincount(group, weights=np.where(y, 0.0, w))
+  below = np.cumsum(neg) - neg
+  return float(np.sum(pos * (below + 0.5 * neg)) / (wp * wn))
+
+
+def within_image_auroc(labels, scores, weights, *, min_share: float = 0.05,
+                       max_share: float = 0.95) -> np.ndarray:
+  """Per image (leading axis), the AUROC of its map cells, damaged vs intact,
+  for the images whose damaged share (weighted) lies in [min_share,
+  max_share]; nan for the others. Where a map puts the damage inside one
+  photograph, which a pooled AUROC over many photographs hardly measures:
+  a map that is one value per photograph scores 0.5 here."""
+  y = np.asarray(labels).astype(bool)
+  s = np.asarray(scores, np.float64)
+  w = np.asarray(weights, np.float64)
+  n = y.shape[0]
+  y, s, w = y.reshape(n, -1), s.reshape(n, -1), w.reshape(n, -1)
+  out = np.full(n, np.nan)
+  for i in range(n):
+    tot = w[i].sum()
+    share = (w[i] * y[i]).sum() / tot if tot > 0 else 0.0
+    if min_share <= share <= max_share:
+      out[i] = auroc(y[i], s[i], w[i])
+  return out
 
 
 def spearman(x, y) -> float:

@@ -195,4 +195,11 @@ def test_two_processes_calibrate_once_as_one_process(tmp_path):
   assert [s["path"] for s in got["data"]["skipped"]] == [
       str(photos / "broken.png")]
   a, b = (checkpoints.read_meta(str(tmp_path / d)) for d in ("two", "one"))
+  # The sidecar records the command that calibrated it (its --out differs).
+  for meta, d in ((a, "two"), (b, "one")):
+    by = meta.pop("calibrated_by")
+    assert by["command"] == " ".join(args(d)).replace(
+        "calibrate-teacher", "efiqa calibrate-teacher").replace(
+            " --quiet", ""), by
+    assert meta["name"] == "tiny-test-teacher"  # the teacher's own record kept
   assert a == b and a["calibration"] == got

@@ -51,10 +51,11 @@ def test_recorded_split_is_the_split_the_code_makes(fundus_train_dir):
 def test_heldout_benchmark_meets_the_readme_bounds(fundus_train_dir):
   """README ("The default model"): on fundus_train's held-out split (18
   photographs the build never used), over the degradations that hide
-  vessels, map AUROC >= 0.84 and image AUROC >= 0.90, both above the
-  vessel-density baseline; no clean photograph more than 20 % flagged. The
-  same variants as the README's full run (seeds per photograph, kind,
-  severity)."""
+  vessels, map AUROC >= 0.85 and image AUROC >= 0.90, both above the
+  vessel-density baseline, and the map AUROC within partly damaged
+  photographs above the baseline's (the map says where, not only which);
+  no clean photograph more than 20 % flagged. The same variants as the
+  README's full run (seeds per photograph, kind, severity)."""
   from efiqa_jax import benchmark, synth
   from efiqa_jax.teacher import data as data_lib
   held = data_lib.select_split(
@@ -64,10 +65,12 @@ def test_heldout_benchmark_meets_the_readme_bounds(fundus_train_dir):
                                 kinds=list(synth.VESSEL_HIDING),
                                 progress=False)
   h = res.hiding
-  assert h["map_auroc"] >= 0.84, h
+  assert h["map_auroc"] >= 0.85, h
   assert h["image_auroc"] >= 0.90, h
   assert h["map_auroc"] > h["baseline_map_auroc"]
   assert h["image_auroc"] > h["baseline_image_auroc"]
+  assert h["n_within"] >= 30, h
+  assert h["within_auroc"] > h["baseline_within_auroc"] + 0.05, h
   # Good photographs: the map is low almost everywhere.
   assert res.clean_fraction_max <= 0.2, res.clean_fraction_max
 

@@ -33,6 +33,34 @@ def test_weighted_auroc_equals_repetition():
   assert abs(metrics.auroc(y, s, w) - _auroc_bruteforce(rep_y, rep_s)) < 1e-12
 
 
+def test_within_image_auroc_says_where_not_which():
+  """Per image, damaged vs intact cells of that image only: a map of one
+  value per image scores 0.5 however well it ranks the images (the pooled
+  AUROC rewards it), a map that follows the damage scores 1; images with
+  (almost) no or all damage are left out (nan)."""
+  rng = np.random.default_rng(1)
+  y = np.zeros((4, 8, 8), bool)
+  y[0, :3] = True  # partly damaged
+  y[1, :, :5] = True  # partly damaged
+  y[3] = True  # all damaged: no within-image contrast
+  w = np.ones((4, 8, 8))
+  w[1, 7] = 0.0  # outside the FOV: not counted
+  per_image = np.broadcast_to(y.mean(axis=(1, 2))[:, None, None], y.shape)
+  follows = y + 0.1 * rng.random(y.shape)
+  assert metrics.auroc(y, per_image, w) > 0.75  # pooled: rewarded
+  got = metrics.within_image_auroc(y, per_image, w)
+  assert got[0] == 0.5 and got[1] == 0.5 and np.isnan(got[2:]).all()
+  got = metrics.within_image_auroc(y, follows, w)
+  assert got[0] == 1.0 and got[1] == 1.0
+  # A cell outside the FOV does not count: only it wrong changes nothing.
+  wrong = follows.copy()
+  wrong[1, 7] = -1.0 * y[1, 7] + 2.0 * ~y[1, 7]
+  assert metrics.within_image_auroc(y, wrong, w)[1] == 1.0
+  flipped = follows.copy()
+  flipped[1] = 1.0 - flipped[1]
+  assert metrics.within_image_auroc(y, flipped, w)[1] == 0.0
+
+
 def test_summarise_and_grades():
   qmap = np.zeros((4, 4), np.float32)
   qmap[0, :] = 1.0

@@ -34,11 +34,18 @@ def run(args) -> int:
   import sys  # pylint: disable=g-import-not-at-top
   from efiqa_jax import runtime  # pylint: disable=g-import-not-at-top
   from efiqa_jax.teacher import calibration  # pylint: disable=g-import-not-at-top
+  command = " ".join(
+      ["efiqa calibrate-teacher", args.teacher, "--out", args.out] +
+      (["--photos", *args.photos, "--split", args.split] if args.photos
+       else ["--n", str(args.n)]) +
+      (["--work-size", str(args.work_size)] if args.work_size else []) +
+      (["--label-grid", str(args.label_grid)] if args.label_grid != 32
+       else []))
   try:
     meta = calibration.calibrate_teacher(
         args.teacher, args.out, photos=args.photos, split=args.split,
         work_size=args.work_size, n=args.n, label_grid=args.label_grid,
-        progress=not args.quiet)
+        progress=not args.quiet, command=command)
   except (FileNotFoundError, ValueError) as e:
     print(f"efiqa calibrate-teacher: error: {e}", file=sys.stderr)
     return 2
@@ -46,7 +53,7 @@ def run(args) -> int:
     return 0
   cal, pl, mp = meta["calibration"], meta["pseudo_labels"], meta["map"]
   print(f"wrote {args.out}: map |f(x)| > {mp['threshold']:g} over "
-        f"{mp['window']} px (AUROC {cal['map_auroc']:.3f}), grading "
+        f"{mp['window']} map cells (AUROC {cal['map_auroc']:.3f}), grading "
         f"{meta['grading']}, pseudo-labels |f(x)| > {pl['threshold']:g} on "
         f">= {pl['relax']:g} of a {pl['grid']}x{pl['grid']} cell (balanced "
         f"accuracy {cal['label_balanced_accuracy']:.3f})")
