@@ -10,9 +10,10 @@ split. It differs from the paper's teacher (configs/teacher.py) only where
 CPU-sized training needs it: a narrower U-Net (base 8, 0.49 M parameters,
 2 MB) at 128x128 with batch 8 for `steps` steps, the masking / FOV-crop
 schedules over 20-80 % of them (the paper's shape). Width and size were
-chosen by measurement on the held-out split (bench/README.md, "Default
-teacher": a base-16 teacher reproduced good maps better but filled in
-missing vessels far less).
+compared by measurement on the calibration and held-out splits, which rank
+them the same (bench/README.md, "Default teacher": a base-16 teacher
+reproduced good maps better but filled in missing vessels far less). The
+map rule (threshold, window) is the calibration's (teacher/calibration.py).
 """
 import importlib.util
 import os

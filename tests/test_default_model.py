@@ -37,6 +37,26 @@ def test_bundled_model_is_small_and_self_describing(repo_root):
   assert model.residual
 
 
+def test_bundled_map_rule_is_the_best_mean_of_the_two_aurocs():
+  """README ("Why two AUROCs"), from the bundled calibration record: at the
+  chosen threshold the pooled map AUROC only grows with the window, the
+  within-photograph AUROC peaks inside the range, and the rule kept is the
+  best mean of the two over every (threshold, window) tried."""
+  from efiqa_jax.teacher import calibration
+  cal = checkpoints.read_meta(default_model.MODEL_DIR)["calibration"]
+  thr, win = cal["anomaly_threshold"], cal["window"]
+  pooled, within = cal["threshold_sweep"], cal["within_sweep"]
+  assert set(pooled) == set(within)
+  at = [f"{thr:g}@{w}" for w in calibration.WINDOWS]
+  p = [pooled[k] for k in at]
+  assert p == sorted(p) and p[-1] > pooled[f"{thr:g}@{win}"]
+  w = [within[k] for k in at]
+  assert max(w) > w[0] and max(w) > w[-1]
+  score = {k: calibration.rule_score(pooled[k], within[k]) for k in pooled}
+  assert max(score, key=score.get) == f"{thr:g}@{win}"
+  assert cal["map_auroc"] == pytest.approx(pooled[f"{thr:g}@{win}"], abs=1e-4)
+
+
 def test_recorded_split_is_the_split_the_code_makes(fundus_train_dir):
   """The held-out photographs named in the sidecar are the ones
   `efiqa benchmark --split heldout` takes: the split is code, not a list."""

@@ -190,6 +190,41 @@ def test_tfds_refusals_are_one_line(synth_tfds, tmp_path, monkeypatch,
   assert len(err) == 1 and "TFDS_DATA_DIR" in err[0], err
 
 
+def test_a_rebuilt_tfds_dataset_is_not_resumed(synth_tfds, tmp_path,
+                                              monkeypatch, capsys):
+  """A `tfds:` dataset rebuilt from other photographs under the same name,
+  version, split and record names is another training set: its data key
+  differs (the split's stored bytes are in it), so a run trained on the old
+  build refuses to resume on it in one line (exit 2)."""
+  from data import build as data_build
+  from efiqa_jax.synth import dataset
+  _, data_dir = synth_tfds
+  manual = tmp_path / "synth_other"
+  # The same photographs drawn at another size: same names, other bytes.
+  dataset.write_dataset(manual, n=N, seed=0, size=128)
+  other = tmp_path / "tfds_other"
+  data_build.build("efiqa_synth", str(manual), str(other))
+  keys = {}
+  for name, d in (("old", data_dir), ("new", str(other))):
+    monkeypatch.setenv("TFDS_DATA_DIR", d)
+    tm = data_lib.streamed_maps(_cfg(TFDS).data)
+    keys[name] = tm.desc["data_key"]
+    names = sorted(os.path.basename(tm.source[i]["path"])
+                   for i in range(tm.n))
+    keys[name + "_names"] = names
+  assert keys["old_names"] == keys["new_names"]
+  assert keys["old"] != keys["new"]
+  wd = tmp_path / "wd"
+  monkeypatch.setenv("TFDS_DATA_DIR", data_dir)
+  assert cli.main(_cli_args(TFDS, wd)) == 0
+  monkeypatch.setenv("TFDS_DATA_DIR", str(other))
+  capsys.readouterr()
+  rc = cli.main(_cli_args(TFDS, wd))
+  err = [l for l in capsys.readouterr().err.strip().splitlines()
+         if l.startswith("efiqa")]  # the refusal, beside the log lines
+  assert rc == 2 and len(err) == 1 and "data_key" in err[0], err
+
+
 def test_each_process_reads_a_disjoint_contiguous_share(streamed):
   """Process p of 2 reads rows [p*L, (p+1)*L) of each global batch, records
   disjoint between processes; the two shares, stacked in process order (as

@@ -40,8 +40,10 @@ def run(args) -> int:
   if not runtime.is_primary():  # one report for the one model
     return 0
   cal = meta["calibration"]
-  print(f"wrote {args.out}: map |f(x)| > {meta['map']['threshold']:g} over "
-        f"{meta['map']['window']} px (AUROC {cal['map_auroc']:.3f} on the "
+  mp = meta["map"]
+  print(f"wrote {args.out}: map |f(x)| > {mp['threshold']:g} over "
+        f"{mp['window']} map cells (map AUROC {cal['map_auroc']:.3f}, within "
+        f"photographs {cal.get('map_within_auroc', float('nan')):.3f}, on the "
         f"calibration split), grading {meta['grading']}")
   if cal.get("warnings"):  # one line, however many reasons
     print("warning: this calibration is not to be trusted: " +
