@@ -57,6 +57,20 @@ def test_bundled_map_rule_is_the_best_mean_of_the_two_aurocs():
   assert cal["map_auroc"] == pytest.approx(pooled[f"{thr:g}@{win}"], abs=1e-4)
 
 
+def test_readme_states_the_bundled_rule_and_cut_offs(repo_root):
+  """README ("What the map and the grades mean") says the bundled model's
+  threshold, window and grade cut-offs as its sidecar records them."""
+  import re
+  meta = checkpoints.read_meta(default_model.MODEL_DIR)
+  text = (repo_root / "README.md").read_text()
+  mp, g = meta["map"], meta["grading"]
+  assert (f"`|f(x)|` > {mp['threshold']:.4f} in a window of\n"
+          f"{mp['window']} × {mp['window']} cells") in text
+  got = dict(re.findall(r"^\| (good|usable) \| ≥ ([0-9.]+) \|", text, re.M))
+  assert got == {"good": f"{g['good_min']:.3f}",
+                 "usable": f"{g['usable_min']:.3f}"}, got
+
+
 def test_recorded_split_is_the_split_the_code_makes(fundus_train_dir):
   """The held-out photographs named in the sidecar are the ones
   `efiqa benchmark --split heldout` takes: the split is code, not a list."""
