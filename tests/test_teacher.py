@@ -585,9 +585,9 @@ def test_two_processes_started_by_flags_killed_and_rerun(maps_dir, tmp_path):
   # Same mesh shape and data; cross-process reductions (gloo) may order
   # sums differently, and AdamW scales each update to ~lr (1e-3) whatever
   # the gradient, so a last-bit difference in a near-zero gradient moves a
-  # weight by a fraction of one step: 1.08e-5 after a 30-step run on an AMD EPYC
-  # (CI, 2026-12-04). atol 1e-4, a tenth of one step; a wrong batch, share
-  # or step count moves weights by whole steps.
+  # weight by a fraction of one step: 1.08e-5 after a 30-step run on an
+  # AMD EPYC (CI, 2026-12-04). atol 1e-4, a tenth of one step; a wrong
+  # batch, share or step count moves weights by whole steps.
   for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
                   jax.tree.leaves(one.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4,
