@@ -167,10 +167,10 @@ def run_benchmark(inputs, *, model: str = "default", kinds=None,
       b_score = 1.0 - _global_density(vprob, prep)
       if kind is None:
         clean_q = q
-      y_cells = (m_small >= 0.5)[None]
+      y = m_small >= 0.5
       within, b_within = (float(metrics.within_image_auroc(
-          y_cells, x[None], w[None])[0]) for x in (qmap, b_map))
-      rows.append(dict(kind=kind, sev=sev, y=(m_small >= 0.5).ravel(),
+          y[None], x[None], w[None])[0]) for x in (qmap, b_map))
+      rows.append(dict(kind=kind, sev=sev, y=y.ravel(),
                        s=qmap.ravel(), b=b_map.ravel(), w=w.ravel(),
                        score=1.0 - q, b_score=b_score, q=q, frac=frac,
                        drop=clean_q - q, within=within,

@@ -55,8 +55,9 @@ def run(args) -> int:
   print(f"wrote {args.out}: map |f(x)| > {mp['threshold']:g} over "
         f"{mp['window']} map cells (map AUROC {cal['map_auroc']:.3f}, within "
         f"photographs {cal.get('map_within_auroc', float('nan')):.3f}), "
-        f"grading {meta['grading']}, pseudo-labels |f(x)| > {pl['threshold']:g} on "
-        f">= {pl['relax']:g} of a {pl['grid']}x{pl['grid']} cell (balanced "
+        f"grading {meta['grading']}, pseudo-labels |f(x)| > "
+        f"{pl['threshold']:g} on >= {pl['relax']:g} of a "
+        f"{pl['grid']}x{pl['grid']} cell (balanced "
         f"accuracy {cal['label_balanced_accuracy']:.3f})")
   if cal.get("warnings"):  # one line, however many reasons
     print("warning: this calibration is not to be trusted: " +

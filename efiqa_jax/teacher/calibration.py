@@ -291,12 +291,29 @@ def _pool_fn(window: int, map_size: int):
                                    map_size=map_size))
 
 
-def maps_of(v: Variants, rule: inference.MapRule) -> np.ndarray:
+def _device_chunks(v: Variants) -> list:
+  """|f(x)| and FOV of the variants on the device, 64 at a time: put there
+  once for a whole sweep of rules."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return [jax.device_put((v.anomaly[s:s + 64], v.fov_t[s:s + 64]))
+          for s in range(0, len(v.anomaly), 64)]
+
+
+def maps_of(v: Variants, rule: inference.MapRule,
+            chunks: list | None = None) -> np.ndarray:
+  """The variants' maps under `rule`; `chunks`: `_device_chunks(v)`."""
   fn = _pool_fn(rule.window, rule.map_size)
   thr = np.float32(rule.threshold)
-  return np.concatenate([np.asarray(fn(v.anomaly[s:s + 64],
-                                       v.fov_t[s:s + 64], thr))
-                         for s in range(0, len(v.anomaly), 64)])
+  return np.concatenate([np.asarray(fn(a, f, thr))
+                         for a, f in (chunks or _device_chunks(v))])
+
+
+def _cell_truth(v: Variants, m: int) -> tuple[np.ndarray, np.ndarray]:
+  """(FOV share w, damaged y) of the variants' m x m map cells: a cell is
+  damaged when >= half of its FOV part is damaged at severity >= 0.5."""
+  w = _area(v.fov_t, m)
+  hit = _area((v.truth_t >= 0.5) * v.fov_t, m)
+  return w, (hit >= 0.5 * np.maximum(w, 1e-6)) & (w > 0)
 
 
 def rule_score(pooled: float, within: float) -> float:
@@ -307,16 +324,14 @@ def rule_score(pooled: float, within: float) -> float:
   return float(pooled) if np.isnan(within) else 0.5 * (pooled + within)
 
 
-def measure(v: Variants, maps: np.ndarray) -> dict:
+def measure(v: Variants, maps: np.ndarray, truth=None) -> dict:
   """Map AUROC (map cells with >= half of their FOV part damaged at
   severity >= 0.5, FOV-weighted) pooled over the variants and within each
   partly damaged one (metrics.within_image_auroc, mean; nan if none), their
   mean (`score`, what the map rule is chosen by), and per-variant
-  (quality, fraction)."""
-  m = maps.shape[-1]
-  w = _area(v.fov_t, m)
-  hit = _area((v.truth_t >= 0.5) * v.fov_t, m)
-  y = (hit >= 0.5 * np.maximum(w, 1e-6)) & (w > 0)
+  (quality, fraction). `truth`: `_cell_truth(v, map size)`, computed once
+  for a sweep of rules."""
+  w, y = truth if truth is not None else _cell_truth(v, maps.shape[-1])
   q, frac = zip(*(quality_lib.summarise(maps[i], w[i])
                   for i in range(len(maps))))
   pooled = float(metrics.auroc(y.ravel(), maps.ravel(), w.ravel()))
@@ -368,10 +383,11 @@ def fit(v: Variants, *, label_grid: int = LABEL_GRID,
   candidates = sorted(({round(floor, 5)} if round(floor, 5) > 0 else set())
                       | {t for t in THRESHOLDS if t > floor})
   sweep, within_sweep, best = {}, {}, None
+  chunks, truth = _device_chunks(v), _cell_truth(v, inference.MAP_SIZE)
   for w in WINDOWS:
     for thr in candidates:
       rule = inference.MapRule(threshold=thr, window=w)
-      r = measure(v, maps_of(v, rule))
+      r = measure(v, maps_of(v, rule, chunks), truth)
       sweep[f"{thr:g}@{w}"] = round(r["map_auroc"], 4)
       within_sweep[f"{thr:g}@{w}"] = round(r["map_within_auroc"], 4)
       if best is None or r["score"] > best[2]["score"] + 1e-9:
